@@ -1,0 +1,128 @@
+"""The adapter protocol: one provider, one wire format, OpenAI shapes on our side.
+
+An adapter turns an OpenAI chat-completions request body (a dict) into a call
+to its provider and hands back OpenAI-shaped results:
+
+* `complete(body, limits)` returns a `Completion` holding the OpenAI
+  `chat.completion` JSON bytes to send to the client;
+* `stream(body, limits)` is an async iterator of `Chunk`s, each the JSON of one
+  OpenAI `chat.completion.chunk` (what follows `data: ` on the wire);
+* `probe()` checks the provider without paying for a completion.
+
+Every failure leaves an adapter as a classified `ProviderError`; classification
+happens in `proxy.adapters.classify` and nowhere else. Deadlines for the first
+token and the whole stream are enforced by the caller; the adapter applies the
+connect timeout to its own connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from proxy.config import ProviderConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Network limits for one attempt (seconds)."""
+
+    connect: float
+    read: float | None  # max silence while reading; None = no limit from the transport
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_openai(cls, usage: object) -> Usage | None:
+        if not isinstance(usage, dict):
+            return None
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        return cls(
+            prompt_tokens=prompt if isinstance(prompt, int) else 0,
+            completion_tokens=completion if isinstance(completion, int) else 0,
+        )
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole non-streaming answer in OpenAI `chat.completion` form."""
+
+    body: bytes
+    model: str
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One OpenAI `chat.completion.chunk`: its JSON bytes and what the relay needs to know."""
+
+    payload: bytes
+    has_content: bool = False  # carries content, tool calls or a refusal: a real token
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    model: str | None = None
+
+    @classmethod
+    def from_dict(cls, chunk: dict[str, Any]) -> Chunk:
+        """Build from an OpenAI chunk dict (translated providers)."""
+        return describe(orjson.dumps(chunk), chunk)
+
+
+def describe(payload: bytes, chunk: dict[str, Any]) -> Chunk:
+    """Summarise a parsed OpenAI chunk without building any model object."""
+    has_content = False
+    finish_reason: str | None = None
+    choices = chunk.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and (
+                delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
+                or delta.get("function_call") or delta.get("reasoning_content")
+            ):
+                has_content = True
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str):
+                finish_reason = reason
+    model = chunk.get("model")
+    return Chunk(
+        payload=payload,
+        has_content=has_content,
+        finish_reason=finish_reason,
+        usage=Usage.from_openai(chunk.get("usage")),
+        model=model if isinstance(model, str) else None,
+    )
+
+
+class Adapter(Protocol):
+    """What the dispatcher needs from a provider, whatever its wire format."""
+
+    provider: ProviderConfig
+
+    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+        """Send a non-streaming request; raise `ProviderError` on any failure."""
+        ...
+
+    def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
+        """Stream the answer as OpenAI chunks. Raises `ProviderError` on any failure,
+        including an error event inside a 200 stream or an end without a finish.
+        Closing the iterator (`aclose`) closes the upstream request."""
+        ...
+
+    async def probe(self, limits: Limits) -> None:
+        """A free health check (model list, tags); raise `ProviderError` if unhealthy."""
+        ...

@@ -1,0 +1,193 @@
+"""The one place where foreign errors become our `ProviderError` classes.
+
+Inputs are HTTP statuses with their bodies, transport exceptions (httpx, and
+the aiohttp errors that httpx-aiohttp wraps), in-band stream errors and
+litellm exceptions. Everything here is pure: it inspects and returns.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import httpx
+import orjson
+
+from proxy.errors import FailureClass, ProviderError
+
+_CONTEXT_HINTS = (
+    "context_length_exceeded",
+    "maximum context length",
+    "context length",
+    "context window",
+    "prompt is too long",
+    "too many tokens",
+    "exceeds the context",
+    "input is too long",
+    "reduce the length",
+)
+_FILTER_HINTS = ("content_filter", "content_policy", "content policy", "safety system", "responsibleai")
+
+
+def from_status(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> ProviderError:
+    """Classify an upstream HTTP error response."""
+    message = _error_message(body) or f"HTTP {status}"
+    retry_after = parse_retry_after(headers or {})
+    failure = _failure_for_status(status, message.lower(), body)
+    return ProviderError(
+        failure,
+        f"HTTP {status}: {message}"[:500],
+        status_code=status,
+        retry_after=retry_after,
+        body=body[:65536],
+    )
+
+
+def _failure_for_status(status: int, message: str, body: bytes) -> FailureClass:
+    if status == 429:
+        return FailureClass.RATE_LIMITED
+    if status in (401, 403):
+        return FailureClass.AUTH_ERROR
+    if status == 408:
+        return FailureClass.TIMEOUT
+    if status >= 500:
+        return FailureClass.SERVER_ERROR
+    lowered = body[:4096].decode("utf-8", "replace").lower()
+    if any(hint in message or hint in lowered for hint in _CONTEXT_HINTS):
+        return FailureClass.CONTEXT_WINDOW_EXCEEDED
+    if any(hint in message or hint in lowered for hint in _FILTER_HINTS):
+        return FailureClass.CONTENT_FILTERED
+    if status == 404:
+        # The provider does not have the configured model (e.g. an Ollama tag not
+        # pulled): our configuration's fault, not the client's, so fall back.
+        return FailureClass.SERVER_ERROR
+    return FailureClass.CLIENT_ERROR
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        parsed: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:200].decode("utf-8", "replace").strip()
+    return message_of(parsed)
+
+
+def message_of(parsed: Any) -> str:
+    """The human message inside an OpenAI, Anthropic, Gemini or Ollama error object."""
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed)
+        if isinstance(error, str):
+            return error
+        if isinstance(error, dict):
+            for key in ("message", "type", "status"):
+                value = error.get(key)
+                if isinstance(value, str) and value:
+                    return value
+    if isinstance(parsed, list) and parsed:
+        return message_of(parsed[0])
+    return ""
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def from_exception(exc: BaseException) -> ProviderError:
+    """Classify a transport failure (no usable HTTP response)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    failure = _transport_failure(exc)
+    text = str(exc) or type(exc).__name__
+    return ProviderError(failure, f"{type(exc).__name__}: {text}"[:300])
+
+
+def _transport_failure(exc: BaseException) -> FailureClass:
+    cause = exc.__cause__
+    # httpx-aiohttp maps every aiohttp ClientConnectionError, refused connections
+    # included, to ConnectTimeout: look at the original error first.
+    if isinstance(cause, (aiohttp.ServerTimeoutError, TimeoutError)):
+        return FailureClass.TIMEOUT
+    if isinstance(cause, aiohttp.ClientError):
+        return FailureClass.CONNECTION_ERROR
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        return FailureClass.TIMEOUT
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return FailureClass.TIMEOUT
+    return FailureClass.CONNECTION_ERROR
+
+
+def from_stream_error(error: Any) -> ProviderError:
+    """An error event inside a 200 stream: the provider failed."""
+    message = message_of(error) or "error event inside the stream"
+    lowered = message.lower()
+    failure = FailureClass.SERVER_ERROR
+    if any(hint in lowered for hint in _CONTEXT_HINTS):
+        failure = FailureClass.CONTEXT_WINDOW_EXCEEDED
+    return ProviderError(failure, f"in-stream error: {message}"[:300])
+
+
+def incomplete_stream() -> ProviderError:
+    return ProviderError(FailureClass.SERVER_ERROR, "stream ended without a finish (no finish_reason or [DONE])")
+
+
+_LITELLM_CLASSES = {
+    "ContextWindowExceededError": FailureClass.CONTEXT_WINDOW_EXCEEDED,
+    "ContentPolicyViolationError": FailureClass.CONTENT_FILTERED,
+    "RateLimitError": FailureClass.RATE_LIMITED,
+    "Timeout": FailureClass.TIMEOUT,
+    "APIConnectionError": FailureClass.CONNECTION_ERROR,
+    "AuthenticationError": FailureClass.AUTH_ERROR,
+    "PermissionDeniedError": FailureClass.AUTH_ERROR,
+    "ServiceUnavailableError": FailureClass.SERVER_ERROR,
+    "InternalServerError": FailureClass.SERVER_ERROR,
+    "APIError": FailureClass.SERVER_ERROR,
+    "NotFoundError": FailureClass.SERVER_ERROR,
+    "BadRequestError": FailureClass.CLIENT_ERROR,
+    "UnprocessableEntityError": FailureClass.CLIENT_ERROR,
+}
+
+
+def from_litellm(exc: BaseException) -> ProviderError:
+    """Classify an exception raised inside litellm's translation code, by its class
+    name and status so that litellm is never imported here."""
+    for klass in type(exc).__mro__:
+        failure = _LITELLM_CLASSES.get(klass.__name__)
+        if failure is not None:
+            break
+    else:
+        status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and status >= 400:
+            body = str(getattr(exc, "message", exc)).encode()
+            return from_status(status, body)
+        return from_exception(exc)
+    if failure is FailureClass.CLIENT_ERROR:
+        text = str(exc).lower()
+        if any(hint in text for hint in _CONTEXT_HINTS):
+            failure = FailureClass.CONTEXT_WINDOW_EXCEEDED
+    status = getattr(exc, "status_code", None)
+    return ProviderError(
+        failure,
+        f"{type(exc).__name__}: {exc}"[:300],
+        status_code=status if isinstance(status, int) else None,
+    )

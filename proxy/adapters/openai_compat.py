@@ -1,0 +1,131 @@
+"""Relay to any server that speaks OpenAI's chat-completions wire format.
+
+OpenAI, Together, Groq, vLLM, Ollama's `/v1`, LM Studio and friends. The
+request is re-encoded only to put the upstream model name in; answers are
+passed through as the upstream's bytes, parsed once with orjson to learn
+what the relay needs (content seen, finish, usage) and never re-encoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from proxy.adapters import classify
+from proxy.adapters.base import Chunk, Completion, Limits, Usage, describe
+from proxy.config import ProviderConfig
+from proxy.errors import FailureClass, ProviderError
+from proxy.relay import iter_sse
+
+
+class OpenAICompatAdapter:
+    """Adapter for OpenAI-compatible upstreams over the app's pooled client."""
+
+    def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient) -> None:
+        if not provider.api_base:
+            raise ValueError(f"provider {provider.name!r} needs an api_base")
+        self.provider = provider
+        self._client = client
+        base = provider.api_base.rstrip("/")
+        self._url = base + "/chat/completions"
+        self._models_url = base + "/models"
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if provider.api_key:
+            headers["authorization"] = f"Bearer {provider.api_key}"
+        headers.update(provider.headers)
+        self._headers = headers
+        self._stream_headers = {**headers, "accept": "text/event-stream"}
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatAdapter({self.provider.name!r}, {self._url!r})"
+
+    def _encode(self, body: dict[str, Any], stream: bool) -> bytes:
+        upstream = dict(body)
+        upstream["model"] = self.provider.upstream_model
+        upstream["stream"] = stream
+        if not stream:
+            upstream.pop("stream_options", None)
+        return orjson.dumps(upstream)
+
+    @staticmethod
+    def _timeout(limits: Limits) -> httpx.Timeout:
+        return httpx.Timeout(connect=limits.connect, read=limits.read, write=limits.connect, pool=limits.connect)
+
+    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+        try:
+            response = await self._client.post(
+                self._url, content=self._encode(body, False), headers=self._headers, timeout=self._timeout(limits)
+            )
+        except httpx.HTTPError as exc:
+            raise classify.from_exception(exc) from exc
+        if response.status_code >= 400:
+            raise classify.from_status(response.status_code, response.content, response.headers)
+        return _completion(response.content)
+
+    async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
+        request = self._client.build_request(
+            "POST", self._url, content=self._encode(body, True), headers=self._stream_headers,
+            timeout=self._timeout(limits),
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise classify.from_exception(exc) from exc
+        try:
+            if response.status_code >= 400:
+                raise classify.from_status(response.status_code, await response.aread(), response.headers)
+            async for chunk in _chunks(response):
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise classify.from_exception(exc) from exc
+        finally:
+            await response.aclose()
+
+    async def probe(self, limits: Limits) -> None:
+        try:
+            response = await self._client.get(self._models_url, headers=self._headers, timeout=self._timeout(limits))
+        except httpx.HTTPError as exc:
+            raise classify.from_exception(exc) from exc
+        if response.status_code >= 400:
+            raise classify.from_status(response.status_code, response.content, response.headers)
+
+
+def _completion(content: bytes) -> Completion:
+    try:
+        parsed = orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        raise ProviderError(FailureClass.SERVER_ERROR, "upstream answered 2xx with a body that is not JSON") from exc
+    if not isinstance(parsed, dict) or "error" in parsed or not isinstance(parsed.get("choices"), list):
+        raise classify.from_stream_error(parsed)
+    model = parsed.get("model")
+    return Completion(body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage")))
+
+
+async def _chunks(response: httpx.Response) -> AsyncIterator[Chunk]:
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        # Some servers ignore `stream: true` and answer one JSON body.
+        body = await response.aread()
+        raise ProviderError(
+            FailureClass.SERVER_ERROR,
+            f"asked for a stream, got {response.headers.get('content-type') or 'no content type'}: {body[:120]!r}",
+        )
+    finished = False
+    async for _event, data in iter_sse(response.aiter_bytes()):
+        if data == b"[DONE]":
+            return
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {data[:120]!r}") from exc
+        if not isinstance(parsed, dict):
+            raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {data[:120]!r}")
+        if "error" in parsed:
+            raise classify.from_stream_error(parsed)
+        chunk = describe(data, parsed)
+        finished = finished or chunk.finish_reason is not None
+        yield chunk
+    if not finished:
+        raise classify.incomplete_stream()

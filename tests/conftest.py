@@ -1,0 +1,87 @@
+"""Shared fixtures: the proxy served over a real socket, and its config."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.types import ASGIApp
+
+from proxy.app import create_app
+from proxy.config import Config, parse_config
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread, lifespan included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            app, log_level="warning", log_config=None, access_log=False, lifespan="on", ws="none",
+            timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="proxy-under-test")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        with asyncio.Runner() as runner:
+            runner.run(self.server.serve(sockets=[self.sock]))
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the proxy did not start")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    return parse_config(data, environ={})
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServedApp]]:
+    """`serve(config_dict_or_Config)` starts a proxy and returns it; stopped after the test."""
+    started: list[ServedApp] = []
+
+    def _serve(config: dict[str, Any] | Config, **kwargs: Any) -> ServedApp:
+        cfg = config if isinstance(config, Config) else build_config(config)
+        served = ServedApp(create_app(cfg, **kwargs))
+        served.start()
+        started.append(served)
+        return served
+
+    yield _serve
+    for served in started:
+        served.stop()
+
+
+def openai_provider(url: str, **extra: Any) -> dict[str, Any]:
+    """Config for a provider served by a FakeOpenAI at `url`."""
+    return {"model": "openai/gpt-test", "api_key": "sk-upstream", "api_base": url + "/v1", **extra}
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as client:
+        yield client
