@@ -61,7 +61,7 @@ class StreamStart:
 
 def backoff(attempt: int, retry_after: float | None, rng: Callable[[], float]) -> float:
     """Full-jitter exponential backoff, at least what the provider asked for."""
-    delay = rng() * min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)
+    delay: float = rng() * min(BACKOFF_CAP, BACKOFF_BASE * 2.0**attempt)
     return max(delay, retry_after or 0.0)
 
 

@@ -136,3 +136,33 @@ class Observer:
             m.tokens.labels(record.provider, "completion").inc(record.usage.completion_tokens)
         if request_log.isEnabledFor(logging.INFO):
             request_log.info(record.log_line().decode())
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: request lines pass through as they are, every
+    other record becomes {"ts", "level", "logger", "message"} (+ "exc")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.name == request_log.name:
+            return message
+        line: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def configure_logging(level: str = "info") -> None:
+    """Send every log line to stderr as JSON (for the CLI; tests use caplog)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("uvicorn.access", "httpx", "LiteLLM", "litellm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -22,7 +22,8 @@ class ServedApp:
     """An ASGI app served by uvicorn on 127.0.0.1 in a thread, lifespan included."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly, so asyncio sets TCP_NODELAY on accepted connections.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]

@@ -1,0 +1,271 @@
+"""The ``fallback-proxy`` command line: one subcommand per operator task.
+
+Each subcommand is a :class:`Command` in :data:`COMMANDS`: how to add its
+arguments and how to run it. ``main`` parses ``argv`` and dispatches; a new
+subcommand (``serve``, ``demo``, ``drill``) is one more entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+from proxy.config import (
+    CONFIG_PATH_VARIABLE,
+    Config,
+    ConfigError,
+    ProviderConfig,
+    Route,
+    default_config_path,
+    load_config,
+    redact_url,
+)
+from proxy.routing import default_path, side_edges
+
+EXIT_OK: Final = 0
+EXIT_CONFIG: Final = 2  # the config is invalid (argparse also exits 2 on bad usage)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A subcommand: its one-line help, its arguments, and what it does."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for every subcommand in :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="fallback-proxy",
+        description=(
+            "An OpenAI-compatible proxy that keeps LLM answers flowing when a provider fails."
+        ),
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(subparser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the subcommand named in ``argv`` (default: the process's); return the exit code."""
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command].run(args)
+
+
+# --- check-config ----------------------------------------------------------------
+
+
+def _check_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="the YAML config file to check")
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    """Load and validate the config; print a summary, or every problem to stderr."""
+    path: str = args.file
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{path}: {_count(len(exc.problems), 'problem')}", file=sys.stderr)
+        return EXIT_CONFIG
+    print("\n".join(summarize(config)))
+    return EXIT_OK
+
+
+def summarize(config: Config) -> tuple[str, ...]:
+    """A human-readable summary of ``config``; never includes keys or passwords."""
+    return (
+        f"{config.source or 'config'}: OK",
+        f"providers ({len(config.providers)}):",
+        *(line for provider in config.providers.values() for line in _provider_lines(provider)),
+        f"routes ({len(config.routes)}):",
+        *(line for route in config.routes.values() for line in _route_lines(route)),
+        "  (a provider's name also works as a model: that provider alone, no fallback)",
+        f"redis: {_redis(config.redis_url)}",
+        f"auth: {_count(len(config.auth_keys), 'key') if config.auth_keys else 'open (no keys)'}",
+        f"server: {_server_line(config)}",
+        *_warning_lines(config.warnings),
+    )
+
+
+def _provider_lines(provider: ProviderConfig) -> tuple[str, ...]:
+    wire = "openai-compatible" if provider.openai_compatible else "litellm"
+    where = "local" if provider.local else "cloud"
+    base = provider.api_base or "litellm's default api_base"
+    details = [f"timeouts {_timeouts(provider)}"]
+    if provider.context_window is not None:
+        details.append(f"context window {provider.context_window:,}")
+    if provider.retries:
+        details.append(f"retries {provider.retries}")
+    details.extend(_flags(provider))
+    return (
+        f"  {provider.name}: {provider.model}",
+        f"    {where}, {wire}, {base}",
+        f"    quota: {_quota(provider)}; capabilities: {_capabilities(provider)}",
+        f"    {', '.join(details)}",
+    )
+
+
+def _timeouts(provider: ProviderConfig) -> str:
+    t = provider.timeout
+    return (
+        f"connect {t.connect:g}s, first token {t.first_token:g}s, "
+        f"total {t.total:g}s, idle {t.idle:g}s"
+    )
+
+
+def _quota(provider: ProviderConfig) -> str:
+    quota = provider.quota
+    if quota is None:
+        return "none"
+    parts = (
+        f"{quota.requests_per_day:,} requests/day" if quota.requests_per_day else None,
+        f"{quota.tokens_per_day:,} tokens/day" if quota.tokens_per_day else None,
+    )
+    return ", ".join(part for part in parts if part)
+
+
+def _capabilities(provider: ProviderConfig) -> str:
+    return ", ".join(sorted(provider.capabilities)) or "text only"
+
+
+def _flags(provider: ProviderConfig) -> tuple[str, ...]:
+    flags = (
+        ("warmup", provider.warmup),
+        ("mini mode (system prompt)", provider.system_prompt is not None),
+        ("no active probes", not provider.probe),
+        (f"extra headers: {', '.join(provider.headers)}", bool(provider.headers)),
+    )
+    return tuple(text for text, on in flags if on)
+
+
+def _route_lines(route: Route) -> tuple[str, ...]:
+    walk = " -> ".join(default_path(route))
+    others = "; ".join(f"{fail}: {node} -> {target}" for node, fail, target in side_edges(route))
+    options = [route.form]
+    if route.local_only:
+        options.append("local_only")
+    if not route.continuation:
+        options.append("no mid-stream continuation")
+    if route.hedge_after_ms is not None:
+        options.append(f"hedge after {route.hedge_after_ms} ms")
+    if route.budget is not None:
+        options.append(f"budget {route.budget:g}s")
+    return (
+        f"  {route.name}: {walk}" + (f"  ({others})" if others else ""),
+        f"    {', '.join(options)}",
+    )
+
+
+def _redis(url: str | None) -> str:
+    return "in-process (single instance)" if url is None else redact_url(url)
+
+
+def _server_line(config: Config) -> str:
+    server = config.server
+    admin = "admin key set" if server.admin_key else "no admin key"
+    return f"{server.host}:{server.port}, max body {server.max_body_bytes:,} bytes, {admin}"
+
+
+def _warning_lines(warnings: Sequence[str]) -> tuple[str, ...]:
+    if not warnings:
+        return ("warnings: none",)
+    return (f"warnings ({len(warnings)}):", *(f"  warning: {warning}" for warning in warnings))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# --- serve ------------------------------------------------------------------------
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", default=None,
+        help=f"the YAML config (default: ${CONFIG_PATH_VARIABLE})",
+    )
+    parser.add_argument("--host", default=None, help="interface to bind (default: the config's server.host)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: the config's server.port)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the config and serve until SIGINT/SIGTERM."""
+    from proxy.observe import configure_logging
+    from proxy.server import build_server
+
+    path: str | None = args.config or default_config_path()
+    if path is None:
+        print(f"error: no config: pass --config FILE or set ${CONFIG_PATH_VARIABLE}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(args.log_level)
+    for warning in config.warnings:
+        logging.getLogger("fallback_proxy").warning("config: %s", warning)
+    build_server(config, host=args.host, port=args.port).run()
+    return EXIT_OK
+
+
+# --- demo ---------------------------------------------------------------------------
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8080, help="the proxy's port (default 8080; 0 = any free port)")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="walk the demo's steps automatically, print what happened and exit (0 = all as expected)",
+    )
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Start a fake cloud, a fake local model and the proxy; show a fallback."""
+    from proxy.demo import run_demo as demo
+    from proxy.observe import configure_logging
+
+    configure_logging(args.log_level)
+    return demo(port=args.port, check=args.check)
+
+
+# --- the dispatch table -----------------------------------------------------------
+# drill is added here, as one more Command.
+
+COMMANDS: Final[Mapping[str, Command]] = MappingProxyType(
+    {
+        "serve": Command(
+            help="serve the proxy with a config file",
+            add_arguments=_serve_arguments,
+            run=run_serve,
+        ),
+        "check-config": Command(
+            help="validate a config file and print what it sets up",
+            add_arguments=_check_config_arguments,
+            run=run_check_config,
+        ),
+        "demo": Command(
+            help="run a fake cloud, a fake local model and the proxy, and show a fallback",
+            add_arguments=_demo_arguments,
+            run=run_demo,
+        ),
+    }
+)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
