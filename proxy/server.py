@@ -1,0 +1,45 @@
+"""Running the app under uvicorn, for `serve`, `demo` and drills."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import httpx
+import uvicorn
+
+from proxy.app import create_app
+from proxy.config import Config
+
+
+def build_server(
+    config: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> uvicorn.Server:
+    """A uvicorn server for `config` (host and port default to the config's)."""
+    app = create_app(config, transport=transport)
+    uv_config = uvicorn.Config(
+        app,
+        host=host or config.server.host,
+        port=config.server.port if port is None else port,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        ws="none",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(config.server.shutdown_grace_seconds),
+    )
+    return uvicorn.Server(uv_config)
+
+
+def bound_port(server: uvicorn.Server) -> int:
+    """The port a started server listens on (useful with port 0)."""
+    for listener in server.servers:
+        for sock in listener.sockets:
+            port: int = sock.getsockname()[1]
+            return port
+    raise RuntimeError("the server is not listening")
