@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -21,19 +22,24 @@ from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
 from starlette.types import Message, Receive, Scope, Send
 
-from proxy.adapters import Adapter, make_adapter
-from proxy.config import Config
+from proxy.adapters import Adapter, Limits, make_adapter
+from proxy.background import Background
+from proxy.config import Config, RedisSettings
 from proxy.dispatch import Dispatcher, StreamStart
 from proxy.errors import (
     AuthenticationFailed,
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
+    ProviderError,
     ProxyError,
     error_body,
 )
-from proxy.observe import Metrics, Observer, RequestRecord
+from proxy.health import HealthBoard
+from proxy.observe import Metrics, Observer, OperatorEvents, RequestRecord
+from proxy.quota import QuotaGate
 from proxy.relay import client_stream
+from proxy.state import MemoryStore, RedisStore, StateStore, StoreUnavailable
 
 log = logging.getLogger("fallback_proxy")
 
@@ -52,46 +58,87 @@ def default_transport() -> httpx.AsyncBaseTransport:
     return transport
 
 
+def open_store(settings: RedisSettings) -> StateStore:
+    """Redis when a URL is configured (shared by replicas), else in-process."""
+    if settings.url is None:
+        return MemoryStore()
+    return RedisStore.from_url(
+        settings.url, prefix=settings.prefix, timeout=settings.timeout, breaker_seconds=settings.breaker_seconds
+    )
+
+
 class ProxyState:
     """What the request handlers share; built in the lifespan."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry) -> None:
+    def __init__(self, config: Config, registry: CollectorRegistry, store: StateStore | None) -> None:
         self.config = config
         self.metrics = Metrics(registry)
         self.observer = Observer(self.metrics)
+        self.events = OperatorEvents(self.metrics)
         self.key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in config.auth_keys)
+        self.store = store
         self.client: httpx.AsyncClient | None = None
         self.dispatcher: Dispatcher | None = None
+        self.health: HealthBoard | None = None
+        self.background = Background()
         self.ready = False
 
     async def start(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        config = self.config
+        store = self.store = self.store or open_store(config.redis)
         self.client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
         adapters: dict[str, Adapter] = {
-            name: make_adapter(provider, self.client) for name, provider in self.config.providers.items()
+            name: make_adapter(provider, self.client) for name, provider in config.providers.items()
         }
-        self.dispatcher = Dispatcher(self.config, adapters)
+        self.health = HealthBoard(config.health, config.providers, store, self.events)
+        quota = QuotaGate(store, config.quota_timezone, self.events)
+        self.dispatcher = Dispatcher(config, adapters, self.health, quota)
+        await self.health.refresh()
+        if store.kind != "memory":
+            self.background.spawn(self.health.follow())
+        self.background.spawn(self.health.probe_forever(_probes(config, adapters)))
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        await self.background.aclose()
+        if self.dispatcher is not None:
+            await self.dispatcher.aclose()
+        if self.health is not None:
+            await self.health.aclose()
         if self.client is not None:
             await self.client.aclose()
+        if self.store is not None:
+            await self.store.aclose()
+
+
+def _probes(config: Config, adapters: Mapping[str, Adapter]) -> dict[str, Callable[[], Awaitable[None]]]:
+    timeout = config.health.probe_timeout_seconds
+    limits = Limits(connect=timeout, read=timeout)
+    return {
+        name: functools.partial(adapters[name].probe, limits)
+        for name, provider in config.providers.items()
+        if provider.probe
+    }
 
 
 def create_app(
     config: Config,
     *,
+    store: StateStore | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     registry: CollectorRegistry | None = None,
 ) -> Starlette:
-    """Build the proxy for one config. `transport` replaces the upstream HTTP
-    transport (tests pass `httpx.MockTransport`); `registry` the metrics registry."""
-    state = ProxyState(config, registry or CollectorRegistry(auto_describe=True))
+    """Build the proxy for one config. `store` replaces the state store that
+    `config.redis` names; `transport` the upstream HTTP transport (tests pass
+    `httpx.MockTransport`); `registry` the metrics registry."""
+    state = ProxyState(config, registry or CollectorRegistry(auto_describe=True), store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.start(transport)
-        log.info("ready: %d providers, %d routes", len(config.providers), len(config.routes))
+        log.info("ready: %d providers, %d routes, %s state", len(config.providers), len(config.routes),
+                 state.store.kind if state.store else "?")
         try:
             yield
         finally:
@@ -169,8 +216,10 @@ class Handlers:
         return json_response(completion.body, headers=record.headers())
 
     def _stream_response(self, start: StreamStart, record: RequestRecord) -> Response:
-        def on_end(outcome: str) -> None:
+        def on_end(outcome: str, failure: ProviderError | None) -> None:
             record.outcome = outcome
+            assert self.state.dispatcher is not None
+            self.state.dispatcher.stream_ended(start, record, failure)
             self.state.observer.finish(record)
 
         body = client_stream(start, record, on_end)
@@ -216,9 +265,27 @@ class Handlers:
             "config": state.config.source or "(in memory)",
             "routes": len(state.config.routes),
             "providers": len(state.config.providers),
-            "store": "redis" if state.config.redis_url else "memory",
+            "store": await self._store_status(),
+            "health": {
+                name: {"state": h.state.value, "breaker": h.breaker.value, "reason": h.reason}
+                for name, h in (state.health.snapshot() if state.health else {}).items()
+            },
         }
         return json_response(orjson.dumps(body), 200 if state.ready else 503)
+
+    async def _store_status(self) -> dict[str, str]:
+        store = self.state.store
+        if store is None:
+            return {"kind": "none", "status": "not started"}
+        if store.kind == "memory":
+            return {"kind": "memory", "status": "ok (in process: one instance only)"}
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            # Still ready: health falls back to this replica's view and quota'd
+            # providers are skipped (fail closed), but the proxy answers.
+            return {"kind": store.kind, "status": f"unavailable: {exc.reason}"}
+        return {"kind": store.kind, "status": "ok"}
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

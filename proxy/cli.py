@@ -92,6 +92,8 @@ def summarize(config: Config) -> tuple[str, ...]:
         *(line for route in config.routes.values() for line in _route_lines(route)),
         "  (a provider's name also works as a model: that provider alone, no fallback)",
         f"redis: {_redis(config.redis_url)}",
+        f"health: {_health(config)}",
+        f"quota day: midnight {config.quota_timezone}",
         f"auth: {_count(len(config.auth_keys), 'key') if config.auth_keys else 'open (no keys)'}",
         f"server: {_server_line(config)}",
         *_warning_lines(config.warnings),
@@ -169,6 +171,15 @@ def _route_lines(route: Route) -> tuple[str, ...]:
 
 def _redis(url: str | None) -> str:
     return "in-process (single instance)" if url is None else redact_url(url)
+
+
+def _health(config: Config) -> str:
+    h = config.health
+    probes = f"probes every {h.probe_interval_seconds:g}s" if h.probe_interval_seconds else "no active probes"
+    return (
+        f"breaker opens after {h.failure_threshold} failures for {h.cooldown_seconds:g}s, {probes}, "
+        f"slow above {h.slow_ttft_seconds:g}s to first token"
+    )
 
 
 def _server_line(config: Config) -> str:

@@ -15,6 +15,7 @@ import ipaddress
 import math
 import os
 import re
+import zoneinfo
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -110,6 +111,27 @@ class ServerConfig:
     shutdown_grace_seconds: float = 30.0  # in-flight streams may finish this long after SIGTERM
 
 
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Where shared state lives; ``url`` None means in-process state (one instance)."""
+
+    url: str | None = field(default=None, repr=False)  # may hold a password
+    prefix: str = "fp"
+    timeout: float = 0.1  # seconds per Redis call before it counts as failed
+    breaker_seconds: float = 2.0  # after a failure, Redis is not asked for this long
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Thresholds of the per-provider health state machine."""
+
+    failure_threshold: int = 3  # consecutive failures that open a provider's breaker
+    cooldown_seconds: float = 30.0  # how long an open breaker skips the provider before a trial
+    probe_interval_seconds: float = 10.0  # active probes (free endpoints), 0 = off
+    probe_timeout_seconds: float = 3.0
+    slow_ttft_seconds: float = 10.0  # a provider whose time to first token averages above this is SLOW
+
+
 _NO_EDGES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({})
 
 
@@ -117,11 +139,17 @@ _NO_EDGES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({})
 class Config:
     providers: Mapping[str, ProviderConfig]
     routes: Mapping[str, Route]
-    redis_url: str | None = field(default=None, repr=False)
+    redis: RedisSettings = RedisSettings()
     auth_keys: tuple[str, ...] = field(default=(), repr=False)
     server: ServerConfig = ServerConfig()
+    health: HealthSettings = HealthSettings()
+    quota_timezone: str = "UTC"  # the day of daily quotas starts at midnight here
     source: str | None = None
     warnings: tuple[str, ...] = ()
+
+    @property
+    def redis_url(self) -> str | None:
+        return self.redis.url
 
     def route_for(self, model: str) -> Route | None:
         """The route named ``model``, a single-provider route, or None."""
@@ -156,7 +184,9 @@ def parse_config(
     top = _section(data, "", ctx, _TOP_KEYS)
     if top is None:
         raise ConfigError(ctx.errors)
-    redis_url = _parse_redis(top.get("redis"), ctx)
+    redis = _parse_redis(top.get("redis"), ctx)
+    health = _parse_health(top.get("health"), ctx)
+    quota_timezone = _parse_quotas(top.get("quotas"), ctx)
     auth_keys = _parse_auth(top.get("auth"), ctx)
     server = _parse_server(top.get("server"), ctx)
     providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx)
@@ -167,7 +197,9 @@ def parse_config(
     return Config(
         providers=MappingProxyType(providers),
         routes=MappingProxyType(routes),
-        redis_url=redis_url,
+        redis=redis,
+        health=health,
+        quota_timezone=quota_timezone,
         auth_keys=auth_keys,
         server=server,
         source=source,
@@ -509,23 +541,83 @@ def _http_url(value: object) -> str:
 
 def _redis_url(value: object) -> str:
     url = _text(value)
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
         raise _BadValue(
-            f"expected a redis://, rediss:// or unix:// URL, got {redact_url(url)!r}"
+            f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {redact_url(url)!r}"
         )
     return url
 
 
 # --- the sections ----------------------------------------------------------------
 
-_TOP_KEYS: Final = frozenset({"redis", "auth", "server", "providers", "routes"})
+_TOP_KEYS: Final = frozenset({"redis", "auth", "server", "health", "quotas", "providers", "routes"})
 _SERVER_KEYS: Final = frozenset({"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds"})
 _DEFAULT_SERVER: Final = ServerConfig()
 
 
-def _parse_redis(node: object, ctx: _Context) -> str | None:
-    section = _section(node, "redis", ctx, ("url",))
-    return None if section is None else _opt(section, "url", "redis", ctx, _redis_url)
+_REDIS_KEYS: Final = ("url", "prefix", "timeout_ms", "breaker_seconds")
+_HEALTH_KEYS: Final = (
+    "failure_threshold", "cooldown_seconds", "probe_interval_seconds", "probe_timeout_seconds", "slow_ttft_seconds",
+)
+
+
+def _parse_redis(node: object, ctx: _Context) -> RedisSettings:
+    section = _section(node, "redis", ctx, _REDIS_KEYS)
+    default = RedisSettings()
+    if section is None:
+        return default
+    timeout_ms = _opt(section, "timeout_ms", "redis", ctx, _positive_number)
+    return RedisSettings(
+        url=_opt(section, "url", "redis", ctx, _redis_url),
+        prefix=_get(section, "prefix", "redis", ctx, _text, default.prefix),
+        timeout=default.timeout if timeout_ms is None else timeout_ms / 1000,
+        breaker_seconds=_get(section, "breaker_seconds", "redis", ctx, _positive_number, default.breaker_seconds),
+    )
+
+
+def _parse_health(node: object, ctx: _Context) -> HealthSettings:
+    section = _section(node, "health", ctx, _HEALTH_KEYS)
+    default = HealthSettings()
+    if section is None:
+        return default
+    return HealthSettings(
+        failure_threshold=_get(
+            section, "failure_threshold", "health", ctx, _positive_int, default.failure_threshold
+        ),
+        cooldown_seconds=_get(section, "cooldown_seconds", "health", ctx, _positive_number, default.cooldown_seconds),
+        probe_interval_seconds=_get(
+            section, "probe_interval_seconds", "health", ctx, _non_negative_number, default.probe_interval_seconds
+        ),
+        probe_timeout_seconds=_get(
+            section, "probe_timeout_seconds", "health", ctx, _positive_number, default.probe_timeout_seconds
+        ),
+        slow_ttft_seconds=_get(
+            section, "slow_ttft_seconds", "health", ctx, _positive_number, default.slow_ttft_seconds
+        ),
+    )
+
+
+def _parse_quotas(node: object, ctx: _Context) -> str:
+    section = _section(node, "quotas", ctx, ("timezone",))
+    if section is None:
+        return "UTC"
+    return _get(section, "timezone", "quotas", ctx, _timezone, "UTC")
+
+
+def _timezone(value: object) -> str:
+    name = _text(value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise _BadValue(f"unknown time zone {name!r} (an IANA name such as 'UTC' or 'Europe/Berlin')") from exc
+    return name
+
+
+def _non_negative_number(value: object) -> float:
+    number = _number(value)
+    if number < 0:
+        raise _BadValue(f"expected a number >= 0, got {number:g}")
+    return number
 
 
 def _parse_auth(node: object, ctx: _Context) -> tuple[str, ...]:

@@ -14,13 +14,16 @@ import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from proxy.adapters.base import Adapter, Chunk, Completion, Limits
+from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
+from proxy.health import Decision, Health, HealthBoard
 from proxy.observe import RequestRecord
-from proxy.routing import next_node
+from proxy.quota import QuotaGate, Reservation
+from proxy.routing import Walk
 
 T = TypeVar("T")
 
@@ -39,6 +42,8 @@ class StreamStart:
     rest: AsyncIterator[Chunk]
     provider: ProviderConfig
     deadline: float  # loop time by which the whole stream must end
+    reservation: Reservation | None = None
+    hide_usage: bool = False  # usage was asked for the quota, not by the client
 
     async def next_chunk(self) -> Chunk | None:
         """The next chunk within the idle and total deadlines; None at the end."""
@@ -65,11 +70,20 @@ def backoff(attempt: int, retry_after: float | None, rng: Callable[[], float]) -
     return max(delay, retry_after or 0.0)
 
 
-def skip_reason(provider: ProviderConfig, route: Route) -> FailureClass | None:
+def policy_skip(provider: ProviderConfig, route: Route) -> ProviderError | None:
     """Why a provider must not be called for this request, decided without I/O."""
     if route.local_only and not provider.local:
-        return FailureClass.POLICY
+        return ProviderError(FailureClass.POLICY, "not a local provider; private work stays on this machine")
     return None
+
+
+@dataclass(slots=True)
+class Answered(Generic[T]):
+    """The result of a walk: what the provider gave and what it counted."""
+
+    result: T
+    provider: ProviderConfig
+    reservation: Reservation | None
 
 
 class Dispatcher:
@@ -79,12 +93,17 @@ class Dispatcher:
         self,
         config: Config,
         adapters: Mapping[str, Adapter],
+        health: HealthBoard,
+        quota: QuotaGate,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
         self.adapters = adapters
+        self.health = health
+        self.quota = quota
+        self.background = Background()
         self._sleep = sleep
         self._rng = rng
 
@@ -99,53 +118,89 @@ class Dispatcher:
                     FailureClass.TIMEOUT, f"no answer within {provider.timeout.total:g}s"
                 ) from None
 
-        completion = await self._walk(route, record, call)
+        answered = await self._walk(route, body, record, call)
+        completion = answered.result
+        self.health.success(answered.provider.name)
+        self.background.spawn(self.quota.settle(answered.reservation, completion.usage, None))
         record.model = completion.model
         record.usage = completion.usage
         return completion
 
     async def open_stream(self, route: Route, body: dict[str, Any], record: RequestRecord) -> StreamStart:
         async def call(adapter: Adapter, provider: ProviderConfig, deadline: float) -> StreamStart:
-            return await _first_token(adapter, provider, body, deadline)
+            return await _first_token(adapter, provider, _for_stream(provider, body), deadline)
 
-        start = await self._walk(route, record, call)
+        answered = await self._walk(route, body, record, call)
+        start = answered.result
+        start.reservation = answered.reservation
+        start.hide_usage = not _wants_usage(body)
         record.ttft_ms = record.elapsed_ms()
+        self.health.success(answered.provider.name, ttft=record.ttft_ms / 1000)
         for chunk in start.head:
             record.model = chunk.model or record.model
         return start
 
+    def stream_ended(self, start: StreamStart, record: RequestRecord, failure: ProviderError | None) -> None:
+        """Account for a stream once it is over: a failure after the first token
+        counts against the provider's health; usage settles its quota."""
+        if failure is not None:
+            self.health.failure(start.provider.name, failure.failure, failure.retry_after)
+        self.background.spawn(self.quota.settle(start.reservation, record.usage, None))
+
     async def _walk(
         self,
         route: Route,
+        body: dict[str, Any],
         record: RequestRecord,
         call: Callable[[Adapter, ProviderConfig, float], Awaitable[T]],
-    ) -> T:
+    ) -> Answered[T]:
         loop = asyncio.get_running_loop()
         walk_deadline = loop.time() + route.budget if route.budget else math.inf
-        visited: list[str] = []
-        node: str | None = route.first
-        while node is not None:
-            visited.append(node)
+        walk = Walk(route)
+        while (node := walk.current) is not None:
             provider = self.config.providers[node]
+            if walk.can_defer and self.health.view(node).state is Health.SLOW:
+                walk.defer()
+                continue
             started = loop.time()
-            failure = skip_reason(provider, route)
-            if failure is not None:
-                record.attempt(node, failure.value, 0.0, "not called")
+            try:
+                answered = await self._visit(provider, route, body, call, walk_deadline)
+            except ProviderError as exc:
+                exc.provider = node
+                record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
+                if exc.failure is FailureClass.CLIENT_ERROR:
+                    raise UpstreamClientError(exc) from exc
+                walk.follow(exc.failure.value)
             else:
-                try:
-                    result = await self._attempt(provider, call, walk_deadline)
-                except ProviderError as exc:
-                    exc.provider = node
-                    record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
-                    if exc.failure is FailureClass.CLIENT_ERROR:
-                        raise UpstreamClientError(exc) from exc
-                    failure = exc.failure
-                else:
-                    record.attempt(node, "ok", (loop.time() - started) * 1000)
-                    record.provider = node
-                    return result
-            node = next_node(route, node, failure.value, visited=visited)
+                record.attempt(node, "ok", (loop.time() - started) * 1000)
+                record.provider = node
+                return answered
         raise AllProvidersFailed(route.name, record.attempts, local_only=route.local_only)
+
+    async def _visit(
+        self,
+        provider: ProviderConfig,
+        route: Route,
+        body: dict[str, Any],
+        call: Callable[[Adapter, ProviderConfig, float], Awaitable[T]],
+        walk_deadline: float,
+    ) -> Answered[T]:
+        """One node of the walk: skip it (policy, breaker, quota) or call it."""
+        skip = policy_skip(provider, route)
+        if skip is not None:
+            raise skip
+        if self.health.decide(provider.name) is Decision.SKIP:
+            health = self.health.view(provider.name)
+            raise ProviderError(FailureClass.UNHEALTHY, f"breaker open ({health.reason}); not called")
+        reservation = await self.quota.admit(provider, body)
+        try:
+            result = await self._attempt(provider, call, walk_deadline)
+        except ProviderError as exc:
+            if exc.failure is not FailureClass.CLIENT_ERROR:
+                self.health.failure(provider.name, exc.failure, exc.retry_after)
+            self.background.spawn(self.quota.settle(reservation, None, exc.failure))
+            raise
+        return Answered(result, provider, reservation)
 
     async def _attempt(
         self,
@@ -170,6 +225,23 @@ class Dispatcher:
                     raise
                 await self._sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
+
+    async def aclose(self) -> None:
+        await self.background.drain(timeout=2.0)
+
+
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _for_stream(provider: ProviderConfig, body: dict[str, Any]) -> dict[str, Any]:
+    """A token quota needs the real usage of streams too: ask for it (the
+    relay hides the usage chunk from a client that did not)."""
+    if provider.quota is None or provider.quota.tokens_per_day is None or _wants_usage(body):
+        return body
+    options = body.get("stream_options")
+    return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
 
 
 def _limits(provider: ProviderConfig, deadline: float) -> Limits:

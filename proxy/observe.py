@@ -8,12 +8,20 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy.adapters.base import Usage
 from proxy.errors import Attempt
 
+if TYPE_CHECKING:
+    from proxy.config import ProviderConfig
+    from proxy.health import ProviderHealth
+    from proxy.state import Admission, StoreUnavailable
+
 request_log = logging.getLogger("fallback_proxy.request")
+event_log = logging.getLogger("fallback_proxy.events")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -110,6 +118,41 @@ class Metrics:
         self.tokens = Counter(
             "fallback_proxy_tokens", "Tokens reported by providers.", ["provider", "kind"], registry=registry,
         )
+        self.health = Gauge(
+            "fallback_proxy_provider_health", "Provider health: 0 healthy, 1 slow, 2 degraded, 3 offline.",
+            ["provider"], registry=registry,
+        )
+        self.breaker_open = Gauge(
+            "fallback_proxy_breaker_open", "1 while the provider's circuit breaker is open.", ["provider"],
+            registry=registry,
+        )
+        self.breaker_opened = Counter(
+            "fallback_proxy_breaker_opened", "Times a provider's breaker opened.", ["provider"], registry=registry,
+        )
+        self.recoveries = Counter(
+            "fallback_proxy_recoveries", "Times a provider came back (its breaker closed).", ["provider"],
+            registry=registry,
+        )
+        self.probes = Counter(
+            "fallback_proxy_probes", "Active health probes, by outcome.", ["provider", "outcome"], registry=registry,
+        )
+        self.store_errors = Counter(
+            "fallback_proxy_store_errors", "State store calls that failed, by operation.", ["operation"],
+            registry=registry,
+        )
+        self.quota_remaining = Gauge(
+            "fallback_proxy_quota_remaining", "What is left of today's quota (as of this replica's last admit).",
+            ["provider", "kind"], registry=registry,
+        )
+        self.quota_exhausted = Counter(
+            "fallback_proxy_quota_exhausted", "Calls refused because today's quota is spent.", ["provider"],
+            registry=registry,
+        )
+        self.quota_fail_closed = Counter(
+            "fallback_proxy_quota_fail_closed",
+            "Calls not made because the quota store could not answer (fail closed).", ["provider"],
+            registry=registry,
+        )
 
 
 class Observer:
@@ -138,13 +181,81 @@ class Observer:
             request_log.info(record.log_line().decode())
 
 
+def event(kind: str, level: int = logging.INFO, **fields: object) -> None:
+    """One JSON event line (failover, breaker, recovery, quota, store)."""
+    if event_log.isEnabledFor(level):
+        event_log.log(level, orjson.dumps({"event": kind, "ts": round(time.time(), 3), **fields}).decode())
+
+
+class OperatorEvents:
+    """Health and quota events, as metrics and event log lines."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._store_down = False
+
+    def state(self, provider: str, health: ProviderHealth) -> None:
+        self.metrics.health.labels(provider).set(health.state.level)
+        self.metrics.breaker_open.labels(provider).set(0 if health.breaker.value == "closed" else 1)
+        event("health", provider=provider, state=health.state.value, breaker=health.breaker.value,
+              reason=health.reason)
+
+    def breaker_opened(self, provider: str, health: ProviderHealth) -> None:
+        self.metrics.breaker_opened.labels(provider).inc()
+        event("breaker_open", logging.WARNING, provider=provider, reason=health.reason,
+              retry_in_s=round(max(0.0, health.retry_at - time.time()), 1))
+
+    def recovered(self, provider: str, health: ProviderHealth) -> None:
+        self.metrics.recoveries.labels(provider).inc()
+        event("recovered", logging.WARNING, provider=provider, state=health.state.value)
+
+    def probe(self, provider: str, outcome: str) -> None:
+        self.metrics.probes.labels(provider, outcome).inc()
+
+    def store_error(self, operation: str, error: StoreUnavailable) -> None:
+        self.metrics.store_errors.labels(operation).inc()
+        if not self._store_down:
+            self._store_down = True
+            event("store_down", logging.WARNING, operation=operation, reason=error.reason)
+
+    def store_ok(self) -> None:
+        if self._store_down:
+            self._store_down = False
+            event("store_up", logging.WARNING)
+
+    def admitted(self, provider: ProviderConfig, admission: Admission) -> None:
+        self.store_ok()
+        quota = provider.quota
+        if quota is None:
+            return
+        if quota.requests_per_day is not None:
+            remaining = quota.requests_per_day - admission.requests_used
+            self.metrics.quota_remaining.labels(provider.name, "requests").set(remaining)
+        if quota.tokens_per_day is not None:
+            remaining = quota.tokens_per_day - admission.tokens_used
+            self.metrics.quota_remaining.labels(provider.name, "tokens").set(remaining)
+
+    def exhausted(self, provider: ProviderConfig, reason: str) -> None:
+        self.store_ok()
+        self.metrics.quota_exhausted.labels(provider.name).inc()
+        event("quota_exhausted", provider=provider.name, reason=reason)
+
+    def fail_closed(self, provider: ProviderConfig, error: StoreUnavailable) -> None:
+        self.metrics.quota_fail_closed.labels(provider.name).inc()
+        self.store_error("admit", error)
+        event("quota_fail_closed", logging.WARNING, provider=provider.name, reason=error.reason)
+
+    def settle_failed(self, provider: str, error: StoreUnavailable) -> None:
+        self.store_error("settle", error)
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: request lines pass through as they are, every
     other record becomes {"ts", "level", "logger", "message"} (+ "exc")."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if record.name == request_log.name:
+        if record.name in (request_log.name, event_log.name):
             return message
         line: dict[str, object] = {
             "ts": round(record.created, 3),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+from proxy.adapters.base import Chunk
 from proxy.dispatch import StreamStart
 from proxy.errors import ProviderError, error_body
 from proxy.observe import RequestRecord
@@ -80,36 +81,44 @@ def error_event(error: ProviderError) -> bytes:
 
 
 async def client_stream(
-    start: StreamStart, record: RequestRecord, on_end: Callable[[str], None]
+    start: StreamStart, record: RequestRecord, on_end: Callable[[str, ProviderError | None], None]
 ) -> AsyncGenerator[bytes, None]:
     """The bytes sent to the client: the held chunks, the rest of the upstream
     stream (each read bounded by the idle and total deadlines), then `[DONE]`.
 
     A failure after the first token ends the stream with an in-band error
     event. Closing this generator (client gone) closes the upstream; `on_end`
-    gets the outcome once: "ok", "stream_interrupted" or "client_disconnected".
+    is called once with the outcome ("ok", "stream_interrupted" or
+    "client_disconnected") and the failure, if any.
     """
     outcome = "client_disconnected"
+    failure: ProviderError | None = None
     try:
         for chunk in start.head:
-            if chunk.usage is not None:
-                record.usage = chunk.usage
-            yield format_event(chunk.payload)
+            if _forward(chunk, start, record):
+                yield format_event(chunk.payload)
         while True:
             try:
-                chunk_or_end = await start.next_chunk()
+                next_chunk = await start.next_chunk()
             except ProviderError as exc:
-                outcome = "stream_interrupted"
+                outcome, failure = "stream_interrupted", exc
                 record.interrupted = exc.failure.value
                 yield error_event(exc)
                 break
-            if chunk_or_end is None:
+            if next_chunk is None:
                 outcome = "ok"
                 break
-            if chunk_or_end.usage is not None:
-                record.usage = chunk_or_end.usage
-            yield format_event(chunk_or_end.payload)
+            if _forward(next_chunk, start, record):
+                yield format_event(next_chunk.payload)
         yield DONE
     finally:
         await start.close()
-        on_end(outcome)
+        on_end(outcome, failure)
+
+
+def _forward(chunk: Chunk, start: StreamStart, record: RequestRecord) -> bool:
+    """Note the chunk's usage; False for a usage-only chunk the client did not ask for."""
+    if chunk.usage is None:
+        return True
+    record.usage = chunk.usage
+    return not (start.hide_usage and not chunk.has_content and chunk.finish_reason is None)

@@ -3,7 +3,7 @@
 A route is a small directed graph of provider names. ``first`` is where every
 request starts; ``edges[node]`` maps a failure class (or ``"default"``) to the
 node to try next. Config validation uses :func:`find_cycle` and
-:func:`reachable`; the dispatcher follows the graph with :func:`next_node`.
+:func:`reachable`; the dispatcher follows the graph with a :class:`Walk`.
 """
 
 from __future__ import annotations
@@ -94,3 +94,43 @@ def _cycle_from(
             return cycle
     done.add(node)
     return None
+
+
+class Walk:
+    """The order one request visits a route's nodes in (pure, no I/O).
+
+    `current` is the node to visit; after it fails or is skipped, `follow`
+    takes the edge for the failure class. `defer` passes over a node for now
+    (a SLOW provider): it follows the default edge and the node is visited
+    again only once the rest of the walk is exhausted, in the order deferred.
+    """
+
+    __slots__ = ("route", "current", "visited", "deferred", "_late")
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.current: str | None = route.first
+        self.visited: list[str] = [route.first]
+        self.deferred: list[str] = []
+        self._late = False  # visiting deferred nodes now
+
+    @property
+    def can_defer(self) -> bool:
+        return not self._late
+
+    def follow(self, failure: str) -> None:
+        assert self.current is not None
+        self._advance(next_node(self.route, self.current, failure, visited=self.visited))
+
+    def defer(self) -> None:
+        assert self.current is not None and not self._late
+        self.deferred.append(self.current)
+        self._advance(next_node(self.route, self.current, "default", visited=self.visited))
+
+    def _advance(self, target: str | None) -> None:
+        if self._late or target is None:
+            self._late = True
+            self.current = self.deferred.pop(0) if self.deferred else None
+            return
+        self.visited.append(target)
+        self.current = target

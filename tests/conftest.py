@@ -57,7 +57,10 @@ class ServedApp:
 
 
 def build_config(data: dict[str, Any]) -> Config:
-    return parse_config(data, environ={})
+    """Parse a test config; active probes are off unless the test turns them on,
+    so that the fakes' request records hold only what the test sent."""
+    health = {"probe_interval_seconds": 0, **data.get("health", {})}
+    return parse_config({**data, "health": health}, environ={})
 
 
 @pytest.fixture

@@ -418,7 +418,7 @@ def test_provider_names_are_checked(tmp_path: Path) -> None:
         ("server: {prot: 1}", "server: unknown key 'prot' (did you mean 'port'?)"),
         ("server: {port: 70000}", "server.port: must be between 0 and 65535, got 70000"),
         ("server: {max_body_bytes: 0}", "server.max_body_bytes: must be a positive integer, got 0"),
-        ("redis: {url: 'http://u:hunter2@h'}", "redis.url: expected a redis://, rediss:// or unix:// URL, got 'http://u:***@h'"),
+        ("redis: {url: 'http://u:hunter2@h'}", "redis.url: expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got 'http://u:***@h'"),
         ("redis: [url]", "redis: expected a mapping, got a list"),
     ],
 )

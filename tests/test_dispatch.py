@@ -9,13 +9,17 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from proxy.adapters import make_adapter
 from proxy.app import create_app
 from proxy.config import Config, parse_config
 from proxy.dispatch import Dispatcher, backoff
 from proxy.errors import AllProvidersFailed, UpstreamClientError
-from proxy.observe import RequestRecord
+from proxy.health import HealthBoard
+from proxy.observe import Metrics, OperatorEvents, RequestRecord
+from proxy.quota import QuotaGate
+from proxy.state import MemoryStore
 
 BODY: dict[str, Any] = {"model": "r", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -34,7 +38,11 @@ def config(**route: Any) -> Config:
                "retries": 2 if name == "a" else 0}
         for name in ("a", "b")
     }
-    return parse_config({"providers": providers, "routes": {"r": {"chain": ["a", "b"], **route}}}, environ={})
+    return parse_config(
+        {"providers": providers, "routes": {"r": {"chain": ["a", "b"], **route}},
+         "health": {"probe_interval_seconds": 0}},
+        environ={},
+    )
 
 
 class Upstream:
@@ -62,7 +70,11 @@ def dispatcher(cfg: Config, upstream: Upstream, sleeps: list[float]) -> Dispatch
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    return Dispatcher(cfg, adapters, sleep=sleep, rng=lambda: 1.0)
+    store = MemoryStore()
+    events = OperatorEvents(Metrics(CollectorRegistry()))
+    health = HealthBoard(cfg.health, cfg.providers, store, events)
+    quota = QuotaGate(store, cfg.quota_timezone, events)
+    return Dispatcher(cfg, adapters, health, quota, sleep=sleep, rng=lambda: 1.0)
 
 
 @pytest.mark.asyncio

@@ -113,3 +113,21 @@ def test_successors_default_first_without_duplicates() -> None:
 )
 def test_find_cycle(first: str, edges: Mapping[str, Mapping[str, str]], cycle: tuple[str, ...] | None) -> None:
     assert find_cycle(first, edges) == cycle
+
+
+def test_walk_follows_edges_and_visits_deferred_nodes_last() -> None:
+    from proxy.config import parse_config
+    from proxy.routing import Walk
+
+    providers = {name: {"model": f"openai/{name}"} for name in ("a", "b", "c")}
+    config = parse_config({"providers": providers, "routes": {"r": ["a", "b", "c"]}}, environ={})
+    walk = Walk(config.routes["r"])
+    assert walk.current == "a"
+    walk.defer()  # a is slow: try it after the rest
+    assert walk.current == "b"
+    walk.follow("timeout")
+    assert walk.current == "c"
+    walk.follow("server_error")
+    assert walk.current == "a" and not walk.can_defer
+    walk.follow("timeout")
+    assert walk.current is None

@@ -1,0 +1,137 @@
+"""Daily quotas per provider, admitted and counted atomically in the store.
+
+A provider with a quota is called only after the store has admitted the call
+(check and increment in one round trip). If the store cannot answer, the gate
+**fails closed**: that provider is not called, and the walk goes on to the
+providers without a quota. Usage is settled after the call from the real
+token counts. A provider without a quota never touches the store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from proxy.adapters.base import Usage
+from proxy.config import ProviderConfig, Quota
+from proxy.errors import FailureClass, ProviderError
+from proxy.state import Admission, StateStore, StoreUnavailable
+
+log = logging.getLogger("fallback_proxy.quota")
+
+DEFAULT_COMPLETION_ESTIMATE = 512
+CHARS_PER_TOKEN = 4
+TTL_MARGIN_SECONDS = 3600
+
+
+def quota_day(now: float, zone: dt.tzinfo) -> str:
+    """The calendar day (in the quota's time zone) that `now` falls in."""
+    return dt.datetime.fromtimestamp(now, zone).date().isoformat()
+
+
+def seconds_to_midnight(now: float, zone: dt.tzinfo) -> int:
+    local = dt.datetime.fromtimestamp(now, zone)
+    midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(), zone)
+    return max(1, int(midnight.timestamp() - now))
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """A cheap upper-side guess before the call: prompt characters / 4 plus
+    the completion the client allows (or a default)."""
+    prompt = len(orjson.dumps(body.get("messages", []))) // CHARS_PER_TOKEN
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    completion = limit if isinstance(limit, int) and limit > 0 else DEFAULT_COMPLETION_ESTIMATE
+    return prompt + completion
+
+
+def refusal(quota: Quota, admission: Admission, estimate: int) -> str:
+    """Why the store refused, in words for the log and the 503 body."""
+    if quota.requests_per_day is not None and admission.requests_used + 1 > quota.requests_per_day:
+        return f"daily quota reached: {admission.requests_used}/{quota.requests_per_day} requests"
+    return f"daily quota reached: {admission.tokens_used}+~{estimate}/{quota.tokens_per_day} tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What admission counted for one call, to be settled after it."""
+
+    provider: str
+    day: str
+    tokens_estimate: int
+    ttl: int
+
+
+class QuotaEvents(Protocol):
+    """What the gate tells operators about; `observe` implements it."""
+
+    def admitted(self, provider: ProviderConfig, admission: Admission) -> None: ...
+    def exhausted(self, provider: ProviderConfig, reason: str) -> None: ...
+    def fail_closed(self, provider: ProviderConfig, error: StoreUnavailable) -> None: ...
+    def settle_failed(self, provider: str, error: StoreUnavailable) -> None: ...
+
+
+class QuotaGate:
+    def __init__(
+        self, store: StateStore, timezone: str, events: QuotaEvents, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
+        self.zone = zoneinfo.ZoneInfo(timezone)
+        self.events = events
+        self.clock = clock
+
+    async def admit(self, provider: ProviderConfig, body: dict[str, Any]) -> Reservation | None:
+        """Admit one call or raise `ProviderError(quota_exhausted)`; None when
+        the provider has no quota (no store round trip)."""
+        quota = provider.quota
+        if quota is None:
+            return None
+        now = self.clock()
+        day = quota_day(now, self.zone)
+        ttl = seconds_to_midnight(now, self.zone) + TTL_MARGIN_SECONDS
+        estimate = estimate_tokens(body) if quota.tokens_per_day is not None else 0
+        try:
+            admission = await self.store.admit(
+                provider.name, day, requests_limit=quota.requests_per_day, tokens_limit=quota.tokens_per_day,
+                tokens_estimate=estimate, ttl_seconds=ttl,
+            )
+        except StoreUnavailable as exc:
+            self.events.fail_closed(provider, exc)
+            raise ProviderError(
+                FailureClass.QUOTA_EXHAUSTED, f"quota store unavailable ({exc.reason}): not called (fail closed)"
+            ) from exc
+        if not admission.admitted:
+            reason = refusal(quota, admission, estimate)
+            self.events.exhausted(provider, reason)
+            raise ProviderError(FailureClass.QUOTA_EXHAUSTED, reason)
+        self.events.admitted(provider, admission)
+        return Reservation(provider.name, day, estimate, ttl)
+
+    async def settle(self, reservation: Reservation | None, usage: Usage | None, failure: FailureClass | None) -> None:
+        """Correct the counters after the call: real tokens instead of the
+        estimate; no tokens for a failed call; no request either when it
+        never reached the provider."""
+        if reservation is None:
+            return
+        requests_delta = -1 if failure is FailureClass.CONNECTION_ERROR else 0
+        if failure is not None:
+            tokens_delta = -reservation.tokens_estimate
+        elif usage is not None and reservation.tokens_estimate:
+            tokens_delta = usage.total_tokens - reservation.tokens_estimate
+        else:
+            return  # no better number than the estimate already counted
+        if requests_delta == 0 and tokens_delta == 0:
+            return
+        try:
+            await self.store.settle(
+                reservation.provider, reservation.day, requests_delta=requests_delta, tokens_delta=tokens_delta,
+                ttl_seconds=reservation.ttl,
+            )
+        except StoreUnavailable as exc:
+            self.events.settle_failed(reservation.provider, exc)

@@ -1,0 +1,716 @@
+"""The state store: per-provider health records and daily quota counters.
+
+One protocol, two implementations:
+
+    StateStore (Protocol)
+    ├── MemoryStore    in-process dicts; one instance only; never unavailable
+    └── RedisStore     shared by every replica; short timeouts, no retries and a
+                       circuit breaker, so each call answers or fails fast
+
+    StoreUnavailable   the only error a store raises: the store could not answer
+                       (refused, timeout, READONLY, script error, breaker open)
+
+The quota gate built on top fails closed, so a store call must never hang:
+a RedisStore call talks to Redis for at most `hard_timeout` (`2 * timeout` plus
+a little) or raises `StoreUnavailable`; while the breaker is open it raises at
+once, without touching the network. (A process so busy that all its pooled
+connections stay in use may also wait up to `hard_timeout` for one first.)
+
+Redis layout (`fp` is the prefix; every key of one provider carries the Redis
+Cluster hash tag `{provider}`, so a script only touches one slot):
+
+    fp:{openai-4o}:health           hash: the provider's health record
+    fp:{openai-4o}:quota:2025-01-31 hash: req, tok (expires ttl_seconds after creation)
+    fp:{openai-4o}:lock:probe:openai-4o   SET NX PX lock
+    fp:health                       pub/sub channel: {"provider": ..., "record": {...}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+T = TypeVar("T")
+
+Record = dict[str, str]
+HealthUpdate = tuple[str, Record]
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer (refused, timeout, READONLY, script error, breaker open).
+
+    `.reason` says why (`READONLY ...`, `breaker open after: ...`), `.operation` which
+    call. After a timeout the outcome of a write is unknown: the command may have
+    reached Redis and been applied (an admit that raised may have counted, the safe
+    direction for a gate that fails closed)."""
+
+    def __init__(self, reason: str, *, operation: str = "") -> None:
+        super().__init__(f"{operation}: {reason}" if operation else reason)
+        self.reason = reason
+        self.operation = operation
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    admitted: bool
+    requests_used: int  # after this call (incremented only if admitted)
+    tokens_used: int
+
+
+class StateStore(Protocol):
+    """Where health records and quota counters live. Every method either
+    succeeds quickly or raises `StoreUnavailable` quickly; nothing else."""
+
+    kind: str  # "redis" or "memory"
+
+    async def admit(
+        self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
+        tokens_estimate: int, ttl_seconds: int,
+    ) -> Admission:
+        """Atomically: reject (changing nothing) if one more request or `tokens_estimate`
+        more tokens would exceed a limit (None: unlimited); else count them. Counters
+        expire `ttl_seconds` after their creation."""
+        ...
+
+    async def settle(
+        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int
+    ) -> None:
+        """Adjust counters after a call (tokens_delta = actual - estimate; a refund is
+        requests_delta=-1, tokens_delta=-estimate). Never below zero."""
+        ...
+
+    async def usage(self, provider: str, day: str) -> tuple[int, int]:
+        """(requests_used, tokens_used); (0, 0) when nothing was counted."""
+        ...
+
+    async def put_health(self, provider: str, record: Mapping[str, str | int | float]) -> None:
+        """Replace the provider's health record and publish it to every replica."""
+        ...
+
+    async def get_health(self, providers: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Every stored record of those providers; a provider without one is absent."""
+        ...
+
+    def health_updates(self) -> AsyncIterator[tuple[str, dict[str, str]]]:
+        """Records published by any replica (this one included) from the moment of
+        subscribing (the first `__anext__`); raises StoreUnavailable when the
+        connection is lost (re-subscribe after a pause, then `get_health`)."""
+        ...
+
+    async def try_lock(self, name: str, ttl_seconds: float) -> bool:
+        """True if this replica took the lock `name` for `ttl_seconds`."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+# Pure decisions, shared by both stores (the Lua scripts below mirror them).
+
+def admits(
+    requests_used: int, tokens_used: int, *, requests_limit: int | None, tokens_limit: int | None,
+    tokens_estimate: int,
+) -> bool:
+    if requests_limit is not None and requests_used + 1 > requests_limit:
+        return False
+    return tokens_limit is None or tokens_used + tokens_estimate <= tokens_limit
+
+
+def settled(used: int, delta: int) -> int:
+    return max(0, used + delta)
+
+
+def stringify(record: Mapping[str, str | int | float]) -> Record:
+    return {str(key): str(value) for key, value in record.items()}
+
+
+def encode_update(provider: str, record: Record) -> bytes:
+    return orjson.dumps({"provider": provider, "record": record})
+
+
+def decode_update(payload: str | bytes) -> HealthUpdate | None:
+    """The (provider, record) in a pub/sub payload; None if it is not one of ours."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("provider"), str):
+        return None
+    record = data.get("record")
+    if not isinstance(record, dict):
+        return None
+    return data["provider"], {str(k): str(v) for k, v in record.items()}
+
+
+def _check_quota_args(tokens_estimate: int, ttl_seconds: int) -> None:
+    if tokens_estimate < 0:
+        raise ValueError(f"tokens_estimate must be >= 0, got {tokens_estimate}")
+    if ttl_seconds <= 0:
+        raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
+
+
+# In-memory store: one instance, no replicas.
+
+@dataclass(slots=True)
+class _Counter:
+    requests: int
+    tokens: int
+    expires_at: float
+
+
+class MemoryStore:
+    """In-process state for a single instance. Counters and locks expire lazily by `clock`."""
+
+    kind: str = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.time, *, queue_size: int = 1024) -> None:
+        self._clock = clock
+        self._queue_size = queue_size
+        self._counters: dict[tuple[str, str], _Counter] = {}
+        self._health: dict[str, Record] = {}
+        self._locks: dict[str, float] = {}
+        self._subscribers: set[asyncio.Queue[HealthUpdate | None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore counters={len(self._counters)} health={len(self._health)}>"
+
+    def _counter(self, provider: str, day: str) -> _Counter | None:
+        counter = self._counters.get((provider, day))
+        if counter is not None and self._clock() >= counter.expires_at:
+            del self._counters[(provider, day)]
+            return None
+        return counter
+
+    def _create(self, provider: str, day: str, ttl_seconds: int) -> _Counter:
+        counter = _Counter(0, 0, self._clock() + ttl_seconds)
+        self._counters[(provider, day)] = counter
+        return counter
+
+    async def admit(
+        self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
+        tokens_estimate: int, ttl_seconds: int,
+    ) -> Admission:
+        _check_quota_args(tokens_estimate, ttl_seconds)
+        counter = self._counter(provider, day)
+        used = (counter.requests, counter.tokens) if counter else (0, 0)
+        if not admits(*used, requests_limit=requests_limit, tokens_limit=tokens_limit,
+                      tokens_estimate=tokens_estimate):
+            return Admission(False, *used)
+        counter = counter or self._create(provider, day, ttl_seconds)
+        counter.requests += 1
+        counter.tokens += tokens_estimate
+        return Admission(True, counter.requests, counter.tokens)
+
+    async def settle(
+        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int
+    ) -> None:
+        counter = self._counter(provider, day)
+        if counter is None:
+            if settled(0, requests_delta) == 0 and settled(0, tokens_delta) == 0:
+                return
+            counter = self._create(provider, day, ttl_seconds)
+        counter.requests = settled(counter.requests, requests_delta)
+        counter.tokens = settled(counter.tokens, tokens_delta)
+
+    async def usage(self, provider: str, day: str) -> tuple[int, int]:
+        counter = self._counter(provider, day)
+        return (counter.requests, counter.tokens) if counter else (0, 0)
+
+    async def put_health(self, provider: str, record: Mapping[str, str | int | float]) -> None:
+        flat = stringify(record)
+        self._health[provider] = flat
+        for queue in self._subscribers:
+            if queue.full():  # a stalled reader loses the oldest update, not the newest
+                queue.get_nowait()
+            queue.put_nowait((provider, dict(flat)))
+
+    async def get_health(self, providers: Sequence[str]) -> dict[str, dict[str, str]]:
+        return {p: dict(self._health[p]) for p in providers if p in self._health}
+
+    async def health_updates(self) -> AsyncIterator[tuple[str, dict[str, str]]]:
+        queue: asyncio.Queue[HealthUpdate | None] = asyncio.Queue(self._queue_size)
+        self._subscribers.add(queue)
+        try:
+            while (update := await queue.get()) is not None:
+                yield update
+        finally:
+            self._subscribers.discard(queue)
+
+    async def try_lock(self, name: str, ttl_seconds: float) -> bool:
+        now = self._clock()
+        if self._locks.get(name, now) > now:
+            return False
+        self._locks[name] = now + ttl_seconds
+        return True
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        """Ends every `health_updates` iteration."""
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
+
+# Redis store.
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """`redis+sentinel://[[user]:password@]host1:26379,host2:26379/<service>[/<db>]`;
+    `rediss+sentinel://` for TLS to the master; `?sentinel_password=` if the sentinels
+    require their own."""
+
+    hosts: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    ssl: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
+
+
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+DEFAULT_SENTINEL_PORT = 26379
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse the sentinel URL form; ValueError names what is wrong."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        raise ValueError(f"not a sentinel URL (redis+sentinel://...): scheme {scheme!r}")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else unquote(user)
+        if not colon:
+            username = None
+    hosts = tuple(_parse_host(part) for part in hostlist.split(","))
+    parts = [unquote(p) for p in path.split("/")] if path else []
+    if not parts or not parts[0]:
+        raise ValueError("sentinel URL needs a service name: redis+sentinel://host:26379/<service>")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"sentinel URL path must be /<service>[/<db>], got /{path}")
+    params = parse_qs(query, keep_blank_values=True, strict_parsing=False)
+    unknown = set(params) - {"sentinel_password"}
+    if unknown:
+        raise ValueError(f"sentinel URL: unsupported query parameter(s) {sorted(unknown)}")
+    return SentinelURL(
+        hosts=hosts, service=parts[0], db=int(parts[1]) if len(parts) == 2 else 0,
+        ssl=SENTINEL_SCHEMES[scheme.lower()], username=username, password=password or None,
+        sentinel_password=params.get("sentinel_password", [None])[-1] or None,
+    )
+
+
+def _parse_host(part: str) -> tuple[str, int]:
+    if not part:
+        raise ValueError("sentinel URL: empty host in the host list")
+    split = urlsplit(f"//{part}")
+    try:
+        port = split.port
+    except ValueError as exc:
+        raise ValueError(f"sentinel URL: bad port in {part!r}") from exc
+    if not split.hostname:
+        raise ValueError(f"sentinel URL: bad host {part!r}")
+    return split.hostname, port or DEFAULT_SENTINEL_PORT
+
+
+def _describe_target(url: str) -> str:
+    """The URL without credentials, for repr and logs."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path.partition('?')[0]}"
+
+
+def _hash_tag(name: str) -> str:
+    return "{" + name + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    prefix: str
+
+    def health(self, provider: str) -> str:
+        return f"{self.prefix}:{_hash_tag(provider)}:health"
+
+    def quota(self, provider: str, day: str) -> str:
+        return f"{self.prefix}:{_hash_tag(provider)}:quota:{day}"
+
+    def lock(self, name: str) -> str:
+        # 'probe:openai-4o' is about provider openai-4o: tag it like that provider's keys.
+        return f"{self.prefix}:{_hash_tag(name.rpartition(':')[2])}:lock:{name}"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:health"
+
+
+# ARGV: requests_limit (-1: none), tokens_limit (-1: none), tokens_estimate, ttl_seconds.
+# Returns {admitted 0/1, requests_used, tokens_used}. Mirrors admits().
+ADMIT_LUA = """
+local used = redis.call('HMGET', KEYS[1], 'req', 'tok')
+local req, tok = tonumber(used[1]) or 0, tonumber(used[2]) or 0
+local rlimit, tlimit, estimate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if (rlimit >= 0 and req + 1 > rlimit) or (tlimit >= 0 and tok + estimate > tlimit) then
+  return {0, req, tok}
+end
+req = redis.call('HINCRBY', KEYS[1], 'req', 1)
+tok = redis.call('HINCRBY', KEYS[1], 'tok', estimate)
+if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+return {1, req, tok}
+"""
+
+# ARGV: requests_delta, tokens_delta, ttl_seconds. Clamps at zero; mirrors settled().
+SETTLE_LUA = """
+local used = redis.call('HMGET', KEYS[1], 'req', 'tok')
+local req, tok = tonumber(used[1]) or 0, tonumber(used[2]) or 0
+local new_req = math.max(0, req + tonumber(ARGV[1]))
+local new_tok = math.max(0, tok + tonumber(ARGV[2]))
+if used[1] == false and used[2] == false and new_req == 0 and new_tok == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'req', new_req - req)
+redis.call('HINCRBY', KEYS[1], 'tok', new_tok - tok)
+if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+
+class _Breaker:
+    """Open for `seconds` after any failure; then one trial call; its success closes it."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self.opened_at: float | None = None
+        self.trial = False
+        self.reason = ""
+
+    def cooling(self) -> bool:
+        return self.opened_at is not None and (self.trial or self.clock() - self.opened_at < self.seconds)
+
+    def admit(self) -> bool | None:
+        """None: refuse; True: this call is the trial; False: an ordinary call."""
+        if self.opened_at is None:
+            return False
+        if self.cooling():
+            return None
+        self.trial = True
+        return True
+
+    def success(self, trial: bool) -> None:
+        # An ordinary call that started before the breaker opened proves nothing.
+        if trial:
+            self.opened_at, self.trial = None, False
+
+    def abandon(self, trial: bool) -> None:
+        """The trial ended without a verdict: let the next call be the trial."""
+        if trial:
+            self.trial = False
+
+    def failure(self, reason: str) -> None:
+        self.opened_at, self.trial, self.reason = self.clock(), False, reason
+
+
+def _reason(exc: BaseException, hard_timeout: float) -> str:
+    if isinstance(exc, RedisError):
+        code = exc.status_code
+        return f"{code} {exc}" if code else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, TimeoutError):
+        return str(exc) or f"no answer within {hard_timeout * 1000:.0f} ms"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _no_retry() -> Retry:
+    """No retries, and no failure callback either. redis-py's default is 10 retries
+    with backoff up to 1 s; `retry=None` still runs the callback once, which for
+    pub/sub means reconnecting (even to a store being closed) before raising."""
+    return Retry(NoBackoff(), 0, supported_errors=())
+
+
+PUBSUB_HEADROOM = 4  # pool connections beyond max_connections, for health_updates subscribers
+
+
+class RedisStore:
+    """State shared by every replica through Redis. Build it with `from_url`.
+
+    Each call has a socket timeout of `timeout`, no retries inside redis-py, and a
+    hard cap of `hard_timeout` (default `2 * timeout + 20 ms`, covering connect, a
+    NOSCRIPT reload and waiting for one of `max_connections` pooled connections).
+    Any failure opens the breaker for `breaker_seconds`: calls then raise at once,
+    without I/O, until one trial call is let through and succeeds.
+    """
+
+    kind: str = "redis"
+
+    def __init__(
+        self, client: Redis, *, target: str, prefix: str = "fp", timeout: float = 0.05,
+        breaker_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
+        max_connections: int = 32, hard_timeout: float | None = None,
+        pubsub_ping_seconds: float = 5.0, sentinel: Sentinel | None = None,
+    ) -> None:
+        self._client = client
+        self._sentinel = sentinel
+        self.target = target
+        self.keys = RedisKeys(prefix)
+        self.timeout = timeout
+        self.hard_timeout = hard_timeout if hard_timeout is not None else timeout * 2 + 0.02
+        self._breaker = _Breaker(breaker_seconds, clock)
+        self._clock = clock
+        self._slots = asyncio.Semaphore(max_connections)
+        self._max_connections = max_connections
+        self._ping_seconds = pubsub_ping_seconds
+        self._admit = client.register_script(ADMIT_LUA)
+        self._settle = client.register_script(SETTLE_LUA)
+        self._token = secrets.token_hex(8)
+        self.failures = 0  # calls that failed (those outside pub/sub also opened the breaker)
+        self.short_circuits = 0  # calls refused without I/O while the breaker was open
+        self.busy = 0  # calls that found no free connection in time (not a Redis failure)
+        self._closed = False
+        self._pubsubs: set[PubSub] = set()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, prefix: str = "fp", timeout: float = 0.05, connect_timeout: float = 0.2,
+        breaker_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
+        max_connections: int = 32, hard_timeout: float | None = None, pubsub_ping_seconds: float = 5.0,
+    ) -> RedisStore:
+        """`redis://`, `rediss://`, `unix://` or `redis+sentinel://`. Connects lazily:
+        an unreachable server shows up as StoreUnavailable on the first call.
+        Query parameters of a plain URL are passed to redis-py and win over these."""
+        options: dict[str, Any] = {
+            "socket_timeout": timeout, "socket_connect_timeout": connect_timeout,
+            "retry": _no_retry(),
+            "health_check_interval": 0, "decode_responses": True,
+            "max_connections": max_connections + PUBSUB_HEADROOM,
+        }
+        sentinel = None
+        if url.partition("://")[0].lower() in SENTINEL_SCHEMES:
+            parsed = parse_sentinel_url(url)
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(parsed.hosts),
+                sentinel_kwargs={
+                    "socket_timeout": timeout, "socket_connect_timeout": connect_timeout,
+                    "retry": _no_retry(), "password": parsed.sentinel_password,
+                },
+            )
+            client = sentinel.master_for(
+                parsed.service, db=parsed.db, username=parsed.username, password=parsed.password,
+                ssl=parsed.ssl, **options,
+            )
+        else:
+            client = Redis.from_pool(ConnectionPool.from_url(url, **options))
+        return cls(
+            client, target=_describe_target(url), prefix=prefix, timeout=timeout,
+            breaker_seconds=breaker_seconds, clock=clock, max_connections=max_connections,
+            hard_timeout=hard_timeout, pubsub_ping_seconds=pubsub_ping_seconds, sentinel=sentinel,
+        )
+
+    def __repr__(self) -> str:
+        state = "open" if self.breaker_open else "closed"
+        return f"<RedisStore {self.target} prefix={self.keys.prefix!r} breaker={state} failures={self.failures}>"
+
+    @property
+    def breaker_open(self) -> bool:
+        """True while calls are refused without I/O."""
+        return self._breaker.cooling()
+
+    def _refuse_if_open(self, operation: str) -> bool:
+        """Raise while the breaker is open; else whether this call is its trial."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed", operation=operation)
+        trial = self._breaker.admit()
+        if trial is None:
+            self.short_circuits += 1
+            raise StoreUnavailable(f"breaker open after: {self._breaker.reason}", operation=operation)
+        return trial
+
+    def _failed(self, operation: str, exc: BaseException, *, trip: bool = True) -> StoreUnavailable:
+        self.failures += 1
+        reason = _reason(exc, self.hard_timeout)
+        if trip:
+            self._breaker.failure(f"{operation}: {reason}")
+        return StoreUnavailable(reason, operation=operation)
+
+    async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        """The one place Redis errors become StoreUnavailable; the breaker and the hard cap.
+
+        Waiting for a free connection says nothing about Redis (this process is
+        busy), so it has its own allowance of `hard_timeout` and running out of it
+        does not open the breaker."""
+        trial = self._refuse_if_open(operation)
+        try:
+            async with asyncio.timeout(self.hard_timeout):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            self._breaker.abandon(trial)
+            self.busy += 1
+            reason = f"busy: all {self._max_connections} connections stayed in use"
+            raise StoreUnavailable(reason, operation=operation) from exc
+        except asyncio.CancelledError:
+            self._breaker.abandon(trial)
+            raise
+        try:
+            if not trial and self._breaker.cooling():  # it opened while we waited
+                self.short_circuits += 1
+                raise StoreUnavailable(f"breaker open after: {self._breaker.reason}", operation=operation)
+            async with asyncio.timeout(self.hard_timeout):
+                result = await call()
+        # Fail closed: whatever redis-py raises (its own errors, OSError, a parser's
+        # ValueError on a garbled reply) means the store could not answer.
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            raise self._failed(operation, exc) from exc
+        except asyncio.CancelledError:  # the caller gave up: no verdict on Redis
+            self._breaker.abandon(trial)
+            raise
+        finally:
+            self._slots.release()
+        self._breaker.success(trial)
+        return result
+
+    async def admit(
+        self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
+        tokens_estimate: int, ttl_seconds: int,
+    ) -> Admission:
+        _check_quota_args(tokens_estimate, ttl_seconds)
+        args = [
+            -1 if requests_limit is None else requests_limit,
+            -1 if tokens_limit is None else tokens_limit, tokens_estimate, ttl_seconds,
+        ]
+        key = self.keys.quota(provider, day)
+        admitted, requests, tokens = await self._call("admit", lambda: self._admit(keys=[key], args=args))
+        return Admission(bool(admitted), int(requests), int(tokens))
+
+    async def settle(
+        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int
+    ) -> None:
+        _check_quota_args(0, ttl_seconds)
+        key = self.keys.quota(provider, day)
+        args = [requests_delta, tokens_delta, ttl_seconds]
+        await self._call("settle", lambda: self._settle(keys=[key], args=args))
+
+    async def usage(self, provider: str, day: str) -> tuple[int, int]:
+        key = self.keys.quota(provider, day)
+        requests, tokens = await self._call("usage", lambda: self._client.hmget(key, ["req", "tok"]))
+        return int(requests or 0), int(tokens or 0)
+
+    async def put_health(self, provider: str, record: Mapping[str, str | int | float]) -> None:
+        flat = stringify(record)
+        key = self.keys.health(provider)
+
+        async def replace_and_publish() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if flat:
+                    pipe.hset(key, mapping=flat)  # type: ignore[arg-type]  # dict[str, str] is fine
+                pipe.publish(self.keys.channel, encode_update(provider, flat))
+                await pipe.execute()
+
+        await self._call("put_health", replace_and_publish)
+
+    async def get_health(self, providers: Sequence[str]) -> dict[str, dict[str, str]]:
+        names = list(providers)
+        if not names:
+            return {}
+
+        async def read_all() -> list[Record]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self.keys.health(name))
+                return await pipe.execute()
+
+        records = await self._call("get_health", read_all)
+        return {name: dict(record) for name, record in zip(names, records, strict=True) if record}
+
+    async def health_updates(self) -> AsyncIterator[tuple[str, dict[str, str]]]:
+        pubsub = await self._call("subscribe", self._subscribe)
+        self._pubsubs.add(pubsub)
+        try:
+            async for message in self._messages(pubsub):
+                if message["type"] == "message" and (update := decode_update(message["data"])):
+                    yield update
+        finally:
+            self._pubsubs.discard(pubsub)
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _messages(self, pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
+        """Every pub/sub message until `aclose`; PINGs a silent channel, because a
+        silent channel and a dead connection look alike."""
+        heard = self._clock()
+        pinged: float | None = None
+        while not self._closed:
+            try:
+                message = await self._next_message(pubsub)
+                now = self._clock()
+                if message is not None:
+                    heard, pinged = now, None
+                    yield message
+                elif pinged is not None and now - pinged >= self._ping_seconds:
+                    raise self._failed("subscribe", TimeoutError("no answer to PING"), trip=False)
+                elif pinged is None and now - heard >= self._ping_seconds:
+                    await self._pubsub_io(pubsub.ping())
+                    pinged = now
+            except StoreUnavailable:
+                if self._closed:
+                    return
+                raise
+
+    async def _subscribe(self) -> PubSub:
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.channel)
+            await pubsub.get_message(timeout=self.timeout)  # the subscribe confirmation
+        except BaseException:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise
+        return pubsub
+
+    async def _next_message(self, pubsub: PubSub) -> dict[str, Any] | None:
+        wait = min(self._ping_seconds, 1.0)
+        message: dict[str, Any] | None = await self._pubsub_io(pubsub.get_message(timeout=wait), wait)
+        return message
+
+    async def _pubsub_io(self, io: Awaitable[T], wait: float = 0.0) -> T:
+        """A pub/sub read or PING; a lost connection is StoreUnavailable. It does not
+        open the breaker: the pub/sub connection is one of many."""
+        try:
+            async with asyncio.timeout(wait + self.hard_timeout):
+                return await io
+        except Exception as exc:  # see _call: fail closed on anything redis-py raises
+            raise self._failed("subscribe", exc, trip=False) from exc
+
+    async def try_lock(self, name: str, ttl_seconds: float) -> bool:
+        key, ttl_ms = self.keys.lock(name), max(1, round(ttl_seconds * 1000))
+        taken = await self._call("try_lock", lambda: self._client.set(key, self._token, nx=True, px=ttl_ms))
+        return bool(taken)
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping)
+
+    async def aclose(self) -> None:
+        """Later calls raise StoreUnavailable; every `health_updates` iteration ends."""
+        self._closed = True
+        for pubsub in list(self._pubsubs):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()

@@ -1,0 +1,159 @@
+"""The health state machine (pure) and the board that shares it between replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.config import HealthSettings, parse_config
+from proxy.errors import FailureClass, ProviderError
+from proxy.health import (
+    Breaker,
+    Decision,
+    Health,
+    HealthBoard,
+    ProviderHealth,
+    after_failure,
+    after_probe_success,
+    after_success,
+    begin_trial,
+    decide,
+)
+from proxy.observe import Metrics, OperatorEvents
+from proxy.state import MemoryStore
+
+SETTINGS = HealthSettings(failure_threshold=3, cooldown_seconds=30, slow_ttft_seconds=2)
+HEALTHY = ProviderHealth()
+
+
+def fail(health: ProviderHealth, now: float, failure: FailureClass = FailureClass.SERVER_ERROR,
+         retry_after: float | None = None) -> ProviderHealth:
+    return after_failure(health, SETTINGS, now, failure, retry_after)
+
+
+def test_consecutive_failures_degrade_then_open_the_breaker() -> None:
+    one = fail(HEALTHY, 100)
+    assert (one.state, one.breaker, one.failures) == (Health.DEGRADED, Breaker.CLOSED, 1)
+    assert decide(one, 100) is Decision.CALL
+    three = fail(fail(one, 101), 102)
+    assert (three.state, three.breaker) == (Health.OFFLINE, Breaker.OPEN)
+    assert decide(three, 102) is Decision.SKIP
+    assert decide(three, 102 + 29.9) is Decision.SKIP
+    assert decide(three, 102 + 30) is Decision.TRIAL
+
+
+def test_a_success_resets_the_count() -> None:
+    two = fail(fail(HEALTHY, 1), 2)
+    assert after_success(two, SETTINGS, 3).failures == 0
+    assert fail(after_success(two, SETTINGS, 3), 4).breaker is Breaker.CLOSED
+
+
+def test_request_specific_failures_do_not_count() -> None:
+    for failure in (FailureClass.CONTEXT_WINDOW_EXCEEDED, FailureClass.CLIENT_ERROR, FailureClass.CONTENT_FILTERED,
+                    FailureClass.QUOTA_EXHAUSTED):
+        assert fail(HEALTHY, 1, failure) is HEALTHY
+
+
+def test_auth_error_opens_at_once() -> None:
+    health = fail(HEALTHY, 10, FailureClass.AUTH_ERROR)
+    assert (health.state, health.breaker) == (Health.OFFLINE, Breaker.OPEN)
+    assert "key" in health.reason
+
+
+def test_rate_limit_honours_retry_after() -> None:
+    health = fail(HEALTHY, 10, FailureClass.RATE_LIMITED, retry_after=5)
+    assert decide(health, 14.9) is Decision.SKIP
+    assert decide(health, 15) is Decision.TRIAL
+
+
+def test_half_open_trial_success_closes_failure_reopens() -> None:
+    opened = fail(HEALTHY, 0, FailureClass.AUTH_ERROR)
+    trial = begin_trial(opened, SETTINGS, 31)
+    assert trial.breaker is Breaker.HALF_OPEN
+    assert decide(trial, 32) is Decision.SKIP  # one trial at a time
+    closed = after_success(trial, SETTINGS, 33)
+    assert (closed.state, closed.breaker) == (Health.HEALTHY, Breaker.CLOSED)
+    reopened = fail(trial, 33, FailureClass.TIMEOUT)
+    assert reopened.breaker is Breaker.OPEN and reopened.retry_at == 63
+
+
+def test_probe_success_lets_the_trial_through_now() -> None:
+    opened = fail(HEALTHY, 0, FailureClass.CONNECTION_ERROR, None)
+    opened = fail(fail(opened, 0, FailureClass.CONNECTION_ERROR), 0, FailureClass.CONNECTION_ERROR)
+    assert decide(opened, 5) is Decision.SKIP
+    assert decide(after_probe_success(opened, 5), 5) is Decision.TRIAL
+    assert after_probe_success(HEALTHY, 5) is HEALTHY
+
+
+def test_slow_time_to_first_token_marks_slow_and_recovers() -> None:
+    slow = after_success(after_success(HEALTHY, SETTINGS, 1, ttft=5.0), SETTINGS, 2, ttft=5.0)
+    assert slow.state is Health.SLOW and "first token" in slow.reason
+    fast = slow
+    for t in range(10):
+        fast = after_success(fast, SETTINGS, 3 + t, ttft=0.2)
+    assert fast.state is Health.HEALTHY
+
+
+def test_record_round_trip() -> None:
+    health = fail(after_success(HEALTHY, SETTINGS, 1, ttft=0.5), 2)
+    assert ProviderHealth.from_record(health.to_record()) == health
+
+
+def board(store: MemoryStore, clock: list[float]) -> HealthBoard:
+    config = parse_config({"providers": {"p": {"model": "openai/x"}}, "health": {"failure_threshold": 2}},
+                          environ={})
+    return HealthBoard(config.health, config.providers, store, OperatorEvents(Metrics(CollectorRegistry())),
+                       clock=lambda: clock[0])
+
+
+@pytest.mark.asyncio
+async def test_replicas_share_an_open_breaker_and_its_recovery() -> None:
+    store, clock = MemoryStore(), [1000.0]
+    one, two = board(store, clock), board(store, clock)
+    followers = [asyncio.create_task(b.follow(pause=0.01)) for b in (one, two)]
+    await asyncio.sleep(0)
+    one.failure("p", FailureClass.TIMEOUT)
+    one.failure("p", FailureClass.TIMEOUT)
+    for _ in range(100):
+        if two.view("p").breaker is Breaker.OPEN:
+            break
+        await asyncio.sleep(0.01)
+    assert two.decide("p") is Decision.SKIP
+    clock[0] += 31
+    assert two.decide("p") is Decision.TRIAL
+    two.success("p")
+    for _ in range(100):
+        if one.view("p").breaker is Breaker.CLOSED:
+            break
+        await asyncio.sleep(0.01)
+    assert one.decide("p") is Decision.CALL
+    for follower in followers:
+        follower.cancel()
+    await one.aclose()
+    await two.aclose()
+
+
+@pytest.mark.asyncio
+async def test_probes_detect_failure_and_recovery() -> None:
+    clock = [1000.0]
+    store = MemoryStore(clock=lambda: clock[0])
+    b = board(store, clock)
+    up = [False]
+
+    async def probe() -> None:
+        if not up[0]:
+            raise ProviderError(FailureClass.CONNECTION_ERROR, "refused")
+
+    await b.probe_once("p", probe)
+    clock[0] += 10
+    await b.probe_once("p", probe)
+    assert b.view("p").state is Health.OFFLINE and b.decide("p") is Decision.SKIP
+    up[0] = True
+    clock[0] += 10
+    await b.probe_once("p", probe)
+    assert b.decide("p") is Decision.TRIAL
+    b.success("p")
+    assert b.view("p").state is Health.HEALTHY
+    await b.aclose()
