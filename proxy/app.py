@@ -8,6 +8,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -36,7 +37,7 @@ from proxy.errors import (
     error_body,
 )
 from proxy.health import HealthBoard
-from proxy.observe import Metrics, Observer, OperatorEvents, RequestRecord
+from proxy.observe import Metrics, Observer, OperatorEvents, RequestRecord, event
 from proxy.quota import QuotaGate
 from proxy.relay import client_stream
 from proxy.state import MemoryStore, RedisStore, StateStore, StoreUnavailable
@@ -97,6 +98,9 @@ class ProxyState:
         if store.kind != "memory":
             self.background.spawn(self.health.follow())
         self.background.spawn(self.health.probe_forever(_probes(config, adapters)))
+        for name, provider in config.providers.items():
+            if provider.warmup:
+                self.background.spawn(_warm_up(name, adapters[name]))
         self.ready = True
 
     async def stop(self) -> None:
@@ -110,6 +114,20 @@ class ProxyState:
             await self.client.aclose()
         if self.store is not None:
             await self.store.aclose()
+
+
+async def _warm_up(name: str, adapter: Adapter) -> None:
+    """Load a local model at start (in the background: readiness does not wait)."""
+    warmup = getattr(adapter, "warmup", None)
+    if warmup is None:
+        return
+    started = time.perf_counter()
+    try:
+        await warmup()
+    except ProviderError as exc:
+        event("warmup_failed", logging.WARNING, provider=name, failure=exc.failure.value, detail=exc.message)
+        return
+    event("warmed_up", provider=name, ms=round((time.perf_counter() - started) * 1000, 1))
 
 
 def _probes(config: Config, adapters: Mapping[str, Adapter]) -> dict[str, Callable[[], Awaitable[None]]]:

@@ -191,3 +191,24 @@ def from_litellm(exc: BaseException) -> ProviderError:
         f"{type(exc).__name__}: {exc}"[:300],
         status_code=status if isinstance(status, int) else None,
     )
+
+
+def untranslatable(exc: BaseException) -> ProviderError:
+    """litellm could not put the request into the provider's format, before any
+    network call. A missing key is still about our key (`auth_error`); any other
+    refusal means this provider cannot take this request while another may:
+    `unsupported`, which costs the provider no health."""
+    error = from_litellm(exc)
+    if error.failure in (FailureClass.AUTH_ERROR, FailureClass.CONTEXT_WINDOW_EXCEEDED):
+        return error
+    return ProviderError(FailureClass.UNSUPPORTED, f"cannot translate the request: {error.message}"[:300])
+
+
+def unreadable(exc: BaseException) -> ProviderError:
+    """litellm could not read a provider's 2xx answer or stream event. Unless it
+    recognised what the answer says (filtered, rate limited, ...), the provider
+    sent something malformed: `server_error` (never the client's fault)."""
+    error = from_litellm(exc)
+    if error.failure not in (FailureClass.CLIENT_ERROR, FailureClass.CONNECTION_ERROR):
+        return error
+    return ProviderError(FailureClass.SERVER_ERROR, f"unreadable answer: {error.message}"[:300])

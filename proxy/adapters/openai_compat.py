@@ -84,6 +84,26 @@ class OpenAICompatAdapter:
         finally:
             await response.aclose()
 
+    async def warmup(self) -> None:
+        """A local OpenAI-compatible server that is Ollama (`.../v1`): load the
+        model and keep it resident through the native API (`keep_alive: -1`)."""
+        base = self.provider.api_base or ""
+        if not (self.provider.local and base.rstrip("/").endswith("/v1")):
+            return
+        native = base.rstrip("/")[: -len("/v1")] + "/api/generate"
+        payload = {"model": self.provider.upstream_model, "prompt": "", "keep_alive": -1}
+        timeouts = self.provider.timeout
+        try:
+            response = await self._client.post(
+                native, content=orjson.dumps(payload), headers=self._headers,
+                timeout=httpx.Timeout(connect=timeouts.connect, read=timeouts.total, write=timeouts.connect,
+                                      pool=timeouts.connect),
+            )
+        except httpx.HTTPError as exc:
+            raise classify.from_exception(exc) from exc
+        if response.status_code >= 400:
+            raise classify.from_status(response.status_code, response.content, response.headers)
+
     async def probe(self, limits: Limits) -> None:
         try:
             response = await self._client.get(self._models_url, headers=self._headers, timeout=self._timeout(limits))
