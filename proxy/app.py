@@ -8,6 +8,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -37,9 +38,11 @@ from proxy.errors import (
     error_body,
 )
 from proxy.health import HealthBoard
-from proxy.observe import Metrics, Observer, OperatorEvents, RequestRecord, event
+from proxy.alerts import Alerter, Webhook
+from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
 from proxy.quota import QuotaGate
 from proxy.relay import client_stream
+from proxy.shaping import needs_of
 from proxy.state import MemoryStore, RedisStore, StateStore, StoreUnavailable
 
 log = logging.getLogger("fallback_proxy")
@@ -82,12 +85,17 @@ class ProxyState:
         self.dispatcher: Dispatcher | None = None
         self.health: HealthBoard | None = None
         self.background = Background()
+        self.alerts: Alerter | None = None
         self.ready = False
 
     async def start(self, transport: httpx.AsyncBaseTransport | None) -> None:
         config = self.config
         store = self.store = self.store or open_store(config.redis)
         self.client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
+        self.alerts = _alerter(config, self.client, self.metrics)
+        if self.alerts is not None:
+            await self.alerts.start()
+            self.events.alerts = self.observer.alerts = self.alerts
         adapters: dict[str, Adapter] = {
             name: make_adapter(provider, self.client) for name, provider in config.providers.items()
         }
@@ -110,10 +118,24 @@ class ProxyState:
             await self.dispatcher.aclose()
         if self.health is not None:
             await self.health.aclose()
+        if self.alerts is not None:
+            await self.alerts.aclose()
         if self.client is not None:
             await self.client.aclose()
         if self.store is not None:
             await self.store.aclose()
+
+
+def _alerter(config: Config, client: httpx.AsyncClient, metrics: Metrics) -> Alerter | None:
+    settings = config.alerts
+    if not settings.webhooks:
+        return None
+    hooks = [
+        Webhook(url=h.url, format=h.format, events=h.events, chat_id=h.chat_id, timeout=h.timeout)
+        for h in settings.webhooks
+    ]
+    return Alerter(hooks, client, dedupe_seconds=settings.dedupe_seconds, metrics=AlertCounters(metrics),
+                   instance=socket.gethostname())
 
 
 async def _warm_up(name: str, adapter: Adapter) -> None:
@@ -220,11 +242,12 @@ class Handlers:
                 raise ModelNotFound(model, list(state.config.routes), list(state.config.providers))
             record.route = route.name
             record.stream = payload.get("stream") is True
+            needs = needs_of(payload, request.headers.get("x-proxy-local-only"))
             assert state.dispatcher is not None
             if record.stream:
-                start = await state.dispatcher.open_stream(route, payload, record)
+                start = await state.dispatcher.open_stream(route, payload, needs, record)
                 return self._stream_response(start, record)
-            completion = await state.dispatcher.complete(route, payload, record)
+            completion = await state.dispatcher.complete(route, payload, needs, record)
         except ProxyError as exc:
             record.status = exc.status_code
             record.outcome = exc.code or exc.error_type

@@ -138,6 +138,8 @@ def _quota(provider: ProviderConfig) -> str:
 
 
 def _capabilities(provider: ProviderConfig) -> str:
+    if provider.capabilities is None:
+        return "not declared (every request may try it)"
     return ", ".join(sorted(provider.capabilities)) or "text only"
 
 

@@ -81,7 +81,7 @@ class ProviderConfig:
     timeout: Timeouts = Timeouts()
     quota: Quota | None = None
     context_window: int | None = None
-    capabilities: frozenset[str] = frozenset()
+    capabilities: frozenset[str] | None = None  # None: not declared, every request may try it
     local: bool = False
     warmup: bool = False
     system_prompt: str | None = None
@@ -132,6 +132,30 @@ class HealthSettings:
     slow_ttft_seconds: float = 10.0  # a provider whose time to first token averages above this is SLOW
 
 
+ALERT_KINDS: Final[frozenset[str]] = frozenset({
+    "failover", "breaker_open", "recovered", "quota_exhausted", "quota_fail_closed",
+    "store_down", "store_up", "config_reload_failed",
+})
+ALERT_FORMATS: Final[frozenset[str]] = frozenset({"json", "slack", "telegram"})
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    url: str = field(repr=False)  # may carry a token (Slack, Telegram)
+    format: str = "json"
+    events: frozenset[str] = ALERT_KINDS
+    chat_id: str | None = None  # telegram
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """Operator alerts: each event kind de-duplicated per provider within the window."""
+
+    webhooks: tuple[WebhookSettings, ...] = ()
+    dedupe_seconds: float = 300.0
+
+
 _NO_EDGES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({})
 
 
@@ -144,6 +168,7 @@ class Config:
     server: ServerConfig = ServerConfig()
     health: HealthSettings = HealthSettings()
     quota_timezone: str = "UTC"  # the day of daily quotas starts at midnight here
+    alerts: AlertSettings = AlertSettings()
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -187,6 +212,7 @@ def parse_config(
     redis = _parse_redis(top.get("redis"), ctx)
     health = _parse_health(top.get("health"), ctx)
     quota_timezone = _parse_quotas(top.get("quotas"), ctx)
+    alerts = _parse_alerts(top.get("alerts"), ctx)
     auth_keys = _parse_auth(top.get("auth"), ctx)
     server = _parse_server(top.get("server"), ctx)
     providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx)
@@ -200,6 +226,7 @@ def parse_config(
         redis=redis,
         health=health,
         quota_timezone=quota_timezone,
+        alerts=alerts,
         auth_keys=auth_keys,
         server=server,
         source=source,
@@ -550,7 +577,7 @@ def _redis_url(value: object) -> str:
 
 # --- the sections ----------------------------------------------------------------
 
-_TOP_KEYS: Final = frozenset({"redis", "auth", "server", "health", "quotas", "providers", "routes"})
+_TOP_KEYS: Final = frozenset({"redis", "auth", "server", "health", "quotas", "alerts", "providers", "routes"})
 _SERVER_KEYS: Final = frozenset({"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds"})
 _DEFAULT_SERVER: Final = ServerConfig()
 
@@ -602,6 +629,47 @@ def _parse_quotas(node: object, ctx: _Context) -> str:
     if section is None:
         return "UTC"
     return _get(section, "timezone", "quotas", ctx, _timezone, "UTC")
+
+
+_WEBHOOK_KEYS: Final = ("url", "format", "events", "chat_id", "timeout")
+
+
+def _parse_alerts(node: object, ctx: _Context) -> AlertSettings:
+    section = _section(node, "alerts", ctx, ("webhooks", "dedupe_seconds"))
+    if section is None:
+        return AlertSettings()
+    hooks = [_parse_webhook(item, where, ctx) for where, item in _items(section.get("webhooks"), "alerts.webhooks", ctx)]
+    return AlertSettings(
+        webhooks=tuple(hook for hook in hooks if hook is not None),
+        dedupe_seconds=_get(section, "dedupe_seconds", "alerts", ctx, _non_negative_number, 300.0),
+    )
+
+
+def _parse_webhook(node: object, path: str, ctx: _Context) -> WebhookSettings | None:
+    m = _section(node, path, ctx, _WEBHOOK_KEYS)
+    if m is None:
+        return None
+    url = _opt(m, "url", path, ctx, _http_url)
+    fmt = _get(m, "format", path, ctx, _text, "json")
+    if fmt not in ALERT_FORMATS:
+        ctx.error(f"{path}.format", _unknown("format", fmt, ALERT_FORMATS))
+    events: set[str] = set()
+    for where, item in _items(m.get("events"), f"{path}.events", ctx):
+        kind = _convert(item, where, ctx, _text)
+        if kind in ALERT_KINDS:
+            events.add(kind)
+        elif kind is not None:
+            ctx.error(where, _unknown("event kind", kind, ALERT_KINDS))
+    chat_id = _opt(m, "chat_id", path, ctx, _text)
+    if fmt == "telegram" and chat_id is None:
+        ctx.error(path, "a telegram webhook needs chat_id")
+    if url is None:
+        ctx.error(path, "missing required key 'url'")
+        return None
+    return WebhookSettings(
+        url=url, format=fmt, events=frozenset(events) if m.get("events") is not None else ALERT_KINDS,
+        chat_id=chat_id, timeout=_get(m, "timeout", path, ctx, _positive_number, 5.0),
+    )
 
 
 def _timezone(value: object) -> str:
@@ -854,7 +922,9 @@ def _parse_quota(node: object, path: str, ctx: _Context) -> Quota | None:
     return None if requests is None and tokens is None else Quota(requests, tokens)
 
 
-def _parse_capabilities(node: object, path: str, ctx: _Context) -> frozenset[str]:
+def _parse_capabilities(node: object, path: str, ctx: _Context) -> frozenset[str] | None:
+    if node is None:
+        return None
     found: set[str] = set()
     for where, item in _items(node, path, ctx):
         name = _convert(item, where, ctx, _text)

@@ -24,8 +24,10 @@ from proxy.health import Decision, Health, HealthBoard
 from proxy.observe import RequestRecord
 from proxy.quota import QuotaGate, Reservation
 from proxy.routing import Walk
+from proxy.shaping import Needs, Shaper, eligibility
 
 T = TypeVar("T")
+Call = Callable[[Adapter, ProviderConfig, dict[str, Any], float], Awaitable[T]]
 
 RETRYABLE = frozenset(
     {FailureClass.TIMEOUT, FailureClass.CONNECTION_ERROR, FailureClass.RATE_LIMITED, FailureClass.SERVER_ERROR}
@@ -70,13 +72,6 @@ def backoff(attempt: int, retry_after: float | None, rng: Callable[[], float]) -
     return max(delay, retry_after or 0.0)
 
 
-def policy_skip(provider: ProviderConfig, route: Route) -> ProviderError | None:
-    """Why a provider must not be called for this request, decided without I/O."""
-    if route.local_only and not provider.local:
-        return ProviderError(FailureClass.POLICY, "not a local provider; private work stays on this machine")
-    return None
-
-
 @dataclass(slots=True)
 class Answered(Generic[T]):
     """The result of a walk: what the provider gave and what it counted."""
@@ -84,6 +79,7 @@ class Answered(Generic[T]):
     result: T
     provider: ProviderConfig
     reservation: Reservation | None
+    trimmed: int = 0
 
 
 class Dispatcher:
@@ -96,6 +92,7 @@ class Dispatcher:
         health: HealthBoard,
         quota: QuotaGate,
         *,
+        shaper: Shaper | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -103,12 +100,13 @@ class Dispatcher:
         self.adapters = adapters
         self.health = health
         self.quota = quota
+        self.shaper = shaper or Shaper()
         self.background = Background()
         self._sleep = sleep
         self._rng = rng
 
-    async def complete(self, route: Route, body: dict[str, Any], record: RequestRecord) -> Completion:
-        async def call(adapter: Adapter, provider: ProviderConfig, deadline: float) -> Completion:
+    async def complete(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> Completion:
+        async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> Completion:
             limits = _limits(provider, deadline)
             try:
                 async with asyncio.timeout_at(deadline):
@@ -118,7 +116,7 @@ class Dispatcher:
                     FailureClass.TIMEOUT, f"no answer within {provider.timeout.total:g}s"
                 ) from None
 
-        answered = await self._walk(route, body, record, call)
+        answered = await self._walk(route, body, needs, record, call)
         completion = answered.result
         self.health.success(answered.provider.name)
         self.background.spawn(self.quota.settle(answered.reservation, completion.usage, None))
@@ -126,11 +124,11 @@ class Dispatcher:
         record.usage = completion.usage
         return completion
 
-    async def open_stream(self, route: Route, body: dict[str, Any], record: RequestRecord) -> StreamStart:
-        async def call(adapter: Adapter, provider: ProviderConfig, deadline: float) -> StreamStart:
+    async def open_stream(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> StreamStart:
+        async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> StreamStart:
             return await _first_token(adapter, provider, _for_stream(provider, body), deadline)
 
-        answered = await self._walk(route, body, record, call)
+        answered = await self._walk(route, body, needs, record, call)
         start = answered.result
         start.reservation = answered.reservation
         start.hide_usage = not _wants_usage(body)
@@ -151,8 +149,9 @@ class Dispatcher:
         self,
         route: Route,
         body: dict[str, Any],
+        needs: Needs,
         record: RequestRecord,
-        call: Callable[[Adapter, ProviderConfig, float], Awaitable[T]],
+        call: Call[T],
     ) -> Answered[T]:
         loop = asyncio.get_running_loop()
         walk_deadline = loop.time() + route.budget if route.budget else math.inf
@@ -164,7 +163,7 @@ class Dispatcher:
                 continue
             started = loop.time()
             try:
-                answered = await self._visit(provider, route, body, call, walk_deadline)
+                answered = await self._visit(provider, route, body, needs, call, walk_deadline)
             except ProviderError as exc:
                 exc.provider = node
                 record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
@@ -174,40 +173,39 @@ class Dispatcher:
             else:
                 record.attempt(node, "ok", (loop.time() - started) * 1000)
                 record.provider = node
+                record.trimmed = answered.trimmed
                 return answered
-        raise AllProvidersFailed(route.name, record.attempts, local_only=route.local_only)
+        raise AllProvidersFailed(route.name, record.attempts, local_only=route.local_only or needs.local_only)
 
     async def _visit(
         self,
         provider: ProviderConfig,
         route: Route,
         body: dict[str, Any],
-        call: Callable[[Adapter, ProviderConfig, float], Awaitable[T]],
+        needs: Needs,
+        call: Call[T],
         walk_deadline: float,
     ) -> Answered[T]:
-        """One node of the walk: skip it (policy, breaker, quota) or call it."""
-        skip = policy_skip(provider, route)
+        """One node of the walk: skip it (policy, capability, breaker, context,
+        quota) or call it with the request shaped for it."""
+        skip = eligibility(provider, route, needs)
         if skip is not None:
             raise skip
         if self.health.decide(provider.name) is Decision.SKIP:
             health = self.health.view(provider.name)
             raise ProviderError(FailureClass.UNHEALTHY, f"breaker open ({health.reason}); not called")
-        reservation = await self.quota.admit(provider, body)
+        shaped = await self.shaper.shape(provider, body)
+        reservation = await self.quota.admit(provider, shaped.body)
         try:
-            result = await self._attempt(provider, call, walk_deadline)
+            result = await self._attempt(provider, shaped.body, call, walk_deadline)
         except ProviderError as exc:
             if exc.failure is not FailureClass.CLIENT_ERROR:
                 self.health.failure(provider.name, exc.failure, exc.retry_after)
             self.background.spawn(self.quota.settle(reservation, None, exc.failure))
             raise
-        return Answered(result, provider, reservation)
+        return Answered(result, provider, reservation, shaped.trimmed)
 
-    async def _attempt(
-        self,
-        provider: ProviderConfig,
-        call: Callable[[Adapter, ProviderConfig, float], Awaitable[T]],
-        walk_deadline: float,
-    ) -> T:
+    async def _attempt(self, provider: ProviderConfig, body: dict[str, Any], call: Call[T], walk_deadline: float) -> T:
         """One provider, with its optional retries, never past the walk's budget."""
         adapter = self.adapters[provider.name]
         loop = asyncio.get_running_loop()
@@ -216,7 +214,7 @@ class Dispatcher:
             if deadline <= loop.time():
                 raise ProviderError(FailureClass.TIMEOUT, "route time budget spent")
             try:
-                return await call(adapter, provider, deadline)
+                return await call(adapter, provider, body, deadline)
             except ProviderError as exc:
                 if retry >= provider.retries or exc.failure not in RETRYABLE:
                     raise

@@ -16,6 +16,7 @@ from proxy.adapters.base import Usage
 from proxy.errors import Attempt
 
 if TYPE_CHECKING:
+    from proxy.alerts import Alerter
     from proxy.config import ProviderConfig
     from proxy.health import ProviderHealth
     from proxy.state import Admission, StoreUnavailable
@@ -42,6 +43,7 @@ class RequestRecord:
     status: int = 200
     outcome: str = "ok"
     interrupted: str | None = None  # failure class of a provider that failed after the first token
+    trimmed: int = 0  # oldest messages dropped to fit the answering provider's context window
 
     def attempt(self, provider: str, outcome: str, ms: float, detail: str = "") -> None:
         self.attempts.append(Attempt(provider, outcome, ms, detail))
@@ -58,6 +60,8 @@ class RequestRecord:
         fallbacks = self.fallbacks
         if fallbacks:
             headers["x-proxy-fallbacks"] = ",".join(f"{a.provider}={a.outcome}" for a in fallbacks)
+        if self.trimmed:
+            headers["x-proxy-trimmed"] = str(self.trimmed)
         headers["x-request-id"] = self.request_id
         return headers
 
@@ -81,6 +85,7 @@ class RequestRecord:
                 for a in self.attempts
             ],
             "interrupted": self.interrupted,
+            "trimmed": self.trimmed,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
             "total_ms": round(self.elapsed_ms(), 1),
             "tokens": None
@@ -148,6 +153,10 @@ class Metrics:
             "fallback_proxy_quota_exhausted", "Calls refused because today's quota is spent.", ["provider"],
             registry=registry,
         )
+        self.alerts = Counter(
+            "fallback_proxy_alerts", "Operator alerts, by kind, webhook format and outcome.",
+            ["kind", "format", "outcome"], registry=registry,
+        )
         self.quota_fail_closed = Counter(
             "fallback_proxy_quota_fail_closed",
             "Calls not made because the quota store could not answer (fail closed).", ["provider"],
@@ -155,11 +164,28 @@ class Metrics:
         )
 
 
+class AlertCounters:
+    """Alert delivery outcomes as metrics (the alerts module's counters)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.counter = metrics.alerts
+
+    def delivered(self, kind: str, fmt: str) -> None:
+        self.counter.labels(kind, fmt, "delivered").inc()
+
+    def failed(self, kind: str, fmt: str) -> None:
+        self.counter.labels(kind, fmt, "failed").inc()
+
+    def suppressed(self, kind: str) -> None:
+        self.counter.labels(kind, "-", "suppressed").inc()
+
+
 class Observer:
-    """Turns finished request records into metrics and a log line."""
+    """Turns finished request records into metrics, a log line and failover alerts."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.alerts: Alerter | None = None
 
     def finish(self, record: RequestRecord) -> None:
         m = self.metrics
@@ -179,6 +205,10 @@ class Observer:
             m.tokens.labels(record.provider, "completion").inc(record.usage.completion_tokens)
         if request_log.isEnabledFor(logging.INFO):
             request_log.info(record.log_line().decode())
+        if self.alerts is not None and record.provider and record.fallbacks:
+            first = record.fallbacks[0]
+            self.alerts.notify("failover", route=record.route, from_provider=first.provider,
+                               to_provider=record.provider, reason=first.outcome)
 
 
 def event(kind: str, level: int = logging.INFO, **fields: object) -> None:
@@ -192,7 +222,12 @@ class OperatorEvents:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.alerts: Alerter | None = None
         self._store_down = False
+
+    def _alert(self, kind: str, **fields: str | int | float | None) -> None:
+        if self.alerts is not None:
+            self.alerts.notify(kind, **fields)
 
     def state(self, provider: str, health: ProviderHealth) -> None:
         self.metrics.health.labels(provider).set(health.state.level)
@@ -202,12 +237,14 @@ class OperatorEvents:
 
     def breaker_opened(self, provider: str, health: ProviderHealth) -> None:
         self.metrics.breaker_opened.labels(provider).inc()
-        event("breaker_open", logging.WARNING, provider=provider, reason=health.reason,
-              retry_in_s=round(max(0.0, health.retry_at - time.time()), 1))
+        retry_in = round(max(0.0, health.retry_at - time.time()), 1)
+        event("breaker_open", logging.WARNING, provider=provider, reason=health.reason, retry_in_s=retry_in)
+        self._alert("breaker_open", provider=provider, reason=health.reason, retry_in_s=retry_in)
 
     def recovered(self, provider: str, health: ProviderHealth) -> None:
         self.metrics.recoveries.labels(provider).inc()
         event("recovered", logging.WARNING, provider=provider, state=health.state.value)
+        self._alert("recovered", provider=provider, state=health.state.value)
 
     def probe(self, provider: str, outcome: str) -> None:
         self.metrics.probes.labels(provider, outcome).inc()
@@ -217,11 +254,13 @@ class OperatorEvents:
         if not self._store_down:
             self._store_down = True
             event("store_down", logging.WARNING, operation=operation, reason=error.reason)
+            self._alert("store_down", operation=operation, reason=error.reason)
 
     def store_ok(self) -> None:
         if self._store_down:
             self._store_down = False
             event("store_up", logging.WARNING)
+            self._alert("store_up")
 
     def admitted(self, provider: ProviderConfig, admission: Admission) -> None:
         self.store_ok()
@@ -239,11 +278,13 @@ class OperatorEvents:
         self.store_ok()
         self.metrics.quota_exhausted.labels(provider.name).inc()
         event("quota_exhausted", provider=provider.name, reason=reason)
+        self._alert("quota_exhausted", provider=provider.name, reason=reason)
 
     def fail_closed(self, provider: ProviderConfig, error: StoreUnavailable) -> None:
         self.metrics.quota_fail_closed.labels(provider.name).inc()
         self.store_error("admit", error)
         event("quota_fail_closed", logging.WARNING, provider=provider.name, reason=error.reason)
+        self._alert("quota_fail_closed", provider=provider.name, reason=error.reason)
 
     def settle_failed(self, provider: str, error: StoreUnavailable) -> None:
         self.store_error("settle", error)

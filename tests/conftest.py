@@ -64,13 +64,12 @@ def build_config(data: dict[str, Any]) -> Config:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[..., ServedApp]]:
-    """`serve(config_dict_or_Config)` starts a proxy and returns it; stopped after the test."""
+def serve_asgi() -> Iterator[Callable[[ASGIApp], ServedApp]]:
+    """`serve_asgi(app)` serves any ASGI app on a free port; stopped after the test."""
     started: list[ServedApp] = []
 
-    def _serve(config: dict[str, Any] | Config, **kwargs: Any) -> ServedApp:
-        cfg = config if isinstance(config, Config) else build_config(config)
-        served = ServedApp(create_app(cfg, **kwargs))
+    def _serve(app: ASGIApp) -> ServedApp:
+        served = ServedApp(app)
         served.start()
         started.append(served)
         return served
@@ -78,6 +77,17 @@ def serve() -> Iterator[Callable[..., ServedApp]]:
     yield _serve
     for served in started:
         served.stop()
+
+
+@pytest.fixture
+def serve(serve_asgi: Callable[[ASGIApp], ServedApp]) -> Callable[..., ServedApp]:
+    """`serve(config_dict_or_Config, **create_app_kwargs)` starts a proxy; stopped after the test."""
+
+    def _serve(config: dict[str, Any] | Config, **kwargs: Any) -> ServedApp:
+        cfg = config if isinstance(config, Config) else build_config(config)
+        return serve_asgi(create_app(cfg, **kwargs))
+
+    return _serve
 
 
 def openai_provider(url: str, **extra: Any) -> dict[str, Any]:

@@ -222,7 +222,7 @@ def test_minimal_config_has_defaults(tmp_path: Path) -> None:
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
     assert config.server.max_body_bytes == 10 * 1024 * 1024 and config.server.admin_key is None
     provider = config.providers["a"]
-    assert (provider.retries, provider.probe, provider.capabilities, dict(provider.headers)) == (0, True, frozenset(), {})
+    assert (provider.retries, provider.probe, provider.capabilities, dict(provider.headers)) == (0, True, None, {})
 
 
 def test_setting_only_total_caps_the_other_timeouts(tmp_path: Path) -> None:

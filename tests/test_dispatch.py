@@ -19,6 +19,7 @@ from proxy.errors import AllProvidersFailed, UpstreamClientError
 from proxy.health import HealthBoard
 from proxy.observe import Metrics, OperatorEvents, RequestRecord
 from proxy.quota import QuotaGate
+from proxy.shaping import Needs
 from proxy.state import MemoryStore
 
 BODY: dict[str, Any] = {"model": "r", "messages": [{"role": "user", "content": "hi"}]}
@@ -82,7 +83,7 @@ async def test_retries_with_backoff_then_answer_from_same_provider() -> None:
     upstream, sleeps = Upstream({"a": [503, 503, 200], "b": [200]}), []
     cfg = config()
     record = RequestRecord("id", "r", False)
-    result = await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, record)
+    result = await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), record)
     assert orjson.loads(result.body)["choices"][0]["message"]["content"] == "from a"
     assert upstream.calls == ["a", "a", "a"]
     assert sleeps == [0.25, 0.5]
@@ -94,7 +95,7 @@ async def test_no_retry_when_retry_after_passes_the_budget() -> None:
     upstream, sleeps = Upstream({"a": [429], "b": [200]}, headers={"retry-after": "60"}), []
     cfg = config(budget=10)
     record = RequestRecord("id", "r", False)
-    await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, record)
+    await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), record)
     assert upstream.calls == ["a", "b"]
     assert sleeps == []
     assert record.headers()["x-proxy-fallbacks"] == "a=rate_limited"
@@ -105,7 +106,7 @@ async def test_client_error_is_not_retried_nor_followed() -> None:
     upstream, sleeps = Upstream({"a": [400], "b": [200]}), []
     cfg = config()
     with pytest.raises(UpstreamClientError) as caught:
-        await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, RequestRecord("id", "r", False))
+        await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
     assert upstream.calls == ["a"]
     assert caught.value.status_code == 400
 
@@ -115,7 +116,7 @@ async def test_all_failed_lists_every_provider() -> None:
     upstream, sleeps = Upstream({"a": [500], "b": [401]}), []
     cfg = config()
     with pytest.raises(AllProvidersFailed) as caught:
-        await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, RequestRecord("id", "r", False))
+        await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
     assert upstream.calls == ["a", "a", "a", "b"]
     assert [(a.provider, a.outcome) for a in caught.value.attempts] == [("a", "server_error"), ("b", "auth_error")]
 

@@ -20,7 +20,8 @@ import pytest
 import pytest_asyncio
 
 from proxy.adapters.base import Chunk, Limits
-from proxy.adapters.translated import TranslatedAdapter, _Acompletion, _load_litellm
+from proxy.adapters.translated import TranslatedAdapter, _Acompletion
+from proxy.litellm_import import load_litellm
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.fakes import FakeAnthropic, FakeOllama
@@ -91,7 +92,7 @@ def finish_of(chunks: list[dict[str, Any]]) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def litellm() -> Any:
     """litellm's slow import, once, outside any test's timing."""
-    return _load_litellm()
+    return load_litellm()
 
 
 @pytest.fixture(scope="module")

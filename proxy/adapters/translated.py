@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import time
 import uuid
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from proxy.adapters import classify
 from proxy.adapters.base import Chunk, Completion, Limits, Usage
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
+from proxy.litellm_import import load_litellm
 
 # Failures of the connection itself (httpx-aiohttp maps most aiohttp errors to
 # httpx ones, but not all, and a reset socket can surface as a bare OSError).
@@ -60,28 +60,6 @@ _OPENAI_ARGS: Final = frozenset({
 _PARAMS_CACHE_SIZE: Final = 256
 _GEMINI_BASE: Final = "https://generativelanguage.googleapis.com/v1beta"
 _ANTHROPIC_BASE: Final = "https://api.anthropic.com"
-# litellm fetches these from GitHub at import or first use unless told to stay local.
-_LOCAL_ONLY_FLAGS: Final = (
-    "LITELLM_LOCAL_MODEL_COST_MAP",
-    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS",
-    "LITELLM_LOCAL_BLOG_POSTS",
-    "LITELLM_LOCAL_AUTOROUTER_PRESETS",
-    "LITELLM_LOCAL_POLICY_TEMPLATES",
-)
-
-
-def _load_litellm() -> Any:
-    """Import litellm quietly and offline (the first call takes seconds)."""
-    for flag in _LOCAL_ONLY_FLAGS:
-        os.environ.setdefault(flag, "True")
-    litellm: Any = importlib.import_module("litellm")
-    litellm.telemetry = False
-    litellm.suppress_debug_info = True
-    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return litellm
-
-
 def _translation_errors(litellm: Any) -> tuple[type[BaseException], ...]:
     """What litellm's translation code raises on input it cannot handle: its own
     exceptions (the openai family and the per-provider `BaseLLMException`s) and
@@ -590,7 +568,7 @@ class TranslatedAdapter:
     def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient) -> None:
         self.provider = provider
         self._client = client
-        litellm = _load_litellm()
+        litellm = load_litellm()
         self._errors = _translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
         core = importlib.import_module("litellm.litellm_core_utils.core_helpers")

@@ -1,0 +1,73 @@
+"""Operator alerts reach a real webhook receiver when the proxy fails over."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from proxy import alerts
+from proxy.config import ALERT_FORMATS, ALERT_KINDS
+from proxy.fakes import FakeOpenAI
+
+from .conftest import ServedApp, openai_provider
+
+
+def test_config_knows_every_alert_kind_and_format() -> None:
+    assert ALERT_KINDS == alerts.ALERT_KINDS
+    assert ALERT_FORMATS == alerts.FORMATS
+
+
+@pytest.fixture
+def receiver(serve_asgi: Callable[[Any], ServedApp]) -> tuple[ServedApp, list[dict[str, Any]]]:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: Request) -> JSONResponse:
+        received.append(await request.json())
+        return JSONResponse({"ok": True})
+
+    return serve_asgi(Starlette(routes=[Route("/hook/{token}", hook, methods=["POST"])])), received
+
+
+@pytest.fixture
+def cloud() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI("cloud") as fake:
+        yield fake
+
+
+@pytest.fixture
+def backup() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI("backup") as fake:
+        yield fake
+
+
+def test_failover_and_breaker_alerts_are_delivered_once_per_window(
+    serve: Callable[..., ServedApp], receiver: tuple[ServedApp, list[dict[str, Any]]],
+    cloud: FakeOpenAI, backup: FakeOpenAI,
+) -> None:
+    hook, received = receiver
+    proxy = serve({
+        "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
+        "routes": {"default": ["cloud", "backup"]},
+        "health": {"failure_threshold": 2},
+        "alerts": {"dedupe_seconds": 60, "webhooks": [{"url": hook.url + "/hook/SECRET-TOKEN"}]},
+    })
+    cloud.set_fault("status", status=503)
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
+        for _ in range(4):
+            sdk.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}])
+    deadline = time.monotonic() + 5
+    while {"failover", "breaker_open"} - {r["event"] for r in received} and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kinds = [r["event"] for r in received]
+    assert kinds.count("failover") == 1 and kinds.count("breaker_open") == 1
+    failover = next(r for r in received if r["event"] == "failover")
+    assert (failover["from_provider"], failover["to_provider"], failover["reason"]) == (
+        "cloud", "backup", "server_error")
