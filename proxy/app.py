@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
-import hmac
 import logging
+import signal
 import socket
-import time
+import threading
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -22,33 +21,23 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
-from starlette.types import Message, Receive, Scope, Send
 
-from proxy.adapters import Adapter, Limits, make_adapter
-from proxy.background import Background
-from proxy.config import Config, RedisSettings
-from proxy.dispatch import Dispatcher, StreamStart
-from proxy.errors import (
-    AuthenticationFailed,
-    InvalidRequest,
-    ModelNotFound,
-    PayloadTooLarge,
-    ProviderError,
-    ProxyError,
-    error_body,
-)
-from proxy.health import HealthBoard
+from proxy.admin import AdminHandlers
 from proxy.alerts import Alerter, Webhook
+from proxy.background import Background
+from proxy.config import Config, ConfigError, RedisSettings, load_config
+from proxy.dispatch import Dispatcher, StreamStart
+from proxy.errors import ModelNotFound, ProviderError, ProxyError, error_body
+from proxy.intake import authenticate, parse_chat_request, read_body
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
-from proxy.quota import QuotaGate
-from proxy.relay import client_stream
+from proxy.relay import SSEResponse, client_stream
+from proxy.runtime import Runtime, build_in_thread, restart_needed
 from proxy.shaping import needs_of
 from proxy.state import MemoryStore, RedisStore, StateStore, StoreUnavailable
 
 log = logging.getLogger("fallback_proxy")
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
 def default_transport() -> httpx.AsyncBaseTransport:
@@ -72,58 +61,107 @@ def open_store(settings: RedisSettings) -> StateStore:
 
 
 class ProxyState:
-    """What the request handlers share; built in the lifespan."""
+    """What outlives a config reload (metrics, the HTTP client, the store) and
+    the current `Runtime`, swapped atomically by `reload`."""
 
     def __init__(self, config: Config, registry: CollectorRegistry, store: StateStore | None) -> None:
-        self.config = config
+        self.initial_config = config
         self.metrics = Metrics(registry)
         self.observer = Observer(self.metrics)
         self.events = OperatorEvents(self.metrics)
-        self.key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in config.auth_keys)
         self.store = store
         self.client: httpx.AsyncClient | None = None
-        self.dispatcher: Dispatcher | None = None
-        self.health: HealthBoard | None = None
-        self.background = Background()
         self.alerts: Alerter | None = None
+        self.runtime: Runtime | None = None
+        self.config_hash = ""
+        self.loops = Background()
+        self._reload_lock = asyncio.Lock()
         self.ready = False
 
+    @property
+    def config(self) -> Config:
+        return self.runtime.config if self.runtime is not None else self.initial_config
+
     async def start(self, transport: httpx.AsyncBaseTransport | None) -> None:
-        config = self.config
+        config = self.initial_config
         store = self.store = self.store or open_store(config.redis)
         self.client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
         self.alerts = _alerter(config, self.client, self.metrics)
         if self.alerts is not None:
             await self.alerts.start()
             self.events.alerts = self.observer.alerts = self.alerts
-        adapters: dict[str, Adapter] = {
-            name: make_adapter(provider, self.client) for name, provider in config.providers.items()
-        }
-        self.health = HealthBoard(config.health, config.providers, store, self.events)
-        quota = QuotaGate(store, config.quota_timezone, self.events)
-        self.dispatcher = Dispatcher(config, adapters, self.health, quota)
-        await self.health.refresh()
-        if store.kind != "memory":
-            self.background.spawn(self.health.follow())
-        self.background.spawn(self.health.probe_forever(_probes(config, adapters)))
-        for name, provider in config.providers.items():
-            if provider.warmup:
-                self.background.spawn(_warm_up(name, adapters[name]))
+        self.runtime = await build_in_thread(config, self.client, store, self.events)
+        await self.runtime.start()
+        self.config_hash = _file_hash(config.source)
+        if config.source and config.server.reload_check_seconds > 0:
+            self.loops.spawn(self._watch(config.source, config.server.reload_check_seconds))
         self.ready = True
+
+    async def reload(self, trigger: str) -> dict[str, Any]:
+        """Load the config file again; swap it in if valid, else keep serving the
+        old one. Returns what happened (for logs and `POST /admin/reload`)."""
+        async with self._reload_lock:
+            return await self._reload(trigger)
+
+    async def _reload(self, trigger: str) -> dict[str, Any]:
+        old = self.runtime
+        source = self.config.source
+        assert old is not None and self.client is not None and self.store is not None
+        if source is None:
+            return {"reloaded": False, "problems": ["this config was not loaded from a file"]}
+        try:
+            config = await asyncio.to_thread(load_config, source)
+        except ConfigError as exc:
+            self.metrics.reloads.labels("rejected").inc()
+            event("config_reload_failed", logging.ERROR, source=source, trigger=trigger, problems=list(exc.problems))
+            if self.alerts is not None:
+                self.alerts.notify("config_reload_failed", source=source, problems="; ".join(exc.problems))
+            return {"reloaded": False, "source": source, "problems": list(exc.problems)}
+        new = await build_in_thread(config, self.client, self.store, self.events)
+        new.health.adopt(old.health.snapshot())
+        await new.start(warm_up=True)
+        self.runtime, self.config_hash = new, _file_hash(source)
+        self.loops.spawn(old.retire())
+        self.metrics.reloads.labels("ok").inc()
+        restart = restart_needed(old.config, config)
+        event("config_reloaded", logging.WARNING, source=source, trigger=trigger, routes=len(config.routes),
+              providers=len(config.providers), restart_needed=restart)
+        return {"reloaded": True, "source": source, "routes": sorted(config.routes),
+                "providers": sorted(config.providers), "restart_needed": restart}
+
+    async def _watch(self, source: str, every: float) -> None:
+        """Reload when the file's content changes (a ConfigMap update swaps a
+        symlink, so the content is compared, not the inode)."""
+        while True:
+            await asyncio.sleep(every)
+            digest = await asyncio.to_thread(_file_hash, source)
+            if digest and digest != self.config_hash:
+                await self.reload("file changed")
+
+    def on_sighup(self) -> None:
+        self.loops.spawn(self.reload("SIGHUP"))
 
     async def stop(self) -> None:
         self.ready = False
-        await self.background.aclose()
-        if self.dispatcher is not None:
-            await self.dispatcher.aclose()
-        if self.health is not None:
-            await self.health.aclose()
+        await self.loops.aclose()
+        if self.runtime is not None:
+            await self.runtime.retire()
         if self.alerts is not None:
             await self.alerts.aclose()
         if self.client is not None:
             await self.client.aclose()
         if self.store is not None:
             await self.store.aclose()
+
+
+def _file_hash(path: str | None) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.sha256(file.read()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _alerter(config: Config, client: httpx.AsyncClient, metrics: Metrics) -> Alerter | None:
@@ -136,30 +174,6 @@ def _alerter(config: Config, client: httpx.AsyncClient, metrics: Metrics) -> Ale
     ]
     return Alerter(hooks, client, dedupe_seconds=settings.dedupe_seconds, metrics=AlertCounters(metrics),
                    instance=socket.gethostname())
-
-
-async def _warm_up(name: str, adapter: Adapter) -> None:
-    """Load a local model at start (in the background: readiness does not wait)."""
-    warmup = getattr(adapter, "warmup", None)
-    if warmup is None:
-        return
-    started = time.perf_counter()
-    try:
-        await warmup()
-    except ProviderError as exc:
-        event("warmup_failed", logging.WARNING, provider=name, failure=exc.failure.value, detail=exc.message)
-        return
-    event("warmed_up", provider=name, ms=round((time.perf_counter() - started) * 1000, 1))
-
-
-def _probes(config: Config, adapters: Mapping[str, Adapter]) -> dict[str, Callable[[], Awaitable[None]]]:
-    timeout = config.health.probe_timeout_seconds
-    limits = Limits(connect=timeout, read=timeout)
-    return {
-        name: functools.partial(adapters[name].probe, limits)
-        for name, provider in config.providers.items()
-        if provider.probe
-    }
 
 
 def create_app(
@@ -177,14 +191,18 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.start(transport)
+        hangup = _listen_for_sighup(state)
         log.info("ready: %d providers, %d routes, %s state", len(config.providers), len(config.routes),
                  state.store.kind if state.store else "?")
         try:
             yield
         finally:
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await state.stop()
 
     handlers = Handlers(state)
+    admin = AdminHandlers(state)
     routes = [
         HttpRoute("/v1/chat/completions", handlers.chat_completions, methods=["POST"]),
         HttpRoute("/chat/completions", handlers.chat_completions, methods=["POST"]),
@@ -193,6 +211,7 @@ def create_app(
         HttpRoute("/healthz", handlers.healthz, methods=["GET"]),
         HttpRoute("/readyz", handlers.readyz, methods=["GET"]),
         HttpRoute("/metrics", handlers.metrics, methods=["GET"]),
+        *admin.routes(),
     ]
     app = Starlette(
         routes=routes,
@@ -201,6 +220,14 @@ def create_app(
     )
     app.state.proxy = state
     return app
+
+
+def _listen_for_sighup(state: ProxyState) -> bool:
+    """SIGHUP reloads the config (only possible in the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return False
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, state.on_sighup)
+    return True
 
 
 def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -232,22 +259,24 @@ class Handlers:
 
     async def chat_completions(self, request: Request) -> Response:
         state = self.state
+        runtime = state.runtime  # this request stays on it, even if a reload swaps it
+        assert runtime is not None
+        config = runtime.config
         record = RequestRecord(request_id=_request_id(request), route="-", stream=False)
         try:
-            self._authenticate(request)
-            payload = parse_chat_request(await read_body(request, state.config.server.max_body_bytes))
+            authenticate(request, runtime.key_digests)
+            payload = parse_chat_request(await read_body(request, config.server.max_body_bytes))
             model = payload["model"]
-            route = state.config.route_for(model)
+            route = config.route_for(model)
             if route is None:
-                raise ModelNotFound(model, list(state.config.routes), list(state.config.providers))
+                raise ModelNotFound(model, list(config.routes), list(config.providers))
             record.route = route.name
             record.stream = payload.get("stream") is True
             needs = needs_of(payload, request.headers.get("x-proxy-local-only"))
-            assert state.dispatcher is not None
             if record.stream:
-                start = await state.dispatcher.open_stream(route, payload, needs, record)
-                return self._stream_response(start, record)
-            completion = await state.dispatcher.complete(route, payload, needs, record)
+                start = await runtime.dispatcher.open_stream(route, payload, needs, record)
+                return self._stream_response(runtime.dispatcher, start, record)
+            completion = await runtime.dispatcher.complete(route, payload, needs, record)
         except ProxyError as exc:
             record.status = exc.status_code
             record.outcome = exc.code or exc.error_type
@@ -256,30 +285,14 @@ class Handlers:
         state.observer.finish(record)
         return json_response(completion.body, headers=record.headers())
 
-    def _stream_response(self, start: StreamStart, record: RequestRecord) -> Response:
+    def _stream_response(self, dispatcher: Dispatcher, start: StreamStart, record: RequestRecord) -> Response:
         def on_end(outcome: str, failure: ProviderError | None) -> None:
             record.outcome = outcome
-            assert self.state.dispatcher is not None
-            self.state.dispatcher.stream_ended(start, record, failure)
+            dispatcher.stream_ended(start, record, failure)
             self.state.observer.finish(record)
 
         body = client_stream(start, record, on_end)
         return SSEResponse(body, headers={**SSE_HEADERS, **record.headers()})
-
-    def _authenticate(self, request: Request) -> None:
-        digests = self.state.key_digests
-        if not digests:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationFailed("Missing bearer key: send 'Authorization: Bearer <key>'.")
-        candidate = hashlib.sha256(token.strip().encode()).digest()
-        matched = False
-        for digest in digests:
-            matched |= hmac.compare_digest(candidate, digest)
-        if not matched:
-            raise AuthenticationFailed("Incorrect API key provided.")
 
     async def models(self, request: Request) -> Response:
         config = self.state.config
@@ -309,7 +322,7 @@ class Handlers:
             "store": await self._store_status(),
             "health": {
                 name: {"state": h.state.value, "breaker": h.breaker.value, "reason": h.reason}
-                for name, h in (state.health.snapshot() if state.health else {}).items()
+                for name, h in (state.runtime.health.snapshot() if state.runtime else {}).items()
             },
         }
         return json_response(orjson.dumps(body), 200 if state.ready else 503)
@@ -341,99 +354,3 @@ def _request_id(request: Request) -> str:
     if given and len(given) <= 128 and given.isprintable():
         return given
     return uuid.uuid4().hex
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(limit)
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(limit)
-        parts.append(part)
-    return b"".join(parts)
-
-
-def parse_chat_request(body: bytes) -> dict[str, Any]:
-    """Parse and check a chat-completions body; OpenAI-shaped 400s otherwise."""
-    if not body:
-        raise InvalidRequest("The request body is empty; send a JSON chat completions request.")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter (a route or provider name).", param="model")
-    _check_messages(payload.get("messages"))
-    stream = payload.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    return payload
-
-
-def _check_messages(messages: object) -> None:
-    if messages is None:
-        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"'{where}' must be an object.", param=where)
-        role = message.get("role")
-        if role not in _ROLES:
-            raise InvalidRequest(
-                f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}; got {role!r}.", param=f"{where}.role"
-            )
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise InvalidRequest(f"'{where}.content' must be a string or an array of parts.", param=f"{where}.content")
-
-
-class SSEResponse(Response):
-    """A server-sent-event response that always closes its source: when the
-    stream ends, fails, or the client goes away mid-stream."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
-        self.chunks = chunks
-        self.status_code = 200
-        self.background = None
-        self.init_headers(headers)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for data in self.chunks:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            pass  # the client went away while we were sending
-        except asyncio.CancelledError:
-            if not watcher.done() or watcher.cancelled():
-                raise
-            task.uncancel()  # the watcher saw the client go away: nothing more to send
-        finally:
-            watcher.cancel()
-            await self.chunks.aclose()
-
-
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            task.cancel()
-            return
-
-

@@ -109,6 +109,7 @@ class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     admin_key: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: float = 30.0  # in-flight streams may finish this long after SIGTERM
+    reload_check_seconds: float = 2.0  # how often the config file is checked for changes; 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -578,7 +579,9 @@ def _redis_url(value: object) -> str:
 # --- the sections ----------------------------------------------------------------
 
 _TOP_KEYS: Final = frozenset({"redis", "auth", "server", "health", "quotas", "alerts", "providers", "routes"})
-_SERVER_KEYS: Final = frozenset({"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds"})
+_SERVER_KEYS: Final = frozenset(
+    {"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds", "reload_check_seconds"}
+)
 _DEFAULT_SERVER: Final = ServerConfig()
 
 
@@ -711,6 +714,9 @@ def _parse_server(node: object, ctx: _Context) -> ServerConfig:
         admin_key=_opt(section, "admin_key", "server", ctx, _text),
         shutdown_grace_seconds=_get(
             section, "shutdown_grace_seconds", "server", ctx, _positive_number, default.shutdown_grace_seconds
+        ),
+        reload_check_seconds=_get(
+            section, "reload_check_seconds", "server", ctx, _non_negative_number, default.reload_check_seconds
         ),
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import logging
 import time
 import uuid
@@ -85,6 +86,7 @@ class ProviderHealth:
     ttft: float | None = None  # smoothed time to first token, seconds
     reason: str = ""
     updated: float = 0.0
+    disabled: bool = False  # switched off by an operator (a drill): skipped until enabled
 
     def to_record(self) -> dict[str, str]:
         return {
@@ -95,6 +97,7 @@ class ProviderHealth:
             "ttft": "" if self.ttft is None else repr(self.ttft),
             "reason": self.reason,
             "updated": repr(self.updated),
+            "disabled": "1" if self.disabled else "",
         }
 
     @classmethod
@@ -109,11 +112,14 @@ class ProviderHealth:
             ttft=float(ttft) if ttft else None,
             reason=record.get("reason", ""),
             updated=float(record["updated"]),
+            disabled=bool(record.get("disabled")),
         )
 
 
 def decide(health: ProviderHealth, now: float) -> Decision:
     """May a request call this provider now?"""
+    if health.disabled:
+        return Decision.SKIP
     if health.breaker is Breaker.CLOSED:
         return Decision.CALL
     if now >= health.retry_at:
@@ -129,6 +135,8 @@ def begin_trial(health: ProviderHealth, settings: HealthSettings, now: float) ->
 def after_success(
     health: ProviderHealth, settings: HealthSettings, now: float, ttft: float | None = None
 ) -> ProviderHealth:
+    if health.disabled:
+        return health  # a request that was in flight when an operator switched it off
     smoothed = health.ttft
     if ttft is not None:
         smoothed = ttft if smoothed is None else smoothed + TTFT_SMOOTHING * (ttft - smoothed)
@@ -147,7 +155,7 @@ def after_failure(
     failure: FailureClass,
     retry_after: float | None = None,
 ) -> ProviderHealth:
-    if failure not in COUNTED:
+    if failure not in COUNTED or health.disabled:
         return health
     failures = health.failures + 1
     if failure is FailureClass.AUTH_ERROR:
@@ -169,7 +177,7 @@ def _opened(health: ProviderHealth, retry_at: float, failures: int, now: float, 
 
 def after_probe_success(health: ProviderHealth, now: float) -> ProviderHealth:
     """A free probe answered: an open breaker may let its trial through now."""
-    if health.breaker is Breaker.OPEN and health.retry_at > now:
+    if not health.disabled and health.breaker is Breaker.OPEN and health.retry_at > now:
         return replace(health, retry_at=now, updated=now)
     return health
 
@@ -222,6 +230,22 @@ class HealthBoard:
             self._set(provider, begin_trial(health, self.settings, now))
         return decision
 
+    def disable(self, provider: str, reason: str) -> None:
+        """Switch a provider off on purpose (drills): every replica skips it."""
+        now = self.clock()
+        self._set(provider, ProviderHealth(state=Health.OFFLINE, breaker=Breaker.OPEN, retry_at=math.inf,
+                                           reason=reason, updated=now, disabled=True))
+
+    def enable(self, provider: str) -> None:
+        """Switch a provider back on, healthy until its next failure."""
+        self._set(provider, ProviderHealth(updated=self.clock()))
+
+    def adopt(self, snapshot: Mapping[str, ProviderHealth]) -> None:
+        """Carry another board's views over (a reloaded config keeps what it knew)."""
+        for provider, health in snapshot.items():
+            if provider in self._health:
+                self._health[provider] = health
+
     def success(self, provider: str, ttft: float | None = None) -> None:
         self._set(provider, after_success(self._health[provider], self.settings, self.clock(), ttft))
 
@@ -234,7 +258,7 @@ class HealthBoard:
         if new is old:
             return
         self._health[provider] = new
-        if (old.state, old.breaker) == (new.state, new.breaker) and old.failures == new.failures:
+        if (old.state, old.breaker, old.failures, old.disabled) == (new.state, new.breaker, new.failures, new.disabled):
             return
         self._announce(provider, old, new)
         if publish:

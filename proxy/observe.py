@@ -153,6 +153,10 @@ class Metrics:
             "fallback_proxy_quota_exhausted", "Calls refused because today's quota is spent.", ["provider"],
             registry=registry,
         )
+        self.reloads = Counter(
+            "fallback_proxy_config_reloads", "Config reloads, by outcome (ok, rejected).", ["outcome"],
+            registry=registry,
+        )
         self.alerts = Counter(
             "fallback_proxy_alerts", "Operator alerts, by kind, webhook format and outcome.",
             ["kind", "format", "outcome"], registry=registry,

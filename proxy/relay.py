@@ -8,7 +8,12 @@ object per chunk beyond one `orjson.loads` done by the adapter.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from proxy.adapters.base import Chunk
 from proxy.dispatch import StreamStart
@@ -122,3 +127,45 @@ def _forward(chunk: Chunk, start: StreamStart, record: RequestRecord) -> bool:
         return True
     record.usage = chunk.usage
     return not (start.hide_usage and not chunk.has_content and chunk.finish_reason is None)
+
+
+class SSEResponse(Response):
+    """A server-sent-event response that always closes its source: when the
+    stream ends, fails, or the client goes away mid-stream."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
+        self.chunks = chunks
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for data in self.chunks:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away while we were sending
+        except asyncio.CancelledError:
+            if not watcher.done() or watcher.cancelled():
+                raise
+            task.uncancel()  # the watcher saw the client go away: nothing more to send
+        finally:
+            watcher.cancel()
+            await self.chunks.aclose()
+
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            task.cancel()
+            return
+
+

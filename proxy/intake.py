@@ -1,0 +1,87 @@
+"""Reading and checking what a client sends, before any routing: its key,
+the body within its size limit, and the chat-completions request's shape.
+Every problem becomes an OpenAI-shaped 4xx."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from proxy.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def parse_chat_request(body: bytes) -> dict[str, Any]:
+    """Parse and check a chat-completions body; OpenAI-shaped 400s otherwise."""
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON chat completions request.")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter (a route or provider name).", param="model")
+    _check_messages(payload.get("messages"))
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    return payload
+
+
+def _check_messages(messages: object) -> None:
+    if messages is None:
+        raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"'{where}' must be an object.", param=where)
+        role = message.get("role")
+        if role not in _ROLES:
+            raise InvalidRequest(
+                f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}; got {role!r}.", param=f"{where}.role"
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequest(f"'{where}.content' must be a string or an array of parts.", param=f"{where}.content")
+
+
+def authenticate(request: Request, digests: tuple[bytes, ...], *, admin: bool = False) -> None:
+    """Check the bearer key against the configured keys' SHA-256 digests, in
+    constant time whichever key it is; no keys configured means open."""
+    if not digests:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("Missing bearer key: send 'Authorization: Bearer <key>'.")
+    candidate = hashlib.sha256(token.strip().encode()).digest()
+    matched = False
+    for digest in digests:
+        matched |= hmac.compare_digest(candidate, digest)
+    if not matched:
+        raise AuthenticationFailed("Incorrect admin key provided." if admin else "Incorrect API key provided.")

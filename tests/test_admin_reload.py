@@ -1,0 +1,133 @@
+"""Admin endpoints (status, provider switch, reload) and hot reload of the config file."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from proxy.config import load_config
+from proxy.fakes import FakeOpenAI
+
+from .conftest import ServedApp, openai_provider
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def cloud() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI("cloud") as fake:
+        yield fake
+
+
+@pytest.fixture
+def backup() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI("backup") as fake:
+        yield fake
+
+
+def config_data(cloud: FakeOpenAI, backup: FakeOpenAI, **extra: Any) -> dict[str, Any]:
+    return {
+        "server": {"admin_key": "admin-secret", "reload_check_seconds": 0.1},
+        "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
+        "routes": {"default": ["cloud", "backup"]},
+        "health": {"probe_interval_seconds": 0},
+        **extra,
+    }
+
+
+def answer(proxy: ServedApp) -> httpx.Response:
+    response = httpx.post(proxy.url + "/v1/chat/completions", json={"model": "default", "messages": MESSAGES})
+    assert response.status_code == 200
+    return response
+
+
+def test_admin_is_off_without_an_admin_key(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
+                                           backup: FakeOpenAI) -> None:
+    data = config_data(cloud, backup)
+    del data["server"]["admin_key"]
+    proxy = serve(data)
+    response = httpx.get(proxy.url + "/admin/status", headers=ADMIN)
+    assert response.status_code == 404 and "admin_key" in response.json()["error"]["message"]
+
+
+def test_switch_a_provider_off_and_on(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
+                                      backup: FakeOpenAI) -> None:
+    proxy = serve(config_data(cloud, backup))
+    assert httpx.get(proxy.url + "/admin/status", headers={"authorization": "Bearer nope"}).status_code == 401
+    assert httpx.post(proxy.url + "/admin/providers/cloud/disable").status_code == 401
+    off = httpx.post(proxy.url + "/admin/providers/cloud/disable", headers=ADMIN, json={"reason": "drill 42"})
+    assert off.status_code == 200 and off.json()["disabled"] is True
+    response = answer(proxy)
+    assert response.headers["x-proxy-provider"] == "backup"
+    assert response.headers["x-proxy-fallbacks"] == "cloud=unhealthy"
+    assert cloud.request_count == 0
+    status = httpx.get(proxy.url + "/admin/status", headers=ADMIN).json()
+    assert status["providers"]["cloud"]["disabled"] is True and "drill 42" in status["providers"]["cloud"]["reason"]
+    assert "admin-secret" not in str(status)
+    assert httpx.post(proxy.url + "/admin/providers/cloud/enable", headers=ADMIN).status_code == 200
+    assert answer(proxy).headers["x-proxy-provider"] == "cloud"
+    assert httpx.post(proxy.url + "/admin/providers/nobody/disable", headers=ADMIN).status_code == 404
+
+
+def test_config_file_changes_are_reloaded_and_bad_ones_rejected(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_data(cloud, backup)))
+    proxy = serve(load_config(path, environ={}))
+    assert answer(proxy).headers["x-proxy-provider"] == "cloud"
+
+    path.write_text(yaml.safe_dump(config_data(cloud, backup, routes={"default": ["backup", "cloud"]})))
+    deadline = time.monotonic() + 5
+    while answer(proxy).headers["x-proxy-provider"] != "backup" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answer(proxy).headers["x-proxy-provider"] == "backup"
+
+    path.write_text("routes: {default: [nobody]}\n")
+    time.sleep(0.5)
+    assert answer(proxy).headers["x-proxy-provider"] == "backup"  # the old config keeps serving
+    rejected = httpx.post(proxy.url + "/admin/reload", headers=ADMIN)
+    assert rejected.status_code == 422
+    assert any("nobody" in problem for problem in rejected.json()["problems"])
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert 'fallback_proxy_config_reloads_total{outcome="ok"} 1.0' in metrics
+    assert 'fallback_proxy_config_reloads_total{outcome="rejected"}' in metrics
+
+
+def test_a_stream_in_flight_finishes_on_the_old_config(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    data = config_data(cloud, backup)
+    data["server"]["reload_check_seconds"] = 0
+    path.write_text(yaml.safe_dump(data))
+    proxy = serve(load_config(path, environ={}))
+    cloud.set_fault("slow", token_delay=0.15)
+    texts: list[str] = []
+
+    def stream() -> None:
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
+            chunks = sdk.chat.completions.create(model="default", messages=MESSAGES, stream=True)
+            texts.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    deadline = time.monotonic() + 5
+    while cloud.request_count == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # a token or two are out
+    path.write_text(yaml.safe_dump({**data, "routes": {"default": ["backup"]}}))
+    reloaded = httpx.post(proxy.url + "/admin/reload", headers=ADMIN)
+    assert reloaded.json()["reloaded"] is True
+    reader.join(timeout=10)
+    assert texts == ["Hello from cloud."]
+    assert answer(proxy).headers["x-proxy-provider"] == "backup"
