@@ -26,7 +26,7 @@ from proxy.admin import AdminHandlers
 from proxy.alerts import Alerter, Webhook
 from proxy.background import Background
 from proxy.config import Config, ConfigError, RedisSettings, load_config
-from proxy.dispatch import Dispatcher, StreamStart
+from proxy.dispatch import StreamSession
 from proxy.errors import ModelNotFound, ProviderError, ProxyError, error_body
 from proxy.intake import authenticate, parse_chat_request, read_body
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
@@ -274,8 +274,8 @@ class Handlers:
             record.stream = payload.get("stream") is True
             needs = needs_of(payload, request.headers.get("x-proxy-local-only"))
             if record.stream:
-                start = await runtime.dispatcher.open_stream(route, payload, needs, record)
-                return self._stream_response(runtime.dispatcher, start, record)
+                session = await runtime.dispatcher.open_stream(route, payload, needs, record)
+                return self._stream_response(session, record)
             completion = await runtime.dispatcher.complete(route, payload, needs, record)
         except ProxyError as exc:
             record.status = exc.status_code
@@ -285,13 +285,13 @@ class Handlers:
         state.observer.finish(record)
         return json_response(completion.body, headers=record.headers())
 
-    def _stream_response(self, dispatcher: Dispatcher, start: StreamStart, record: RequestRecord) -> Response:
+    def _stream_response(self, session: StreamSession, record: RequestRecord) -> Response:
         def on_end(outcome: str, failure: ProviderError | None) -> None:
             record.outcome = outcome
-            dispatcher.stream_ended(start, record, failure)
+            record.continued = session.continued
             self.state.observer.finish(record)
 
-        body = client_stream(start, record, on_end)
+        body = client_stream(session, on_end)
         return SSEResponse(body, headers={**SSE_HEADERS, **record.headers()})
 
     async def models(self, request: Request) -> Response:

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from proxy.adapters.base import Adapter, Chunk, Completion, Limits
+from prometheus_client import CollectorRegistry
+
+from proxy.adapters.base import Adapter, Chunk, Completion, Limits, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
 from proxy.health import Decision, Health, HealthBoard
-from proxy.observe import RequestRecord
+from proxy.observe import Metrics, RequestRecord
 from proxy.quota import QuotaGate, Reservation
 from proxy.routing import Walk
 from proxy.shaping import Needs, Shaper, eligibility
@@ -66,6 +69,63 @@ class StreamStart:
         await _close(self.rest)
 
 
+
+
+CONTINUE_INSTRUCTION = (
+    "Your previous message was cut off. Continue it exactly where it stops: do not repeat any of it, "
+    "do not start over and do not comment on the interruption."
+)
+
+
+def continuation_body(body: dict[str, Any], partial: str) -> dict[str, Any]:
+    """Ask the next provider to go on with a partial answer."""
+    messages = [*body["messages"], {"role": "assistant", "content": partial},
+                {"role": "user", "content": CONTINUE_INSTRUCTION}]
+    return {**body, "messages": messages}
+
+
+class StreamSession:
+    """One client stream, answered by one provider, or by several when a
+    provider fails after its first token and the next one continues."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord,
+        walk: Walk,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.route = route
+        self.body = body
+        self.needs = needs
+        self.record = record
+        self.walk = walk
+        self.start: StreamStart
+        self.providers: list[str] = []  # who answered: the first, then any that continued
+
+    @property
+    def continued(self) -> list[str]:
+        return self.providers[1:]
+
+    async def continue_after(self, failure: ProviderError, partial: str) -> StreamStart | None:
+        """The stream's provider failed after `partial`: the next provider on the
+        graph continues it, or None when continuation is off or no one can."""
+        failed = self.start
+        self.dispatcher.stream_ended(failed, None, failure)
+        if not self.route.continuation or not partial:
+            return None
+        self.walk.follow(failure.failure.value)
+        try:
+            self.start = await self.dispatcher._open(self, continuation_body(self.body, partial))
+        except (AllProvidersFailed, UpstreamClientError):
+            return None
+        self.dispatcher.metrics.continuations.labels(
+            self.route.name, failed.provider.name, self.start.provider.name, failure.failure.value
+        ).inc()
+        return self.start
+
+    def ended(self, failure: ProviderError | None) -> None:
+        self.dispatcher.stream_ended(self.start, self.record.usage, failure)
+
+
 def backoff(attempt: int, retry_after: float | None, rng: Callable[[], float]) -> float:
     """Full-jitter exponential backoff, at least what the provider asked for."""
     delay: float = rng() * min(BACKOFF_CAP, BACKOFF_BASE * 2.0**attempt)
@@ -93,6 +153,7 @@ class Dispatcher:
         quota: QuotaGate,
         *,
         shaper: Shaper | None = None,
+        metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -101,6 +162,7 @@ class Dispatcher:
         self.health = health
         self.quota = quota
         self.shaper = shaper or Shaper()
+        self.metrics = metrics or Metrics(CollectorRegistry())
         self.background = Background()
         self._sleep = sleep
         self._rng = rng
@@ -124,26 +186,33 @@ class Dispatcher:
         record.usage = completion.usage
         return completion
 
-    async def open_stream(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> StreamStart:
+    async def open_stream(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> StreamSession:
+        session = StreamSession(self, route, body, needs, record, Walk(route))
+        session.start = await self._open(session, body)
+        record.ttft_ms = record.elapsed_ms()
+        return session
+
+    async def _open(self, session: StreamSession, body: dict[str, Any]) -> StreamStart:
         async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> StreamStart:
             return await _first_token(adapter, provider, _for_stream(provider, body), deadline)
 
-        answered = await self._walk(route, body, needs, record, call)
+        started = time.perf_counter()
+        answered = await self._walk(session.route, body, session.needs, session.record, call, session.walk)
         start = answered.result
         start.reservation = answered.reservation
         start.hide_usage = not _wants_usage(body)
-        record.ttft_ms = record.elapsed_ms()
-        self.health.success(answered.provider.name, ttft=record.ttft_ms / 1000)
+        session.providers.append(answered.provider.name)
+        self.health.success(answered.provider.name, ttft=time.perf_counter() - started)
         for chunk in start.head:
-            record.model = chunk.model or record.model
+            session.record.model = chunk.model or session.record.model
         return start
 
-    def stream_ended(self, start: StreamStart, record: RequestRecord, failure: ProviderError | None) -> None:
-        """Account for a stream once it is over: a failure after the first token
-        counts against the provider's health; usage settles its quota."""
+    def stream_ended(self, start: StreamStart, usage: Usage | None, failure: ProviderError | None) -> None:
+        """Account for one provider's stream once it is over: a failure after the
+        first token counts against its health; usage settles its quota."""
         if failure is not None:
             self.health.failure(start.provider.name, failure.failure, failure.retry_after)
-        self.background.spawn(self.quota.settle(start.reservation, record.usage, None))
+        self.background.spawn(self.quota.settle(start.reservation, usage, None))
 
     async def _walk(
         self,
@@ -152,10 +221,11 @@ class Dispatcher:
         needs: Needs,
         record: RequestRecord,
         call: Call[T],
+        walk: Walk | None = None,
     ) -> Answered[T]:
         loop = asyncio.get_running_loop()
         walk_deadline = loop.time() + route.budget if route.budget else math.inf
-        walk = Walk(route)
+        walk = walk or Walk(route)
         while (node := walk.current) is not None:
             provider = self.config.providers[node]
             if walk.can_defer and self.health.view(node).state is Health.SLOW:

@@ -44,6 +44,7 @@ class RequestRecord:
     outcome: str = "ok"
     interrupted: str | None = None  # failure class of a provider that failed after the first token
     trimmed: int = 0  # oldest messages dropped to fit the answering provider's context window
+    continued: list[str] = field(default_factory=list)  # providers that continued the stream mid-way
 
     def attempt(self, provider: str, outcome: str, ms: float, detail: str = "") -> None:
         self.attempts.append(Attempt(provider, outcome, ms, detail))
@@ -86,6 +87,7 @@ class RequestRecord:
             ],
             "interrupted": self.interrupted,
             "trimmed": self.trimmed,
+            "continued_by": self.continued or None,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
             "total_ms": round(self.elapsed_ms(), 1),
             "tokens": None
@@ -110,6 +112,10 @@ class Metrics:
         )
         self.fallbacks = Counter(
             "fallback_proxy_fallbacks", "Fallbacks from one provider to the next, with the reason.",
+            ["route", "from_provider", "to_provider", "reason"], registry=registry,
+        )
+        self.continuations = Counter(
+            "fallback_proxy_continuations", "Streams continued by the next provider after one failed mid-stream.",
             ["route", "from_provider", "to_provider", "reason"], registry=registry,
         )
         self.latency = Histogram(
@@ -199,7 +205,7 @@ class Observer:
         previous: Attempt | None = None
         for attempt in record.attempts:
             m.attempts.labels(attempt.provider, attempt.outcome).inc()
-            if previous is not None:
+            if previous is not None and previous.outcome != "ok":  # "ok" then another: a continuation
                 m.fallbacks.labels(record.route, previous.provider, attempt.provider, previous.outcome).inc()
             previous = attempt
         if record.ttft_ms is not None and record.provider:

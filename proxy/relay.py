@@ -12,11 +12,13 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
+import orjson
+
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.adapters.base import Chunk
-from proxy.dispatch import StreamStart
+from proxy.dispatch import StreamSession, StreamStart
 from proxy.errors import ProviderError, error_body
 from proxy.observe import RequestRecord
 
@@ -85,40 +87,109 @@ def error_event(error: ProviderError) -> bytes:
     return format_event(error_body(message, "server_error", "stream_interrupted"))
 
 
+class _Transcript:
+    """What the client has been sent: the text so far (to continue it), the
+    stream's id and created (kept when another provider continues it)."""
+
+    __slots__ = ("parts", "tool_calls", "identity")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.tool_calls = False
+        self.identity: tuple[object, object] | None = None
+
+    def note(self, chunk: Chunk) -> None:
+        if chunk.text:
+            self.parts.append(chunk.text)
+        self.tool_calls = self.tool_calls or chunk.tool_calls
+        if self.identity is None:
+            first = orjson.loads(chunk.payload)
+            self.identity = (first.get("id"), first.get("created"))
+
+    @property
+    def partial(self) -> str:
+        """The text to continue; empty when it cannot be continued as text."""
+        return "" if self.tool_calls else "".join(self.parts)
+
+    def rebrand(self, chunk: Chunk) -> bytes:
+        """A continuing provider's chunk under the stream's own id and created."""
+        assert self.identity is not None
+        data = orjson.loads(chunk.payload)
+        data["id"], data["created"] = self.identity
+        return orjson.dumps(data)
+
+
 async def client_stream(
-    start: StreamStart, record: RequestRecord, on_end: Callable[[str, ProviderError | None], None]
+    session: StreamSession, on_end: Callable[[str, ProviderError | None], None]
 ) -> AsyncGenerator[bytes, None]:
     """The bytes sent to the client: the held chunks, the rest of the upstream
     stream (each read bounded by the idle and total deadlines), then `[DONE]`.
 
-    A failure after the first token ends the stream with an in-band error
-    event. Closing this generator (client gone) closes the upstream; `on_end`
-    is called once with the outcome ("ok", "stream_interrupted" or
-    "client_disconnected") and the failure, if any.
+    When the provider fails after the first token, the next provider on the
+    graph continues the answer in the same stream (same id and created, no
+    repeated text) if the route allows it; otherwise the stream ends with an
+    in-band error event. Closing this generator (client gone) closes the
+    upstream; `on_end` is called once with the outcome ("ok",
+    "stream_interrupted" or "client_disconnected") and the last failure.
     """
-    outcome = "client_disconnected"
+    record = session.record
+    transcript = _Transcript()
+    start, continuing = session.start, False
+    outcome: str | None = None
     failure: ProviderError | None = None
+
+    def emit(chunk: Chunk) -> bytes | None:
+        if not _forward(chunk, start, record):
+            return None
+        transcript.note(chunk)
+        return format_event(transcript.rebrand(chunk) if continuing else chunk.payload)
+
     try:
-        for chunk in start.head:
-            if _forward(chunk, start, record):
-                yield format_event(chunk.payload)
-        while True:
+        while outcome is None:
+            for chunk in _pending(start, continuing):
+                if (data := emit(chunk)) is not None:
+                    yield data
             try:
-                next_chunk = await start.next_chunk()
-            except ProviderError as exc:
-                outcome, failure = "stream_interrupted", exc
-                record.interrupted = exc.failure.value
-                yield error_event(exc)
-                break
-            if next_chunk is None:
+                while (chunk_or_end := await start.next_chunk()) is not None:
+                    if (data := emit(chunk_or_end)) is not None:
+                        yield data
                 outcome = "ok"
-                break
-            if _forward(next_chunk, start, record):
-                yield format_event(next_chunk.payload)
+            except ProviderError as exc:
+                failure = record_interruption(record, exc)
+                await start.close()
+                resumed = await session.continue_after(exc, transcript.partial)
+                if resumed is None:
+                    outcome = "stream_interrupted"
+                    yield error_event(exc)
+                else:
+                    start, continuing = resumed, True
+        if session.continued:
+            yield _continued_comment(session)
         yield DONE
     finally:
         await start.close()
-        on_end(outcome, failure)
+        if outcome != "stream_interrupted":  # an interrupted provider was accounted for already
+            session.ended(None)
+        on_end(outcome or "client_disconnected", failure)
+
+
+def record_interruption(record: RequestRecord, failure: ProviderError) -> ProviderError:
+    record.interrupted = failure.failure.value
+    return failure
+
+
+def _pending(start: StreamStart, continuing: bool) -> list[Chunk]:
+    """The chunks to send now; a continuing provider's opening role chunk is dropped."""
+    head, start.head = start.head, []
+    if not continuing:
+        return head
+    return [c for c in head if c.has_content or c.finish_reason is not None or c.usage is not None]
+
+
+def _continued_comment(session: StreamSession) -> bytes:
+    """An SSE comment (ignored by OpenAI clients) naming who answered, for operators."""
+    providers = ",".join(session.providers)
+    return f": fallback-proxy continued this stream across providers: {providers}\n\n".encode()
 
 
 def _forward(chunk: Chunk, start: StreamStart, record: RequestRecord) -> bool:

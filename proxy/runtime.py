@@ -25,7 +25,7 @@ from proxy.config import Config
 from proxy.dispatch import Dispatcher
 from proxy.errors import ProviderError
 from proxy.health import HealthBoard
-from proxy.observe import OperatorEvents, event
+from proxy.observe import Metrics, OperatorEvents, event
 from proxy.quota import QuotaGate
 from proxy.state import StateStore
 
@@ -36,7 +36,8 @@ class Runtime:
     """One config, ready to serve."""
 
     def __init__(
-        self, config: Config, adapters: Mapping[str, Adapter], store: StateStore, events: OperatorEvents
+        self, config: Config, adapters: Mapping[str, Adapter], store: StateStore, events: OperatorEvents,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.adapters = adapters
@@ -44,15 +45,17 @@ class Runtime:
         self.admin_digest = hashlib.sha256(config.server.admin_key.encode()).digest() if config.server.admin_key else None
         self.health = HealthBoard(config.health, config.providers, store, events)
         self.quota = QuotaGate(store, config.quota_timezone, events)
-        self.dispatcher = Dispatcher(config, adapters, self.health, self.quota)
+        self.dispatcher = Dispatcher(config, adapters, self.health, self.quota, metrics=metrics)
         self.store = store
         self.loops = Background()
 
     @classmethod
-    def build(cls, config: Config, client: httpx.AsyncClient, store: StateStore, events: OperatorEvents) -> Runtime:
+    def build(
+        cls, config: Config, client: httpx.AsyncClient, store: StateStore, events: OperatorEvents
+    ) -> Runtime:
         """Build the adapters (litellm is imported here when a provider needs it: seconds)."""
         adapters = {name: make_adapter(provider, client) for name, provider in config.providers.items()}
-        return cls(config, adapters, store, events)
+        return cls(config, adapters, store, events, events.metrics)
 
     async def start(self, *, warm_up: bool = True) -> None:
         await self.health.refresh()

@@ -142,16 +142,48 @@ def test_headers_held_until_first_token(client: openai.OpenAI, cloud: FakeOpenAI
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from backup."
 
 
-def test_failure_after_first_token_ends_stream_with_inband_error(client: openai.OpenAI, cloud: FakeOpenAI) -> None:
+def test_failure_after_first_token_is_continued_by_the_next_provider(
+    client: openai.OpenAI, cloud: FakeOpenAI, backup: FakeOpenAI, proxy: ServedApp
+) -> None:
+    cloud.set_fault("die_midstream", after_chunks=2)
+    with client.chat.completions.with_streaming_response.create(
+        model="default", messages=MESSAGES, stream=True
+    ) as response:
+        assert response.headers["x-proxy-provider"] == "cloud"  # sent before the failure
+        raw = response.http_response.read().decode()
+    events = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len({(c["id"], c["created"]) for c in chunks}) == 1  # one stream, whoever answered
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    cloud_part = text[: -len("Hello from backup.")]
+    assert text.endswith("Hello from backup.") and cloud_part and "Hello from cloud.".startswith(cloud_part)
+    assert ": fallback-proxy continued this stream across providers: cloud,backup" in raw
+    sent = backup.requests[-1].body["messages"]
+    assert sent[-2] == {"role": "assistant", "content": cloud_part}
+    assert sent[-1]["role"] == "user" and "Continue" in sent[-1]["content"]
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert ('fallback_proxy_continuations_total{from_provider="cloud",reason="connection_error",route="default",'
+            'to_provider="backup"} 1.0') in metrics
+
+
+def test_failure_after_first_token_without_continuation_ends_with_inband_error(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
+    config = two_provider_config(cloud, backup)
+    config["routes"] = {"default": {"chain": ["cloud", "backup"], "continuation": False}}
+    proxy = serve(config)
     cloud.set_fault("die_midstream", after_chunks=2)
     received: list[str] = []
-    with pytest.raises(openai.APIError) as caught:
-        for chunk in client.chat.completions.create(model="default", messages=MESSAGES, stream=True):
-            if chunk.choices:
-                received.append(chunk.choices[0].delta.content or "")
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in sdk.chat.completions.create(model="default", messages=MESSAGES, stream=True):
+                if chunk.choices:
+                    received.append(chunk.choices[0].delta.content or "")
     text = "".join(received)
     assert text and "Hello from cloud.".startswith(text) and text != "Hello from cloud."
     assert "cloud" in str(caught.value.message)
+    assert backup.request_count == 0
 
 
 def test_plain_client_error_is_returned_without_fallback(

@@ -73,6 +73,8 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     model: str | None = None
+    text: str = ""  # the first choice's content delta
+    tool_calls: bool = False  # carries tool-call deltas (a stream that cannot be continued as text)
 
     @classmethod
     def from_dict(cls, chunk: dict[str, Any]) -> Chunk:
@@ -82,19 +84,23 @@ class Chunk:
 
 def describe(payload: bytes, chunk: dict[str, Any]) -> Chunk:
     """Summarise a parsed OpenAI chunk without building any model object."""
-    has_content = False
+    has_content = tool_calls = False
     finish_reason: str | None = None
+    text = ""
     choices = chunk.get("choices")
     if isinstance(choices, list):
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            if isinstance(delta, dict) and (
-                delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
-                or delta.get("function_call") or delta.get("reasoning_content")
-            ):
-                has_content = True
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str) and content and not text:
+                    text = content
+                calls = bool(delta.get("tool_calls") or delta.get("function_call"))
+                tool_calls = tool_calls or calls
+                if content or calls or delta.get("refusal") or delta.get("reasoning_content"):
+                    has_content = True
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 finish_reason = reason
@@ -105,6 +111,8 @@ def describe(payload: bytes, chunk: dict[str, Any]) -> Chunk:
         finish_reason=finish_reason,
         usage=Usage.from_openai(chunk.get("usage")),
         model=model if isinstance(model, str) else None,
+        text=text,
+        tool_calls=tool_calls,
     )
 
 
