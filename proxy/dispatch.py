@@ -26,7 +26,7 @@ from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, Upstre
 from proxy.health import Decision, Health, HealthBoard
 from proxy.observe import Metrics, RequestRecord
 from proxy.quota import QuotaGate, Reservation
-from proxy.routing import Walk
+from proxy.routing import Walk, next_node
 from proxy.shaping import Needs, Shaper, eligibility
 
 T = TypeVar("T")
@@ -233,8 +233,12 @@ class Dispatcher:
                 continue
             started = loop.time()
             try:
-                answered = await self._visit(provider, route, body, needs, call, walk_deadline)
+                if route.hedge_after_ms is None:
+                    answered = await self._visit(provider, route, body, needs, call, walk_deadline)
+                else:
+                    node, answered = await self._hedged(walk, route, body, needs, record, call, walk_deadline)
             except ProviderError as exc:
+                node = walk.current or node  # a hedge, when one was started, is the node that failed last
                 exc.provider = node
                 record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
                 if exc.failure is FailureClass.CLIENT_ERROR:
@@ -246,6 +250,73 @@ class Dispatcher:
                 record.trimmed = answered.trimmed
                 return answered
         raise AllProvidersFailed(route.name, record.attempts, local_only=route.local_only or needs.local_only)
+
+    async def _hedged(
+        self,
+        walk: Walk,
+        route: Route,
+        body: dict[str, Any],
+        needs: Needs,
+        record: RequestRecord,
+        call: Call[T],
+        walk_deadline: float,
+    ) -> tuple[str, Answered[T]]:
+        """Visit the walk's node; if it has not answered (a first token, for
+        streams) within `hedge_after_ms`, start the node its timeout edge leads
+        to as well. The first answer wins; the other is cancelled and its quota
+        reservation returned. When both fail, the walk goes on from the hedge."""
+        loop = asyncio.get_running_loop()
+        primary = walk.current
+        assert primary is not None and route.hedge_after_ms is not None
+
+        def visit(node: str) -> asyncio.Task[Answered[T]]:
+            provider = self.config.providers[node]
+            return asyncio.ensure_future(self._visit(provider, route, body, needs, call, walk_deadline))
+
+        started = loop.time()
+        first = visit(primary)
+        done, _ = await asyncio.wait({first}, timeout=route.hedge_after_ms / 1000)
+        hedge = None if done else next_node(route, primary, FailureClass.TIMEOUT.value, visited=walk.visited)
+        if hedge is None:
+            return primary, await first
+        walk.jump(hedge)
+        racing = {first: primary, visit(hedge): hedge}
+        failures: dict[str, ProviderError] = {}
+        try:
+            while racing:
+                done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: racing[t] != primary):
+                    node = racing.pop(task)
+                    error = task.exception()
+                    if error is None:
+                        if node == hedge:
+                            record.attempt(primary, FailureClass.TIMEOUT.value, (loop.time() - started) * 1000,
+                                           f"no answer within {route.hedge_after_ms} ms; the hedge answered first")
+                        return node, task.result()
+                    if not isinstance(error, ProviderError):
+                        raise error
+                    failures[node] = error
+                    if node == primary:
+                        error.provider = node
+                        record.attempt(node, error.failure.value, (loop.time() - started) * 1000, error.message)
+            # Both failed: the walk goes on from the hedge, with the hedge's failure.
+            raise failures[hedge]
+        finally:
+            for task in racing:
+                task.cancel()
+            for task in racing:
+                await self._discard(task)
+
+    async def _discard(self, task: asyncio.Task[Answered[T]]) -> None:
+        """Wait out a hedge that lost; a stream it opened anyway is closed and
+        its quota reservation returned."""
+        try:
+            answered = await task
+        except (asyncio.CancelledError, ProviderError):
+            return  # _visit already returned what it had reserved
+        if isinstance(answered.result, StreamStart):
+            await answered.result.close()
+        self.background.spawn(self.quota.settle(answered.reservation, None, FailureClass.CONNECTION_ERROR))
 
     async def _visit(
         self,
@@ -272,6 +343,9 @@ class Dispatcher:
             if exc.failure is not FailureClass.CLIENT_ERROR:
                 self.health.failure(provider.name, exc.failure, exc.retry_after)
             self.background.spawn(self.quota.settle(reservation, None, exc.failure))
+            raise
+        except asyncio.CancelledError:  # lost a hedge race, or the client went away: nothing was used
+            self.background.spawn(self.quota.settle(reservation, None, FailureClass.CONNECTION_ERROR))
             raise
         return Answered(result, provider, reservation, shaped.trimmed)
 

@@ -122,6 +122,10 @@ class Walk:
         assert self.current is not None
         self._advance(next_node(self.route, self.current, failure, visited=self.visited))
 
+    def jump(self, node: str) -> None:
+        """Go to `node` now (a hedge started early): it counts as visited."""
+        self._advance(node)
+
     def defer(self) -> None:
         assert self.current is not None and not self._late
         self.deferred.append(self.current)
