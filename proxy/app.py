@@ -28,7 +28,9 @@ from proxy.background import Background
 from proxy.config import Config, ConfigError, RedisSettings, load_config
 from proxy.dispatch import StreamSession
 from proxy.errors import ModelNotFound, ProviderError, ProxyError, error_body
-from proxy.intake import authenticate, parse_chat_request, read_body
+from proxy.intake import authenticate, check_headers, parse_chat_request, read_body
+from proxy.limits import Ticket, client_id
+from proxy.openapi import openapi_spec
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
 from proxy.relay import SSEResponse, client_stream
 from proxy.runtime import Runtime, build_in_thread, restart_needed
@@ -211,6 +213,7 @@ def create_app(
         HttpRoute("/healthz", handlers.healthz, methods=["GET"]),
         HttpRoute("/readyz", handlers.readyz, methods=["GET"]),
         HttpRoute("/metrics", handlers.metrics, methods=["GET"]),
+        HttpRoute("/openapi.json", handlers.openapi, methods=["GET"]),
         *admin.routes(),
     ]
     app = Starlette(
@@ -263,9 +266,14 @@ class Handlers:
         assert runtime is not None
         config = runtime.config
         record = RequestRecord(request_id=_request_id(request), route="-", stream=False)
+        ticket: Ticket | None = None
         try:
+            check_headers(request, config.limits.max_header_bytes)
             authenticate(request, runtime.key_digests)
-            payload = parse_chat_request(await read_body(request, config.server.max_body_bytes))
+            body = await read_body(request, config.server.max_body_bytes)
+            payload = parse_chat_request(body, config.limits.max_messages)
+            ticket = await runtime.limits.enter(client_id(request.headers.get("authorization")),
+                                                payload.get("stream") is True)
             model = payload["model"]
             route = config.route_for(model)
             if route is None:
@@ -275,24 +283,33 @@ class Handlers:
             needs = needs_of(payload, request.headers.get("x-proxy-local-only"))
             if record.stream:
                 session = await runtime.dispatcher.open_stream(route, payload, needs, record)
-                return self._stream_response(session, record)
+                stream_ticket, ticket = ticket, None  # the stream gives it back when it ends
+                return self._stream_response(runtime, session, record, stream_ticket)
             completion = await runtime.dispatcher.complete(route, payload, needs, record)
         except ProxyError as exc:
             record.status = exc.status_code
             record.outcome = exc.code or exc.error_type
             state.observer.finish(record)
             return error_response(exc, record.headers() if record.route != "-" else {"x-request-id": record.request_id})
+        finally:
+            if ticket is not None:
+                await runtime.limits.leave(ticket)
         state.observer.finish(record)
         return json_response(completion.body, headers=record.headers())
 
-    def _stream_response(self, session: StreamSession, record: RequestRecord) -> Response:
+    def _stream_response(
+        self, runtime: Runtime, session: StreamSession, record: RequestRecord, ticket: Ticket | None
+    ) -> Response:
         def on_end(outcome: str, failure: ProviderError | None) -> None:
             record.outcome = outcome
             record.continued = session.continued
             self.state.observer.finish(record)
+            if ticket is not None:
+                runtime.dispatcher.background.spawn(runtime.limits.leave(ticket))
 
         body = client_stream(session, on_end)
-        return SSEResponse(body, headers={**SSE_HEADERS, **record.headers()})
+        write_timeout = runtime.config.limits.client_write_timeout_seconds
+        return SSEResponse(body, headers={**SSE_HEADERS, **record.headers()}, write_timeout=write_timeout)
 
     async def models(self, request: Request) -> Response:
         config = self.state.config
@@ -340,6 +357,9 @@ class Handlers:
             # providers are skipped (fail closed), but the proxy answers.
             return {"kind": store.kind, "status": f"unavailable: {exc.reason}"}
         return {"kind": store.kind, "status": "ok"}
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(orjson.dumps(openapi_spec()))
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -123,6 +123,18 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """What one client may ask of the proxy; 0 turns a per-client limit off."""
+
+    requests_per_minute: int = 0  # per client key, shared by replicas through the store
+    concurrent_streams: int = 0  # per client key, shared by replicas through the store
+    max_messages: int = 2000
+    max_header_bytes: int = 32768
+    client_write_timeout_seconds: float = 30.0  # a client that reads a stream slower than this is dropped
+    max_upstream_bytes: int = 32 * 1024 * 1024  # a provider's answer larger than this is a failure
+
+
+@dataclass(frozen=True, slots=True)
 class HealthSettings:
     """Thresholds of the per-provider health state machine."""
 
@@ -170,6 +182,7 @@ class Config:
     health: HealthSettings = HealthSettings()
     quota_timezone: str = "UTC"  # the day of daily quotas starts at midnight here
     alerts: AlertSettings = AlertSettings()
+    limits: LimitSettings = LimitSettings()
     source: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -214,6 +227,7 @@ def parse_config(
     health = _parse_health(top.get("health"), ctx)
     quota_timezone = _parse_quotas(top.get("quotas"), ctx)
     alerts = _parse_alerts(top.get("alerts"), ctx)
+    limits = _parse_limits(top.get("limits"), ctx)
     auth_keys = _parse_auth(top.get("auth"), ctx)
     server = _parse_server(top.get("server"), ctx)
     providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx)
@@ -228,6 +242,7 @@ def parse_config(
         health=health,
         quota_timezone=quota_timezone,
         alerts=alerts,
+        limits=limits,
         auth_keys=auth_keys,
         server=server,
         source=source,
@@ -578,7 +593,9 @@ def _redis_url(value: object) -> str:
 
 # --- the sections ----------------------------------------------------------------
 
-_TOP_KEYS: Final = frozenset({"redis", "auth", "server", "health", "quotas", "alerts", "providers", "routes"})
+_TOP_KEYS: Final = frozenset(
+    {"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes"}
+)
 _SERVER_KEYS: Final = frozenset(
     {"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds", "reload_check_seconds"}
 )
@@ -632,6 +649,37 @@ def _parse_quotas(node: object, ctx: _Context) -> str:
     if section is None:
         return "UTC"
     return _get(section, "timezone", "quotas", ctx, _timezone, "UTC")
+
+
+_LIMIT_KEYS: Final = (
+    "requests_per_minute", "concurrent_streams", "max_messages", "max_header_bytes",
+    "client_write_timeout_seconds", "max_upstream_bytes",
+)
+
+
+def _non_negative_int(value: object) -> int:
+    number = _integer(value)
+    if number < 0:
+        raise _BadValue(f"expected a whole number >= 0, got {number}")
+    return number
+
+
+def _parse_limits(node: object, ctx: _Context) -> LimitSettings:
+    section = _section(node, "limits", ctx, _LIMIT_KEYS)
+    d = LimitSettings()
+    if section is None:
+        return d
+    return LimitSettings(
+        requests_per_minute=_get(section, "requests_per_minute", "limits", ctx, _non_negative_int,
+                                 d.requests_per_minute),
+        concurrent_streams=_get(section, "concurrent_streams", "limits", ctx, _non_negative_int,
+                                d.concurrent_streams),
+        max_messages=_get(section, "max_messages", "limits", ctx, _positive_int, d.max_messages),
+        max_header_bytes=_get(section, "max_header_bytes", "limits", ctx, _positive_int, d.max_header_bytes),
+        client_write_timeout_seconds=_get(section, "client_write_timeout_seconds", "limits", ctx,
+                                          _positive_number, d.client_write_timeout_seconds),
+        max_upstream_bytes=_get(section, "max_upstream_bytes", "limits", ctx, _positive_int, d.max_upstream_bytes),
+    )
 
 
 _WEBHOOK_KEYS: Final = ("url", "format", "events", "chat_id", "timeout")
@@ -696,8 +744,19 @@ def _parse_auth(node: object, ctx: _Context) -> tuple[str, ...]:
     if section is None:
         return ()
     items = _items(section.get("keys"), "auth.keys", ctx)
-    keys = (_convert(item, where, ctx, _text) for where, item in items)
+    keys = (_convert(item, where, ctx, _client_key) for where, item in items)
     return tuple(dict.fromkeys(key for key in keys if key))  # empty keys are dropped
+
+
+_SHA256_KEY: Final = re.compile(r"sha256:[0-9a-fA-F]{64}")
+
+
+def _client_key(value: object) -> str:
+    """A key as clients send it, or its SHA-256 as `sha256:<64 hex digits>`."""
+    key = _text(value)
+    if key.startswith("sha256:") and not _SHA256_KEY.fullmatch(key):
+        raise _BadValue("a hashed key is 'sha256:' followed by 64 hex digits (sha256sum of the key)")
+    return key
 
 
 def _parse_server(node: object, ctx: _Context) -> ServerConfig:
@@ -711,7 +770,7 @@ def _parse_server(node: object, ctx: _Context) -> ServerConfig:
         max_body_bytes=_get(
             section, "max_body_bytes", "server", ctx, _positive_int, default.max_body_bytes
         ),
-        admin_key=_opt(section, "admin_key", "server", ctx, _text),
+        admin_key=_opt(section, "admin_key", "server", ctx, _client_key),
         shutdown_grace_seconds=_get(
             section, "shutdown_grace_seconds", "server", ctx, _positive_number, default.shutdown_grace_seconds
         ),

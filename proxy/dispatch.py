@@ -169,7 +169,7 @@ class Dispatcher:
 
     async def complete(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> Completion:
         async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> Completion:
-            limits = _limits(provider, deadline)
+            limits = _limits(provider, deadline, self.config.limits.max_upstream_bytes)
             try:
                 async with asyncio.timeout_at(deadline):
                     return await adapter.complete(body, limits)
@@ -194,7 +194,9 @@ class Dispatcher:
 
     async def _open(self, session: StreamSession, body: dict[str, Any]) -> StreamStart:
         async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> StreamStart:
-            return await _first_token(adapter, provider, _for_stream(provider, body), deadline)
+            return await _first_token(
+                adapter, provider, _for_stream(provider, body), deadline, self.config.limits.max_upstream_bytes
+            )
 
         started = time.perf_counter()
         answered = await self._walk(session.route, body, session.needs, session.record, call, session.walk)
@@ -386,17 +388,22 @@ def _for_stream(provider: ProviderConfig, body: dict[str, Any]) -> dict[str, Any
     return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
 
 
-def _limits(provider: ProviderConfig, deadline: float) -> Limits:
+def _limits(provider: ProviderConfig, deadline: float, max_bytes: int) -> Limits:
     remaining = max(0.001, deadline - asyncio.get_running_loop().time())
-    return Limits(connect=min(provider.timeout.connect, remaining), read=remaining)
+    return Limits(connect=min(provider.timeout.connect, remaining), read=remaining, max_bytes=max_bytes)
 
 
-async def _first_token(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> StreamStart:
+async def _first_token(
+    adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float, max_bytes: int
+) -> StreamStart:
     """Open a stream and hold its chunks until the first real token (or a clean
     empty end); any failure before that is the provider's and stays invisible."""
     loop = asyncio.get_running_loop()
     first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
-    limits = Limits(connect=min(provider.timeout.connect, first_deadline - loop.time()), read=provider.timeout.idle)
+    limits = Limits(
+        connect=min(provider.timeout.connect, first_deadline - loop.time()), read=provider.timeout.idle,
+        max_bytes=max_bytes,
+    )
     stream = adapter.stream(body, limits)
     head: list[Chunk] = []
     try:

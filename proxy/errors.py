@@ -7,6 +7,8 @@ Two families, drawn once here:
     ├── AuthenticationFailed        401 authentication_error (missing or wrong bearer key)
     ├── ModelNotFound               404 model_not_found (lists what exists)
     ├── PayloadTooLarge             413 request_too_large
+    ├── HeadersTooLarge             431 request_header_fields_too_large
+    ├── ClientRateLimited           429 rate_limit_exceeded (per client key: rate or open streams)
     └── AllProvidersFailed          503 all_providers_failed (names each provider and why;
                                     says so when private work found no local provider)
 
@@ -125,6 +127,28 @@ class PayloadTooLarge(ProxyError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"Request body is larger than this proxy's limit of {limit} bytes.")
+
+
+class HeadersTooLarge(ProxyError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request headers are larger than this proxy's limit of {limit} bytes.")
+
+
+class ClientRateLimited(ProxyError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
 
 
 class ProviderError(Exception):

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from proxy.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge
+from proxy.errors import AuthenticationFailed, HeadersTooLarge, InvalidRequest, PayloadTooLarge
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -31,7 +31,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def parse_chat_request(body: bytes) -> dict[str, Any]:
+def check_headers(request: Request, limit: int) -> None:
+    """Refuse requests whose headers add up to more than `limit` bytes (431)."""
+    if sum(len(name) + len(value) for name, value in request.scope["headers"]) > limit:
+        raise HeadersTooLarge(limit)
+
+
+def parse_chat_request(body: bytes, max_messages: int = 2000) -> dict[str, Any]:
     """Parse and check a chat-completions body; OpenAI-shaped 400s otherwise."""
     if not body:
         raise InvalidRequest("The request body is empty; send a JSON chat completions request.")
@@ -44,18 +50,23 @@ def parse_chat_request(body: bytes) -> dict[str, Any]:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter (a route or provider name).", param="model")
-    _check_messages(payload.get("messages"))
+    _check_messages(payload.get("messages"), max_messages)
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean.", param="stream")
     return payload
 
 
-def _check_messages(messages: object) -> None:
+def _check_messages(messages: object, max_messages: int) -> None:
     if messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty array of message objects.", param="messages")
+    if len(messages) > max_messages:
+        raise InvalidRequest(
+            f"'messages' has {len(messages)} entries; this proxy accepts at most {max_messages}.",
+            param="messages", code="too_many_messages",
+        )
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -68,6 +79,13 @@ def _check_messages(messages: object) -> None:
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidRequest(f"'{where}.content' must be a string or an array of parts.", param=f"{where}.content")
+
+
+def key_digest(key: str) -> bytes:
+    """The SHA-256 digest a configured key stands for (it may be given hashed)."""
+    if key.startswith("sha256:"):
+        return bytes.fromhex(key[len("sha256:"):])
+    return hashlib.sha256(key.encode()).digest()
 
 
 def authenticate(request: Request, digests: tuple[bytes, ...], *, admin: bool = False) -> None:

@@ -206,8 +206,11 @@ class SSEResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
+    def __init__(
+        self, chunks: AsyncGenerator[bytes, None], headers: dict[str, str], write_timeout: float = 30.0
+    ) -> None:
         self.chunks = chunks
+        self.write_timeout = write_timeout
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
@@ -219,10 +222,12 @@ class SSEResponse(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for data in self.chunks:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                # A client reading slower than this pins buffers: it is dropped instead.
+                async with asyncio.timeout(self.write_timeout):
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            pass  # the client went away while we were sending
+        except (OSError, TimeoutError):
+            pass  # the client went away, or read too slowly, while we were sending
         except asyncio.CancelledError:
             if not watcher.done() or watcher.cancelled():
                 raise

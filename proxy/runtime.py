@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +24,8 @@ from proxy.config import Config
 from proxy.dispatch import Dispatcher
 from proxy.errors import ProviderError
 from proxy.health import HealthBoard
+from proxy.intake import key_digest
+from proxy.limits import ClientLimits
 from proxy.observe import Metrics, OperatorEvents, event
 from proxy.quota import QuotaGate
 from proxy.state import StateStore
@@ -41,11 +42,12 @@ class Runtime:
     ) -> None:
         self.config = config
         self.adapters = adapters
-        self.key_digests = tuple(hashlib.sha256(k.encode()).digest() for k in config.auth_keys)
-        self.admin_digest = hashlib.sha256(config.server.admin_key.encode()).digest() if config.server.admin_key else None
+        self.key_digests = tuple(key_digest(key) for key in config.auth_keys)
+        self.admin_digest = key_digest(config.server.admin_key) if config.server.admin_key else None
         self.health = HealthBoard(config.health, config.providers, store, events)
         self.quota = QuotaGate(store, config.quota_timezone, events)
         self.dispatcher = Dispatcher(config, adapters, self.health, self.quota, metrics=metrics)
+        self.limits = ClientLimits(config.limits, store, lambda exc: events.store_error("count", exc))
         self.store = store
         self.loops = Background()
 

@@ -114,6 +114,11 @@ class StateStore(Protocol):
         """True if this replica took the lock `name` for `ttl_seconds`."""
         ...
 
+    async def count(self, name: str, delta: int, ttl_seconds: float) -> int:
+        """Add `delta` to the shared counter `name` (created at 0; expires
+        `ttl_seconds` after its last change) and return the new value."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -183,6 +188,7 @@ class MemoryStore:
         self._counters: dict[tuple[str, str], _Counter] = {}
         self._health: dict[str, Record] = {}
         self._locks: dict[str, float] = {}
+        self._counts: dict[str, tuple[int, float]] = {}  # name -> (value, expires at)
         self._subscribers: set[asyncio.Queue[HealthUpdate | None]] = set()
 
     def __repr__(self) -> str:
@@ -256,6 +262,15 @@ class MemoryStore:
             return False
         self._locks[name] = now + ttl_seconds
         return True
+
+    async def count(self, name: str, delta: int, ttl_seconds: float) -> int:
+        now = self._clock()
+        value, expires = self._counts.get(name, (0, now))
+        value = (value if expires > now else 0) + delta
+        self._counts[name] = (value, now + ttl_seconds)
+        if len(self._counts) > 4096:  # forget expired windows now and then
+            self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+        return value
 
     async def ping(self) -> None:
         return None
@@ -358,6 +373,11 @@ class RedisKeys:
     def lock(self, name: str) -> str:
         # 'probe:openai-4o' is about provider openai-4o: tag it like that provider's keys.
         return f"{self.prefix}:{_hash_tag(name.rpartition(':')[2])}:lock:{name}"
+
+    def counter(self, name: str) -> str:
+        # 'rate:<client>:<window>' is about one client: tag it by the client.
+        parts = name.split(":")
+        return f"{self.prefix}:{_hash_tag(parts[1] if len(parts) > 1 else name)}:count:{name}"
 
     @property
     def channel(self) -> str:
@@ -702,6 +722,18 @@ class RedisStore:
         key, ttl_ms = self.keys.lock(name), max(1, round(ttl_seconds * 1000))
         taken = await self._call("try_lock", lambda: self._client.set(key, self._token, nx=True, px=ttl_ms))
         return bool(taken)
+
+    async def count(self, name: str, delta: int, ttl_seconds: float) -> int:
+        key, ttl_ms = self.keys.counter(name), max(1, round(ttl_seconds * 1000))
+
+        async def add() -> int:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, delta)
+                pipe.pexpire(key, ttl_ms)
+                value, _ = await pipe.execute()
+                return int(value)
+
+        return await self._call("count", add)
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)

@@ -32,6 +32,7 @@ class Limits:
 
     connect: float
     read: float | None  # max silence while reading; None = no limit from the transport
+    max_bytes: int = 32 * 1024 * 1024  # a larger answer is a failure of the provider
 
 
 @dataclass(slots=True)

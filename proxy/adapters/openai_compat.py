@@ -55,15 +55,20 @@ class OpenAICompatAdapter:
         return httpx.Timeout(connect=limits.connect, read=limits.read, write=limits.connect, pool=limits.connect)
 
     async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+        request = self._client.build_request(
+            "POST", self._url, content=self._encode(body, False), headers=self._headers, timeout=self._timeout(limits)
+        )
         try:
-            response = await self._client.post(
-                self._url, content=self._encode(body, False), headers=self._headers, timeout=self._timeout(limits)
-            )
+            response = await self._client.send(request, stream=True)
+            try:
+                content = await _read_capped(response, limits.max_bytes)
+            finally:
+                await response.aclose()
         except httpx.HTTPError as exc:
             raise classify.from_exception(exc) from exc
         if response.status_code >= 400:
-            raise classify.from_status(response.status_code, response.content, response.headers)
-        return _completion(response.content)
+            raise classify.from_status(response.status_code, content, response.headers)
+        return _completion(content)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
         request = self._client.build_request(
@@ -77,7 +82,7 @@ class OpenAICompatAdapter:
         try:
             if response.status_code >= 400:
                 raise classify.from_status(response.status_code, await response.aread(), response.headers)
-            async for chunk in _chunks(response):
+            async for chunk in _chunks(response, limits.max_bytes):
                 yield chunk
         except httpx.HTTPError as exc:
             raise classify.from_exception(exc) from exc
@@ -124,7 +129,31 @@ def _completion(content: bytes) -> Completion:
     return Completion(body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage")))
 
 
-async def _chunks(response: httpx.Response) -> AsyncIterator[Chunk]:
+async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.aiter_bytes():
+        size += len(part)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _too_large(max_bytes: int) -> ProviderError:
+    return ProviderError(FailureClass.SERVER_ERROR, f"the answer is larger than limits.max_upstream_bytes ({max_bytes})")
+
+
+async def _capped(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        yield chunk
+
+
+async def _chunks(response: httpx.Response, max_bytes: int) -> AsyncIterator[Chunk]:
     if not response.headers.get("content-type", "").startswith("text/event-stream"):
         # Some servers ignore `stream: true` and answer one JSON body.
         body = await response.aread()
@@ -133,7 +162,7 @@ async def _chunks(response: httpx.Response) -> AsyncIterator[Chunk]:
             f"asked for a stream, got {response.headers.get('content-type') or 'no content type'}: {body[:120]!r}",
         )
     finished = False
-    async for _event, data in iter_sse(response.aiter_bytes()):
+    async for _event, data in iter_sse(_capped(response.aiter_bytes(), max_bytes)):
         if data == b"[DONE]":
             return
         try:

@@ -1,0 +1,111 @@
+"""Client limits, hashed keys and size caps, through the proxy."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.fakes import FakeOpenAI
+
+from .conftest import ServedApp, openai_provider
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+KEY = "team-key-123"
+
+
+@pytest.fixture
+def cloud() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI("cloud") as fake:
+        yield fake
+
+
+@pytest.fixture
+def backup() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI("backup") as fake:
+        yield fake
+
+
+def make(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, **extra: Any) -> ServedApp:
+    return serve({
+        "auth": {"keys": ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()]},
+        "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
+        "routes": {"default": ["cloud", "backup"]},
+        **extra,
+    })
+
+
+def post(proxy: ServedApp, body: dict[str, Any] | None = None, **headers: str) -> httpx.Response:
+    return httpx.post(proxy.url + "/v1/chat/completions", json=body or {"model": "default", "messages": MESSAGES},
+                      headers={"authorization": f"Bearer {KEY}", **headers}, timeout=10)
+
+
+def test_hashed_keys_are_accepted_and_the_hash_itself_is_not(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
+                                                              backup: FakeOpenAI) -> None:
+    proxy = make(serve, cloud, backup)
+    assert post(proxy).status_code == 200
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    assert post(proxy, authorization=f"Bearer sha256:{digest}").status_code == 401
+
+
+def test_requests_per_minute_per_key(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI) -> None:
+    proxy = make(serve, cloud, backup, limits={"requests_per_minute": 3})
+    assert [post(proxy).status_code for _ in range(3)] == [200, 200, 200]
+    limited = post(proxy)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert cloud.request_count == 3
+
+
+def test_concurrent_streams_per_key(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI) -> None:
+    proxy = make(serve, cloud, backup, limits={"concurrent_streams": 1})
+    cloud.set_fault("slow", token_delay=0.2)
+    done = threading.Event()
+
+    def long_stream() -> None:
+        with openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0) as sdk:
+            list(sdk.chat.completions.create(model="default", messages=MESSAGES, stream=True))
+        done.set()
+
+    reader = threading.Thread(target=long_stream)
+    reader.start()
+    deadline = time.monotonic() + 5
+    while cloud.request_count == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = post(proxy, {"model": "default", "messages": MESSAGES, "stream": True})
+    assert second.status_code == 429 and "streams" in second.json()["error"]["message"]
+    assert post(proxy).status_code == 200  # plain requests are not streams
+    reader.join(timeout=10)
+    assert done.is_set()
+    time.sleep(0.1)
+    assert post(proxy, {"model": "default", "messages": MESSAGES, "stream": True}).status_code == 200
+
+
+def test_too_many_messages_and_headers(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
+                                       backup: FakeOpenAI) -> None:
+    proxy = make(serve, cloud, backup, limits={"max_messages": 5, "max_header_bytes": 2048})
+    response = post(proxy, {"model": "default", "messages": MESSAGES * 6})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_messages"
+    response = post(proxy, **{"x-padding": "x" * 4000})
+    assert response.status_code == 431 and response.json()["error"]["type"] == "invalid_request_error"
+    assert cloud.request_count == 0
+
+
+def test_an_oversized_upstream_answer_is_a_provider_failure(serve: Callable[..., ServedApp],
+                                                            backup: FakeOpenAI) -> None:
+    with FakeOpenAI("cloud", reply="word " * 5000) as big:
+        proxy = make(serve, big, backup, limits={"max_upstream_bytes": 4096})
+        response = post(proxy)
+        assert response.status_code == 200
+        assert response.headers["x-proxy-fallbacks"] == "cloud=server_error"
+        # Streamed, the cap may hit before or after the first token: either way the
+        # backup answers (in place of the cloud, or continuing it) and the stream ends well.
+        response = post(proxy, {"model": "default", "messages": MESSAGES, "stream": True})
+        assert response.status_code == 200
+        assert "backup" in response.text and response.text.endswith("data: [DONE]\n\n")
