@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -99,3 +100,20 @@ def openai_provider(url: str, **extra: Any) -> dict[str, Any]:
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=30) as client:
         yield client
+
+
+# Every secret the suite configures: no log line of any test may contain one.
+SECRETS = ("sk-upstream", "sk-ant-test", "sk-test", "team-key", "admin-secret", "SECRET-TOKEN", "demo-cloud-key",
+           "fuzz-key", "admin-key")
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture the proxy's log lines (requests, events, errors) of every test and
+    fail the test if a configured key shows up in any of them."""
+    caplog.set_level(logging.INFO, logger="fallback_proxy")
+    yield
+    for record in caplog.records:
+        line = record.getMessage() + (caplog.text if record.exc_info else "")
+        leaked = [secret for secret in SECRETS if secret in line]
+        assert not leaked, f"a log line shows {leaked}: {line[:300]}"
