@@ -406,20 +406,21 @@ async def _first_token(
     )
     stream = adapter.stream(body, limits)
     head: list[Chunk] = []
+    started = False
     try:
         async with asyncio.timeout_at(first_deadline):
             while (chunk := await anext(stream, None)) is not None:
                 head.append(chunk)
                 if chunk.has_content or chunk.finish_reason is not None:
                     break
+        started = True
     except TimeoutError:
-        await _close(stream)
         raise ProviderError(
             FailureClass.TIMEOUT, f"no first token within {provider.timeout.first_token:g}s"
         ) from None
-    except BaseException:
-        await _close(stream)
-        raise
+    finally:
+        if not started:  # failed, timed out or cancelled: close the upstream now
+            await _close(stream)
     return StreamStart(head=head, rest=stream, provider=provider, deadline=deadline)
 
 
