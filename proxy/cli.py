@@ -256,6 +256,40 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo(port=args.port, check=args.check)
 
 
+# --- drill ---------------------------------------------------------------------------
+
+
+def _drill_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--config", metavar="FILE", default=None,
+                        help=f"drill the real app for this config, in-process (default: ${CONFIG_PATH_VARIABLE}); "
+                             "its REAL providers are called")
+    target.add_argument("--url", default=None, help="drill a running proxy instead, e.g. http://proxy:8080")
+    parser.add_argument("--admin-key", default=None, help="the running proxy's server.admin_key (for --disable)")
+    parser.add_argument("--api-key", default=None, help="a client key of the running proxy (auth.keys)")
+    parser.add_argument("--disable", metavar="NAME", action="append", default=[],
+                        help="switch this provider off for the drill (repeatable)")
+    parser.add_argument("--route", metavar="NAME", action="append", default=[],
+                        help="drill this route (repeatable; default: every route)")
+    parser.add_argument("--prompt", default=None, help="the user message to send")
+    parser.add_argument("--requests", type=int, default=3, help="requests per route (default 3)")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="stream the answers (default) or not")
+    parser.add_argument("--sla-ms", type=int, default=30000,
+                        help="a request holds the SLA when answered (200) within this many ms (default 30000)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+
+def run_drill(args: argparse.Namespace) -> int:
+    """Switch providers off on purpose and show who answers; exit 0 when every request was answered in time."""
+    from proxy.drill import DEFAULT_PROMPT, Plan, Remote, run
+
+    plan = Plan(disabled=tuple(args.disable), routes=tuple(args.route), prompt=args.prompt or DEFAULT_PROMPT,
+                requests=args.requests, stream=args.stream, sla_ms=args.sla_ms)
+    remote = Remote(args.url, args.admin_key, args.api_key) if args.url else None
+    return run(plan, config_path=args.config or default_config_path(), remote=remote, as_json=args.json)
+
+
 # --- the dispatch table -----------------------------------------------------------
 # drill is added here, as one more Command.
 
@@ -275,6 +309,11 @@ COMMANDS: Final[Mapping[str, Command]] = MappingProxyType(
             help="run a fake cloud, a fake local model and the proxy, and show a fallback",
             add_arguments=_demo_arguments,
             run=run_demo,
+        ),
+        "drill": Command(
+            help="switch providers off on purpose and prove the fallback answers",
+            add_arguments=_drill_arguments,
+            run=run_drill,
         ),
     }
 )

@@ -256,6 +256,10 @@ class OperatorEvents:
         event("recovered", logging.WARNING, provider=provider, state=health.state.value)
         self._alert("recovered", provider=provider, state=health.state.value)
 
+    def switched(self, provider: str, health: ProviderHealth) -> None:
+        kind = "provider_disabled" if health.disabled else "provider_enabled"
+        event(kind, logging.WARNING, provider=provider, reason=health.reason)
+
     def probe(self, provider: str, outcome: str) -> None:
         self.metrics.probes.labels(provider, outcome).inc()
 
