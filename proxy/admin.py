@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.errors import AuthenticationFailed, ProxyError, error_body
-from proxy.intake import authenticate
+from proxy.intake import authenticate, read_body
 from proxy.quota import quota_day
 from proxy.state import StoreUnavailable
 
@@ -121,7 +121,10 @@ def _error(exc: ProxyError) -> Response:
 
 
 async def _reason(request: Request) -> str:
-    body = await request.body()
+    try:
+        body = await read_body(request, 4096)
+    except ProxyError:
+        return "drill"
     if not body:
         return "drill"
     try:

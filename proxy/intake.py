@@ -6,12 +6,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from proxy.errors import AuthenticationFailed, HeadersTooLarge, InvalidRequest, PayloadTooLarge
+
+MAX_DEPTH = 100  # orjson writes at most 254 levels back; real requests use a handful
+
+
+def _too_deep(value: object, budget: int) -> bool:
+    if budget <= 0:
+        return True
+    if isinstance(value, dict):
+        return any(_too_deep(v, budget - 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_too_deep(v, budget - 1) for v in value)
+    return False
+
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -19,16 +33,22 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit`."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(limit)
-    parts: list[bytes] = []
+    try:
+        chunks = [part async for part in _limited(request, limit)]
+    except ClientDisconnect:
+        raise InvalidRequest("The client went away before sending the whole body.") from None
+    return b"".join(chunks)
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
     size = 0
     async for part in request.stream():
         size += len(part)
         if size > limit:
             raise PayloadTooLarge(limit)
-        parts.append(part)
-    return b"".join(parts)
+        yield part
 
 
 def check_headers(request: Request, limit: int) -> None:
@@ -47,6 +67,8 @@ def parse_chat_request(body: bytes, max_messages: int = 2000) -> dict[str, Any]:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _too_deep(payload, MAX_DEPTH):
+        raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter (a route or provider name).", param="model")
@@ -72,7 +94,7 @@ def _check_messages(messages: object, max_messages: int) -> None:
         if not isinstance(message, dict):
             raise InvalidRequest(f"'{where}' must be an object.", param=where)
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(
                 f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}; got {role!r}.", param=f"{where}.role"
             )

@@ -18,11 +18,10 @@ VERSION = "0.1.0"
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
 _SSE_DESCRIPTION = (
-    "With `stream: true`: server-sent events, `data: <ChatCompletionChunk JSON>` each (schema in "
-    "`x-sse-data-schema`). Headers are held until the first real token, so a failure before it falls back "
-    "invisibly. A failure after it either continues on the next provider or ends with one in-band "
-    "`data: {\"error\": {...}}` event (`x-sse-error-schema`, the "
-    "OpenAI error object). The stream always ends with `data: [DONE]`."
+    "With `stream: true`: server-sent events, `data: <ChatCompletionChunk JSON>` each. Headers are held until "
+    "the first real token, so a failure before it falls back invisibly. A failure after it either continues on "
+    "the next provider or ends with one in-band `data: {\"error\": {...}}` event (the OpenAI error object). "
+    "The stream always ends with `data: [DONE]`."
 )
 BEARER = "bearerAuth"
 ADMIN_BEARER = "adminBearerAuth"
@@ -70,13 +69,12 @@ def nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), *, extra: bool = True) -> Schema:
-    """An object schema; `extra` allows properties beyond those named."""
+def obj(properties: dict[str, Schema], required: tuple[str, ...] = ()) -> Schema:
+    """An object schema. Properties beyond those named are allowed: the proxy
+    passes what it does not know on, and OpenAI adds fields to its answers."""
     schema: Schema = {"type": "object", "properties": properties}
     if required:
         schema["required"] = list(required)
-    if not extra:
-        schema["additionalProperties"] = False
     return schema
 
 
@@ -197,7 +195,8 @@ def chat_request_schema() -> Schema:
     schema = obj(
         {
             "model": string("a route name or one provider's name (that provider alone, no fallback)", minLength=1),
-            "messages": array(ref("Message"), minItems=1),
+            "messages": array(ref("Message"), minItems=1,
+                              description="at most `limits.max_messages` (2000 unless configured)"),
             "stream": nullable(boolean("answer as server-sent events")),
             "stream_options": nullable(obj({"include_usage": boolean("send a last chunk with usage")})),
             **_sampling_properties(),
@@ -321,7 +320,9 @@ def chat_completion_schema() -> Schema:
             "role": const("assistant"),
             "content": nullable(string()),
             "refusal": nullable(string()),
-            "tool_calls": array(ref("ToolCall")),
+            # null rather than absent when a translated provider (litellm) answered
+            "tool_calls": nullable(array(ref("ToolCall"))),
+            "function_call": nullable(obj({"name": string(), "arguments": string()})),
         },
         ("role",),
     )
@@ -457,6 +458,7 @@ def _header_docs() -> dict[str, tuple[str, Schema]]:
                             integer(minimum=1)),
         "x-request-id": ("the request's id (the client's `x-request-id` when printable, else generated)", string()),
         "www-authenticate": ("`Bearer`", string()),
+        "retry-after": ("seconds until this client may send again", integer(minimum=0)),
     }
 
 
@@ -481,7 +483,7 @@ def answer_headers() -> Schema:
 def chat_error_headers(*more: str) -> Schema:
     """On a chat error: the request id always; the route headers once `model` resolved."""
     return header_set("x-request-id", "x-proxy-route", "x-proxy-attempts", "x-proxy-fallbacks", *more,
-                   required=("x-request-id",))
+                      required=("x-request-id",))
 
 
 def error_response(description: str, headers: Schema | None = None) -> Schema:
@@ -490,12 +492,10 @@ def error_response(description: str, headers: Schema | None = None) -> Schema:
 
 def _shared_responses() -> dict[str, Schema]:
     return {
-        "BadRequest": error_response("bad JSON, a missing or malformed field (`invalid_request_error`)"),
         "Unauthorized": error_response(
             "missing or wrong bearer key (`authentication_error`, code `invalid_api_key`)",
             header_set("www-authenticate"),
         ),
-        "NotFound": error_response("no such thing here (`invalid_request_error`)"),
         "AdminOff": error_response(
             "the admin endpoints are off (no `server.admin_key`), or no such provider (code `not_found`)"
         ),
@@ -552,25 +552,40 @@ def chat_operation(operation_id: str) -> Schema:
         "413": error_response("the body is over `server.max_body_bytes` (code `request_too_large`)",
                               chat_error_headers()),
         "422": error_response("a provider's 422 (not about context) passed back as is", chat_error_headers()),
+        "429": error_response("this client key is over `limits.requests_per_minute` or `limits.concurrent_streams` "
+                              "(`rate_limit_error`, code `rate_limit_exceeded`)", chat_error_headers("retry-after")),
+        "431": error_response("the request's headers are over `limits.max_header_bytes` "
+                              "(code `request_header_fields_too_large`)", chat_error_headers()),
         "4XX": error_response("another plain client error from a provider, passed back as is (no fallback)",
                               chat_error_headers()),
         "503": error_response("every candidate failed (code `all_providers_failed`, naming each and why)",
                               chat_error_headers()),
     }
     summary = "Create a chat completion, falling back along the route's graph"
-    op = operation(operation_id, summary, "chat", responses, security=[{BEARER: []}], parameters=parameters,
-                   body=body)
-    return op
+    return operation(operation_id, summary, "chat", responses, security=[{BEARER: []}], parameters=parameters,
+                     body=body)
 
 
 def chat_answer_content() -> Schema:
-    stream = {
-        "schema": {"type": "string", "description": _SSE_DESCRIPTION},
-        "x-sse-data-schema": ref("ChatCompletionChunk"),
-        "x-sse-error-schema": ref("ErrorBody"),
-    }
+    stream = {"schema": sse_event_schema()}
     return {"application/json": {"schema": ref("ChatCompletion")}, "text/event-stream": stream}
 
+
+def sse_event_schema() -> Schema:
+    """One server-sent event of a streamed answer (OpenAPI 3.1 reads an event
+    stream's `schema` as the schema of each event): its `data` is a chunk, an
+    in-band error, or the final `[DONE]`."""
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [ref("ChatCompletionChunk"), ref("ErrorBody")]},
+    }
+    schema = obj(
+        {"event": string(), "id": string(), "retry": integer(), "data": {"anyOf": [const("[DONE]"), json_data]}},
+        ("data",),
+    )
+    schema["description"] = _SSE_DESCRIPTION
+    return schema
 
 
 def list_models_operation() -> Schema:
@@ -611,11 +626,8 @@ def openapi_operation() -> Schema:
     return operation("openapi", "This OpenAPI document", "operations", responses)
 
 
-def _admin_responses(ok: Schema, *, unknown_name: bool = False) -> Schema:
-    responses = {"200": ok, "401": ref("Unauthorized", "responses"), "404": ref("AdminOff", "responses")}
-    if unknown_name:
-        responses["404"] = error_response("the admin endpoints are off, or no provider of that name")
-    return responses
+def _admin_responses(ok: Schema) -> Schema:
+    return {"200": ok, "401": ref("Unauthorized", "responses"), "404": ref("AdminOff", "responses")}
 
 
 def admin_status_operation() -> Schema:
@@ -631,7 +643,7 @@ def admin_switch_operation(action: str) -> Schema:
         note = "optional; a body that is not this JSON object is ignored (the reason is then `drill`)"
         body = {"required": False, "description": note, "content": json_content(ref("DisableRequest"))}
     summary = f"{action.capitalize()} a provider (drills); the health state machine keeps running"
-    return operation(f"admin{action.capitalize()}Provider", summary, "admin", _admin_responses(ok, unknown_name=True),
+    return operation(f"admin{action.capitalize()}Provider", summary, "admin", _admin_responses(ok),
                      security=[{ADMIN_BEARER: []}], parameters=parameters, body=body)
 
 

@@ -108,7 +108,12 @@ async def litellm_count(model: str, messages: list[dict[str, Any]]) -> int:
     """litellm's token counter for this model, off the event loop."""
 
     def count() -> int:
-        tokens: int = load_litellm().token_counter(model=model, messages=messages)
+        try:
+            tokens: int = load_litellm().token_counter(model=model, messages=messages)
+        except (ValueError, TypeError, LookupError, AttributeError):
+            # litellm cannot read some valid inputs (audio parts, odd shapes):
+            # the byte count is a safe overestimate.
+            return upper_bound(messages)
         return tokens
 
     return await asyncio.to_thread(count)

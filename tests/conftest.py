@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 
 from proxy.app import create_app
 from proxy.config import Config, parse_config
+from proxy.fakes import FakeOpenAI
 
 
 class ServedApp:
@@ -89,6 +90,20 @@ def serve(serve_asgi: Callable[[ASGIApp], ServedApp]) -> Callable[..., ServedApp
         return serve_asgi(create_app(cfg, **kwargs))
 
     return _serve
+
+
+@pytest.fixture
+def cloud() -> Iterator[FakeOpenAI]:
+    """A fake OpenAI-compatible cloud answering "Hello from cloud."."""
+    with FakeOpenAI("cloud") as fake:
+        yield fake
+
+
+@pytest.fixture
+def backup() -> Iterator[FakeOpenAI]:
+    """A second fake OpenAI-compatible provider answering "Hello from backup."."""
+    with FakeOpenAI("backup") as fake:
+        yield fake
 
 
 def openai_provider(url: str, **extra: Any) -> dict[str, Any]:

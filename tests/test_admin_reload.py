@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import pytest
 import yaml
 
 from proxy.config import load_config
@@ -20,18 +19,6 @@ from .conftest import ServedApp, openai_provider
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def cloud() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("cloud") as fake:
-        yield fake
-
-
-@pytest.fixture
-def backup() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("backup") as fake:
-        yield fake
 
 
 def config_data(cloud: FakeOpenAI, backup: FakeOpenAI, **extra: Any) -> dict[str, Any]:

@@ -18,18 +18,6 @@ from .conftest import ServedApp, openai_provider
 FAST = {"connect": 1, "first_token": 1, "total": 3, "idle": 1}
 
 
-@pytest.fixture
-def cloud() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("cloud") as fake:
-        yield fake
-
-
-@pytest.fixture
-def backup() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("backup") as fake:
-        yield fake
-
-
 def two_provider_config(cloud: FakeOpenAI, backup: FakeOpenAI, **extra: Any) -> dict[str, Any]:
     return {
         "providers": {

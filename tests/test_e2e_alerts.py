@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -34,18 +34,6 @@ def receiver(serve_asgi: Callable[[Any], ServedApp]) -> tuple[ServedApp, list[di
         return JSONResponse({"ok": True})
 
     return serve_asgi(Starlette(routes=[Route("/hook/{token}", hook, methods=["POST"])])), received
-
-
-@pytest.fixture
-def cloud() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("cloud") as fake:
-        yield fake
-
-
-@pytest.fixture
-def backup() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("backup") as fake:
-        yield fake
 
 
 def test_failover_and_breaker_alerts_are_delivered_once_per_window(

@@ -10,7 +10,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -40,18 +40,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
-
-
-@pytest.fixture
-def cloud() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("cloud") as fake:
-        yield fake
-
-
-@pytest.fixture
-def backup() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("backup") as fake:
-        yield fake
 
 
 @pytest.fixture

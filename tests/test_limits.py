@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
-import pytest
 
 from proxy.fakes import FakeOpenAI
 
@@ -18,18 +17,6 @@ from .conftest import ServedApp, openai_provider
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 KEY = "team-key-123"
-
-
-@pytest.fixture
-def cloud() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("cloud") as fake:
-        yield fake
-
-
-@pytest.fixture
-def backup() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI("backup") as fake:
-        yield fake
 
 
 def make(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, **extra: Any) -> ServedApp:

@@ -24,7 +24,6 @@ that sends over our client and never retries on one of its own.
 from __future__ import annotations
 
 import importlib
-import logging
 import time
 import uuid
 from collections import OrderedDict

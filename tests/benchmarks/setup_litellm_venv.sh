@@ -14,5 +14,5 @@ python="${PYTHON:-python3}"
 "$python" -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
 "$venv/bin/pip" install 'litellm[proxy]==1.103.0'
-"$venv/bin/litellm" --version || true
+LITELLM_LOCAL_MODEL_COST_MAP=True "$venv/bin/python" -c "import importlib.metadata as m; print('litellm', m.version('litellm'))"
 echo "LiteLLM proxy installed: $venv/bin/litellm"
