@@ -181,7 +181,8 @@ class Dispatcher:
         answered = await self._walk(route, body, needs, record, call)
         completion = answered.result
         self.health.success(answered.provider.name)
-        self.background.spawn(self.quota.settle(answered.reservation, completion.usage, None))
+        if answered.reservation is not None:
+            self.background.spawn(self.quota.settle(answered.reservation, completion.usage, None))
         record.model = completion.model
         record.usage = completion.usage
         return completion
@@ -214,7 +215,8 @@ class Dispatcher:
         first token counts against its health; usage settles its quota."""
         if failure is not None:
             self.health.failure(start.provider.name, failure.failure, failure.retry_after)
-        self.background.spawn(self.quota.settle(start.reservation, usage, None))
+        if start.reservation is not None:
+            self.background.spawn(self.quota.settle(start.reservation, usage, None))
 
     async def _walk(
         self,
@@ -344,10 +346,12 @@ class Dispatcher:
         except ProviderError as exc:
             if exc.failure is not FailureClass.CLIENT_ERROR:
                 self.health.failure(provider.name, exc.failure, exc.retry_after)
-            self.background.spawn(self.quota.settle(reservation, None, exc.failure))
+            if reservation is not None:
+                self.background.spawn(self.quota.settle(reservation, None, exc.failure))
             raise
         except asyncio.CancelledError:  # lost a hedge race, or the client went away: nothing was used
-            self.background.spawn(self.quota.settle(reservation, None, FailureClass.CONNECTION_ERROR))
+            if reservation is not None:
+                self.background.spawn(self.quota.settle(reservation, None, FailureClass.CONNECTION_ERROR))
             raise
         return Answered(result, provider, reservation, shaped.trimmed)
 
