@@ -87,24 +87,30 @@ class AdminHandlers:
         return {"day": day, "requests_used": requests, "requests_per_day": quota.requests_per_day,
                 "tokens_used": tokens, "tokens_per_day": quota.tokens_per_day}
 
-    async def disable(self, request: Request) -> Response:
+    def _provider(self, request: Request) -> tuple[Runtime, str] | Response:
+        """The runtime and the named provider, or the response refusing the call."""
         runtime = self._admit(request)
         if isinstance(runtime, Response):
             return runtime
-        name = request.path_params["name"]
+        name: str = request.path_params["name"]
         if name not in runtime.config.providers:
             return _not_found(f"No provider named '{name}'.")
+        return runtime, name
+
+    async def disable(self, request: Request) -> Response:
+        found = self._provider(request)
+        if isinstance(found, Response):
+            return found
+        runtime, name = found
         reason = await _reason(request)
         runtime.health.disable(name, f"disabled by operator: {reason}")
         return _json({"provider": name, "disabled": True, "reason": reason})
 
     async def enable(self, request: Request) -> Response:
-        runtime = self._admit(request)
-        if isinstance(runtime, Response):
-            return runtime
-        name = request.path_params["name"]
-        if name not in runtime.config.providers:
-            return _not_found(f"No provider named '{name}'.")
+        found = self._provider(request)
+        if isinstance(found, Response):
+            return found
+        runtime, name = found
         runtime.health.enable(name)
         return _json({"provider": name, "disabled": False})
 

@@ -58,17 +58,6 @@ class FakeAnthropic(FakeServer):
 
     default_name = "anthropic"
 
-    def __init__(
-        self,
-        name: str = "anthropic",
-        *,
-        reply: str | None = None,
-        chunks: int | None = None,
-        model: str | None = None,
-        port: int = 0,
-        api_key: str | None = None,
-    ) -> None:
-        super().__init__(name, reply=reply, chunks=chunks, model=model, port=port, api_key=api_key)
 
     def _routes(self) -> list[BaseRoute]:
         checks = [self._check_auth, self._check_version]
