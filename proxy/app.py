@@ -21,7 +21,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.middleware import Middleware
 from starlette.routing import Route as HttpRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.admin import AdminHandlers
 from proxy.alerts import Alerter, Webhook
@@ -224,7 +226,8 @@ def create_app(
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
+        exception_handlers={HTTPException: _http_exception},
+        middleware=[Middleware(InternalErrors)],
     )
     app.state.proxy = state
     return app
@@ -253,10 +256,35 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return json_response(error_body(message, error_type, None), exc.status_code, dict(exc.headers or {}))
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    body = error_body("The proxy hit an internal error; it has been logged.", "server_error", "internal_error")
-    return json_response(body, 500)
+class InternalErrors:
+    """The last line: a bug becomes one logged traceback and an OpenAI-shaped
+    500, and the connection stays usable. (Starlette's own handler for
+    `Exception` answers, then raises again, so uvicorn logs it twice and drops
+    the connection.) Once a response has started there is nothing to answer:
+    the error goes on to the server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:  # the one place a bug in any endpoint is caught, logged and answered
+            if started:
+                raise
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            body = error_body("The proxy hit an internal error; it has been logged.", "server_error", "internal_error")
+            await json_response(body, 500)(scope, receive, send)
 
 
 class Handlers:

@@ -324,3 +324,20 @@ def test_models_health_ready(proxy: ServedApp, http: httpx.Client, client: opena
     assert http.get(proxy.url + "/healthz").json() == {"status": "ok"}
     ready = http.get(proxy.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def test_a_bug_is_one_logged_500_and_the_connection_stays_usable(
+    serve: Callable[..., ServedApp], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug in the transport")
+
+    proxy = serve({"providers": {"p": openai_provider("http://upstream.invalid")}, "routes": {"default": ["p"]}},
+                  transport=httpx.MockTransport(broken))
+    with httpx.Client(base_url=proxy.url) as http_client:
+        response = http_client.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES})
+        assert response.status_code == 500 and _error(response)["code"] == "internal_error"
+        assert "a bug in the transport" not in response.text  # no traceback to the client
+        assert http_client.get("/healthz").status_code == 200  # same keep-alive connection
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert tracebacks == ["unexpected error on POST /v1/chat/completions"]  # logged once, by the proxy
