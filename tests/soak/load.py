@@ -18,6 +18,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ class Result:
     at: float = 0.0  # when it was sent (monotonic)
     sent: float = 0.0  # when it was sent (wall clock, to compare with the proxy's log)
     headers: float | None = None  # when the response headers arrived (monotonic), if they did
+    written: float | None = None  # when the request was on the wire (wall clock): the client's queueing before it
 
 
 def chain_of(text: str, *, finished: bool = True) -> list[str] | None:
@@ -138,7 +140,14 @@ async def _error_result(response: httpx.Response, result: Result) -> Result:
 async def one_request(http: httpx.AsyncClient, route: str, stream: bool, prompt: str, result: Result) -> Result:
     body: dict[str, Any] = {"model": route, "stream": stream, "messages": [{"role": "user", "content": prompt}]}
     headers = {"x-request-id": result.request_id}
-    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+
+    async def trace(name: str, info: dict[str, Any]) -> None:
+        if name == "http11.send_request_body.complete":
+            result.written = time.time()
+
+    extensions = {"trace": trace}
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers,
+                           extensions=extensions) as response:
         result.status, result.headers = response.status_code, time.monotonic()
         if response.status_code != 200:
             return await _error_result(response, result)
@@ -164,9 +173,18 @@ async def one_request(http: httpx.AsyncClient, route: str, stream: bool, prompt:
 
 
 async def client_loop(
+    connect: Callable[[], httpx.AsyncClient], number: int, end: float, deadline: float, rng: random.Random,
+    results: list[Result],
+) -> None:
+    """One user: its own client, requests one after another until `end`, each of
+    which must end within `deadline` seconds."""
+    async with connect() as http:
+        await _requests(http, number, end, deadline, rng, results)
+
+
+async def _requests(
     http: httpx.AsyncClient, number: int, end: float, deadline: float, rng: random.Random, results: list[Result]
 ) -> None:
-    """Send requests one after another until `end`; each must end within `deadline` seconds."""
     weights = [w for w, _, _ in MIX]
     sent = 0
     while time.monotonic() < end:

@@ -86,7 +86,7 @@ def wait_http(url: str, child: Child, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not child.alive():
-            raise RuntimeError(f"{child.process.args} exited with {child.process.returncode}; see {child.log}")
+            raise RuntimeError(f"{child.process.args!r} exited with {child.process.returncode}; see {child.log}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return

@@ -75,7 +75,8 @@ def chaos_section(run: Run, figures: Figures) -> list[str]:
     down = sum(b - a for a, b in timeline.kills)
     lines.append(f"  Redis down {down:.1f}s in all; the proxy's /readyz reported its store unavailable for "
                  f"{timeline.unavailable_seconds():.1f}s; store ok again after each restart: {lags or '-'}")
-    lines.append(f"  /readyz answered in {_timing(timeline.readyz_seconds)} (the proxy's event loop under load)")
+    lines.append(f"  /readyz answered in {_timing(timeline.readyz_seconds)} (as this process measures it: its own "
+                 f"event-loop lag included)")
     m = figures.metrics
     lines.append(
         "proxy counters: "
