@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import httpx
 import uvicorn
@@ -31,7 +32,10 @@ def build_server(
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=int(config.server.shutdown_grace_seconds),
+        timeout_graceful_shutdown=math.ceil(config.server.shutdown_grace_seconds),
+        # Longer than clients' own keep-alive (httpx and the OpenAI SDK: 5 s), so a
+        # client never sends on a connection the server is closing.
+        timeout_keep_alive=75,
     )
     return uvicorn.Server(uv_config)
 

@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -520,6 +521,11 @@ class RedisStore:
             "retry": _no_retry(),
             "health_check_interval": 0, "decode_responses": True,
             "max_connections": max_connections + PUBSUB_HEADROOM,
+            # redis-py 8 leaves its stale-connection check off while maintenance
+            # notifications are "auto": after a Redis restart every pooled
+            # connection would fail once (and reopen the breaker). Off, they are
+            # checked and replaced.
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
         sentinel = None
         if url.partition("://")[0].lower() in SENTINEL_SCHEMES:

@@ -630,7 +630,7 @@ async def test_half_open_lets_one_trial_through_and_a_cancelled_trial_frees_the_
         trial = asyncio.create_task(store.ping())  # stalls on the stopped server
         await asyncio.sleep(0.01)
         error, took = await timed_failure(store.usage("p", DAY))  # only one trial at a time
-        assert "breaker open" in error.reason and took < 0.001
+        assert "breaker open" in error.reason and took < 0.01
         trial.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await trial
