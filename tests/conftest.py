@@ -13,17 +13,48 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.app import create_app
 from proxy.config import Config, parse_config
 from proxy.fakes import FakeOpenAI
 
 
-class ServedApp:
-    """An ASGI app served by uvicorn on 127.0.0.1 in a thread, lifespan included."""
+class SecretScan:
+    """ASGI wrapper noting every response (headers and body) that shows a configured
+    secret: what the proxy sends its clients must never contain one."""
 
     def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.leaks: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def scanning_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                text = b"\n".join(b"%s: %s" % (k, v) for k, v in message.get("headers", [])).decode("latin-1")
+            elif message["type"] == "http.response.body":
+                text = bytes(message.get("body", b"")).decode("utf-8", "replace")
+            else:
+                text = ""
+            for secret in SECRETS:
+                if secret in text:
+                    self.leaks.append(f"{scope.get('method')} {scope.get('path')} answered {secret!r}: {text[:200]}")
+            await send(message)
+
+        await self.app(scope, receive, scanning_send)
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn on 127.0.0.1 in a thread, lifespan included.
+    Every response it sends is scanned for the suite's secrets (`leaks`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.scan = SecretScan(app)
+        app = self.scan
         # IPPROTO_TCP explicitly, so asyncio sets TCP_NODELAY on accepted connections.
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -79,6 +110,8 @@ def serve_asgi() -> Iterator[Callable[[ASGIApp], ServedApp]]:
     yield _serve
     for served in started:
         served.stop()
+    leaks = [leak for served in started for leak in served.scan.leaks]
+    assert not leaks, f"a response showed a configured secret: {leaks[:3]}"
 
 
 @pytest.fixture
