@@ -1,0 +1,110 @@
+"""Load, interpolate and validate the YAML config into frozen, typed objects.
+
+Two phases, as uvicorn does: the whole file is parsed and checked up front,
+every problem is collected with the path of the key it is about
+(``routes.default[2]: unknown provider 'olama'``), and only a config without
+problems becomes a :class:`Config`. Nothing else in the proxy reads the
+environment: ``${VAR}`` references are resolved here, against the ``environ``
+mapping passed in (``os.environ`` by default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from proxy.config.model import (
+    ALERT_FORMATS,
+    ALERT_KINDS,
+    CAPABILITIES,
+    EDGE_KEYS,
+    FAILURE_CLASSES,
+    AlertSettings,
+    Config,
+    ConfigError,
+    HealthSettings,
+    LimitSettings,
+    ProviderConfig,
+    Quota,
+    RedisSettings,
+    Route,
+    ServerConfig,
+    Timeouts,
+    WebhookSettings,
+)
+from proxy.config.providers import _parse_providers
+from proxy.config.routes import _parse_routes
+from proxy.config.sections import (
+    _TOP_KEYS,
+    _parse_alerts,
+    _parse_auth,
+    _parse_health,
+    _parse_limits,
+    _parse_quotas,
+    _parse_redis,
+    _parse_server,
+    _warn_if_open,
+)
+from proxy.config.source import _read_yaml, interpolate, redact_url
+from proxy.config.values import _Context, _section
+
+__all__ = [
+    "ALERT_FORMATS", "ALERT_KINDS", "CAPABILITIES", "CONFIG_PATH_VARIABLE", "EDGE_KEYS", "FAILURE_CLASSES",
+    "AlertSettings", "Config", "ConfigError", "HealthSettings", "LimitSettings", "ProviderConfig", "Quota",
+    "RedisSettings", "Route", "ServerConfig", "Timeouts", "WebhookSettings",
+    "default_config_path", "interpolate", "load_config", "parse_config", "redact_url",
+]
+
+
+# --- the public entry points ------------------------------------------------
+
+CONFIG_PATH_VARIABLE: Final = "FALLBACK_PROXY_CONFIG"
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> str | None:
+    """The config file named by ``$FALLBACK_PROXY_CONFIG``, if any."""
+    return (os.environ if environ is None else environ).get(CONFIG_PATH_VARIABLE) or None
+
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate the YAML file at ``path``; raise ConfigError."""
+    source = os.fspath(path)
+    return parse_config(_read_yaml(source), environ, source=source)
+
+
+def parse_config(
+    data: object, environ: Mapping[str, str] | None = None, source: str | None = None
+) -> Config:
+    """Validate already-parsed YAML ``data``; raise ConfigError with every problem."""
+    ctx = _Context(os.environ if environ is None else environ)
+    top = _section(data, "", ctx, _TOP_KEYS)
+    if top is None:
+        raise ConfigError(ctx.errors)
+    redis = _parse_redis(top.get("redis"), ctx)
+    health = _parse_health(top.get("health"), ctx)
+    quota_timezone = _parse_quotas(top.get("quotas"), ctx)
+    alerts = _parse_alerts(top.get("alerts"), ctx)
+    limits = _parse_limits(top.get("limits"), ctx)
+    auth_keys = _parse_auth(top.get("auth"), ctx)
+    server = _parse_server(top.get("server"), ctx)
+    providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx)
+    routes = _parse_routes(top.get("routes"), providers, scope, ctx)
+    _warn_if_open(auth_keys, server, ctx)
+    if ctx.errors:
+        raise ConfigError(ctx.errors)
+    return Config(
+        providers=MappingProxyType(providers),
+        routes=MappingProxyType(routes),
+        redis=redis,
+        health=health,
+        quota_timezone=quota_timezone,
+        alerts=alerts,
+        limits=limits,
+        auth_keys=auth_keys,
+        server=server,
+        source=source,
+        warnings=tuple(ctx.warnings),
+    )

@@ -1,0 +1,179 @@
+"""The config's typed, frozen objects: what the rest of the proxy reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final
+
+FAILURE_CLASSES: Final[frozenset[str]] = frozenset(
+    {
+        "timeout", "connection_error", "rate_limited", "server_error", "auth_error",
+        "context_window_exceeded", "content_filtered", "unhealthy", "quota_exhausted",
+        "unsupported", "policy",
+    }
+)
+EDGE_KEYS: Final[frozenset[str]] = FAILURE_CLASSES | {"default"}
+CAPABILITIES: Final[frozenset[str]] = frozenset({"vision", "tools"})
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; each names the key path it is about."""
+
+    problems: tuple[str, ...]
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        head = "invalid config" if count == 1 else f"invalid config ({count} problems)"
+        super().__init__("\n  ".join((head + ":", *self.problems)))
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-attempt deadlines, in seconds."""
+
+    connect: float = 5.0
+    first_token: float = 30.0
+    total: float = 300.0
+    idle: float = 30.0  # max gap between stream chunks after the first token
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    requests_per_day: int | None = None
+    tokens_per_day: int | None = None
+
+
+def _no_headers() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    model: str  # the litellm model string as written
+    litellm_provider: str  # the prefix before the first "/", "openai" when there is none
+    upstream_model: str  # the part after the prefix, sent to the upstream
+    openai_compatible: bool  # the OpenAI wire format can be relayed as is
+    api_base: str | None  # as given, else the known default, else None
+    api_key: str | None = field(default=None, repr=False)
+    timeout: Timeouts = Timeouts()
+    quota: Quota | None = None
+    context_window: int | None = None
+    capabilities: frozenset[str] | None = None  # None: not declared, every request may try it
+    local: bool = False
+    warmup: bool = False
+    system_prompt: str | None = None
+    retries: int = 0
+    headers: Mapping[str, str] = field(default_factory=_no_headers)
+    probe: bool = True  # active health probes allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    first: str
+    edges: Mapping[str, Mapping[str, str]]  # node -> {failure class or "default" -> next node}
+    local_only: bool = False
+    form: str = "chain"  # "chain" | "graph" | "provider"
+    continuation: bool = True
+    hedge_after_ms: int | None = None
+    budget: float | None = None  # seconds for the whole walk
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 10 * 1024 * 1024
+    admin_key: str | None = field(default=None, repr=False)
+    shutdown_grace_seconds: float = 30.0  # in-flight streams may finish this long after SIGTERM
+    reload_check_seconds: float = 2.0  # how often the config file is checked for changes; 0 = never
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Where shared state lives; ``url`` None means in-process state (one instance)."""
+
+    url: str | None = field(default=None, repr=False)  # may hold a password
+    prefix: str = "fp"
+    timeout: float = 0.1  # seconds per Redis call before it counts as failed
+    breaker_seconds: float = 2.0  # after a failure, Redis is not asked for this long
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """What one client may ask of the proxy; 0 turns a per-client limit off."""
+
+    requests_per_minute: int = 0  # per client key, shared by replicas through the store
+    concurrent_streams: int = 0  # per client key, shared by replicas through the store
+    max_messages: int = 2000
+    max_header_bytes: int = 32768
+    client_write_timeout_seconds: float = 30.0  # a client that reads a stream slower than this is dropped
+    max_upstream_bytes: int = 32 * 1024 * 1024  # a provider's answer larger than this is a failure
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Thresholds of the per-provider health state machine."""
+
+    failure_threshold: int = 3  # consecutive failures that open a provider's breaker
+    cooldown_seconds: float = 30.0  # how long an open breaker skips the provider before a trial
+    probe_interval_seconds: float = 10.0  # active probes (free endpoints), 0 = off
+    probe_timeout_seconds: float = 3.0
+    slow_ttft_seconds: float = 10.0  # a provider whose time to first token averages above this is SLOW
+
+
+ALERT_KINDS: Final[frozenset[str]] = frozenset({
+    "failover", "breaker_open", "recovered", "quota_exhausted", "quota_fail_closed",
+    "store_down", "store_up", "config_reload_failed",
+})
+ALERT_FORMATS: Final[frozenset[str]] = frozenset({"json", "slack", "telegram"})
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    url: str = field(repr=False)  # may carry a token (Slack, Telegram)
+    format: str = "json"
+    events: frozenset[str] = ALERT_KINDS
+    chat_id: str | None = None  # telegram
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """Operator alerts: each event kind de-duplicated per provider within the window."""
+
+    webhooks: tuple[WebhookSettings, ...] = ()
+    dedupe_seconds: float = 300.0
+
+
+_NO_EDGES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    providers: Mapping[str, ProviderConfig]
+    routes: Mapping[str, Route]
+    redis: RedisSettings = RedisSettings()
+    auth_keys: tuple[str, ...] = field(default=(), repr=False)
+    server: ServerConfig = ServerConfig()
+    health: HealthSettings = HealthSettings()
+    quota_timezone: str = "UTC"  # the day of daily quotas starts at midnight here
+    alerts: AlertSettings = AlertSettings()
+    limits: LimitSettings = LimitSettings()
+    source: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def redis_url(self) -> str | None:
+        return self.redis.url
+
+    def route_for(self, model: str) -> Route | None:
+        """The route named ``model``, a single-provider route, or None."""
+        route = self.routes.get(model)
+        if route is not None or model not in self.providers:
+            return route
+        return Route(name=model, first=model, edges=_NO_EDGES, form="provider")

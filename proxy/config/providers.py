@@ -1,0 +1,241 @@
+"""The ``providers`` section: one ProviderConfig per name, its target resolved."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Final
+
+from proxy.config.model import CAPABILITIES, ProviderConfig, Quota, Timeouts
+from proxy.config.values import (
+    _boolean,
+    _Context,
+    _convert,
+    _get,
+    _http_url,
+    _int_between,
+    _items,
+    _opt,
+    _positive_int,
+    _positive_number,
+    _required_text,
+    _section,
+    _text,
+    _unknown,
+)
+
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PROVIDER_KEYS: Final = frozenset(
+    {
+        "model", "api_key", "api_base", "timeout", "quota", "context_window", "capabilities",
+        "local", "warmup", "probe", "system_prompt", "retries", "headers",
+    }
+)
+_TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
+_QUOTA_KEYS: Final = ("requests_per_day", "tokens_per_day")
+_DEFAULT_TIMEOUTS: Final = Timeouts()
+
+# litellm providers whose wire format is OpenAI's, so requests are relayed as is.
+_OPENAI_COMPATIBLE: Final = frozenset(
+    {
+        "openai", "together_ai", "groq", "deepseek", "mistral", "fireworks_ai", "openrouter", "xai",
+        "hosted_vllm", "lm_studio", "llamafile",
+    }
+)
+_API_BASE_REQUIRED: Final = frozenset({"hosted_vllm", "llamafile"})
+_LOCAL_BY_DEFAULT: Final = frozenset({"ollama", "ollama_chat", "lm_studio"})
+_DEFAULT_API_BASES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "openai": "https://api.openai.com/v1",
+        "together_ai": "https://api.together.xyz/v1",
+        "groq": "https://api.groq.com/openai/v1",
+        "deepseek": "https://api.deepseek.com/v1",
+        "mistral": "https://api.mistral.ai/v1",
+        "fireworks_ai": "https://api.fireworks.ai/inference/v1",
+        "openrouter": "https://openrouter.ai/api/v1",
+        "xai": "https://api.x.ai/v1",
+        "lm_studio": "http://localhost:1234/v1",
+        "ollama": "http://localhost:11434",
+        "ollama_chat": "http://localhost:11434",
+    }
+)
+# Common litellm prefixes, only to catch typos such as "olama_chat/".
+_KNOWN_PREFIXES: Final = _OPENAI_COMPATIBLE | frozenset(
+    {
+        "anthropic", "azure", "azure_ai", "bedrock", "cerebras", "cohere", "deepinfra", "gemini",
+        "huggingface", "ollama", "ollama_chat", "perplexity", "vertex_ai", "watsonx",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """The names a route may refer to, and the names it must not be."""
+
+    providers: frozenset[str]
+    routes: frozenset[str]
+
+
+def _parse_providers(
+    node: object, routes_node: object, ctx: _Context
+) -> tuple[dict[str, ProviderConfig], _Scope]:
+    section = _section(node, "providers", ctx, None)
+    if section == {}:
+        ctx.error("providers", "at least one provider is required")
+    section = section or {}
+    providers: dict[str, ProviderConfig] = {}
+    for name, body in section.items():
+        path = f"providers.{name}"
+        if not _valid_name(name, path, ctx):
+            continue
+        provider = _parse_provider(name, body, path, ctx)
+        if provider is not None:
+            providers[name] = provider
+    route_names = routes_node.keys() if isinstance(routes_node, Mapping) else ()
+    scope = _Scope(
+        providers=frozenset(name for name in section if _NAME.fullmatch(name)),
+        routes=frozenset(name for name in route_names if isinstance(name, str)),
+    )
+    return providers, scope
+
+
+def _valid_name(name: str, path: str, ctx: _Context) -> bool:
+    if _NAME.fullmatch(name):
+        return True
+    ctx.error(path, "names use letters, digits, '.', '_' and '-', and start with a letter or digit")
+    return False
+
+
+def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> ProviderConfig | None:
+    m = _section(node, path, ctx, _PROVIDER_KEYS)
+    if m is None:
+        return None
+    model = _required_text(m, "model", path, ctx)
+    provider = ProviderConfig(
+        name=name,
+        model=model or "",
+        litellm_provider="",  # the model-derived fields are filled in by _with_target
+        upstream_model="",
+        openai_compatible=False,
+        api_base=_opt(m, "api_base", path, ctx, _http_url),
+        api_key=_opt(m, "api_key", path, ctx, _text),
+        timeout=_parse_timeouts(m.get("timeout"), f"{path}.timeout", ctx),
+        quota=_parse_quota(m.get("quota"), f"{path}.quota", ctx),
+        context_window=_opt(m, "context_window", path, ctx, _positive_int),
+        capabilities=_parse_capabilities(m.get("capabilities"), f"{path}.capabilities", ctx),
+        local=_get(m, "local", path, ctx, _boolean, False),
+        warmup=_get(m, "warmup", path, ctx, _boolean, False),
+        system_prompt=_opt(m, "system_prompt", path, ctx, _text),
+        retries=_get(m, "retries", path, ctx, _int_between(0, 5), 0),
+        headers=_parse_headers(m.get("headers"), f"{path}.headers", ctx),
+        probe=_get(m, "probe", path, ctx, _boolean, True),
+    )
+    return None if model is None else _with_target(provider, path, ctx)
+
+
+def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> ProviderConfig | None:
+    """``provider`` with the fields derived from its model string filled in."""
+    prefix, slash, upstream = provider.model.partition("/")
+    if not slash:
+        prefix, upstream = "openai", provider.model
+    if not prefix or not upstream:
+        ctx.error(f"{path}.model", "expected 'provider/model', e.g. openai/gpt-4o-2024-08-06")
+        return None
+    _warn_about_model(prefix, upstream, f"{path}.model", ctx)
+    return replace(
+        provider,
+        litellm_provider=prefix,
+        upstream_model=upstream,
+        openai_compatible=prefix in _OPENAI_COMPATIBLE,
+        api_base=_api_base(provider, prefix, path, ctx),
+    )
+
+
+def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -> str | None:
+    if provider.api_base is not None:
+        return provider.api_base
+    where = f"{path}.api_base"
+    if prefix in _API_BASE_REQUIRED:
+        ctx.error(where, f"required for {prefix} models (the address of your server)")
+    elif provider.local and prefix not in _LOCAL_BY_DEFAULT:
+        ctx.error(
+            where, "required for a local provider (the address of the server on your hardware)"
+        )
+    return _DEFAULT_API_BASES.get(prefix)
+
+
+def _warn_about_model(prefix: str, upstream: str, path: str, ctx: _Context) -> None:
+    if prefix in ("ollama", "ollama_chat"):
+        base, colon, tag = upstream.rpartition(":")
+        if not colon or "/" in tag:
+            base, tag = upstream, ""
+        if tag in ("", "latest"):
+            ctx.warn(
+                path,
+                f"tag not pinned ({upstream!r} resolves to :latest, which changes under you); "
+                f"write e.g. {base}:7b",
+            )
+    elif upstream.endswith("-latest"):
+        ctx.warn(path, f"{upstream!r} is an alias that moves to new snapshots; pin a dated one")
+    if prefix not in _KNOWN_PREFIXES and difflib.get_close_matches(prefix, _KNOWN_PREFIXES, n=1):
+        ctx.warn(path, _unknown("litellm provider", prefix, _KNOWN_PREFIXES))
+
+
+def _parse_timeouts(node: object, path: str, ctx: _Context) -> Timeouts:
+    section = _section(node, path, ctx, _TIMEOUT_KEYS)
+    if not section:
+        return _DEFAULT_TIMEOUTS
+    given = {key: _opt(section, key, path, ctx, _positive_number) for key in _TIMEOUT_KEYS}
+    total = given["total"] or _DEFAULT_TIMEOUTS.total
+    for key in ("connect", "first_token"):
+        value = given[key]
+        if value is not None and value > total:
+            ctx.error(f"{path}.{key}", f"{value:g}s must not exceed total ({total:g}s)")
+    # Unset deadlines default to at most the total, so setting only `total` is enough.
+    return Timeouts(
+        connect=given["connect"] or min(_DEFAULT_TIMEOUTS.connect, total),
+        first_token=given["first_token"] or min(_DEFAULT_TIMEOUTS.first_token, total),
+        total=total,
+        idle=given["idle"] or min(_DEFAULT_TIMEOUTS.idle, total),
+    )
+
+
+def _parse_quota(node: object, path: str, ctx: _Context) -> Quota | None:
+    section = _section(node, path, ctx, _QUOTA_KEYS)
+    if not section:
+        return None
+    requests = _opt(section, "requests_per_day", path, ctx, _positive_int)
+    tokens = _opt(section, "tokens_per_day", path, ctx, _positive_int)
+    return None if requests is None and tokens is None else Quota(requests, tokens)
+
+
+def _parse_capabilities(node: object, path: str, ctx: _Context) -> frozenset[str] | None:
+    if node is None:
+        return None
+    found: set[str] = set()
+    for where, item in _items(node, path, ctx):
+        name = _convert(item, where, ctx, _text)
+        if name in CAPABILITIES:
+            found.add(name)
+        elif name is not None:
+            ctx.error(where, _unknown("capability", name, CAPABILITIES))
+    return frozenset(found)
+
+
+def _parse_headers(node: object, path: str, ctx: _Context) -> Mapping[str, str]:
+    headers: dict[str, str] = {}
+    for name, raw in (_section(node, path, ctx, None) or {}).items():
+        if not _HEADER_NAME.fullmatch(name):
+            ctx.error(path, f"{name!r} is not a valid header name")
+            continue
+        value = _convert(raw, f"{path}.{name}", ctx, _text)
+        if value:  # empty after interpolation: leave the header out
+            headers[name] = value
+    return MappingProxyType(headers)
+
+
+# --- routes -------------------------------------------------------------------------------

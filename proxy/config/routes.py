@@ -1,0 +1,185 @@
+"""The ``routes`` section: chains and graphs, checked for cycles, reachability and locality."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from proxy.config.model import EDGE_KEYS, ProviderConfig, Route
+from proxy.config.providers import _Scope, _valid_name
+from proxy.config.values import (
+    _boolean,
+    _Context,
+    _convert,
+    _get,
+    _items,
+    _kind,
+    _opt,
+    _positive_int,
+    _positive_number,
+    _section,
+    _text,
+    _unknown,
+)
+from proxy.routing import find_cycle, reachable
+
+_ROUTE_KEYS: Final = frozenset(
+    {"chain", "first", "on", "local_only", "continuation", "hedge_after_ms", "budget"}
+)
+_Edges = dict[str, dict[str, str]]
+
+
+def _parse_routes(
+    node: object, providers: Mapping[str, ProviderConfig], scope: _Scope, ctx: _Context
+) -> dict[str, Route]:
+    routes: dict[str, Route] = {}
+    for name, body in (_section(node, "routes", ctx, None) or {}).items():
+        path = f"routes.{name}"
+        if not _valid_name(name, path, ctx):
+            continue
+        if name in scope.providers:
+            ambiguous = f"the model {name!r} would be ambiguous"
+            ctx.error(path, f"a provider has the same name, so {ambiguous}")
+        route = _parse_route(name, body, path, scope, ctx)
+        if route is not None and _route_is_sound(route, path, providers, ctx):
+            routes[name] = route
+    return routes
+
+
+def _parse_route(name: str, node: object, path: str, scope: _Scope, ctx: _Context) -> Route | None:
+    if isinstance(node, list):
+        chain = _chain(node, path, scope, ctx)
+        return None if chain is None else Route(name=name, first=chain[0], edges=_freeze(chain[1]))
+    if not isinstance(node, Mapping):
+        ctx.error(
+            path,
+            "expected a list of providers (a chain), or a mapping with chain: or first:/on:",
+        )
+        return None
+    m = _section(node, path, ctx, _ROUTE_KEYS)
+    shape = None if m is None else _route_shape(m, path, scope, ctx)
+    if m is None or shape is None:
+        return None
+    first, edges, form = shape
+    return Route(
+        name=name,
+        first=first,
+        edges=_freeze(edges),
+        form=form,
+        local_only=_get(m, "local_only", path, ctx, _boolean, False),
+        continuation=_get(m, "continuation", path, ctx, _boolean, True),
+        hedge_after_ms=_opt(m, "hedge_after_ms", path, ctx, _positive_int),
+        budget=_opt(m, "budget", path, ctx, _positive_number),
+    )
+
+
+def _route_shape(
+    m: Mapping[str, object], path: str, scope: _Scope, ctx: _Context
+) -> tuple[str, _Edges, str] | None:
+    """``(first, edges, form)`` from a route mapping, or None after an error."""
+    if "chain" in m and ("first" in m or "on" in m):
+        ctx.error(path, "use either chain: or first:/on:, not both")
+        return None
+    if "chain" in m:
+        chain = m["chain"]
+        if not isinstance(chain, list):
+            ctx.error(f"{path}.chain", f"expected a list of providers, got {_kind(chain)}")
+            return None
+        parsed = _chain(chain, f"{path}.chain", scope, ctx)
+        return None if parsed is None else (*parsed, "chain")
+    if "first" not in m:
+        ctx.error(path, "needs chain: [...] or first: with on: {...}")
+        return None
+    return _graph(m, path, scope, ctx)
+
+
+def _chain(
+    items: list[object], path: str, scope: _Scope, ctx: _Context
+) -> tuple[str, _Edges] | None:
+    """A chain's first node and default edges, or None after an error (reported)."""
+    if not items:
+        ctx.error(path, "chain is empty")
+        return None
+    errors = len(ctx.errors)
+    nodes: list[str] = []
+    for where, item in _items(items, path, ctx):
+        name = _reference(item, where, scope, ctx)
+        if name in nodes:
+            why = "a request visits each provider at most once"
+            ctx.error(where, f"{name!r} appears twice ({why})")
+        elif name is not None:
+            nodes.append(name)
+    if len(ctx.errors) > errors:
+        return None
+    return nodes[0], {node: {"default": target} for node, target in zip(nodes, nodes[1:])}
+
+
+def _graph(
+    m: Mapping[str, object], path: str, scope: _Scope, ctx: _Context
+) -> tuple[str, _Edges, str] | None:
+    errors = len(ctx.errors)
+    first = _reference(m["first"], f"{path}.first", scope, ctx)
+    edges: _Edges = {}
+    on = _section(m.get("on"), f"{path}.on", ctx, None) or {}
+    for node, out in on.items():
+        if node not in scope.providers:
+            ctx.error(f"{path}.on", _unknown("provider", node, scope.providers))
+            continue
+        edges[node] = _edge_map(out, f"{path}.on.{node}", scope, ctx)
+    if first is None or len(ctx.errors) > errors:
+        return None
+    return first, edges, "graph"
+
+
+def _edge_map(node: object, path: str, scope: _Scope, ctx: _Context) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, raw in (_section(node, path, ctx, None) or {}).items():
+        if key not in EDGE_KEYS:
+            ctx.error(path, _unknown("failure class", key, EDGE_KEYS))
+            continue
+        target = _reference(raw, f"{path}.{key}", scope, ctx)
+        if target is not None:
+            out[key] = target
+    return out
+
+
+def _reference(raw: object, path: str, scope: _Scope, ctx: _Context) -> str | None:
+    """The provider named by ``raw``, or None after an error (reported)."""
+    errors = len(ctx.errors)
+    name = _convert(raw, path, ctx, _text)
+    if name is None:
+        if len(ctx.errors) == errors:
+            ctx.error(path, "expected a provider name")
+        return None
+    if name in scope.providers:
+        return name
+    if name in scope.routes:
+        ctx.error(path, f"{name!r} is a route; a route's nodes must be providers")
+    else:
+        ctx.error(path, _unknown("provider", name, scope.providers))
+    return None
+
+
+def _freeze(edges: _Edges) -> Mapping[str, Mapping[str, str]]:
+    return MappingProxyType({node: MappingProxyType(out) for node, out in edges.items()})
+
+
+def _route_is_sound(
+    route: Route, path: str, providers: Mapping[str, ProviderConfig], ctx: _Context
+) -> bool:
+    """Check the walk: no cycle, every edge source reachable, local_only kept."""
+    errors = len(ctx.errors)
+    cycle = find_cycle(route.first, route.edges)
+    if cycle is not None:
+        ctx.error(path, "cycle " + " -> ".join(cycle))
+    walk = reachable(route)
+    for node in route.edges:
+        if node not in walk:
+            message = f"not reachable from first {route.first!r}; no edge leads here"
+            ctx.error(f"{path}.on.{node}", message)
+    for node in walk if route.local_only else ():
+        provider = providers.get(node)
+        if provider is not None and not provider.local:
+            ctx.error(path, f"local_only route reaches non-local provider {node!r}")
+    return len(ctx.errors) == errors
