@@ -185,7 +185,7 @@ def test_remote_drill_switches_back_on_after_ctrl_c(
         await asyncio.sleep(10)
         raise AssertionError("not interrupted")
 
-    monkeypatch.setattr(drill, "run_requests", interrupted)
+    monkeypatch.setattr(drill.runner, "run_requests", interrupted)
     assert main(["drill", *remote_argv(proxy, "--disable", "cloud")]) == 130
     assert seen == [True] and not cloud_disabled(proxy)
     assert "interrupted" in capsys.readouterr().err
