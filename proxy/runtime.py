@@ -16,9 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-import httpx
-
-from proxy.adapters import Adapter, Limits, make_adapter
+from proxy.adapters import Adapter, HttpClients, Limits, make_adapter
 from proxy.background import Background
 from proxy.config import Config
 from proxy.dispatch import Dispatcher
@@ -53,10 +51,10 @@ class Runtime:
 
     @classmethod
     def build(
-        cls, config: Config, client: httpx.AsyncClient, store: StateStore, events: OperatorEvents
+        cls, config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents
     ) -> Runtime:
         """Build the adapters (litellm is imported here when a provider needs it: seconds)."""
-        adapters = {name: make_adapter(provider, client) for name, provider in config.providers.items()}
+        adapters = {name: make_adapter(provider, clients) for name, provider in config.providers.items()}
         return cls(config, adapters, store, events, events.metrics)
 
     async def start(self, *, warm_up: bool = True) -> None:
@@ -111,7 +109,7 @@ def restart_needed(old: Config, new: Config) -> list[str]:
 
 
 async def build_in_thread(
-    config: Config, client: httpx.AsyncClient, store: StateStore, events: OperatorEvents
+    config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents
 ) -> Runtime:
     """Build a runtime off the event loop: importing litellm blocks for seconds."""
-    return await asyncio.to_thread(Runtime.build, config, client, store, events)
+    return await asyncio.to_thread(Runtime.build, config, clients, store, events)

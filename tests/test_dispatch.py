@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters import make_adapter
-from proxy.app import create_app
+from proxy.adapters import HttpClients, make_adapter
+from proxy.app import create_app, open_session
 from proxy.config import Config, parse_config
 from proxy.dispatch import Dispatcher, backoff
 from proxy.errors import AllProvidersFailed, UpstreamClientError
@@ -33,9 +36,9 @@ def completion(text: str) -> bytes:
     })
 
 
-def config(**route: Any) -> Config:
+def config(url: str = "http://127.0.0.1:9", **route: Any) -> Config:
     providers = {
-        name: {"model": f"openai/{name}-model", "api_base": f"http://{name}.test/v1", "api_key": "k",
+        name: {"model": f"openai/{name}-model", "api_base": f"{url}/{name}/v1", "api_key": "k",
                "retries": 2 if name == "a" else 0}
         for name in ("a", "b")
     }
@@ -46,44 +49,73 @@ def config(**route: Any) -> Config:
     )
 
 
+async def serve_locally(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve an aiohttp app on a free port of 127.0.0.1, in the test's loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 class Upstream:
-    """A MockTransport handler answering by host, from a script of statuses."""
+    """Two OpenAI-compatible providers, `a` and `b` (the first path segment), on
+    one local server, answering from a script of statuses."""
 
     def __init__(self, script: dict[str, list[int]], headers: dict[str, str] | None = None) -> None:
         self.script = script
         self.calls: list[str] = []
         self.headers = headers or {}
+        self.url = ""
+        self._runner: web.AppRunner | None = None
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host.split(".")[0]
-        self.calls.append(host)
-        statuses = self.script[host]
+    async def handle(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.calls.append(name)
+        statuses = self.script[name]
         status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
         if status == 200:
-            return httpx.Response(200, content=completion(f"from {host}"))
-        return httpx.Response(status, json={"error": {"message": f"{host} says {status}"}}, headers=self.headers)
+            return web.Response(body=completion(f"from {name}"), content_type="application/json")
+        body = orjson.dumps({"error": {"message": f"{name} says {status}"}})
+        return web.Response(status=status, body=body, content_type="application/json", headers=self.headers)
+
+    async def __aenter__(self) -> Upstream:
+        app = web.Application()
+        app.router.add_post("/{name}/v1/chat/completions", self.handle)
+        self._runner, self.url = await serve_locally(app)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
 
 
-def dispatcher(cfg: Config, upstream: Upstream, sleeps: list[float]) -> Dispatcher:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-    adapters = {name: make_adapter(p, client) for name, p in cfg.providers.items()}
+@contextlib.asynccontextmanager
+async def dispatching(
+    script: dict[str, list[int]], sleeps: list[float], headers: dict[str, str] | None = None, **route: Any
+) -> AsyncIterator[tuple[Dispatcher, Upstream, Config]]:
+    async with Upstream(script, headers) as upstream, open_session() as session, httpx.AsyncClient() as client:
+        cfg = config(upstream.url, **route)
+        clients = HttpClients(session=session, client=client)
+        adapters = {name: make_adapter(p, clients) for name, p in cfg.providers.items()}
 
-    async def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
+        async def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
 
-    store = MemoryStore()
-    events = OperatorEvents(Metrics(CollectorRegistry()))
-    health = HealthBoard(cfg.health, cfg.providers, store, events)
-    quota = QuotaGate(store, cfg.quota_timezone, events)
-    return Dispatcher(cfg, adapters, health, quota, sleep=sleep, rng=lambda: 1.0)
+        store = MemoryStore()
+        events = OperatorEvents(Metrics(CollectorRegistry()))
+        health = HealthBoard(cfg.health, cfg.providers, store, events)
+        quota = QuotaGate(store, cfg.quota_timezone, events)
+        yield Dispatcher(cfg, adapters, health, quota, sleep=sleep, rng=lambda: 1.0), upstream, cfg
 
 
 @pytest.mark.asyncio
 async def test_retries_with_backoff_then_answer_from_same_provider() -> None:
-    upstream, sleeps = Upstream({"a": [503, 503, 200], "b": [200]}), []
-    cfg = config()
-    record = RequestRecord("id", "r", False)
-    result = await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), record)
+    sleeps: list[float] = []
+    async with dispatching({"a": [503, 503, 200], "b": [200]}, sleeps) as (dispatcher, upstream, cfg):
+        record = RequestRecord("id", "r", False)
+        result = await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
     assert orjson.loads(result.body)["choices"][0]["message"]["content"] == "from a"
     assert upstream.calls == ["a", "a", "a"]
     assert sleeps == [0.25, 0.5]
@@ -92,10 +124,12 @@ async def test_retries_with_backoff_then_answer_from_same_provider() -> None:
 
 @pytest.mark.asyncio
 async def test_no_retry_when_retry_after_passes_the_budget() -> None:
-    upstream, sleeps = Upstream({"a": [429], "b": [200]}, headers={"retry-after": "60"}), []
-    cfg = config(budget=10)
-    record = RequestRecord("id", "r", False)
-    await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), record)
+    sleeps: list[float] = []
+    async with dispatching({"a": [429], "b": [200]}, sleeps, {"retry-after": "60"}, budget=10) as (
+        dispatcher, upstream, cfg
+    ):
+        record = RequestRecord("id", "r", False)
+        await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
     assert upstream.calls == ["a", "b"]
     assert sleeps == []
     assert record.headers()["x-proxy-fallbacks"] == "a=rate_limited"
@@ -103,20 +137,20 @@ async def test_no_retry_when_retry_after_passes_the_budget() -> None:
 
 @pytest.mark.asyncio
 async def test_client_error_is_not_retried_nor_followed() -> None:
-    upstream, sleeps = Upstream({"a": [400], "b": [200]}), []
-    cfg = config()
-    with pytest.raises(UpstreamClientError) as caught:
-        await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
+    sleeps: list[float] = []
+    async with dispatching({"a": [400], "b": [200]}, sleeps) as (dispatcher, upstream, cfg):
+        with pytest.raises(UpstreamClientError) as caught:
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
     assert upstream.calls == ["a"]
     assert caught.value.status_code == 400
 
 
 @pytest.mark.asyncio
 async def test_all_failed_lists_every_provider() -> None:
-    upstream, sleeps = Upstream({"a": [500], "b": [401]}), []
-    cfg = config()
-    with pytest.raises(AllProvidersFailed) as caught:
-        await dispatcher(cfg, upstream, sleeps).complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
+    sleeps: list[float] = []
+    async with dispatching({"a": [500], "b": [401]}, sleeps) as (dispatcher, upstream, cfg):
+        with pytest.raises(AllProvidersFailed) as caught:
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
     assert upstream.calls == ["a", "a", "a", "b"]
     assert [(a.provider, a.outcome) for a in caught.value.attempts] == [("a", "server_error"), ("b", "auth_error")]
 
@@ -127,31 +161,33 @@ def test_backoff_is_jittered_capped_and_honours_retry_after() -> None:
     assert backoff(0, 2.0, lambda: 1.0) == 2.0
 
 
-class Tracked(httpx.AsyncByteStream):
-    """An endless SSE body that records being closed."""
+class EndlessStream:
+    """An upstream whose SSE answer never ends; records when its client goes away."""
 
     def __init__(self) -> None:
         self.closed = asyncio.Event()
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
         chunk = {"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "m",
                  "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]}
-        while True:
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-            await asyncio.sleep(0.01)
-
-    async def aclose(self) -> None:
-        self.closed.set()
+        try:
+            while True:
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await asyncio.sleep(0.01)
+        except (ConnectionError, asyncio.CancelledError):
+            self.closed.set()
+            raise
 
 
 @pytest.mark.asyncio
-async def test_client_disconnect_closes_the_upstream_stream() -> None:
-    body = Tracked()
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body)
-
-    app = create_app(config(), transport=httpx.MockTransport(handler))
+async def test_client_disconnect_closes_the_upstream_connection() -> None:
+    endless = EndlessStream()
+    upstream = web.Application()
+    upstream.router.add_post("/a/v1/chat/completions", endless.handle)
+    runner, url = await serve_locally(upstream)
+    app = create_app(config(url))
     request_body = orjson.dumps({**BODY, "stream": True})
     sent: list[dict[str, Any]] = []
     disconnect = asyncio.Event()
@@ -172,8 +208,12 @@ async def test_client_disconnect_closes_the_upstream_stream() -> None:
              "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
              "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
-    async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app(scope, receive, send), timeout=5)
-    assert body.closed.is_set()
+    try:
+        async with app.router.lifespan_context(app):
+            await asyncio.wait_for(app(scope, receive, send), timeout=5)
+            # The connection was closed, not kept in the pool mid-body: the upstream sees it go.
+            await asyncio.wait_for(endless.closed.wait(), timeout=5)
+    finally:
+        await runner.cleanup()
     assert sent[0]["status"] == 200
     assert dict(sent[0]["headers"])[b"x-proxy-provider"] == b"a"

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from proxy.adapters import Completion, Limits
+from proxy.adapters.openai_compat import OpenAICompatAdapter
 from proxy.fakes import FakeOpenAI
 
 from .conftest import ServedApp, openai_provider
@@ -327,13 +329,13 @@ def test_models_health_ready(proxy: ServedApp, http: httpx.Client, client: opena
 
 
 def test_a_bug_is_one_logged_500_and_the_connection_stays_usable(
-    serve: Callable[..., ServedApp], caplog: pytest.LogCaptureFixture
+    serve: Callable[..., ServedApp], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(request: httpx.Request) -> httpx.Response:
+    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: Limits) -> Completion:
         raise RuntimeError("a bug in the transport")
 
-    proxy = serve({"providers": {"p": openai_provider("http://upstream.invalid")}, "routes": {"default": ["p"]}},
-                  transport=httpx.MockTransport(broken))
+    monkeypatch.setattr(OpenAICompatAdapter, "complete", broken)
+    proxy = serve({"providers": {"p": openai_provider("http://upstream.invalid")}, "routes": {"default": ["p"]}})
     with httpx.Client(base_url=proxy.url) as http_client:
         response = http_client.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES})
         assert response.status_code == 500 and _error(response)["code"] == "internal_error"

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import httpx
-
-from proxy.adapters.base import Adapter, Chunk, Completion, Limits, Usage
+from proxy.adapters.base import Adapter, Chunk, Completion, HttpClients, Limits, Usage
 from proxy.config import ProviderConfig
 
-__all__ = ["Adapter", "Chunk", "Completion", "Limits", "Usage", "make_adapter"]
+__all__ = ["Adapter", "Chunk", "Completion", "HttpClients", "Limits", "Usage", "make_adapter"]
 
 
-def make_adapter(provider: ProviderConfig, client: httpx.AsyncClient) -> Adapter:
+def make_adapter(provider: ProviderConfig, clients: HttpClients) -> Adapter:
     """The adapter for one provider. litellm is imported only for providers
     whose wire format is not OpenAI's."""
     if provider.openai_compatible:
         from proxy.adapters.openai_compat import OpenAICompatAdapter
 
-        return OpenAICompatAdapter(provider, client)
+        return OpenAICompatAdapter(provider, clients.session)
     from proxy.adapters.translated import TranslatedAdapter
 
-    return TranslatedAdapter(provider, client)
+    return TranslatedAdapter(provider, clients.client)

@@ -21,9 +21,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
+import httpx
 import orjson
 
 from proxy.config import ProviderConfig
+
+
+@dataclass(frozen=True, slots=True)
+class HttpClients:
+    """The process's pooled HTTP clients, shared by every adapter of every config."""
+
+    session: aiohttp.ClientSession  # the hot path: requests to the providers
+    client: httpx.AsyncClient  # for what needs httpx: litellm's `acompletion` fallback
+
+    def __repr__(self) -> str:
+        return "HttpClients()"
 
 
 @dataclass(frozen=True, slots=True)

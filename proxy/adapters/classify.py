@@ -1,8 +1,9 @@
 """The one place where foreign errors become our `ProviderError` classes.
 
-Inputs are HTTP statuses with their bodies, transport exceptions (httpx, and
-the aiohttp errors that httpx-aiohttp wraps), in-band stream errors and
-litellm exceptions. Everything here is pure: it inspects and returns.
+Inputs are HTTP statuses with their bodies and headers (any mapping: httpx's
+`Headers`, aiohttp's `CIMultiDictProxy`), transport exceptions (aiohttp's
+own, httpx's, and the aiohttp errors that httpx-aiohttp wraps), in-band stream
+errors and litellm exceptions. Everything here is pure: it inspects and returns.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def from_exception(exc: BaseException) -> ProviderError:
 
 
 def _transport_failure(exc: BaseException) -> FailureClass:
+    """Timeouts (connect, pool, socket read: aiohttp's `ServerTimeoutError`
+    family and `TimeoutError`, httpx's `TimeoutException`) are `timeout`; every
+    other failure of the exchange (refused, reset, DNS, a body cut short:
+    `ClientConnectorError`, `ServerDisconnectedError`, `ClientPayloadError`,
+    `ClientOSError`, httpx's `ConnectError`/`RemoteProtocolError`, `OSError`)
+    is `connection_error`."""
     cause = exc.__cause__
     # httpx-aiohttp maps every aiohttp ClientConnectionError, refused connections
     # included, to ConnectTimeout: look at the original error first.
@@ -130,9 +137,7 @@ def _transport_failure(exc: BaseException) -> FailureClass:
         return FailureClass.TIMEOUT
     if isinstance(cause, aiohttp.ClientError):
         return FailureClass.CONNECTION_ERROR
-    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
-        return FailureClass.TIMEOUT
-    if isinstance(exc, aiohttp.ServerTimeoutError):
+    if isinstance(exc, (httpx.TimeoutException, aiohttp.ServerTimeoutError, TimeoutError)):
         return FailureClass.TIMEOUT
     return FailureClass.CONNECTION_ERROR
 

@@ -4,43 +4,52 @@ OpenAI, Together, Groq, vLLM, Ollama's `/v1`, LM Studio and friends. The
 request is re-encoded only to put the upstream model name in; answers are
 passed through as the upstream's bytes, parsed once with orjson to learn
 what the relay needs (content seen, finish, usage) and never re-encoded.
+
+This is the hot path: it calls aiohttp directly (no httpx layer), and a
+stream goes from socket bytes to `Chunk`s in one generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
-import httpx
+import aiohttp
 import orjson
+from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.adapters import classify
 from proxy.adapters.base import Chunk, Completion, Limits, Usage, describe
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
-from proxy.relay import iter_sse
+from proxy.relay import SSEDecoder
+
+# What a failed connection or exchange raises (a reset socket can surface as a bare OSError).
+_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
+_USER_AGENT: Final = "fallback-proxy"
 
 
 class OpenAICompatAdapter:
-    """Adapter for OpenAI-compatible upstreams over the app's pooled client."""
+    """Adapter for OpenAI-compatible upstreams over the app's pooled aiohttp session."""
 
-    def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, provider: ProviderConfig, session: aiohttp.ClientSession) -> None:
         if not provider.api_base:
             raise ValueError(f"provider {provider.name!r} needs an api_base")
         self.provider = provider
-        self._client = client
+        self._session = session
         base = provider.api_base.rstrip("/")
-        self._url = base + "/chat/completions"
-        self._models_url = base + "/models"
-        headers = {"content-type": "application/json", "accept": "application/json"}
+        self._url = URL(base + "/chat/completions")
+        self._models_url = URL(base + "/models")
+        headers = {"content-type": "application/json", "accept": "application/json", "user-agent": _USER_AGENT}
         if provider.api_key:
             headers["authorization"] = f"Bearer {provider.api_key}"
         headers.update(provider.headers)
-        self._headers = headers
-        self._stream_headers = {**headers, "accept": "text/event-stream"}
+        self._headers = CIMultiDict(headers)
+        self._stream_headers = CIMultiDict({**headers, "accept": "text/event-stream"})
 
     def __repr__(self) -> str:
-        return f"OpenAICompatAdapter({self.provider.name!r}, {self._url!r})"
+        return f"OpenAICompatAdapter({self.provider.name!r}, {str(self._url)!r})"
 
     def _encode(self, body: dict[str, Any], stream: bool) -> bytes:
         upstream = dict(body)
@@ -50,44 +59,69 @@ class OpenAICompatAdapter:
             upstream.pop("stream_options", None)
         return orjson.dumps(upstream)
 
-    @staticmethod
-    def _timeout(limits: Limits) -> httpx.Timeout:
-        return httpx.Timeout(connect=limits.connect, read=limits.read, write=limits.connect, pool=limits.connect)
-
     async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
-        request = self._client.build_request(
-            "POST", self._url, content=self._encode(body, False), headers=self._headers, timeout=self._timeout(limits)
-        )
         try:
-            response = await self._client.send(request, stream=True)
+            response = await self._session.post(
+                self._url, data=self._encode(body, False), headers=self._headers, timeout=_timeout(limits)
+            )
             try:
                 content = await _read_capped(response, limits.max_bytes)
             finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
+                _done_with(response)
+        except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
-        if response.status_code >= 400:
-            raise classify.from_status(response.status_code, content, response.headers)
+        if response.status >= 400:
+            raise classify.from_status(response.status, content, response.headers)
         return _completion(content)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
-        request = self._client.build_request(
-            "POST", self._url, content=self._encode(body, True), headers=self._stream_headers,
-            timeout=self._timeout(limits),
-        )
+        """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
+        early closes the upstream connection (never pooled mid-body)."""
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self._session.post(
+                self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=_timeout(limits)
+            )
+        except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         try:
-            if response.status_code >= 400:
-                raise classify.from_status(response.status_code, await response.aread(), response.headers)
-            async for chunk in _chunks(response, limits.max_bytes):
+            if response.status >= 400:
+                raise classify.from_status(response.status, await _read_capped(response, limits.max_bytes),
+                                           response.headers)
+            content_type = response.headers.get("content-type", "")
+            if not content_type.startswith("text/event-stream"):
+                # Some servers ignore `stream: true` and answer one JSON body.
+                head = await _read_capped(response, limits.max_bytes)
+                raise ProviderError(
+                    FailureClass.SERVER_ERROR,
+                    f"asked for a stream, got {content_type or 'no content type'}: {head[:120]!r}",
+                )
+            decoder = SSEDecoder()
+            content = response.content
+            max_bytes = limits.max_bytes
+            size = 0
+            finished = False
+            while data := await content.readany():
+                size += len(data)
+                if size > max_bytes:
+                    raise _too_large(max_bytes)
+                for _event, payload in decoder.feed(data):
+                    if payload == b"[DONE]":
+                        return
+                    chunk = _chunk(payload)
+                    finished = finished or chunk.finish_reason is not None
+                    yield chunk
+            for _event, payload in decoder.flush():
+                if payload == b"[DONE]":
+                    return
+                chunk = _chunk(payload)
+                finished = finished or chunk.finish_reason is not None
                 yield chunk
-        except httpx.HTTPError as exc:
+            if not finished:
+                raise classify.incomplete_stream()
+        except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
-            await response.aclose()
+            _done_with(response)
 
     async def warmup(self) -> None:
         """A local OpenAI-compatible server that is Ollama (`.../v1`): load the
@@ -95,27 +129,55 @@ class OpenAICompatAdapter:
         base = self.provider.api_base or ""
         if not (self.provider.local and base.rstrip("/").endswith("/v1")):
             return
-        native = base.rstrip("/")[: -len("/v1")] + "/api/generate"
+        native = URL(base.rstrip("/")[: -len("/v1")] + "/api/generate")
         payload = {"model": self.provider.upstream_model, "prompt": "", "keep_alive": -1}
         timeouts = self.provider.timeout
-        try:
-            response = await self._client.post(
-                native, content=orjson.dumps(payload), headers=self._headers,
-                timeout=httpx.Timeout(connect=timeouts.connect, read=timeouts.total, write=timeouts.connect,
-                                      pool=timeouts.connect),
-            )
-        except httpx.HTTPError as exc:
-            raise classify.from_exception(exc) from exc
-        if response.status_code >= 400:
-            raise classify.from_status(response.status_code, response.content, response.headers)
+        limits = Limits(connect=timeouts.connect, read=timeouts.total)
+        await self._call("POST", native, orjson.dumps(payload), limits)
 
     async def probe(self, limits: Limits) -> None:
+        await self._call("GET", self._models_url, None, limits)
+
+    async def _call(self, method: str, url: URL, data: bytes | None, limits: Limits) -> None:
+        """A small request whose answer matters only by its status."""
         try:
-            response = await self._client.get(self._models_url, headers=self._headers, timeout=self._timeout(limits))
-        except httpx.HTTPError as exc:
+            response = await self._session.request(method, url, data=data, headers=self._headers,
+                                                    timeout=_timeout(limits))
+            try:
+                content = await _read_capped(response, limits.max_bytes)
+            finally:
+                _done_with(response)
+        except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
-        if response.status_code >= 400:
-            raise classify.from_status(response.status_code, response.content, response.headers)
+        if response.status >= 400:
+            raise classify.from_status(response.status, content, response.headers)
+
+
+def _timeout(limits: Limits) -> aiohttp.ClientTimeout:
+    # `connect` also bounds the wait for a free connection of the pool.
+    return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect,
+                                 sock_read=limits.read)
+
+
+def _done_with(response: aiohttp.ClientResponse) -> None:
+    """Back to the pool only when the body was read to its end; otherwise the
+    connection is closed (what is left of the body must never reach the next request)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
+
+
+def _chunk(payload: bytes) -> Chunk:
+    try:
+        parsed = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {payload[:120]!r}") from exc
+    if not isinstance(parsed, dict):
+        raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {payload[:120]!r}")
+    if "error" in parsed:
+        raise classify.from_stream_error(parsed)
+    return describe(payload, parsed)
 
 
 def _completion(content: bytes) -> Completion:
@@ -129,10 +191,20 @@ def _completion(content: bytes) -> Completion:
     return Completion(body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage")))
 
 
-async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    async for part in response.aiter_bytes():
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The whole body, or a `server_error` as soon as it passes `max_bytes`."""
+    length = response.content_length
+    if length is not None and length > max_bytes:
+        raise _too_large(max_bytes)
+    content = response.content
+    first = await content.readany()
+    if not first or content.at_eof():
+        if len(first) > max_bytes:
+            raise _too_large(max_bytes)
+        return first
+    parts = [first]
+    size = len(first)
+    while part := await content.readany():
         size += len(part)
         if size > max_bytes:
             raise _too_large(max_bytes)
@@ -142,39 +214,3 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
 
 def _too_large(max_bytes: int) -> ProviderError:
     return ProviderError(FailureClass.SERVER_ERROR, f"the answer is larger than limits.max_upstream_bytes ({max_bytes})")
-
-
-async def _capped(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
-    size = 0
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        yield chunk
-
-
-async def _chunks(response: httpx.Response, max_bytes: int) -> AsyncIterator[Chunk]:
-    if not response.headers.get("content-type", "").startswith("text/event-stream"):
-        # Some servers ignore `stream: true` and answer one JSON body.
-        body = await response.aread()
-        raise ProviderError(
-            FailureClass.SERVER_ERROR,
-            f"asked for a stream, got {response.headers.get('content-type') or 'no content type'}: {body[:120]!r}",
-        )
-    finished = False
-    async for _event, data in iter_sse(_capped(response.aiter_bytes(), max_bytes)):
-        if data == b"[DONE]":
-            return
-        try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {data[:120]!r}") from exc
-        if not isinstance(parsed, dict):
-            raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {data[:120]!r}")
-        if "error" in parsed:
-            raise classify.from_stream_error(parsed)
-        chunk = describe(data, parsed)
-        finished = finished or chunk.finish_reason is not None
-        yield chunk
-    if not finished:
-        raise classify.incomplete_stream()
