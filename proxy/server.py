@@ -10,6 +10,7 @@ import uvicorn
 
 from proxy.app import create_app
 from proxy.config import Config
+from proxy.protocol import HttpToolsOpenAIErrors
 
 
 def build_server(
@@ -26,7 +27,7 @@ def build_server(
         host=host or config.server.host,
         port=config.server.port if port is None else port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=HttpToolsOpenAIErrors,  # malformed HTTP gets an OpenAI error body, not plain text
         ws="none",
         lifespan="on",
         log_config=None,
