@@ -1,0 +1,338 @@
+"""The OpenAI-compatible adapter over aiohttp, against real servers on 127.0.0.1:
+size caps, bodies cut short, refused and hanging connects, silent upstreams,
+early close of a stream, and what the pooled session sends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.adapters import Chunk, Limits, classify
+from proxy.adapters.openai_compat import OpenAICompatAdapter
+from proxy.app import open_session
+from proxy.config import parse_config
+from proxy.errors import FailureClass, ProviderError
+from proxy.fakes import Blackhole, FakeOpenAI
+
+BODY: dict[str, Any] = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
+LIMITS = Limits(connect=2, read=5)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def adapter(url: str, session: aiohttp.ClientSession) -> OpenAICompatAdapter:
+    config = parse_config({"providers": {"p": {"model": "openai/m", "api_base": url + "/v1", "api_key": "k"}},
+                           "routes": {"r": ["p"]}}, environ={})
+    return OpenAICompatAdapter(config.providers["p"], session)
+
+
+def chunk_bytes(text: str, finish: str | None = None) -> bytes:
+    chunk = {"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def completion_bytes(text: str) -> bytes:
+    return orjson.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+
+
+@contextlib.asynccontextmanager
+async def upstream(handler: Handler, method: str = "POST", path: str = "/v1/chat/completions") -> AsyncIterator[str]:
+    """An aiohttp server on a free port of 127.0.0.1 (in the test's loop) answering with `handler`."""
+    app = web.Application()
+    app.router.add_route(method, path, handler)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def collect(stream: AsyncIterator[Chunk]) -> tuple[list[Chunk], ProviderError | None]:
+    chunks: list[Chunk] = []
+    try:
+        async for chunk in stream:
+            chunks.append(chunk)
+    except ProviderError as exc:
+        return chunks, exc
+    return chunks, None
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_whole_answer_over_the_cap_is_a_server_error(chunked: bool) -> None:
+    async def big(request: web.Request) -> web.StreamResponse:
+        if not chunked:
+            return web.Response(body=b"x" * 5000, content_type="application/json")
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(50):
+            await response.write(b"x" * 100)
+        return response
+
+    async with upstream(big) as url, open_session() as session:
+        with pytest.raises(ProviderError) as caught:
+            await adapter(url, session).complete(BODY, Limits(connect=2, read=5, max_bytes=1000))
+    assert caught.value.failure is FailureClass.SERVER_ERROR
+    assert "larger than limits.max_upstream_bytes (1000)" in caught.value.message
+
+
+@pytest.mark.asyncio
+async def test_an_answer_at_the_cap_passes() -> None:
+    body = completion_bytes("fits")
+
+    async def exact(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    async with upstream(exact) as url, open_session() as session:
+        completion = await adapter(url, session).complete(BODY, Limits(connect=2, read=5, max_bytes=len(body)))
+    assert completion.body == body
+
+
+@pytest.mark.asyncio
+async def test_a_stream_over_the_cap_ends_with_a_server_error() -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk_bytes("tok "))
+        await asyncio.sleep(0.05)
+        for _ in range(200):
+            await response.write(chunk_bytes("tok "))
+        return response
+
+    async with upstream(endless) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, Limits(connect=2, read=5, max_bytes=2000)))
+    assert error is not None and error.failure is FailureClass.SERVER_ERROR
+    assert "larger than limits.max_upstream_bytes (2000)" in error.message
+    assert 1 <= len(chunks) <= 2000 // len(chunk_bytes("tok "))  # what came before the cap was relayed
+
+
+@pytest.mark.asyncio
+async def test_a_body_cut_short_is_a_connection_error() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, open_session() as session:
+        with pytest.raises(ProviderError) as caught:
+            await adapter(f"http://127.0.0.1:{port}", session).complete(BODY, LIMITS)
+    assert caught.value.failure is FailureClass.CONNECTION_ERROR
+
+
+@pytest.mark.asyncio
+async def test_a_stream_cut_short_yields_its_chunks_then_a_connection_error() -> None:
+    with FakeOpenAI("cut") as fake:
+        fake.set_fault("die_midstream", after_chunks=2)
+        async with open_session() as session:
+            chunks, error = await collect(adapter(fake.url, session).stream(BODY, LIMITS))
+    assert len([c for c in chunks if c.has_content]) == 2
+    assert error is not None and error.failure is FailureClass.CONNECTION_ERROR
+
+
+@pytest.mark.asyncio
+async def test_a_stream_without_a_finish_is_a_server_error() -> None:
+    async def unfinished(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk_bytes("half "))
+        return response
+
+    async with upstream(unfinished) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))
+    assert [c.text for c in chunks] == ["half "]
+    assert error is not None and error.failure is FailureClass.SERVER_ERROR and "without a finish" in error.message
+
+
+@pytest.mark.asyncio
+async def test_a_last_event_without_its_blank_line_still_counts() -> None:
+    async def terse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk_bytes("a") + chunk_bytes("b", "stop").rstrip(b"\n"))
+        return response
+
+    async with upstream(terse) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))
+    assert error is None
+    assert [(c.text, c.finish_reason) for c in chunks] == [("a", None), ("b", "stop")]
+
+
+@pytest.mark.asyncio
+async def test_a_json_answer_to_a_stream_request_is_a_server_error() -> None:
+    async def ignores_stream(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=completion_bytes("whole"), content_type="application/json")
+
+    async with upstream(ignores_stream) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))
+    assert chunks == []
+    assert error is not None and error.failure is FailureClass.SERVER_ERROR
+    assert "asked for a stream, got application/json" in error.message
+
+
+@pytest.mark.asyncio
+async def test_closing_a_stream_early_closes_its_connection_and_a_whole_answer_keeps_it() -> None:
+    ports: list[int] = []
+    gone = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        ports.append(peer[1] if peer else 0)
+        if not orjson.loads(await request.read())["stream"]:
+            return web.Response(body=completion_bytes("whole"), content_type="application/json")
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(chunk_bytes("tok "))
+                await asyncio.sleep(0.01)
+        except (ConnectionError, asyncio.CancelledError):
+            gone.set()
+            raise
+
+    async with upstream(handler) as url, open_session() as session:
+        provider = adapter(url, session)
+        stream = provider.stream(BODY, LIMITS)
+        first = await anext(aiter(stream))
+        assert first.text == "tok "
+        await stream.aclose()  # type: ignore[attr-defined]
+        await asyncio.wait_for(gone.wait(), timeout=5)  # the upstream sees its client go
+        await provider.complete(BODY, LIMITS)
+        await provider.complete(BODY, LIMITS)
+    streamed, second, third = ports
+    assert second != streamed  # the stream's connection was not pooled mid-body
+    assert third == second  # a connection read to its end is reused
+
+
+@pytest.mark.asyncio
+async def test_connection_refused_is_a_connection_error() -> None:
+    async with open_session() as session:
+        provider = adapter(f"http://127.0.0.1:{closed_port()}", session)
+        with pytest.raises(ProviderError) as caught:
+            await provider.complete(BODY, LIMITS)
+        assert caught.value.failure is FailureClass.CONNECTION_ERROR
+        chunks, error = await collect(provider.stream(BODY, LIMITS))
+        assert error is not None and error.failure is FailureClass.CONNECTION_ERROR
+        with pytest.raises(ProviderError) as probed:
+            await provider.probe(LIMITS)
+        assert probed.value.failure is FailureClass.CONNECTION_ERROR
+
+
+@pytest.mark.asyncio
+async def test_a_connect_that_hangs_times_out_at_the_connect_limit() -> None:
+    with Blackhole() as hole:
+        async with open_session() as session:
+            started = time.monotonic()
+            with pytest.raises(ProviderError) as caught:
+                await adapter(hole.url, session).complete(BODY, Limits(connect=0.3, read=30))
+            elapsed = time.monotonic() - started
+    assert caught.value.failure is FailureClass.TIMEOUT
+    assert 0.25 <= elapsed < 3
+
+
+@pytest.mark.asyncio
+async def test_a_silent_upstream_times_out_at_the_read_limit() -> None:
+    with FakeOpenAI("silent") as fake:
+        fake.set_fault("hang")
+        async with open_session() as session:
+            provider = adapter(fake.url, session)
+            started = time.monotonic()
+            with pytest.raises(ProviderError) as caught:
+                await provider.complete(BODY, Limits(connect=2, read=0.3))
+            assert caught.value.failure is FailureClass.TIMEOUT
+            chunks, error = await collect(provider.stream(BODY, Limits(connect=2, read=0.3)))
+            assert error is not None and error.failure is FailureClass.TIMEOUT
+            assert time.monotonic() - started < 5
+
+
+@pytest.mark.asyncio
+async def test_silence_mid_stream_times_out_at_the_read_limit() -> None:
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk_bytes("one "))
+        await asyncio.sleep(10)
+        return response
+
+    async with upstream(stalls) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, Limits(connect=2, read=0.3)))
+    assert [c.text for c in chunks] == ["one "]
+    assert error is not None and error.failure is FailureClass.TIMEOUT
+
+
+@pytest.mark.asyncio
+async def test_retry_after_is_read_from_aiohttp_headers() -> None:
+    async def limited(request: web.Request) -> web.StreamResponse:
+        body = orjson.dumps({"error": {"message": "slow down", "type": "rate_limit"}})
+        return web.Response(status=429, body=body, content_type="application/json", headers={"Retry-After": "7"})
+
+    async with upstream(limited) as url, open_session() as session:
+        provider = adapter(url, session)
+        with pytest.raises(ProviderError) as caught:
+            await provider.complete(BODY, LIMITS)
+        chunks, error = await collect(provider.stream(BODY, LIMITS))
+    assert caught.value.failure is FailureClass.RATE_LIMITED and caught.value.retry_after == 7
+    assert error is not None and error.failure is FailureClass.RATE_LIMITED and error.retry_after == 7
+    assert "slow down" in caught.value.message
+
+
+@pytest.mark.asyncio
+async def test_what_the_session_sends_no_cookies_kept_our_user_agent_our_key() -> None:
+    seen: list[dict[str, str]] = []
+
+    async def cookie_setter(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        response = web.Response(body=completion_bytes("hi"), content_type="application/json")
+        response.set_cookie("session", "from-provider")
+        return response
+
+    async with upstream(cookie_setter) as url, open_session() as session:
+        provider = adapter(url, session)
+        await provider.complete(BODY, LIMITS)
+        await provider.complete(BODY, LIMITS)
+    assert all("Cookie" not in headers for headers in seen)
+    assert seen[1]["User-Agent"] == "fallback-proxy"
+    assert seen[1]["Authorization"] == "Bearer k"
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (aiohttp.ClientConnectorError(aiohttp.client_reqrep.ConnectionKey(
+            "h", 1, False, True, None, None, None), ConnectionRefusedError(111, "refused")),
+         FailureClass.CONNECTION_ERROR),
+        (aiohttp.ServerDisconnectedError(), FailureClass.CONNECTION_ERROR),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), FailureClass.CONNECTION_ERROR),
+        (aiohttp.ClientOSError(104, "reset"), FailureClass.CONNECTION_ERROR),
+        (ConnectionResetError(104, "reset"), FailureClass.CONNECTION_ERROR),
+        (aiohttp.ConnectionTimeoutError("connect"), FailureClass.TIMEOUT),
+        (aiohttp.SocketTimeoutError("read"), FailureClass.TIMEOUT),
+        (aiohttp.ServerTimeoutError("read"), FailureClass.TIMEOUT),
+        (asyncio.TimeoutError(), FailureClass.TIMEOUT),
+    ],
+)
+def test_aiohttp_exceptions_classify_like_their_httpx_counterparts(exc: Exception, expected: FailureClass) -> None:
+    assert classify.from_exception(exc).failure is expected
