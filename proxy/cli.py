@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from proxy.routing import default_path, side_edges
 
 EXIT_OK: Final = 0
 EXIT_CONFIG: Final = 2  # the config is invalid (argparse also exits 2 on bad usage)
+EXIT_WORKERS: Final = 3  # a worker process could not start (`serve --workers N`)
+WORKERS_VARIABLE: Final = "FALLBACK_PROXY_WORKERS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,13 +213,41 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default=None, help="interface to bind (default: the config's server.host)")
     parser.add_argument("--port", type=int, default=None, help="port (default: the config's server.port)")
+    parser.add_argument(
+        "--workers", type=_positive_int, default=None, metavar="N",
+        help=f"worker processes sharing the port (default: ${WORKERS_VARIABLE}, else 1); "
+             "more than 1 needs redis.url to share health and quotas",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _workers(args: argparse.Namespace) -> int:
+    if args.workers is not None:
+        return int(args.workers)
+    from_env = os.environ.get(WORKERS_VARIABLE, "").strip()
+    return _positive_int(from_env) if from_env else 1
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the config and serve until SIGINT/SIGTERM."""
     from proxy.observe import configure_logging
-    from proxy.server import build_server
+    from proxy.server import build_server, serve_workers
+
+    try:
+        workers = _workers(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: ${WORKERS_VARIABLE}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
     path: str | None = args.config or default_config_path()
     if path is None:
@@ -231,6 +262,9 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     for warning in config.warnings:
         logging.getLogger("fallback_proxy").warning("config: %s", warning)
+    if workers > 1:
+        started = serve_workers(config, workers=workers, log_level=args.log_level, host=args.host, port=args.port)
+        return EXIT_OK if started else EXIT_WORKERS
     build_server(config, host=args.host, port=args.port).run()
     return EXIT_OK
 

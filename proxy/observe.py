@@ -1,16 +1,21 @@
 """What operators see: Prometheus metrics (one registry per app), the
-one-JSON-line-per-request log, and the record a request builds as it walks."""
+one-JSON-line-per-request log, and the record a request builds as it walks.
+
+Under `fallback-proxy serve --workers N` every worker process writes its metric
+values to files in prometheus_client's `PROMETHEUS_MULTIPROC_DIR` (set by the
+supervisor) and `/metrics` sums them, so any worker answers for all of them.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, Literal, TextIO, TypeVar
 
 import orjson
-from typing import TYPE_CHECKING
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.adapters.base import Usage
 from proxy.errors import Attempt
@@ -69,7 +74,9 @@ class RequestRecord:
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
-    def log_line(self) -> bytes:
+    def log_line(self, total_ms: float | None = None) -> bytes:
+        if total_ms is None:
+            total_ms = self.elapsed_ms()
         line = {
             "event": "request",
             "ts": round(time.time(), 3),
@@ -89,7 +96,7 @@ class RequestRecord:
             "trimmed": self.trimmed,
             "continued_by": self.continued or None,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
-            "total_ms": round(self.elapsed_ms(), 1),
+            "total_ms": round(total_ms, 1),
             "tokens": None
             if self.usage is None
             else {"prompt": self.usage.prompt_tokens, "completion": self.usage.completion_tokens},
@@ -97,80 +104,100 @@ class RequestRecord:
         return orjson.dumps(line)
 
 
+GaugeMode = Literal["livemostrecent"]
+
+
+def shared_between_processes() -> bool:
+    """True when prometheus_client keeps metric values in files shared by worker
+    processes (it chose so at import, from `PROMETHEUS_MULTIPROC_DIR`)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
 class Metrics:
-    """The documented metrics, registered on the app's own registry."""
+    """The documented metrics, registered on the app's own registry.
+
+    In multi-process mode the metrics themselves are registered nowhere (their
+    values live in this process's files) and the app's registry instead holds a
+    collector that sums every worker's files. A gauge is one process's view, so
+    across workers it shows the most recently set value of the live ones.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.multiprocess = shared_between_processes()
+        if self.multiprocess:
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        own: CollectorRegistry | None = None if self.multiprocess else registry
+        gauge_mode: GaugeMode = "livemostrecent"
         self.requests = Counter(
             "fallback_proxy_requests", "Requests answered, by route, answering provider and outcome.",
-            ["route", "provider", "outcome"], registry=registry,
+            ["route", "provider", "outcome"], registry=own,
         )
         self.attempts = Counter(
             "fallback_proxy_attempts", "Provider attempts and skips, by provider and outcome class.",
-            ["provider", "outcome"], registry=registry,
+            ["provider", "outcome"], registry=own,
         )
         self.fallbacks = Counter(
             "fallback_proxy_fallbacks", "Fallbacks from one provider to the next, with the reason.",
-            ["route", "from_provider", "to_provider", "reason"], registry=registry,
+            ["route", "from_provider", "to_provider", "reason"], registry=own,
         )
         self.continuations = Counter(
             "fallback_proxy_continuations", "Streams continued by the next provider after one failed mid-stream.",
-            ["route", "from_provider", "to_provider", "reason"], registry=registry,
+            ["route", "from_provider", "to_provider", "reason"], registry=own,
         )
         self.latency = Histogram(
             "fallback_proxy_request_duration_seconds", "Whole request time as seen by the proxy.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+            ["route"], buckets=_LATENCY_BUCKETS, registry=own,
         )
         self.ttft = Histogram(
             "fallback_proxy_time_to_first_token_seconds", "Time to the first token of streamed answers.",
-            ["provider"], buckets=_LATENCY_BUCKETS, registry=registry,
+            ["provider"], buckets=_LATENCY_BUCKETS, registry=own,
         )
         self.tokens = Counter(
-            "fallback_proxy_tokens", "Tokens reported by providers.", ["provider", "kind"], registry=registry,
+            "fallback_proxy_tokens", "Tokens reported by providers.", ["provider", "kind"], registry=own,
         )
         self.health = Gauge(
             "fallback_proxy_provider_health", "Provider health: 0 healthy, 1 slow, 2 degraded, 3 offline.",
-            ["provider"], registry=registry,
+            ["provider"], registry=own, multiprocess_mode=gauge_mode,
         )
         self.breaker_open = Gauge(
             "fallback_proxy_breaker_open", "1 while the provider's circuit breaker is open.", ["provider"],
-            registry=registry,
+            registry=own, multiprocess_mode=gauge_mode,
         )
         self.breaker_opened = Counter(
-            "fallback_proxy_breaker_opened", "Times a provider's breaker opened.", ["provider"], registry=registry,
+            "fallback_proxy_breaker_opened", "Times a provider's breaker opened.", ["provider"], registry=own,
         )
         self.recoveries = Counter(
             "fallback_proxy_recoveries", "Times a provider came back (its breaker closed).", ["provider"],
-            registry=registry,
+            registry=own,
         )
         self.probes = Counter(
-            "fallback_proxy_probes", "Active health probes, by outcome.", ["provider", "outcome"], registry=registry,
+            "fallback_proxy_probes", "Active health probes, by outcome.", ["provider", "outcome"], registry=own,
         )
         self.store_errors = Counter(
             "fallback_proxy_store_errors", "State store calls that failed, by operation.", ["operation"],
-            registry=registry,
+            registry=own,
         )
         self.quota_remaining = Gauge(
             "fallback_proxy_quota_remaining", "What is left of today's quota (as of this replica's last admit).",
-            ["provider", "kind"], registry=registry,
+            ["provider", "kind"], registry=own, multiprocess_mode=gauge_mode,
         )
         self.quota_exhausted = Counter(
             "fallback_proxy_quota_exhausted", "Calls refused because today's quota is spent.", ["provider"],
-            registry=registry,
+            registry=own,
         )
         self.reloads = Counter(
             "fallback_proxy_config_reloads", "Config reloads, by outcome (ok, rejected).", ["outcome"],
-            registry=registry,
+            registry=own,
         )
         self.alerts = Counter(
             "fallback_proxy_alerts", "Operator alerts, by kind, webhook format and outcome.",
-            ["kind", "format", "outcome"], registry=registry,
+            ["kind", "format", "outcome"], registry=own,
         )
         self.quota_fail_closed = Counter(
             "fallback_proxy_quota_fail_closed",
             "Calls not made because the quota store could not answer (fail closed).", ["provider"],
-            registry=registry,
+            registry=own,
         )
 
 
@@ -190,35 +217,97 @@ class AlertCounters:
         self.counter.labels(kind, "-", "suppressed").inc()
 
 
+Metric = TypeVar("Metric", Counter, Histogram)
+
+
+class Children(Generic[Metric]):
+    """A metric's labelled children, looked up once per label values.
+
+    `metric.labels(...)` validates and converts its arguments on every call;
+    the label values a request can carry are bounded by the config (routes,
+    providers, outcome classes), so the children are kept by their tuple.
+    """
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Metric) -> None:
+        self._metric: Metric = metric
+        self._children: dict[tuple[str, ...], Metric] = {}
+
+    def __call__(self, *labels: str) -> Metric:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
 class Observer:
     """Turns finished request records into metrics, a log line and failover alerts."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.alerts: Alerter | None = None
+        self._requests = Children(metrics.requests)
+        self._latency = Children(metrics.latency)
+        self._attempts = Children(metrics.attempts)
+        self._fallbacks = Children(metrics.fallbacks)
+        self._ttft = Children(metrics.ttft)
+        self._tokens = Children(metrics.tokens)
 
     def finish(self, record: RequestRecord) -> None:
-        m = self.metrics
-        provider = record.provider or "none"
-        m.requests.labels(record.route, provider, record.outcome).inc()
-        m.latency.labels(record.route).observe(record.elapsed_ms() / 1000)
+        total_ms = record.elapsed_ms()
+        route, provider = record.route, record.provider
+        self._requests(route, provider or "none", record.outcome).inc()
+        self._latency(route).observe(total_ms / 1000)
+        first_fallback: Attempt | None = None
         previous: Attempt | None = None
         for attempt in record.attempts:
-            m.attempts.labels(attempt.provider, attempt.outcome).inc()
+            self._attempts(attempt.provider, attempt.outcome).inc()
             if previous is not None and previous.outcome != "ok":  # "ok" then another: a continuation
-                m.fallbacks.labels(record.route, previous.provider, attempt.provider, previous.outcome).inc()
+                self._fallbacks(route, previous.provider, attempt.provider, previous.outcome).inc()
+            if first_fallback is None and attempt.outcome != "ok":
+                first_fallback = attempt
             previous = attempt
-        if record.ttft_ms is not None and record.provider:
-            m.ttft.labels(record.provider).observe(record.ttft_ms / 1000)
-        if record.usage is not None and record.provider:
-            m.tokens.labels(record.provider, "prompt").inc(record.usage.prompt_tokens)
-            m.tokens.labels(record.provider, "completion").inc(record.usage.completion_tokens)
+        if provider:
+            if record.ttft_ms is not None:
+                self._ttft(provider).observe(record.ttft_ms / 1000)
+            if record.usage is not None:
+                self._tokens(provider, "prompt").inc(record.usage.prompt_tokens)
+                self._tokens(provider, "completion").inc(record.usage.completion_tokens)
         if request_log.isEnabledFor(logging.INFO):
-            request_log.info(record.log_line().decode())
-        if self.alerts is not None and record.provider and record.fallbacks:
-            first = record.fallbacks[0]
-            self.alerts.notify("failover", route=record.route, from_provider=first.provider,
-                               to_provider=record.provider, reason=first.outcome)
+            write_line(request_log, record.log_line(total_ms))
+        if self.alerts is not None and provider and first_fallback is not None:
+            self.alerts.notify("failover", route=route, from_provider=first_fallback.provider,
+                               to_provider=provider, reason=first_fallback.outcome)
+
+
+def write_line(logger: logging.Logger, line: bytes) -> None:
+    """Log a ready-made JSON line at INFO. When the only place it would go is
+    the stream of :func:`configure_logging`, it is written there directly: the
+    same bytes, without a `LogRecord` and the formatting machinery."""
+    handler = _direct_handler(logger)
+    if handler is None:
+        logger.info(line.decode())
+    else:
+        handler.write_line(line)
+
+
+def _direct_handler(logger: logging.Logger) -> JsonLogHandler | None:
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        if current.handlers:
+            if len(current.handlers) != 1 or current.propagate and current.parent is not None:
+                return None
+            handler = current.handlers[0]
+            if type(handler) is JsonLogHandler and not handler.filters and handler.level <= logging.INFO:
+                return handler
+            return None
+        if not current.propagate:
+            return None
+        current = current.parent
+    return None
 
 
 def event(kind: str, level: int = logging.INFO, **fields: object) -> None:
@@ -323,10 +412,29 @@ class JsonLogFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
+class JsonLogHandler(logging.StreamHandler[TextIO]):
+    """The CLI's handler: JSON lines to a stream (stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonLogFormatter())
+
+    def write_line(self, line: bytes) -> None:
+        """Write one ready-made line, as `emit` would have written it."""
+        text = line.decode() + self.terminator
+        self.acquire()
+        try:
+            self.stream.write(text)
+            self.flush()
+        except (OSError, ValueError):  # a closed or failing stream: the logging module's own report
+            self.handleError(logging.makeLogRecord({"msg": text, "name": request_log.name}))
+        finally:
+            self.release()
+
+
 def configure_logging(level: str = "info") -> None:
     """Send every log line to stderr as JSON (for the CLI; tests use caplog)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter())
+    handler = JsonLogHandler()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,0 +1,214 @@
+"""`fallback-proxy serve --workers 2`: a real supervisor process, real workers, real signals.
+
+The supervisor binds the port once and spawns two workers sharing it; each
+keeps its metric values in files of the supervisor's metrics directory, and
+`/metrics` (whichever worker answers it) sums them. SIGHUP reloads the config
+in every worker; SIGTERM stops them gracefully and the supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.fakes import FakeOpenAI
+
+from .conftest import openai_provider
+from .redis_server import free_port
+
+REQUESTS = 40
+GRACE_SECONDS = 3
+START_TIMEOUT = 20.0
+
+
+class Supervisor:
+    """`python -m proxy.cli serve --workers 2`, its stderr (JSON lines) in a file."""
+
+    def __init__(self, config: Path, port: int, log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = port
+        self.log = log
+        with log.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--workers", "2",
+                 "--log-level", "info"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                env={**os.environ, **(env or {})},
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def lines(self) -> list[dict[str, object]]:
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    def count(self, predicate: str) -> int:
+        return sum(1 for line in self.lines() if str(line.get("message", line.get("event", ""))).startswith(predicate))
+
+    def wait_for(self, predicate: str, times: int, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the supervisor exited with {self.process.returncode}:\n{self.log.read_text()}")
+            if self.count(predicate) >= times:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{predicate!r} not seen {times} times within {timeout}s:\n{self.log.read_text()}")
+
+    def children(self) -> set[int]:
+        pids: set[int] = set()
+        for task in Path(f"/proc/{self.process.pid}/task").glob("*"):
+            try:
+                pids.update(int(pid) for pid in (task / "children").read_text().split())
+            except OSError:
+                continue
+        return pids
+
+    def worker_environ(self, pid: int) -> dict[str, str]:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            for pid in self.children():
+                os.kill(pid, signal.SIGKILL)
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path, cloud: FakeOpenAI) -> Iterator[Supervisor]:
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": GRACE_SECONDS,
+                   "reload_check_seconds": 0},
+        "providers": {"cloud": openai_provider(cloud.url)},
+        "routes": {"default": ["cloud"]},
+    }))
+    env = {} if "PROMETHEUS_MULTIPROC_DIR" not in os.environ else {"PROMETHEUS_MULTIPROC_DIR": ""}
+    running = Supervisor(config, port, tmp_path / "proxy.log", env)
+    try:
+        running.wait_for("ready: ", 2)
+        yield running
+    finally:
+        running.kill()
+
+
+def ask(url: str) -> str:
+    """One chat completion on a connection of its own (so the kernel spreads them over the workers)."""
+    with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as http:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", http_client=http, max_retries=0)
+        answer = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hi"}])
+    return answer.choices[0].message.content or ""
+
+
+def requests_counted(text: str) -> float:
+    for family in text_string_to_metric_families(text):
+        if family.name == "fallback_proxy_requests":
+            return sum(s.value for s in family.samples
+                       if s.name == "fallback_proxy_requests_total" and s.labels["outcome"] == "ok")
+    return 0.0
+
+
+def requests_of_each_worker(metrics_dir: str) -> dict[int, float]:
+    """Per worker pid, the requests its own metrics file counts."""
+    counted = {}
+    for path in Path(metrics_dir).glob("counter_*.db"):
+        pid = int(path.stem.removeprefix("counter_"))
+        families = MultiProcessCollector.merge([str(path)], accumulate=False)  # type: ignore[no-untyped-call]
+        counted[pid] = sum(s.value for family in families for s in family.samples
+                           if s.name == "fallback_proxy_requests_total")
+    return counted
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_two_workers_answer_count_together_and_stop_on_sigterm(supervisor: Supervisor) -> None:
+    workers = supervisor.children()
+    metrics_dirs = {supervisor.worker_environ(pid).get("PROMETHEUS_MULTIPROC_DIR") for pid in workers}
+    metrics_dirs.discard(None)
+    assert len(metrics_dirs) == 1, metrics_dirs  # every worker (not the resource tracker) shares one directory
+    metrics_dir = metrics_dirs.pop()
+    assert metrics_dir is not None and Path(metrics_dir).is_dir()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, [supervisor.url] * REQUESTS))
+    assert answers == ["Hello from cloud."] * REQUESTS
+
+    per_worker = requests_of_each_worker(metrics_dir)
+    assert len(per_worker) == 2 and all(count > 0 for count in per_worker.values()), per_worker
+    assert set(per_worker) <= workers
+    assert sum(per_worker.values()) == REQUESTS
+    for _ in range(4):  # whichever worker answers /metrics counts every worker's requests
+        assert requests_counted(httpx.get(supervisor.url + "/metrics").text) == REQUESTS
+
+    supervisor.process.send_signal(signal.SIGHUP)  # each worker reloads the config in place
+    supervisor.wait_for("config_reloaded", 2, timeout=10)
+    assert supervisor.children() == workers
+    assert ask(supervisor.url) == "Hello from cloud."
+
+    stopping = time.monotonic()
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert supervisor.process.wait(timeout=GRACE_SECONDS + 5) == 0
+    assert time.monotonic() - stopping < GRACE_SECONDS + 3
+    deadline = time.monotonic() + 3
+    while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in workers), [pid for pid in workers if not gone(pid)]
+    assert not Path(metrics_dir).exists()  # the supervisor made it, the supervisor removed it
+
+
+def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path, cloud: FakeOpenAI) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "proxy.yaml"
+        config.write_text(yaml.safe_dump({
+            "server": {"host": "127.0.0.1", "port": port},
+            "providers": {"cloud": openai_provider(cloud.url)},
+            "routes": {"default": ["cloud"]},
+        }))
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--workers", "2"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
+        )
+    assert done.returncode == 3, done.stderr
+    assert "address already in use" in done.stderr.lower()
+    assert "Traceback" not in done.stderr
+
+
+def test_workers_must_be_a_positive_number(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(tmp_path / "none.yaml"), "--workers", "0"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode == 2
+    assert "--workers: expected a whole number of at least 1, got '0'" in done.stderr
