@@ -25,7 +25,7 @@ from proxy.config import Config, ProviderConfig, Route
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
 from proxy.health import Decision, Health, HealthBoard
 from proxy.observe import Metrics, RequestRecord
-from proxy.quota import QuotaGate, Reservation
+from proxy.quota import QuotaGate, Reservation, never_sent
 from proxy.routing import Walk, next_node
 from proxy.shaping import Needs, Shaper, eligibility
 
@@ -312,12 +312,12 @@ class Dispatcher:
                 await self._discard(task)
 
     async def _discard(self, task: asyncio.Task[Answered[T]]) -> None:
-        """Wait out a hedge that lost; a stream it opened anyway is closed and
-        its quota reservation returned."""
+        """Wait out a hedge that lost; a stream it opened anyway is closed, and
+        its quota keeps the request (the provider received it) but not the tokens."""
         try:
             answered = await task
         except (asyncio.CancelledError, ProviderError):
-            return  # _visit already returned what it had reserved
+            return  # _attempt already settled what it had reserved
         if isinstance(answered.result, StreamStart):
             await answered.result.close()
         self.background.spawn(self.quota.settle(answered.reservation, None, FailureClass.CONNECTION_ERROR))
@@ -340,39 +340,53 @@ class Dispatcher:
             health = self.health.view(provider.name)
             raise ProviderError(FailureClass.UNHEALTHY, f"breaker open ({health.reason}); not called")
         shaped = await self.shaper.shape(provider, body)
-        reservation = await self.quota.admit(provider, shaped.body)
         try:
-            result = await self._attempt(provider, shaped.body, call, walk_deadline)
+            result, reservation = await self._attempt(provider, shaped.body, call, walk_deadline)
         except ProviderError as exc:
-            if exc.failure is not FailureClass.CLIENT_ERROR:
+            if exc.failure not in (FailureClass.CLIENT_ERROR, FailureClass.QUOTA_EXHAUSTED):
                 self.health.failure(provider.name, exc.failure, exc.retry_after)
-            if reservation is not None:
-                self.background.spawn(self.quota.settle(reservation, None, exc.failure))
-            raise
-        except asyncio.CancelledError:  # lost a hedge race, or the client went away: nothing was used
-            if reservation is not None:
-                self.background.spawn(self.quota.settle(reservation, None, FailureClass.CONNECTION_ERROR))
             raise
         return Answered(result, provider, reservation, shaped.trimmed)
 
-    async def _attempt(self, provider: ProviderConfig, body: dict[str, Any], call: Call[T], walk_deadline: float) -> T:
-        """One provider, with its optional retries, never past the walk's budget."""
+    async def _attempt(
+        self, provider: ProviderConfig, body: dict[str, Any], call: Call[T], walk_deadline: float
+    ) -> tuple[T, Reservation | None]:
+        """One provider, with its optional retries, never past the walk's budget.
+        Each call is admitted by the quota on its own; when a retry is not
+        admitted, the visit ends with the failure that called for it."""
         adapter = self.adapters[provider.name]
         loop = asyncio.get_running_loop()
+        failed: ProviderError | None = None
         for retry in range(provider.retries + 1):
             deadline = min(loop.time() + provider.timeout.total, walk_deadline)
             if deadline <= loop.time():
-                raise ProviderError(FailureClass.TIMEOUT, "route time budget spent")
+                raise failed or ProviderError(FailureClass.TIMEOUT, "route time budget spent")
             try:
-                return await call(adapter, provider, body, deadline)
+                reservation = await self.quota.admit(provider, body)
+            except ProviderError as refused:
+                if failed is None:
+                    raise
+                raise failed from refused
+            try:
+                return await call(adapter, provider, body, deadline), reservation
             except ProviderError as exc:
+                self._unreserve(reservation, exc.failure, sent=not never_sent(exc))
                 if retry >= provider.retries or exc.failure not in RETRYABLE:
                     raise
-                delay = backoff(retry, exc.retry_after, self._rng)
-                if loop.time() + delay >= walk_deadline:
-                    raise
-                await self._sleep(delay)
+                failed = exc
+            except asyncio.CancelledError:  # lost a hedge race, or the client went away
+                self._unreserve(reservation, FailureClass.CONNECTION_ERROR, sent=True)
+                raise
+            delay = backoff(retry, failed.retry_after, self._rng)
+            if loop.time() + delay >= walk_deadline:
+                raise failed
+            await self._sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def _unreserve(self, reservation: Reservation | None, failure: FailureClass, *, sent: bool) -> None:
+        """A call that failed: its tokens go back; its request only if it was never sent."""
+        if reservation is not None:
+            self.background.spawn(self.quota.settle(reservation, None, failure, sent=sent))
 
     async def aclose(self) -> None:
         await self.background.drain(timeout=2.0)

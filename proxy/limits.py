@@ -5,11 +5,19 @@ A client is its bearer key (by digest, never the key itself), or everyone
 at once on an open proxy. If the store cannot answer, the limits let the
 request through (availability first; quotas, not these, guard spending) and
 the miss is counted.
+
+An open stream holds a lease (a member of a per-client sorted set whose score
+is its expiry), not a share of a counter: taking one drops the expired leases,
+checks the cap and adds in one step, and giving it back removes exactly that
+member, so a lost reply or a failed release cannot pile up. A release the store
+could not take is replayed by the store later; a lease a crashed replica left
+behind expires by itself after `lease_seconds` (longer than any stream lasts).
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +27,7 @@ from proxy.errors import ClientRateLimited
 from proxy.state import StateStore, StoreUnavailable
 
 WINDOW_SECONDS = 60
-STREAM_TTL_SECONDS = 3600  # an open-stream count left behind by a crashed replica fades away
+STREAM_LEASE_SECONDS = 3600.0  # longer than any stream's total deadline
 
 
 def client_id(authorization: str | None) -> str:
@@ -30,39 +38,52 @@ def client_id(authorization: str | None) -> str:
 
 @dataclass(slots=True)
 class Ticket:
-    """A stream counted as open; `ClientLimits.leave` gives it back."""
+    """A request let through; for a stream, the lease `ClientLimits.leave` gives back."""
 
     client: str
-    counted: bool
+    lease: str | None = None  # the stream's id in the client's lease set
+
+
+def streams_name(client: str) -> str:
+    return f"streams:{client}"
 
 
 class ClientLimits:
     def __init__(
         self, settings: LimitSettings, store: StateStore, on_store_error: Callable[[StoreUnavailable], None],
-        *, clock: Callable[[], float] = time.time,
+        *, clock: Callable[[], float] = time.time, lease_seconds: float = STREAM_LEASE_SECONDS,
     ) -> None:
         self.settings = settings
         self.store = store
         self.on_store_error = on_store_error
         self.clock = clock
+        self.lease_seconds = lease_seconds
 
     async def enter(self, client: str, stream: bool) -> Ticket:
         """Count this request; raise `ClientRateLimited` (429) when over a limit."""
         await self._rate(client)
-        counted = False
-        if stream and self.settings.concurrent_streams:
-            open_streams = await self._count(f"streams:{client}", 1, STREAM_TTL_SECONDS)
-            counted = open_streams is not None
-            if open_streams is not None and open_streams > self.settings.concurrent_streams:
-                await self._count(f"streams:{client}", -1, STREAM_TTL_SECONDS)
-                raise ClientRateLimited(
-                    f"Too many streams open for this key: the limit is {self.settings.concurrent_streams}.", 1
-                )
-        return Ticket(client, counted)
+        limit = self.settings.concurrent_streams
+        if not (stream and limit):
+            return Ticket(client)
+        lease = secrets.token_hex(8)
+        try:
+            taken, _ = await self.store.acquire_lease(
+                streams_name(client), lease, limit=limit, ttl_seconds=self.lease_seconds
+            )
+        except StoreUnavailable as exc:  # let it through; the lease may exist: give it back at the end
+            self.on_store_error(exc)
+            return Ticket(client, lease)
+        if not taken:
+            raise ClientRateLimited(f"Too many streams open for this key: the limit is {limit}.", 1)
+        return Ticket(client, lease)
 
     async def leave(self, ticket: Ticket) -> None:
-        if ticket.counted:
-            await self._count(f"streams:{ticket.client}", -1, STREAM_TTL_SECONDS)
+        if ticket.lease is None:
+            return
+        try:
+            await self.store.release_lease(streams_name(ticket.client), ticket.lease)
+        except StoreUnavailable as exc:  # the store replays the release once it answers
+            self.on_store_error(exc)
 
     async def _rate(self, client: str) -> None:
         limit = self.settings.requests_per_minute

@@ -5,18 +5,26 @@ A provider with a quota is called only after the store has admitted the call
 **fails closed**: that provider is not called, and the walk goes on to the
 providers without a quota. Usage is settled after the call from the real
 token counts. A provider without a quota never touches the store.
+
+Each upstream call that may have been sent costs one admission (retries
+included); only a call that provably never left (the connection could not be
+made) gives its request back. Every admission has a call id, so its settle
+applies once, and only if the admission counted (see `proxy.state`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
 import time
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
+import httpx
 import orjson
 
 from proxy.adapters.base import Usage
@@ -66,6 +74,22 @@ class Reservation:
     day: str
     tokens_estimate: int
     ttl: int
+    call_id: str = ""
+
+
+def never_sent(error: BaseException) -> bool:
+    """True when a failed call provably never reached the upstream: the
+    connection could not be made (refused, DNS, TLS, connect or pool timeout).
+    Anything later (a reset, a timeout while reading) may have been received."""
+    seen: BaseException | None = error
+    verdict = False
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientError):  # the transport's own error decides
+            return isinstance(seen, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+        if isinstance(seen, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            verdict = True  # unless an aiohttp cause below says otherwise (httpx-aiohttp)
+        seen = seen.__cause__
+    return verdict
 
 
 class QuotaEvents(Protocol):
@@ -96,10 +120,11 @@ class QuotaGate:
         day = quota_day(now, self.zone)
         ttl = seconds_to_midnight(now, self.zone) + TTL_MARGIN_SECONDS
         estimate = estimate_tokens(body) if quota.tokens_per_day is not None else 0
+        call_id = secrets.token_hex(8)
         try:
             admission = await self.store.admit(
                 provider.name, day, requests_limit=quota.requests_per_day, tokens_limit=quota.tokens_per_day,
-                tokens_estimate=estimate, ttl_seconds=ttl,
+                tokens_estimate=estimate, ttl_seconds=ttl, call_id=call_id,
             )
         except StoreUnavailable as exc:
             self.events.fail_closed(provider, exc)
@@ -111,27 +136,31 @@ class QuotaGate:
             self.events.exhausted(provider, reason)
             raise ProviderError(FailureClass.QUOTA_EXHAUSTED, reason)
         self.events.admitted(provider, admission)
-        return Reservation(provider.name, day, estimate, ttl)
+        return Reservation(provider.name, day, estimate, ttl, call_id)
 
-    async def settle(self, reservation: Reservation | None, usage: Usage | None, failure: FailureClass | None) -> None:
+    async def settle(
+        self, reservation: Reservation | None, usage: Usage | None, failure: FailureClass | None, *,
+        sent: bool = True,
+    ) -> None:
         """Correct the counters after the call: real tokens instead of the
-        estimate; no tokens for a failed call; no request either when it
-        never reached the provider."""
+        estimate; no tokens for a failed call; no request either when it was
+        never `sent`. A settle that meets an unavailable store is replayed by
+        the store once it answers again."""
         if reservation is None:
             return
-        requests_delta = -1 if failure is FailureClass.CONNECTION_ERROR else 0
-        if failure is not None:
+        requests_delta = 0 if sent else -1
+        if failure is not None or not sent:
             tokens_delta = -reservation.tokens_estimate
         elif usage is not None and reservation.tokens_estimate:
             tokens_delta = usage.total_tokens - reservation.tokens_estimate
         else:
-            return  # no better number than the estimate already counted
-        if requests_delta == 0 and tokens_delta == 0:
-            return
+            tokens_delta = 0  # no better number than the estimate already counted
+        if requests_delta == 0 and tokens_delta == 0 and not reservation.call_id:
+            return  # nothing to change, and no admission mark to clear
         try:
             await self.store.settle(
                 reservation.provider, reservation.day, requests_delta=requests_delta, tokens_delta=tokens_delta,
-                ttl_seconds=reservation.ttl,
+                ttl_seconds=reservation.ttl, call_id=reservation.call_id,
             )
         except StoreUnavailable as exc:
             self.events.settle_failed(reservation.provider, exc)

@@ -14,13 +14,27 @@ The quota gate built on top fails closed, so a store call must never hang:
 a RedisStore call talks to Redis for at most `hard_timeout` (`2 * timeout` plus
 a little) or raises `StoreUnavailable`; while the breaker is open it raises at
 once, without touching the network. (A process so busy that all its pooled
-connections stay in use may also wait up to `hard_timeout` for one first.)
+connections stay in use may also wait up to `pool_wait` for one first.)
+
+Exactness across failures. Every quota admission carries a call id: the admit
+script leaves a mark (`m:<id>` in the quota hash) and the settle of that call
+applies only if it removes the mark, so a settle is idempotent and a refund of
+an admission whose reply was lost applies only if the admission did. A settle,
+or a stream lease's release, that fails is queued in process (bounded) and
+replayed when Redis answers again, so the counters end exact after an outage.
+A Redis without persistence that restarts empty has lost the day's counters
+and marks: the counters start again from zero and the queued settles of calls
+admitted before the restart find no mark and change nothing.
 
 Redis layout (`fp` is the prefix; every key of one provider carries the Redis
 Cluster hash tag `{provider}`, so a script only touches one slot):
 
     fp:{openai-4o}:health           hash: the provider's health record
-    fp:{openai-4o}:quota:2025-01-31 hash: req, tok (expires ttl_seconds after creation)
+    fp:{openai-4o}:quota:2025-01-31 hash: req, tok, m:<call id> for each admitted call not
+                                    yet settled (expires ttl_seconds after creation)
+    fp:{<client>}:count:rate:<client>:<window>  a counter (INCRBY, PEXPIRE)
+    fp:{<client>}:lease:streams:<client>  sorted set: member = stream id, score = lease
+                                    expiry (ms, Redis's clock)
     fp:{openai-4o}:lock:probe:openai-4o   SET NX PX lock
     fp:health                       pub/sub channel: {"provider": ..., "record": {...}}
 """
@@ -28,23 +42,26 @@ Cluster hash tag `{provider}`, so a script only touches one slot):
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
-from redis.maint_notifications import MaintNotificationsConfig
-from redis.asyncio import ConnectionPool, Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+
+if TYPE_CHECKING:  # redis-py is imported only when a Redis store is opened (~80 ms)
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
 
 T = TypeVar("T")
+log = logging.getLogger("fallback_proxy.state")
 
 Record = dict[str, str]
 HealthUpdate = tuple[str, Record]
@@ -56,12 +73,14 @@ class StoreUnavailable(Exception):
     `.reason` says why (`READONLY ...`, `breaker open after: ...`), `.operation` which
     call. After a timeout the outcome of a write is unknown: the command may have
     reached Redis and been applied (an admit that raised may have counted, the safe
-    direction for a gate that fails closed)."""
+    direction for a gate that fails closed). `maybe_applied` is False when the
+    command surely never left this process (breaker open, no free connection)."""
 
-    def __init__(self, reason: str, *, operation: str = "") -> None:
+    def __init__(self, reason: str, *, operation: str = "", maybe_applied: bool = True) -> None:
         super().__init__(f"{operation}: {reason}" if operation else reason)
         self.reason = reason
         self.operation = operation
+        self.maybe_applied = maybe_applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,18 +98,22 @@ class StateStore(Protocol):
 
     async def admit(
         self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
-        tokens_estimate: int, ttl_seconds: int,
+        tokens_estimate: int, ttl_seconds: int, call_id: str = "",
     ) -> Admission:
         """Atomically: reject (changing nothing) if one more request or `tokens_estimate`
-        more tokens would exceed a limit (None: unlimited); else count them. Counters
-        expire `ttl_seconds` after their creation."""
+        more tokens would exceed a limit (None: unlimited); else count them, and
+        mark `call_id` (if given) as admitted. Counters expire `ttl_seconds` after
+        their creation."""
         ...
 
     async def settle(
-        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int
+        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int,
+        call_id: str = "",
     ) -> None:
         """Adjust counters after a call (tokens_delta = actual - estimate; a refund is
-        requests_delta=-1, tokens_delta=-estimate). Never below zero."""
+        requests_delta=-1, tokens_delta=-estimate). Never below zero. With a
+        `call_id`: only once, and only if that call's admission counted (it
+        removes the mark); a RedisStore replays it later if Redis cannot answer."""
         ...
 
     async def usage(self, provider: str, day: str) -> tuple[int, int]:
@@ -118,6 +141,17 @@ class StateStore(Protocol):
     async def count(self, name: str, delta: int, ttl_seconds: float) -> int:
         """Add `delta` to the shared counter `name` (created at 0; expires
         `ttl_seconds` after its last change) and return the new value."""
+        ...
+
+    async def acquire_lease(self, name: str, member: str, *, limit: int, ttl_seconds: float) -> tuple[bool, int]:
+        """Atomically: forget the leases of `name` that expired; if fewer than `limit`
+        (0: no limit) remain, add `member` for `ttl_seconds`. Returns (taken, leases
+        held afterwards)."""
+        ...
+
+    async def release_lease(self, name: str, member: str) -> None:
+        """Drop `member`'s lease (idempotent); a RedisStore replays it later if
+        Redis cannot answer."""
         ...
 
     async def ping(self) -> None: ...
@@ -176,6 +210,7 @@ class _Counter:
     requests: int
     tokens: int
     expires_at: float
+    marks: set[str] = field(default_factory=set)  # admitted calls not yet settled
 
 
 class MemoryStore:
@@ -190,6 +225,7 @@ class MemoryStore:
         self._health: dict[str, Record] = {}
         self._locks: dict[str, float] = {}
         self._counts: dict[str, tuple[int, float]] = {}  # name -> (value, expires at)
+        self._leases: dict[str, dict[str, float]] = {}  # name -> member -> expires at
         self._subscribers: set[asyncio.Queue[HealthUpdate | None]] = set()
 
     def __repr__(self) -> str:
@@ -209,7 +245,7 @@ class MemoryStore:
 
     async def admit(
         self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
-        tokens_estimate: int, ttl_seconds: int,
+        tokens_estimate: int, ttl_seconds: int, call_id: str = "",
     ) -> Admission:
         _check_quota_args(tokens_estimate, ttl_seconds)
         counter = self._counter(provider, day)
@@ -220,12 +256,19 @@ class MemoryStore:
         counter = counter or self._create(provider, day, ttl_seconds)
         counter.requests += 1
         counter.tokens += tokens_estimate
+        if call_id:
+            counter.marks.add(call_id)
         return Admission(True, counter.requests, counter.tokens)
 
     async def settle(
-        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int
+        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int,
+        call_id: str = "",
     ) -> None:
         counter = self._counter(provider, day)
+        if call_id:
+            if counter is None or call_id not in counter.marks:
+                return  # settled already, or never admitted
+            counter.marks.discard(call_id)
         if counter is None:
             if settled(0, requests_delta) == 0 and settled(0, tokens_delta) == 0:
                 return
@@ -272,6 +315,29 @@ class MemoryStore:
         if len(self._counts) > 4096:  # forget expired windows now and then
             self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
         return value
+
+    async def acquire_lease(self, name: str, member: str, *, limit: int, ttl_seconds: float) -> tuple[bool, int]:
+        now = self._clock()
+        leases = {m: expires for m, expires in self._leases.get(name, {}).items() if expires > now}
+        if limit and len(leases) >= limit and member not in leases:
+            self._keep_leases(name, leases)
+            return False, len(leases)
+        leases[member] = now + ttl_seconds
+        self._keep_leases(name, leases)
+        return True, len(leases)
+
+    def _keep_leases(self, name: str, leases: dict[str, float]) -> None:
+        if leases:
+            self._leases[name] = leases
+        else:
+            self._leases.pop(name, None)
+
+    async def release_lease(self, name: str, member: str) -> None:
+        leases = self._leases.get(name)
+        if leases is not None:
+            leases.pop(member, None)
+            if not leases:
+                del self._leases[name]
 
     async def ping(self) -> None:
         return None
@@ -380,13 +446,18 @@ class RedisKeys:
         parts = name.split(":")
         return f"{self.prefix}:{_hash_tag(parts[1] if len(parts) > 1 else name)}:count:{name}"
 
+    def lease(self, name: str) -> str:
+        # 'streams:<client>' is about one client: tag it by the client.
+        parts = name.split(":")
+        return f"{self.prefix}:{_hash_tag(parts[1] if len(parts) > 1 else name)}:lease:{name}"
+
     @property
     def channel(self) -> str:
         return f"{self.prefix}:health"
 
 
-# ARGV: requests_limit (-1: none), tokens_limit (-1: none), tokens_estimate, ttl_seconds.
-# Returns {admitted 0/1, requests_used, tokens_used}. Mirrors admits().
+# ARGV: requests_limit (-1: none), tokens_limit (-1: none), tokens_estimate, ttl_seconds,
+# call_id ('': none). Returns {admitted 0/1, requests_used, tokens_used}. Mirrors admits().
 ADMIT_LUA = """
 local used = redis.call('HMGET', KEYS[1], 'req', 'tok')
 local req, tok = tonumber(used[1]) or 0, tonumber(used[2]) or 0
@@ -396,12 +467,16 @@ if (rlimit >= 0 and req + 1 > rlimit) or (tlimit >= 0 and tok + estimate > tlimi
 end
 req = redis.call('HINCRBY', KEYS[1], 'req', 1)
 tok = redis.call('HINCRBY', KEYS[1], 'tok', estimate)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'm:' .. ARGV[5], 1) end
 if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
 return {1, req, tok}
 """
 
-# ARGV: requests_delta, tokens_delta, ttl_seconds. Clamps at zero; mirrors settled().
+# ARGV: requests_delta, tokens_delta, ttl_seconds, call_id ('': none). With a call id,
+# applies only if it removes that call's mark (once; only if the admission counted).
+# Clamps at zero; mirrors settled().
 SETTLE_LUA = """
+if ARGV[4] ~= '' and redis.call('HDEL', KEYS[1], 'm:' .. ARGV[4]) == 0 then return 0 end
 local used = redis.call('HMGET', KEYS[1], 'req', 'tok')
 local req, tok = tonumber(used[1]) or 0, tonumber(used[2]) or 0
 local new_req = math.max(0, req + tonumber(ARGV[1]))
@@ -413,16 +488,36 @@ if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) 
 return 1
 """
 
+# ARGV: member, limit (0: none), ttl_ms. Returns {taken 0/1, leases held}. Expiry by
+# Redis's own clock, so replicas with skewed clocks agree.
+LEASE_LUA = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+local limit, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+if limit > 0 and held >= limit and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return {0, held}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return {1, redis.call('ZCARD', KEYS[1])}
+"""
+
 
 class _Breaker:
-    """Open for `seconds` after any failure; then one trial call; its success closes it."""
+    """Opens after a connection failure, or after `timeouts` calls in a row that
+    timed out (one slow answer on a busy machine says little about Redis); stays
+    open for `seconds`; then one trial call, whose success closes it."""
 
-    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float], timeouts: int = 3) -> None:
         self.seconds = seconds
         self.clock = clock
+        self.timeouts = max(1, timeouts)
         self.opened_at: float | None = None
         self.trial = False
         self.reason = ""
+        self.timed_out = 0  # calls in a row that timed out
 
     def cooling(self) -> bool:
         return self.opened_at is not None and (self.trial or self.clock() - self.opened_at < self.seconds)
@@ -437,6 +532,7 @@ class _Breaker:
         return True
 
     def success(self, trial: bool) -> None:
+        self.timed_out = 0
         # An ordinary call that started before the breaker opened proves nothing.
         if trial:
             self.opened_at, self.trial = None, False
@@ -446,11 +542,23 @@ class _Breaker:
         if trial:
             self.trial = False
 
-    def failure(self, reason: str) -> None:
+    def failure(self, reason: str, *, timeout: bool = False, trial: bool = False) -> None:
+        if timeout and not trial:
+            self.timed_out += 1
+            if self.timed_out < self.timeouts:
+                return
         self.opened_at, self.trial, self.reason = self.clock(), False, reason
 
 
+def _is_timeout(exc: BaseException) -> bool:
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return isinstance(exc, (TimeoutError, RedisTimeout))
+
+
 def _reason(exc: BaseException, hard_timeout: float) -> str:
+    from redis.exceptions import RedisError
+
     if isinstance(exc, RedisError):
         code = exc.status_code
         return f"{code} {exc}" if code else f"{type(exc).__name__}: {exc}"
@@ -463,20 +571,37 @@ def _no_retry() -> Retry:
     """No retries, and no failure callback either. redis-py's default is 10 retries
     with backoff up to 1 s; `retry=None` still runs the callback once, which for
     pub/sub means reconnecting (even to a store being closed) before raising."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     return Retry(NoBackoff(), 0, supported_errors=())
 
 
 PUBSUB_HEADROOM = 4  # pool connections beyond max_connections, for health_updates subscribers
+PENDING_LIMIT = 10_000  # settles and releases queued for replay; beyond it the oldest is dropped
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An idempotent write that failed, to be replayed when Redis answers again."""
+
+    operation: str
+    run: Callable[[], Awaitable[object]]
 
 
 class RedisStore:
     """State shared by every replica through Redis. Build it with `from_url`.
 
     Each call has a socket timeout of `timeout`, no retries inside redis-py, and a
-    hard cap of `hard_timeout` (default `2 * timeout + 20 ms`, covering connect, a
-    NOSCRIPT reload and waiting for one of `max_connections` pooled connections).
-    Any failure opens the breaker for `breaker_seconds`: calls then raise at once,
-    without I/O, until one trial call is let through and succeeds.
+    hard cap of `hard_timeout` (default `2 * timeout + 20 ms`, covering connect and a
+    NOSCRIPT reload). Before that, a call may wait up to `pool_wait` for one of
+    `max_connections` pooled connections (running out of them says this process is
+    busy, not that Redis is down). A connection failure, or `breaker_timeouts`
+    timeouts in a row, open the breaker for `breaker_seconds`: calls then raise at
+    once, without I/O, until one trial call is let through and succeeds.
+
+    A settle or a lease release that fails is queued (at most `pending_limit`) and
+    replayed in the background once Redis answers again.
     """
 
     kind: str = "redis"
@@ -484,7 +609,8 @@ class RedisStore:
     def __init__(
         self, client: Redis, *, target: str, prefix: str = "fp", timeout: float = 0.05,
         breaker_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
-        max_connections: int = 32, hard_timeout: float | None = None,
+        max_connections: int = 64, hard_timeout: float | None = None, pool_wait: float = 0.5,
+        breaker_timeouts: int = 3, pending_limit: int = PENDING_LIMIT,
         pubsub_ping_seconds: float = 5.0, sentinel: Sentinel | None = None,
     ) -> None:
         self._client = client
@@ -493,17 +619,24 @@ class RedisStore:
         self.keys = RedisKeys(prefix)
         self.timeout = timeout
         self.hard_timeout = hard_timeout if hard_timeout is not None else timeout * 2 + 0.02
-        self._breaker = _Breaker(breaker_seconds, clock)
+        self.pool_wait = pool_wait
+        self._breaker = _Breaker(breaker_seconds, clock, breaker_timeouts)
         self._clock = clock
         self._slots = asyncio.Semaphore(max_connections)
         self._max_connections = max_connections
         self._ping_seconds = pubsub_ping_seconds
         self._admit = client.register_script(ADMIT_LUA)
         self._settle = client.register_script(SETTLE_LUA)
+        self._lease = client.register_script(LEASE_LUA)
         self._token = secrets.token_hex(8)
-        self.failures = 0  # calls that failed (those outside pub/sub also opened the breaker)
+        self.failures = 0  # calls that failed (those outside pub/sub may have opened the breaker)
         self.short_circuits = 0  # calls refused without I/O while the breaker was open
         self.busy = 0  # calls that found no free connection in time (not a Redis failure)
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._pending_limit = pending_limit
+        self._replayer: asyncio.Task[None] | None = None
+        self.replayed = 0  # queued writes applied later
+        self.dropped = 0  # queued writes given up (the queue was full, or the store closed)
         self._closed = False
         self._pubsubs: set[PubSub] = set()
 
@@ -511,11 +644,16 @@ class RedisStore:
     def from_url(
         cls, url: str, *, prefix: str = "fp", timeout: float = 0.05, connect_timeout: float = 0.2,
         breaker_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
-        max_connections: int = 32, hard_timeout: float | None = None, pubsub_ping_seconds: float = 5.0,
+        max_connections: int = 64, hard_timeout: float | None = None, pool_wait: float = 0.5,
+        breaker_timeouts: int = 3, pending_limit: int = PENDING_LIMIT, pubsub_ping_seconds: float = 5.0,
     ) -> RedisStore:
         """`redis://`, `rediss://`, `unix://` or `redis+sentinel://`. Connects lazily:
         an unreachable server shows up as StoreUnavailable on the first call.
         Query parameters of a plain URL are passed to redis-py and win over these."""
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.sentinel import Sentinel
+        from redis.maint_notifications import MaintNotificationsConfig
+
         options: dict[str, Any] = {
             "socket_timeout": timeout, "socket_connect_timeout": connect_timeout,
             "retry": _no_retry(),
@@ -542,61 +680,77 @@ class RedisStore:
                 ssl=parsed.ssl, **options,
             )
         else:
-            client = Redis.from_pool(ConnectionPool.from_url(url, **options))
+            # Calls are bounded by the store's own semaphore; pub/sub subscribers
+            # beyond the headroom wait for a connection instead of failing.
+            pool = BlockingConnectionPool.from_url(url, timeout=pool_wait, **options)
+            client = Redis.from_pool(pool)
         return cls(
             client, target=_describe_target(url), prefix=prefix, timeout=timeout,
             breaker_seconds=breaker_seconds, clock=clock, max_connections=max_connections,
-            hard_timeout=hard_timeout, pubsub_ping_seconds=pubsub_ping_seconds, sentinel=sentinel,
+            hard_timeout=hard_timeout, pool_wait=pool_wait, breaker_timeouts=breaker_timeouts,
+            pending_limit=pending_limit, pubsub_ping_seconds=pubsub_ping_seconds, sentinel=sentinel,
         )
 
     def __repr__(self) -> str:
         state = "open" if self.breaker_open else "closed"
-        return f"<RedisStore {self.target} prefix={self.keys.prefix!r} breaker={state} failures={self.failures}>"
+        return (f"<RedisStore {self.target} prefix={self.keys.prefix!r} breaker={state} failures={self.failures}"
+                f" pending={len(self._pending)}>")
 
     @property
     def breaker_open(self) -> bool:
         """True while calls are refused without I/O."""
         return self._breaker.cooling()
 
+    @property
+    def pending(self) -> int:
+        """Failed settles and releases waiting to be replayed."""
+        return len(self._pending)
+
     def _refuse_if_open(self, operation: str) -> bool:
         """Raise while the breaker is open; else whether this call is its trial."""
         if self._closed:
-            raise StoreUnavailable("the store is closed", operation=operation)
+            raise StoreUnavailable("the store is closed", operation=operation, maybe_applied=False)
         trial = self._breaker.admit()
         if trial is None:
             self.short_circuits += 1
-            raise StoreUnavailable(f"breaker open after: {self._breaker.reason}", operation=operation)
+            raise StoreUnavailable(
+                f"breaker open after: {self._breaker.reason}", operation=operation, maybe_applied=False
+            )
         return trial
 
-    def _failed(self, operation: str, exc: BaseException, *, trip: bool = True) -> StoreUnavailable:
+    def _failed(
+        self, operation: str, exc: BaseException, *, trip: bool = True, trial: bool = False
+    ) -> StoreUnavailable:
         self.failures += 1
         reason = _reason(exc, self.hard_timeout)
         if trip:
-            self._breaker.failure(f"{operation}: {reason}")
+            self._breaker.failure(f"{operation}: {reason}", timeout=_is_timeout(exc), trial=trial)
         return StoreUnavailable(reason, operation=operation)
 
     async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
         """The one place Redis errors become StoreUnavailable; the breaker and the hard cap.
 
         Waiting for a free connection says nothing about Redis (this process is
-        busy), so it has its own allowance of `hard_timeout` and running out of it
+        busy), so it has its own allowance of `pool_wait` and running out of it
         does not open the breaker."""
         trial = self._refuse_if_open(operation)
         try:
-            async with asyncio.timeout(self.hard_timeout):
+            async with asyncio.timeout(self.pool_wait):
                 await self._slots.acquire()
         except TimeoutError as exc:
             self._breaker.abandon(trial)
             self.busy += 1
             reason = f"busy: all {self._max_connections} connections stayed in use"
-            raise StoreUnavailable(reason, operation=operation) from exc
+            raise StoreUnavailable(reason, operation=operation, maybe_applied=False) from exc
         except asyncio.CancelledError:
             self._breaker.abandon(trial)
             raise
         try:
             if not trial and self._breaker.cooling():  # it opened while we waited
                 self.short_circuits += 1
-                raise StoreUnavailable(f"breaker open after: {self._breaker.reason}", operation=operation)
+                raise StoreUnavailable(
+                    f"breaker open after: {self._breaker.reason}", operation=operation, maybe_applied=False
+                )
             async with asyncio.timeout(self.hard_timeout):
                 result = await call()
         # Fail closed: whatever redis-py raises (its own errors, OSError, a parser's
@@ -604,7 +758,7 @@ class RedisStore:
         except StoreUnavailable:
             raise
         except Exception as exc:
-            raise self._failed(operation, exc) from exc
+            raise self._failed(operation, exc, trial=trial) from exc
         except asyncio.CancelledError:  # the caller gave up: no verdict on Redis
             self._breaker.abandon(trial)
             raise
@@ -613,26 +767,77 @@ class RedisStore:
         self._breaker.success(trial)
         return result
 
+    def _queue(self, operation: str, run: Callable[[], Awaitable[object]]) -> None:
+        """Keep an idempotent write that failed, and make sure a replayer runs."""
+        if self._closed:
+            self.dropped += 1
+            return
+        if len(self._pending) >= self._pending_limit:
+            self._pending.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("store: replay queue full (%d): %d queued writes dropped so far",
+                            self._pending_limit, self.dropped)
+        self._pending.append(_Pending(operation, run))
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.get_running_loop().create_task(self._replay())
+
+    async def _replay(self) -> None:
+        """Apply the queued writes in order as soon as Redis answers; wait out the breaker."""
+        replayed = 0
+        while self._pending and not self._closed:
+            item = self._pending[0]
+            try:
+                await self._call(item.operation, item.run)
+            except StoreUnavailable:
+                await asyncio.sleep(max(0.05, min(self._breaker.seconds, 1.0)))
+                continue
+            with contextlib.suppress(ValueError):  # dropped meanwhile by an overflow
+                self._pending.remove(item)
+            replayed += 1
+            self.replayed += 1
+        if replayed:
+            log.info("store: %d queued writes replayed after Redis came back", replayed)
+
     async def admit(
         self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
-        tokens_estimate: int, ttl_seconds: int,
+        tokens_estimate: int, ttl_seconds: int, call_id: str = "",
     ) -> Admission:
         _check_quota_args(tokens_estimate, ttl_seconds)
-        args = [
+        args: list[int | str] = [
             -1 if requests_limit is None else requests_limit,
-            -1 if tokens_limit is None else tokens_limit, tokens_estimate, ttl_seconds,
+            -1 if tokens_limit is None else tokens_limit, tokens_estimate, ttl_seconds, call_id,
         ]
         key = self.keys.quota(provider, day)
-        admitted, requests, tokens = await self._call("admit", lambda: self._admit(keys=[key], args=args))
+        try:
+            admitted, requests, tokens = await self._call(
+                "admit", lambda: self._admit(keys=[key], args=args)
+            )
+        except (StoreUnavailable, asyncio.CancelledError) as exc:
+            if call_id and getattr(exc, "maybe_applied", True):
+                # The admission may have counted: give it back if (and only if) it did.
+                refund: list[int | str] = [-1, -tokens_estimate, ttl_seconds, call_id]
+                self._queue("settle", lambda: self._settle(keys=[key], args=refund))
+            raise
         return Admission(bool(admitted), int(requests), int(tokens))
 
     async def settle(
-        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int
+        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int,
+        call_id: str = "",
     ) -> None:
         _check_quota_args(0, ttl_seconds)
         key = self.keys.quota(provider, day)
-        args = [requests_delta, tokens_delta, ttl_seconds]
-        await self._call("settle", lambda: self._settle(keys=[key], args=args))
+        args: list[int | str] = [requests_delta, tokens_delta, ttl_seconds, call_id]
+
+        def run() -> Awaitable[object]:
+            return self._settle(keys=[key], args=args)
+
+        try:
+            await self._call("settle", run)
+        except StoreUnavailable:
+            if call_id:  # idempotent: safe to apply later, even if this one did
+                self._queue("settle", run)
+            raise
 
     async def usage(self, provider: str, day: str) -> tuple[int, int]:
         key = self.keys.quota(provider, day)
@@ -741,11 +946,39 @@ class RedisStore:
 
         return await self._call("count", add)
 
+    async def acquire_lease(self, name: str, member: str, *, limit: int, ttl_seconds: float) -> tuple[bool, int]:
+        key, ttl_ms = self.keys.lease(name), max(1, round(ttl_seconds * 1000))
+        taken, held = await self._call("lease", lambda: self._lease(keys=[key], args=[member, limit, ttl_ms]))
+        return bool(taken), int(held)
+
+    async def release_lease(self, name: str, member: str) -> None:
+        key = self.keys.lease(name)
+
+        def run() -> Awaitable[object]:
+            return self._client.zrem(key, member)
+
+        try:
+            await self._call("release", run)
+        except StoreUnavailable:
+            self._queue("release", run)
+            raise
+
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
 
-    async def aclose(self) -> None:
-        """Later calls raise StoreUnavailable; every `health_updates` iteration ends."""
+    async def aclose(self, *, flush_seconds: float = 1.0) -> None:
+        """Later calls raise StoreUnavailable; every `health_updates` iteration ends.
+        Queued writes get `flush_seconds` to be replayed; the rest are dropped."""
+        if self._replayer is not None and not self._replayer.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._replayer), flush_seconds)
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+        if self._pending:
+            self.dropped += len(self._pending)
+            log.warning("store: closing with %d queued writes not replayed", len(self._pending))
+            self._pending.clear()
         self._closed = True
         for pubsub in list(self._pubsubs):
             await pubsub.aclose()  # type: ignore[no-untyped-call]

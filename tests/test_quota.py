@@ -1,0 +1,182 @@
+"""Quota accounting through the proxy: every upstream call that may have been sent
+costs one admission (retries included); only a call that provably never left
+gives its request back; a quota that runs out in the middle of a visit ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zoneinfo
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.adapters.base import Usage
+from proxy.errors import FailureClass
+from proxy.fakes import FakeOpenAI
+from proxy.quota import QuotaGate, never_sent, quota_day
+from proxy.state import Admission, MemoryStore, StoreUnavailable
+
+from .conftest import ServedApp, openai_provider
+from .redis_server import free_port
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+
+
+def requests_used(store: MemoryStore, provider: str) -> int:
+    requests, _ = asyncio.run(store.usage(provider, quota_day(time.time(), zoneinfo.ZoneInfo("UTC"))))
+    return requests
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+def proxy_with(serve: Callable[..., ServedApp], store: MemoryStore, cloud_url: str, backup: FakeOpenAI,
+               **cloud: Any) -> ServedApp:
+    return serve({
+        "providers": {
+            "cloud": openai_provider(cloud_url, timeout={"connect": 1, "first_token": 2, "total": 3}, **cloud),
+            "backup": openai_provider(backup.url),
+        },
+        "routes": {"default": ["cloud", "backup"]},
+    }, store=store)
+
+
+@pytest.fixture
+def sdk() -> Iterator[Callable[[ServedApp], openai.OpenAI]]:
+    clients: list[openai.OpenAI] = []
+
+    def make(proxy: ServedApp) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_each_retry_costs_one_admission(
+    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
+    sdk: Callable[[ServedApp], openai.OpenAI], stream: bool,
+) -> None:
+    proxy = proxy_with(serve, store, cloud.url, backup, retries=2, quota={"requests_per_day": 100})
+    cloud.set_fault("status", status=503)
+    raw = sdk(proxy).chat.completions.with_raw_response.create(model="default", messages=MESSAGES, stream=stream)
+    assert raw.headers["x-proxy-provider"] == "backup"
+    assert cloud.request_count == 3
+    assert requests_used(store, "cloud") == 3  # one per call the provider received
+
+
+def test_a_stream_that_dies_before_its_first_token_is_counted(
+    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
+    sdk: Callable[[ServedApp], openai.OpenAI],
+) -> None:
+    proxy = proxy_with(serve, store, cloud.url, backup, quota={"requests_per_day": 100})
+    cloud.set_fault("die_midstream", after_chunks=0)
+    with sdk(proxy).chat.completions.with_streaming_response.create(
+        model="default", messages=MESSAGES, stream=True
+    ) as response:
+        assert response.headers["x-proxy-provider"] == "backup"
+        assert "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+    assert cloud.request_count == 1
+    assert requests_used(store, "cloud") == 1
+
+
+def test_a_refused_connection_gives_the_request_back(
+    serve: Callable[..., ServedApp], store: MemoryStore, backup: FakeOpenAI,
+    sdk: Callable[[ServedApp], openai.OpenAI],
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: the call never left
+    proxy = proxy_with(serve, store, nowhere, backup, retries=1, quota={"requests_per_day": 100})
+    raw = sdk(proxy).chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
+    assert raw.headers["x-proxy-provider"] == "backup"
+    assert "cloud=connection_error" in raw.headers["x-proxy-fallbacks"]
+    assert requests_used(store, "cloud") == 0
+
+
+def test_a_quota_that_runs_out_mid_visit_stops_the_retries(
+    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
+    sdk: Callable[[ServedApp], openai.OpenAI],
+) -> None:
+    proxy = proxy_with(serve, store, cloud.url, backup, retries=3, quota={"requests_per_day": 2})
+    cloud.set_fault("status", status=500)
+    raw = sdk(proxy).chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
+    assert raw.headers["x-proxy-provider"] == "backup"
+    assert raw.headers["x-proxy-fallbacks"] == "cloud=server_error"  # the failure that called for a retry
+    assert cloud.request_count == 2 and requests_used(store, "cloud") == 2
+    raw = sdk(proxy).chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
+    assert raw.headers["x-proxy-fallbacks"] == "cloud=quota_exhausted" and cloud.request_count == 2
+
+
+# The gate's settle, against a store.
+
+class Events:
+    def __init__(self) -> None:
+        self.settle_failures: list[StoreUnavailable] = []
+
+    def admitted(self, provider: object, admission: Admission) -> None: ...
+    def exhausted(self, provider: object, reason: str) -> None: ...
+    def fail_closed(self, provider: object, error: StoreUnavailable) -> None: ...
+
+    def settle_failed(self, provider: str, error: StoreUnavailable) -> None:
+        self.settle_failures.append(error)
+
+
+@pytest.mark.asyncio
+async def test_a_settle_applies_once_and_only_for_an_admission_that_counted() -> None:
+    store = MemoryStore()
+    gate = QuotaGate(store, "UTC", Events())  # type: ignore[arg-type]
+    provider = _provider(tokens_per_day=10_000)
+    reservation = await gate.admit(provider, {"messages": MESSAGES, "max_tokens": 100})
+    assert reservation is not None and reservation.call_id
+    day = reservation.day
+    estimate = reservation.tokens_estimate
+    assert await store.usage("cloud", day) == (1, estimate)
+    for _ in range(2):  # a replay of the same settle changes nothing
+        await gate.settle(reservation, Usage(prompt_tokens=3, completion_tokens=4), None)
+    assert await store.usage("cloud", day) == (1, 7)
+    # A refund for an admission that never counted (its reply was lost before it ran) does nothing.
+    await store.settle("cloud", day, requests_delta=-1, tokens_delta=-estimate, ttl_seconds=60, call_id="nope")
+    assert await store.usage("cloud", day) == (1, 7)
+
+
+def test_never_sent_tells_a_refused_connection_from_a_reset() -> None:
+    import aiohttp
+
+    from proxy.errors import ProviderError
+
+    def wrapped(cause: BaseException, *via: BaseException) -> ProviderError:
+        error = ProviderError(FailureClass.CONNECTION_ERROR, "x")
+        chain = [error, *via, cause]
+        for outer, inner in zip(chain, chain[1:]):
+            outer.__cause__ = inner
+        return error
+
+    refused = aiohttp.ClientConnectorError(_ConnectionKey(), OSError(111, "refused"))
+    assert never_sent(wrapped(refused))
+    assert never_sent(wrapped(refused, httpx.ConnectTimeout("mapped by httpx-aiohttp")))
+    assert never_sent(wrapped(aiohttp.ConnectionTimeoutError("connect")))
+    assert not never_sent(wrapped(aiohttp.ServerDisconnectedError()))
+    assert not never_sent(wrapped(aiohttp.ServerDisconnectedError(), httpx.ConnectTimeout("mapped")))
+    assert not never_sent(wrapped(aiohttp.SocketTimeoutError("read")))
+    assert never_sent(wrapped(httpx.ConnectError("refused")))
+    assert not never_sent(wrapped(httpx.ReadTimeout("read")))
+    assert not never_sent(ProviderError(FailureClass.SERVER_ERROR, "503"))
+
+
+class _ConnectionKey:
+    host, port, ssl = "127.0.0.1", 1, False
+
+
+def _provider(**quota: int) -> Any:
+    from proxy.config import ProviderConfig, Quota
+
+    return ProviderConfig(name="cloud", model="openai/gpt-test", litellm_provider="openai", upstream_model="gpt-test",
+                          openai_compatible=True, api_base=None, quota=Quota(**quota))
