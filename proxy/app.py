@@ -244,7 +244,8 @@ def create_app(
         HttpRoute("/openapi.json", handlers.openapi, methods=["GET"]),
         *admin.routes(),
     ]
-    app = Starlette(
+    app = ProxyApp(
+        handlers.chat_completions_asgi,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception},
@@ -277,6 +278,41 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return json_response(error_body(message, error_type, None), exc.status_code, dict(exc.headers or {}))
 
 
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+
+class ProxyApp(Starlette):
+    """Starlette for every route but the hot one: `POST` to the chat
+    completions paths goes straight to its raw ASGI handler, so a stream's
+    sends reach the server without Starlette's middleware and routing layers
+    (three send wrappers per chunk). Other methods on those paths still meet
+    their Starlette routes (a 405), and `InternalErrors` still guards them."""
+
+    def __init__(self, chat: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.chat = chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and _is_chat(scope):
+            scope["app"] = self
+            await self.chat(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def _is_chat(scope: Scope) -> bool:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path in CHAT_PATHS or (bool(root) and path.startswith(root) and path[len(root):] in CHAT_PATHS)
+
+
+async def internal_error(scope: Scope, receive: Receive, send: Send) -> None:
+    """Log the exception being handled (once) and answer an OpenAI-shaped 500."""
+    log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+    body = error_body("The proxy hit an internal error; it has been logged.", "server_error", "internal_error")
+    await json_response(body, 500)(scope, receive, send)
+
+
 class InternalErrors:
     """The last line: a bug becomes one logged traceback and an OpenAI-shaped
     500, and the connection stays usable. (Starlette's own handler for
@@ -300,12 +336,10 @@ class InternalErrors:
 
         try:
             await self.app(scope, receive, watch)
-        except Exception:  # the one place a bug in any endpoint is caught, logged and answered
+        except Exception:  # the one place a bug in any Starlette endpoint is caught, logged and answered
             if started:
                 raise
-            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
-            body = error_body("The proxy hit an internal error; it has been logged.", "server_error", "internal_error")
-            await json_response(body, 500)(scope, receive, send)
+            await internal_error(scope, receive, send)
 
 
 class Handlers:
@@ -313,6 +347,17 @@ class Handlers:
 
     def __init__(self, state: ProxyState) -> None:
         self.state = state
+
+    async def chat_completions_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`chat_completions` as a raw ASGI app, with `InternalErrors`' guarantee:
+        every response it builds starts with its first send, so anything raised
+        before that is answered here."""
+        try:
+            response = await self.chat_completions(Request(scope, receive))
+        except Exception:  # the one place a bug in this endpoint is caught, logged and answered
+            await internal_error(scope, receive, send)
+            return
+        await response(scope, receive, send)
 
     async def chat_completions(self, request: Request) -> Response:
         state = self.state
@@ -361,9 +406,11 @@ class Handlers:
             if ticket is not None:
                 runtime.dispatcher.background.spawn(runtime.limits.leave(ticket))
 
-        body = client_stream(session, on_end)
+        response: SSEResponse
+        body = client_stream(session, on_end, lambda: response.cut_reason)
         write_timeout = runtime.config.limits.client_write_timeout_seconds
-        return SSEResponse(body, headers={**SSE_HEADERS, **record.headers()}, write_timeout=write_timeout)
+        response = SSEResponse(body, headers={**SSE_HEADERS, **record.headers()}, write_timeout=write_timeout)
+        return response
 
     async def models(self, request: Request) -> Response:
         config = self.state.config

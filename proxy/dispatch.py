@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from proxy.adapters.base import Adapter, Chunk, Completion, Limits, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
+from proxy.deadline import Deadline
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
 from proxy.health import Decision, Health, HealthBoard
 from proxy.observe import Metrics, RequestRecord
@@ -49,26 +50,32 @@ class StreamStart:
     deadline: float  # loop time by which the whole stream must end
     reservation: Reservation | None = None
     hide_usage: bool = False  # usage was asked for the quota, not by the client
+    _reads: Deadline | None = field(default=None, repr=False)  # one timer for every read's deadline
 
     async def next_chunk(self) -> Chunk | None:
         """The next chunk within the idle and total deadlines; None at the end."""
-        loop = asyncio.get_running_loop()
-        deadline = min(loop.time() + self.provider.timeout.idle, self.deadline)
+        reads = self._reads
+        if reads is None:
+            reads = self._reads = Deadline()
+        reads.enter(min(reads.now() + self.provider.timeout.idle, self.deadline))
         try:
-            async with asyncio.timeout_at(deadline):
-                return await anext(self.rest, None)
-        except TimeoutError:
+            return await anext(self.rest, None)
+        except asyncio.CancelledError:
+            if not reads.expired():
+                raise
             raise ProviderError(
                 FailureClass.TIMEOUT, "stream stalled past the idle or total timeout", provider=self.provider.name
             ) from None
         except ProviderError as exc:
             exc.provider = self.provider.name
             raise
+        finally:
+            reads.leave()
 
     async def close(self) -> None:
+        if self._reads is not None:
+            self._reads.close()
         await _close(self.rest)
-
-
 
 
 CONTINUE_INSTRUCTION = (

@@ -18,11 +18,19 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from proxy.adapters.base import Chunk
+from proxy.deadline import Deadline
 from proxy.dispatch import StreamSession, StreamStart
 from proxy.errors import ProviderError, error_body
 from proxy.observe import RequestRecord
 
 DONE = b"data: [DONE]\n\n"
+CLIENT_DISCONNECTED = "client_disconnected"
+SERVER_SHUTTING_DOWN = "server_shutting_down"
+SHUTTING_DOWN_EVENT = b"data: " + error_body(
+    "The proxy is shutting down and cut this stream before its end; send the request again.",
+    "server_error", SERVER_SHUTTING_DOWN,
+) + b"\n\n"
+SHUTDOWN_WRITE_SECONDS = 1.0
 
 
 class SSEDecoder:
@@ -120,7 +128,9 @@ class _Transcript:
 
 
 async def client_stream(
-    session: StreamSession, on_end: Callable[[str, ProviderError | None], None]
+    session: StreamSession,
+    on_end: Callable[[str, ProviderError | None], None],
+    cut_by: Callable[[], str] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The bytes sent to the client: the held chunks, the rest of the upstream
     stream (each read bounded by the idle and total deadlines), then `[DONE]`.
@@ -130,7 +140,9 @@ async def client_stream(
     repeated text) if the route allows it; otherwise the stream ends with an
     in-band error event. Closing this generator (client gone) closes the
     upstream; `on_end` is called once with the outcome ("ok",
-    "stream_interrupted" or "client_disconnected") and the last failure.
+    "stream_interrupted", or when the stream is cut short what `cut_by` says:
+    by default "client_disconnected") and the last failure. The held chunks go
+    out as one write; `[DONE]` is always the end of the last write.
     """
     record = session.record
     transcript = _Transcript()
@@ -144,11 +156,11 @@ async def client_stream(
         transcript.note(chunk)
         return format_event(transcript.rebrand(chunk) if continuing else chunk.payload)
 
+    ending = b""
     try:
         while outcome is None:
-            for chunk in _pending(start, continuing):
-                if (data := emit(chunk)) is not None:
-                    yield data
+            if held := b"".join([data for chunk in _pending(start, continuing) if (data := emit(chunk))]):
+                yield held
             try:
                 while (chunk_or_end := await start.next_chunk()) is not None:
                     if (data := emit(chunk_or_end)) is not None:
@@ -160,17 +172,15 @@ async def client_stream(
                 resumed = await session.continue_after(exc, transcript.partial)
                 if resumed is None:
                     outcome = "stream_interrupted"
-                    yield error_event(exc)
+                    ending = error_event(exc)
                 else:
                     start, continuing = resumed, True
-        if session.continued:
-            yield _continued_comment(session)
-        yield DONE
+        yield ending + _continued_comment(session) + DONE if session.continued else ending + DONE
     finally:
         await start.close()
         if outcome != "stream_interrupted":  # an interrupted provider was accounted for already
             session.ended(None)
-        on_end(outcome or "client_disconnected", failure)
+        on_end(outcome or (cut_by() if cut_by is not None else "client_disconnected"), failure)
 
 
 def record_interruption(record: RequestRecord, failure: ProviderError) -> ProviderError:
@@ -202,7 +212,14 @@ def _forward(chunk: Chunk, start: StreamStart, record: RequestRecord) -> bool:
 
 class SSEResponse(Response):
     """A server-sent-event response that always closes its source: when the
-    stream ends, fails, or the client goes away mid-stream."""
+    stream ends, fails, or the client goes away mid-stream.
+
+    A client reading slower than `write_timeout` (a send still blocked after
+    it) pins buffers: it is dropped. When the server cancels the response (its
+    shutdown grace period is over), the client is sent an in-band
+    `server_shutting_down` error event and `[DONE]` before the stream ends.
+    `cut_reason` says why the stream was cut short, for its log line.
+    """
 
     media_type = "text/event-stream"
 
@@ -214,34 +231,63 @@ class SSEResponse(Response):
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
+        self.cut_reason = SERVER_SHUTTING_DOWN  # until the client is seen to go away
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task))
+        cancelling = task.cancelling()
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, task, self))
+        writes = Deadline()
+        now, write_timeout = writes.now, self.write_timeout
+        started = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            started = True
             async for data in self.chunks:
-                # A client reading slower than this pins buffers: it is dropped instead.
-                async with asyncio.timeout(self.write_timeout):
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                last = data.endswith(DONE)
+                writes.enter(now() + write_timeout)
+                await send({"type": "http.response.body", "body": data, "more_body": not last})
+                writes.leave()
+                if last:
+                    return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (OSError, TimeoutError):
-            pass  # the client went away, or read too slowly, while we were sending
+        except OSError:
+            self.cut_reason = CLIENT_DISCONNECTED  # the client went away while we were sending
         except asyncio.CancelledError:
-            if not watcher.done() or watcher.cancelled():
-                raise
-            task.uncancel()  # the watcher saw the client go away: nothing more to send
+            if writes.expired():
+                self.cut_reason = CLIENT_DISCONNECTED  # it read too slowly: dropped
+            if watcher.done() and not watcher.cancelled():
+                task.uncancel()  # the watcher saw the client go away: nothing more to send
+            if task.cancelling() > cancelling:  # the server cancelled us: it is stopping
+                if not started:
+                    raise
+                await self._shutting_down(send, writes)
+                task.uncancel()
         finally:
             watcher.cancel()
+            writes.close()
             await self.chunks.aclose()
 
+    async def _shutting_down(self, send: Send, writes: Deadline) -> None:
+        """The server cancelled this response: end the stream in-band, so the
+        client sees why it stopped (bounded: the server is on its way out)."""
+        writes.enter(writes.now() + min(self.write_timeout, SHUTDOWN_WRITE_SECONDS))
+        try:
+            await send({"type": "http.response.body", "body": SHUTTING_DOWN_EVENT + DONE, "more_body": False})
+        except OSError:
+            pass  # the client went away meanwhile
+        except asyncio.CancelledError:
+            if not writes.expired():
+                raise
+        finally:
+            writes.leave()
 
-async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any]) -> None:
+
+async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task[Any], response: SSEResponse) -> None:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
+            response.cut_reason = CLIENT_DISCONNECTED
             task.cancel()
             return
-
-

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -199,7 +200,7 @@ def test_sigterm_lets_the_in_flight_stream_finish_and_refuses_new_connections(
     assert "Traceback" not in log and '"level":"error"' not in log, log
 
 
-def test_the_grace_period_is_a_limit(
+def test_the_grace_period_is_a_limit_and_a_cut_stream_says_why(
     tmp_path: Path, slow_fake: FakeOpenAI, processes: list[ProxyProcess]
 ) -> None:
     config = write_config(tmp_path / "proxy.yaml", slow_fake, grace=1)
@@ -207,24 +208,51 @@ def test_the_grace_period_is_a_limit(
     proxy.wait_ready()
 
     texts: list[str] = []
-    last = ""
-    with pytest.raises(httpx.RemoteProtocolError):  # the body ends without its last chunk: cut
-        with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=REQUEST, timeout=15) as response:
-            assert response.status_code == 200
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    last = line[6:]
-                    texts.append("" if last == "[DONE]" else content_of(last))
-                    if proxy.sigterm_at is None and sum(1 for t in texts if t) == 2:
-                        proxy.terminate()
+    events: list[str] = []
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=REQUEST, timeout=15) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():  # the body ends properly: no RemoteProtocolError
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if "error" not in events[-1] and events[-1] != "[DONE]":
+                    texts.append(content_of(events[-1]))
+                if proxy.sigterm_at is None and sum(1 for t in texts if t) == 2:
+                    proxy.terminate()
     cut = time.monotonic()
 
     assert proxy.sigterm_at is not None
     assert 0.9 < cut - proxy.sigterm_at < 2.5, f"cut {cut - proxy.sigterm_at:.2f}s after SIGTERM"
-    assert last != "[DONE]" and len("".join(texts)) < len(REPLY)
+    assert len("".join(texts)) < len(REPLY)
+    # The client is told, in-band and OpenAI-shaped, why its stream stopped; then [DONE].
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and error["code"] == "server_shutting_down", error
     assert proxy.wait(timeout=5) in CLEAN_EXIT
     assert time.monotonic() - proxy.sigterm_at < 4
-    assert "Application shutdown complete" in proxy.stderr()
+    log = proxy.stderr()
+    assert "Application shutdown complete" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith('{"event":"request"')]
+    assert [line["outcome"] for line in lines] == ["server_shutting_down"], lines
+    assert "Traceback" not in log, log
+
+
+def test_the_openai_sdk_sees_a_cut_stream_as_an_error(
+    tmp_path: Path, slow_fake: FakeOpenAI, processes: list[ProxyProcess]
+) -> None:
+    config = write_config(tmp_path / "proxy.yaml", slow_fake, grace=1)
+    proxy = start_proxy(processes, config, free_port(), tmp_path / "proxy.log")
+    proxy.wait_ready()
+
+    received = ""
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as sdk:
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in sdk.chat.completions.create(**REQUEST):
+                received += chunk.choices[0].delta.content or "" if chunk.choices else ""
+                if proxy.sigterm_at is None and received:
+                    proxy.terminate()
+    assert "shutting down" in caught.value.message
+    assert received and REPLY.startswith(received) and received != REPLY
+    assert proxy.wait(timeout=5) in CLEAN_EXIT
 
 
 # --- a rolling restart of one of two replicas -------------------------------------
