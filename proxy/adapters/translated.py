@@ -23,6 +23,7 @@ that sends over our client and never retries on one of its own.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 import uuid
@@ -307,6 +308,12 @@ class _Anthropic(_Dialect):
         self._iterator: Any = handler.ModelResponseIterator
         self._reverse_map_key: str = transformation.ANTHROPIC_TOOL_NAME_REVERSE_MAP_KEY
         self._filter_betas: Any = betas.update_request_with_filtered_beta
+        # `validate_environment` asks this of the model map on every call (~0.2 ms:
+        # provider resolution and a model-info walk); the answer is fixed per model
+        # name, and the config object is this adapter's own.
+        self.config._is_adaptive_thinking_model = functools.lru_cache(maxsize=16)(
+            self.config._is_adaptive_thinking_model
+        )
 
     def _headers(self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any]) -> Any:
         return self.config.validate_environment(
