@@ -710,3 +710,29 @@ async def test_over_a_unix_socket(own_server: RedisServer) -> None:
             assert await direct.hget(RedisKeys("fp").quota("p", DAY), "req") == b"1"
     finally:
         await store.aclose()
+
+
+# Stream leases: both stores.
+
+@pytest.mark.asyncio
+async def test_leases_cap_each_name_and_a_release_frees_exactly_its_member(replicas: Replicas) -> None:
+    one, two = replicas.make(), replicas.make()
+    assert await one.acquire_lease("streams:c", "s1", limit=2, ttl_seconds=60) == (True, 1)
+    assert await two.acquire_lease("streams:c", "s2", limit=2, ttl_seconds=60) == (True, 2)
+    assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == (False, 2)
+    assert await one.acquire_lease("streams:other", "s3", limit=2, ttl_seconds=60) == (True, 1)
+    for _ in range(2):  # a release delivered twice frees one lease, not two
+        await two.release_lease("streams:c", "s1")
+    assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == (True, 2)
+    assert await one.acquire_lease("streams:c", "s4", limit=2, ttl_seconds=60) == (False, 2)
+
+
+@pytest.mark.asyncio
+async def test_memory_leases_expire_by_the_clock() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    assert await store.acquire_lease("streams:c", "s1", limit=1, ttl_seconds=10) == (True, 1)
+    clock.now += 9.9
+    assert await store.acquire_lease("streams:c", "s2", limit=1, ttl_seconds=10) == (False, 1)
+    clock.now += 0.1
+    assert await store.acquire_lease("streams:c", "s2", limit=1, ttl_seconds=10) == (True, 1)
