@@ -1,0 +1,161 @@
+"""The deadlines of a stream's reads, in process: one timer per stream, moved
+per chunk, with the semantics of `asyncio.timeout` around each read."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.adapters.base import Chunk
+from proxy.config import ProviderConfig, parse_config
+from proxy.deadline import Deadline
+from proxy.dispatch import StreamStart
+from proxy.errors import FailureClass, ProviderError
+
+pytestmark = pytest.mark.asyncio
+
+
+def provider(idle: float, total: float = 60) -> ProviderConfig:
+    config = parse_config(
+        {"providers": {"p": {"model": "openai/m", "api_base": "http://127.0.0.1:9/v1", "api_key": "k",
+                             "timeout": {"idle": idle, "total": total}}},
+         "routes": {"r": ["p"]}, "health": {"probe_interval_seconds": 0}},
+        environ={},
+    )
+    return config.providers["p"]
+
+
+def chunk(text: str) -> Chunk:
+    return Chunk(payload=b'{"x":1}', has_content=True, text=text)
+
+
+class Upstream:
+    """Chunks at given gaps (seconds); notes whether it was closed."""
+
+    def __init__(self, gaps: list[float]) -> None:
+        self.gaps = gaps
+        self.closed = False
+
+    async def stream(self) -> AsyncIterator[Chunk]:
+        try:
+            for index, gap in enumerate(self.gaps):
+                await asyncio.sleep(gap)
+                yield chunk(str(index))
+        finally:
+            self.closed = True
+
+
+def start_of(upstream: Upstream, idle: float, total: float = 60) -> StreamStart:
+    loop = asyncio.get_running_loop()
+    return StreamStart(head=[], rest=upstream.stream(), provider=provider(idle, total), deadline=loop.time() + total)
+
+
+async def read_all(start: StreamStart) -> list[str]:
+    texts = []
+    while (next_chunk := await start.next_chunk()) is not None:
+        texts.append(next_chunk.text)
+    return texts
+
+
+async def test_chunks_within_the_idle_timeout_pass_however_long_the_stream() -> None:
+    # 12 gaps of 0.05 s: 0.6 s in all, three times the idle timeout.
+    start = start_of(Upstream([0.05] * 12), idle=0.2)
+    assert await read_all(start) == [str(i) for i in range(12)]
+    await start.close()
+
+
+async def test_a_stall_past_the_idle_timeout_is_the_providers_timeout() -> None:
+    upstream = Upstream([0.01, 0.01, 5])
+    start = start_of(upstream, idle=0.2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(ProviderError) as caught:
+        await read_all(start)
+    assert caught.value.failure is FailureClass.TIMEOUT and caught.value.provider == "p"
+    assert "idle" in caught.value.message
+    assert 0.2 <= loop.time() - began < 1.0
+    await start.close()
+    assert upstream.closed
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # nothing left over
+
+
+async def test_the_total_deadline_ends_a_stream_that_never_stalls() -> None:
+    start = start_of(Upstream([0.05] * 100), idle=1, total=0.3)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(ProviderError) as caught:
+        await read_all(start)
+    assert caught.value.failure is FailureClass.TIMEOUT
+    assert 0.25 <= loop.time() - began < 0.8
+    await start.close()
+
+
+async def test_time_spent_between_reads_does_not_count_against_the_idle_timeout() -> None:
+    start = start_of(Upstream([0, 0, 0]), idle=0.1)
+    assert (await start.next_chunk()) is not None
+    await asyncio.sleep(0.3)  # the client is slow to take it: not the provider's stall
+    assert (await start.next_chunk()) is not None
+    assert (await start.next_chunk()) is not None
+    assert (await start.next_chunk()) is None
+    await start.close()
+
+
+async def test_someone_elses_cancellation_is_not_turned_into_a_timeout() -> None:
+    upstream = Upstream([0.01, 5])
+    start = start_of(upstream, idle=0.2)
+    reader = asyncio.create_task(read_all(start))
+    await asyncio.sleep(0.05)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await start.close()
+
+
+async def test_a_cancellation_racing_the_deadline_still_propagates() -> None:
+    start = start_of(Upstream([0.01, 5]), idle=0.1)
+    reader = asyncio.create_task(read_all(start))
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, reader.cancel)  # about when the idle deadline fires
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await start.close()
+
+
+async def test_a_deadline_moved_later_fires_at_its_new_time() -> None:
+    deadline = Deadline()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    deadline.enter(began + 0.1)
+    await asyncio.sleep(0.05)
+    deadline.leave()
+    deadline.enter(loop.time() + 0.2)  # moved on: the first timer must not cancel this await
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(1)
+    assert deadline.expired()
+    assert 0.24 <= loop.time() - began < 0.6
+    deadline.close()
+
+
+async def test_a_deadline_moved_earlier_fires_at_its_new_time() -> None:
+    deadline = Deadline()
+    loop = asyncio.get_running_loop()
+    deadline.enter(loop.time() + 10)
+    deadline.leave()
+    began = loop.time()
+    deadline.enter(began + 0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.sleep(1)
+    assert deadline.expired()
+    assert loop.time() - began < 0.5
+    deadline.close()
+
+
+async def test_a_closed_deadline_cancels_nothing() -> None:
+    deadline = Deadline()
+    deadline.enter(asyncio.get_running_loop().time() + 0.05)
+    deadline.close()
+    await asyncio.sleep(0.1)
+    assert not deadline.expired()
