@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a clean shutdown
 FD_SLACK = 4  # non-pool fds may differ from the start by this much (log files, event-loop internals)
-REDIS_POOL_BOUND = 32 + 4  # RedisStore: max_connections + PUBSUB_HEADROOM (proxy/state.py)
+REDIS_POOL_BOUND = 64 + 4  # RedisStore: max_connections + PUBSUB_HEADROOM (proxy/state.py)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -117,11 +117,13 @@ def quota_section(figures: Figures) -> tuple[list[str], list[str]]:
                           f"requests" + (f" worth {tokens} tokens" if name == "anchor" else ""))
     others = ", ".join(f"{k} got {v['chat']}" for k, v in figures.fakes.items() if k not in ("small", "anchor"))
     lines.append(f"  (no quota) {others}")
+    lines.append("  admissions never settled (call marks left in the quota hashes): "
+                 + ", ".join(f"{k} {v}" for k, v in figures.unsettled.items()))
     left = {k: v for k, v in figures.open_streams.items() if v not in ("0", "None")}
-    lines.append("  open-stream counters (limits.concurrent_streams) after every stream ended: "
+    lines.append("  open-stream leases (limits.concurrent_streams) after every stream ended: "
                  + (", ".join(f"{k}={v}" for k, v in figures.open_streams.items()) or "none"))
     if left:
-        failed.append(f"open-stream counters not back to 0 after every stream ended: {left}")
+        failed.append(f"open-stream leases not back to 0 after every stream ended: {left}")
     return lines, failed
 
 

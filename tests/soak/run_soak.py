@@ -196,6 +196,7 @@ class Figures:
     metrics: dict[str, float]
     open_streams: dict[str, str]
     log: dict[str, Any]
+    unsettled: dict[str, int] = field(default_factory=dict)  # provider -> admissions never settled
     exit_code: int | None = None
     exit_seconds: float = 0.0
 
@@ -204,20 +205,22 @@ def collect(run: Run) -> Figures:
     fakes = {name: httpx.get(url + "/_stats", timeout=5).json() for name, url in run.fake_urls.items()}
     store = redis.Redis(port=run.redis.port, decode_responses=True)
     try:
-        counters = {}
+        counters, unsettled = {}, {}
         for provider in QUOTAED:
-            req = tok = 0
+            req = tok = marks = 0
             for key in store.scan_iter(f"fp:{{{provider}}}:quota:*"):
                 values = store.hgetall(key)
                 req, tok = req + int(values.get("req", 0)), tok + int(values.get("tok", 0))
-            counters[provider] = (req, tok)
-        streams = {key: str(store.get(key)) for key in store.scan_iter("fp:*:count:streams:*")}
+                marks += sum(1 for field in values if field.startswith("m:"))
+            counters[provider], unsettled[provider] = (req, tok), marks
+        # Open streams are leases (a sorted set per client key); every stream has ended by now.
+        streams = {key: str(store.zcard(key)) for key in store.scan_iter("fp:*:lease:streams:*")}
     finally:
         store.close()
     auth = {"authorization": f"Bearer {ADMIN_KEY}"}
     admin = httpx.get(run.url + "/admin/status", headers=auth, timeout=5).json()
     metrics = scrape(httpx.get(run.url + "/metrics", timeout=5).text)
-    return Figures(fakes, counters, admin, metrics, streams, read_log(run))
+    return Figures(fakes, counters, admin, metrics, streams, read_log(run), unsettled=unsettled)
 
 
 def scrape(text: str) -> dict[str, float]:
