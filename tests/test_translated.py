@@ -1,25 +1,28 @@
 """TranslatedAdapter: litellm's translation over our own HTTP client.
 
-Against the fake Anthropic and Ollama servers over real sockets, with both the
-default httpx transport and httpx-aiohttp; Gemini (and tool-use answers, which
-the fakes do not produce) through `httpx.MockTransport`. Parity tests compare
-with `litellm.acompletion` itself (the adapter's fallback path).
+Against the fake Anthropic and Ollama servers over real sockets; Gemini (and
+tool-use answers, which the fakes do not produce) from canned answers served
+by a small local aiohttp server. Parity tests compare with
+`litellm.acompletion` itself (the adapter's fallback path, over httpx).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import httpx_aiohttp
 import orjson
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
-from proxy.adapters.base import Chunk, Limits
+from proxy.adapters.base import Chunk, HttpClients, Limits
+from proxy.app import open_session
 from proxy.adapters.translated import TranslatedAdapter, _Acompletion
 from proxy.litellm_import import load_litellm
 from proxy.config import ProviderConfig
@@ -116,27 +119,33 @@ def fresh_fakes(request: pytest.FixtureRequest) -> None:
             fake.reset()
 
 
-@pytest_asyncio.fixture(params=["httpx", "aiohttp"])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx_aiohttp.AiohttpTransport() if request.param == "aiohttp" else None
-    async with httpx.AsyncClient(transport=transport) as http:
-        yield http
+@contextlib.asynccontextmanager
+async def pooled() -> AsyncIterator[HttpClients]:
+    """The app's clients: the aiohttp session the dialects use, the httpx client `acompletion` uses."""
+    async with open_session() as session, httpx.AsyncClient() as http:
+        yield HttpClients(session=session, client=http)
 
 
-def claude_adapter(fake: FakeAnthropic, http: httpx.AsyncClient, **fields: Any) -> TranslatedAdapter:
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[HttpClients]:
+    async with pooled() as clients:
+        yield clients
+
+
+def claude_adapter(fake: FakeAnthropic, clients: HttpClients, **fields: Any) -> TranslatedAdapter:
     fields.setdefault("api_key", "k")
-    return TranslatedAdapter(provider(f"anthropic/{CLAUDE}", fake.url, **fields), http)
+    return TranslatedAdapter(provider(f"anthropic/{CLAUDE}", fake.url, **fields), clients)
 
 
-def ollama_adapter(fake: FakeOllama, http: httpx.AsyncClient, **fields: Any) -> TranslatedAdapter:
-    return TranslatedAdapter(provider(f"ollama_chat/{fake.model}", fake.url, **fields), http)
+def ollama_adapter(fake: FakeOllama, clients: HttpClients, **fields: Any) -> TranslatedAdapter:
+    return TranslatedAdapter(provider(f"ollama_chat/{fake.model}", fake.url, **fields), clients)
 
 
 # -- Anthropic ----------------------------------------------------------------------------------
 
 
 @pytest.mark.asyncio
-async def test_anthropic_complete(claude: FakeAnthropic, client: httpx.AsyncClient) -> None:
+async def test_anthropic_complete(claude: FakeAnthropic, client: HttpClients) -> None:
     adapter = claude_adapter(claude, client)
     sent = body(temperature=0.2)
     result = await adapter.complete(sent, LIMITS)
@@ -155,6 +164,7 @@ async def test_anthropic_complete(claude: FakeAnthropic, client: httpx.AsyncClie
     assert record.path == "/v1/messages"
     assert record.headers["x-api-key"] == "k"
     assert record.headers["anthropic-version"]
+    assert record.headers["content-type"] == "application/json"
     assert record.body["model"] == CLAUDE
     assert record.body["temperature"] == 0.2
     assert "stream" not in record.body
@@ -162,7 +172,7 @@ async def test_anthropic_complete(claude: FakeAnthropic, client: httpx.AsyncClie
 
 @pytest.mark.asyncio
 async def test_anthropic_system_message_and_default_max_tokens(
-    claude: FakeAnthropic, client: httpx.AsyncClient, litellm: Any
+    claude: FakeAnthropic, client: HttpClients, litellm: Any
 ) -> None:
     await claude_adapter(claude, client).complete(body(), LIMITS)
     sent = claude.requests[-1].body
@@ -175,7 +185,7 @@ async def test_anthropic_system_message_and_default_max_tokens(
 
 
 @pytest.mark.asyncio
-async def test_anthropic_stream(claude: FakeAnthropic, client: httpx.AsyncClient) -> None:
+async def test_anthropic_stream(claude: FakeAnthropic, client: HttpClients) -> None:
     adapter = claude_adapter(claude, client)
     chunks = await collect(adapter.stream(body(True, stream_options={"include_usage": True}), LIMITS))
 
@@ -195,7 +205,7 @@ async def test_anthropic_stream(claude: FakeAnthropic, client: httpx.AsyncClient
 
 
 @pytest.mark.asyncio
-async def test_anthropic_stream_usage_only_when_asked(claude: FakeAnthropic, client: httpx.AsyncClient) -> None:
+async def test_anthropic_stream_usage_only_when_asked(claude: FakeAnthropic, client: HttpClients) -> None:
     chunks = [chunk async for chunk in claude_adapter(claude, client).stream(body(True), LIMITS)]
     assert all(b'"usage"' not in chunk.payload for chunk in chunks)
     assert chunks[-1].finish_reason == "stop"
@@ -205,7 +215,7 @@ async def test_anthropic_stream_usage_only_when_asked(claude: FakeAnthropic, cli
 
 
 @pytest.mark.asyncio
-async def test_anthropic_tools_request(claude: FakeAnthropic, client: httpx.AsyncClient) -> None:
+async def test_anthropic_tools_request(claude: FakeAnthropic, client: HttpClients) -> None:
     adapter = claude_adapter(claude, client)
     request = body(tools=TOOLS, tool_choice="required")
     await adapter.complete(request, LIMITS)
@@ -219,7 +229,7 @@ async def test_anthropic_tools_request(claude: FakeAnthropic, client: httpx.Asyn
 
 
 @pytest.mark.asyncio
-async def test_closing_the_stream_early(claude: FakeAnthropic, client: httpx.AsyncClient) -> None:
+async def test_closing_the_stream_early(claude: FakeAnthropic, client: HttpClients) -> None:
     claude.set_fault("slow", first_token_delay=0, token_delay=5)
     stream = claude_adapter(claude, client).stream(body(True), LIMITS)
     first = await anext(stream)
@@ -249,20 +259,24 @@ async def test_closing_the_stream_closes_the_upstream_response() -> None:
                                               "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
     ])
-    async with mock_client(lambda request: httpx.Response(200, stream=upstream, headers=SSE)) as http:
-        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", "https://claude.test", api_key="k"), http)
+    async with mock_client(lambda request: httpx.Response(200, stream=upstream, headers=SSE)) as local:
+        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         stream = adapter.stream(body(True), LIMITS)
         assert orjson.loads((await anext(stream)).payload)["choices"][0]["delta"]["content"] == "Hi"
         assert not upstream.closed
         await stream.aclose()
-    assert upstream.closed
+        for _ in range(500):  # the server sees the connection go (it was closed, not pooled)
+            if upstream.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.closed
 
 
 # -- Ollama -------------------------------------------------------------------------------------
 
 
 @pytest.mark.asyncio
-async def test_ollama_complete(ollama: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_ollama_complete(ollama: FakeOllama, client: HttpClients) -> None:
     result = await ollama_adapter(ollama, client).complete(body(max_tokens=40), LIMITS)
     answer = orjson.loads(result.body)
     assert answer["choices"][0]["message"]["content"] == ollama.reply
@@ -272,6 +286,7 @@ async def test_ollama_complete(ollama: FakeOllama, client: httpx.AsyncClient) ->
 
     (record,) = ollama.requests
     assert record.path == "/api/chat"
+    assert record.headers["content-type"] == "application/json"
     assert record.body["stream"] is False
     assert record.body["options"]["num_predict"] == 40
     assert [(m["role"], m["content"]) for m in record.body["messages"]] == [(m["role"], m["content"]) for m in MESSAGES]
@@ -279,7 +294,7 @@ async def test_ollama_complete(ollama: FakeOllama, client: httpx.AsyncClient) ->
 
 
 @pytest.mark.asyncio
-async def test_ollama_stream(ollama: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_ollama_stream(ollama: FakeOllama, client: HttpClients) -> None:
     chunks = await collect(ollama_adapter(ollama, client).stream(body(True, stream_options={"include_usage": True}), LIMITS))
     assert text_of(chunks) == ollama.reply
     assert len({c["id"] for c in chunks}) == 1
@@ -290,7 +305,7 @@ async def test_ollama_stream(ollama: FakeOllama, client: httpx.AsyncClient) -> N
 
 
 @pytest.mark.asyncio
-async def test_ollama_warmup_and_keep_alive(ollama: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_ollama_warmup_and_keep_alive(ollama: FakeOllama, client: HttpClients) -> None:
     adapter = ollama_adapter(ollama, client, warmup=True)
     await adapter.warmup()
     (load,) = ollama.requests
@@ -304,13 +319,13 @@ async def test_ollama_warmup_and_keep_alive(ollama: FakeOllama, client: httpx.As
 
 
 @pytest.mark.asyncio
-async def test_warmup_is_a_noop_elsewhere(client: httpx.AsyncClient) -> None:
+async def test_warmup_is_a_noop_elsewhere(client: HttpClients) -> None:
     adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", f"http://127.0.0.1:{closed_port()}", api_key="k"), client)
     await adapter.warmup()  # nothing to load: no request (the port would refuse it)
 
 
 @pytest.mark.asyncio
-async def test_ollama_warmup_failure(ollama: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_ollama_warmup_failure(ollama: FakeOllama, client: HttpClients) -> None:
     ollama.set_fault("status", status=500)
     with pytest.raises(ProviderError) as caught:
         await ollama_adapter(ollama, client).warmup()
@@ -321,7 +336,7 @@ async def test_ollama_warmup_failure(ollama: FakeOllama, client: httpx.AsyncClie
 
 
 @pytest.mark.asyncio
-async def test_probes(claude: FakeAnthropic, ollama: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_probes(claude: FakeAnthropic, ollama: FakeOllama, client: HttpClients) -> None:
     await ollama_adapter(ollama, client).probe(LIMITS)
     assert ollama.requests[-1].path == "/api/tags"
     await claude_adapter(claude, client).probe(LIMITS)
@@ -330,7 +345,7 @@ async def test_probes(claude: FakeAnthropic, ollama: FakeOllama, client: httpx.A
 
 
 @pytest.mark.asyncio
-async def test_probe_ollama_model_not_pulled(ollama: FakeOllama, client: httpx.AsyncClient) -> None:
+async def test_probe_ollama_model_not_pulled(ollama: FakeOllama, client: HttpClients) -> None:
     adapter = TranslatedAdapter(provider("ollama_chat/llama3.2", ollama.url), client)
     with pytest.raises(ProviderError) as caught:
         await adapter.probe(LIMITS)
@@ -339,14 +354,14 @@ async def test_probe_ollama_model_not_pulled(ollama: FakeOllama, client: httpx.A
 
 
 @pytest.mark.asyncio
-async def test_probe_anthropic_bad_key(claude: FakeAnthropic, client: httpx.AsyncClient) -> None:
+async def test_probe_anthropic_bad_key(claude: FakeAnthropic, client: HttpClients) -> None:
     with pytest.raises(ProviderError) as caught:
         await claude_adapter(claude, client, api_key="wrong").probe(LIMITS)
     assert caught.value.failure is FailureClass.AUTH_ERROR
 
 
 @pytest.mark.asyncio
-async def test_probe_refused(client: httpx.AsyncClient) -> None:
+async def test_probe_refused(client: HttpClients) -> None:
     adapter = TranslatedAdapter(provider("ollama_chat/qwen2.5:7b", f"http://127.0.0.1:{closed_port()}"), client)
     with pytest.raises(ProviderError) as caught:
         await adapter.probe(LIMITS)
@@ -379,7 +394,7 @@ STATUS_FAULTS = [
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
 @pytest.mark.parametrize(("fault", "expected"), STATUS_FAULTS)
 async def test_anthropic_status_errors(
-    claude: FakeAnthropic, client: httpx.AsyncClient, stream: bool, fault: dict[str, Any], expected: FailureClass
+    claude: FakeAnthropic, client: HttpClients, stream: bool, fault: dict[str, Any], expected: FailureClass
 ) -> None:
     claude.set_fault("status", **fault)
     with pytest.raises(ProviderError) as caught:
@@ -391,7 +406,7 @@ async def test_anthropic_status_errors(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
-async def test_ollama_status_errors(ollama: FakeOllama, client: httpx.AsyncClient, stream: bool) -> None:
+async def test_ollama_status_errors(ollama: FakeOllama, client: HttpClients, stream: bool) -> None:
     ollama.set_fault("status", status=503)
     with pytest.raises(ProviderError) as caught:
         await call(ollama_adapter(ollama, client), stream)
@@ -399,7 +414,7 @@ async def test_ollama_status_errors(ollama: FakeOllama, client: httpx.AsyncClien
 
 
 @pytest.mark.asyncio
-async def test_wrong_key_is_auth_error(claude: FakeAnthropic, client: httpx.AsyncClient) -> None:
+async def test_wrong_key_is_auth_error(claude: FakeAnthropic, client: HttpClients) -> None:
     with pytest.raises(ProviderError) as caught:
         await call(claude_adapter(claude, client, api_key="wrong"), stream=True)
     assert caught.value.failure is FailureClass.AUTH_ERROR
@@ -408,7 +423,7 @@ async def test_wrong_key_is_auth_error(claude: FakeAnthropic, client: httpx.Asyn
 @pytest.mark.asyncio
 @pytest.mark.parametrize("which", ["claude", "ollama"])
 async def test_in_band_stream_error(
-    which: str, claude: FakeAnthropic, ollama: FakeOllama, client: httpx.AsyncClient
+    which: str, claude: FakeAnthropic, ollama: FakeOllama, client: HttpClients
 ) -> None:
     fake = claude if which == "claude" else ollama
     adapter = claude_adapter(claude, client) if which == "claude" else ollama_adapter(ollama, client)
@@ -424,7 +439,7 @@ async def test_in_band_stream_error(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("which", ["claude", "ollama"])
 async def test_death_midstream_is_connection_error(
-    which: str, claude: FakeAnthropic, ollama: FakeOllama, client: httpx.AsyncClient
+    which: str, claude: FakeAnthropic, ollama: FakeOllama, client: HttpClients
 ) -> None:
     fake = claude if which == "claude" else ollama
     adapter = claude_adapter(claude, client) if which == "claude" else ollama_adapter(ollama, client)
@@ -440,7 +455,7 @@ async def test_death_midstream_is_connection_error(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
-async def test_refused_connection(client: httpx.AsyncClient, stream: bool) -> None:
+async def test_refused_connection(client: HttpClients, stream: bool) -> None:
     adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", f"http://127.0.0.1:{closed_port()}", api_key="k"), client)
     with pytest.raises(ProviderError) as caught:
         await call(adapter, stream)
@@ -449,11 +464,57 @@ async def test_refused_connection(client: httpx.AsyncClient, stream: bool) -> No
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
-async def test_hang_with_short_read_timeout(claude: FakeAnthropic, client: httpx.AsyncClient, stream: bool) -> None:
+async def test_hang_with_short_read_timeout(claude: FakeAnthropic, client: HttpClients, stream: bool) -> None:
     claude.set_fault("hang")
     with pytest.raises(ProviderError) as caught:
         await call(claude_adapter(claude, client), stream, Limits(connect=1.0, read=0.3))
     assert caught.value.failure is FailureClass.TIMEOUT
+
+
+class CutBody(httpx.AsyncByteStream):
+    """A stream whose connection drops after its first events."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield sse(self.events)
+        await asyncio.sleep(0.05)
+        raise ConnectionResetError("the upstream went away")
+
+
+STARTED: list[dict[str, Any]] = [
+    {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": CLAUDE,
+                                          "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+]
+
+
+@pytest.mark.asyncio
+async def test_a_stream_cut_short_is_a_connection_error() -> None:
+    async with mock_client(lambda request: httpx.Response(200, stream=CutBody(STARTED), headers=SSE)) as local:
+        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
+        stream = adapter.stream(body(True), LIMITS)
+        assert (await anext(stream)).has_content
+        with pytest.raises(ProviderError) as caught:
+            await collect(stream)
+    assert caught.value.failure is FailureClass.CONNECTION_ERROR
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_an_answer_over_the_cap_is_a_server_error(stream: bool) -> None:
+    def big(request: httpx.Request) -> httpx.Response:
+        if stream:
+            return httpx.Response(200, content=sse(STARTED * 20), headers=SSE)
+        return httpx.Response(200, json={"id": "msg_1", "type": "message", "padding": "x" * 5000})
+
+    async with mock_client(big) as local:
+        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
+        with pytest.raises(ProviderError) as caught:
+            await call(adapter, stream, Limits(connect=2.0, read=5.0, max_bytes=1000))
+    assert caught.value.failure is FailureClass.SERVER_ERROR
+    assert "larger than limits.max_upstream_bytes (1000)" in caught.value.message
 
 
 @pytest.mark.asyncio
@@ -464,8 +525,8 @@ async def test_stream_without_end_is_incomplete() -> None:
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
     ]
-    async with mock_client(lambda request: httpx.Response(200, content=sse(events), headers=SSE)) as http:
-        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", "https://claude.test", api_key="k"), http)
+    async with mock_client(lambda request: httpx.Response(200, content=sse(events), headers=SSE)) as local:
+        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         with pytest.raises(ProviderError) as caught:
             await collect(adapter.stream(body(True), LIMITS))
     assert caught.value.failure is FailureClass.SERVER_ERROR
@@ -480,8 +541,8 @@ async def test_untranslatable_request_is_classified() -> None:
         sent.append(request)
         return httpx.Response(500)
 
-    async with mock_client(handler) as http:
-        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", "https://claude.test", api_key="k"), http)
+    async with mock_client(handler) as local:
+        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         with pytest.raises(ProviderError) as caught:
             await adapter.complete({"messages": [{"role": "bogus", "content": "hi"}]}, LIMITS)
         with pytest.raises(ProviderError) as caught_in_stream:
@@ -497,13 +558,13 @@ async def test_untranslatable_request_is_classified() -> None:
 async def test_request_translation_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
-    async with mock_client(lambda request: httpx.Response(500)) as http:
-        keyless = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", "https://claude.test"), http)
+    async with mock_client(lambda request: httpx.Response(500)) as local:
+        keyless = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url), local.clients)
         with pytest.raises(ProviderError) as caught:
             await keyless.complete(body(), LIMITS)
         assert caught.value.failure is FailureClass.AUTH_ERROR  # our configuration, not the request
 
-        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", "https://claude.test", api_key="k"), http)
+        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         with pytest.raises(ProviderError) as caught:  # litellm trips over it with a TypeError
             await adapter.complete({"messages": [{"role": "user", "content": 5}]}, LIMITS)
         assert caught.value.failure is FailureClass.UNSUPPORTED
@@ -517,22 +578,22 @@ async def test_unreadable_answers_are_server_errors() -> None:
             return httpx.Response(200, content=b'{"model": "m", "surprise": true}\n')
         return httpx.Response(200, json={"id": "msg_1", "type": "message", "model": CLAUDE})  # no content
 
-    async with mock_client(handler) as http:
-        claude = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", "https://claude.test", api_key="k"), http)
+    async with mock_client(handler) as local:
+        claude = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         with pytest.raises(ProviderError) as caught:
             await claude.complete(body(), LIMITS)
         assert caught.value.failure is FailureClass.SERVER_ERROR
 
-        local = TranslatedAdapter(provider("ollama_chat/m", "https://ollama.test"), http)
+        ollama = TranslatedAdapter(provider("ollama_chat/m", local.url), local.clients)
         with pytest.raises(ProviderError) as caught:
-            await collect(local.stream(body(True), LIMITS))
+            await collect(ollama.stream(body(True), LIMITS))
         assert caught.value.failure is FailureClass.SERVER_ERROR  # litellm says 400; not the client's doing
         with pytest.raises(ProviderError) as caught:
-            await local.complete(body(), LIMITS)
+            await ollama.complete(body(), LIMITS)
         assert caught.value.failure is FailureClass.SERVER_ERROR
 
 
-# -- MockTransport: tool use, Gemini, parity with litellm.acompletion ----------------------------
+# -- canned answers: tool use, Gemini, parity with litellm.acompletion ---------------------------
 
 SSE = {"content-type": "text/event-stream"}
 
@@ -541,8 +602,49 @@ def sse(events: list[dict[str, Any]]) -> bytes:
     return b"".join(b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events)
 
 
-def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+@dataclass
+class Local:
+    url: str  # the server's root: stands for any provider's base URL
+    clients: HttpClients
+
+
+@contextlib.asynccontextmanager
+async def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> AsyncIterator[Local]:
+    """Serve `handler`'s canned answers over real HTTP on 127.0.0.1 (aiohttp, in the
+    test's loop). An answer with a body that is not read yet is streamed, and closed
+    when the adapter's connection goes away."""
+
+    async def respond(request: web.Request) -> web.StreamResponse:
+        asked = httpx.Request(request.method, str(request.url), headers=list(request.headers.items()),
+                              content=await request.read())
+        answer = handler(asked)
+        headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+        try:
+            return web.Response(status=answer.status_code, body=answer.content, headers=headers)
+        except httpx.ResponseNotRead:
+            pass
+        response = web.StreamResponse(status=answer.status_code, headers=headers)
+        await response.prepare(request)
+        try:
+            async for part in answer.aiter_raw():
+                await response.write(part)
+        finally:
+            await answer.aclose()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", respond)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    # A handler is cancelled when its client goes away: a streamed answer is then closed.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1, handler_cancellation=True)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    try:
+        async with pooled() as clients:
+            yield Local(f"http://127.0.0.1:{sock.getsockname()[1]}", clients)
+    finally:
+        await runner.cleanup()
 
 
 def claude_tool_answer(request: httpx.Request) -> httpx.Response:
@@ -602,8 +704,8 @@ def gemini_answer(request: httpx.Request) -> httpx.Response:
 
 @pytest.mark.asyncio
 async def test_anthropic_tool_use_answers() -> None:
-    async with mock_client(claude_tool_answer) as http:
-        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", "https://claude.test", api_key="k"), http)
+    async with mock_client(claude_tool_answer) as local:
+        adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         whole = orjson.loads((await adapter.complete(body(tools=TOOLS), LIMITS)).body)
         message = whole["choices"][0]["message"]
         assert whole["choices"][0]["finish_reason"] == "tool_calls"
@@ -628,12 +730,13 @@ async def test_gemini_both_ways() -> None:
         seen.append(request)
         return gemini_answer(request)
 
-    async with mock_client(handler) as http:
-        adapter = TranslatedAdapter(provider(f"gemini/{GEMINI_MODEL}", None, api_key="gk"), http)
+    async with mock_client(handler) as local:
+        adapter = TranslatedAdapter(provider(f"gemini/{GEMINI_MODEL}", local.url + "/v1beta", api_key="gk"), local.clients)
         result = await adapter.complete(body(max_tokens=50, temperature=0.1), LIMITS)
         request = seen[-1]
-        assert str(request.url) == f"https://generativelanguage.googleapis.com/v1beta/models/{GEMINI_MODEL}:generateContent"
+        assert request.url.path == f"/v1beta/models/{GEMINI_MODEL}:generateContent"
         assert request.headers["x-goog-api-key"] == "gk"
+        assert request.headers["content-type"] == "application/json"
         sent = orjson.loads(request.content)
         assert sent["system_instruction"] == {"parts": [{"text": "You are terse."}]}
         assert sent["contents"] == [{"role": "user", "parts": [{"text": "Say hello."}]}]
@@ -652,7 +755,12 @@ async def test_gemini_both_ways() -> None:
         assert chunks[-1]["usage"]["total_tokens"] == 14
 
         await adapter.probe(LIMITS)
-        assert str(seen[-1].url) == "https://generativelanguage.googleapis.com/v1beta/models"
+        assert seen[-1].url.path == "/v1beta/models"
+
+        google = TranslatedAdapter(provider(f"gemini/{GEMINI_MODEL}", None, api_key="gk"), local.clients)
+        assert google._prepare(google._dialect, body(), stream=False).url == (  # type: ignore[arg-type]
+            f"https://generativelanguage.googleapis.com/v1beta/models/{GEMINI_MODEL}:generateContent"
+        )
 
 
 @pytest.mark.asyncio
@@ -660,8 +768,8 @@ async def test_gemini_in_band_error() -> None:
     error = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
     content = b"data: " + orjson.dumps({"candidates": [gemini_candidate("Hi")]}) + b"\r\n\r\n"
     content += b"data: " + orjson.dumps(error) + b"\r\n\r\n"
-    async with mock_client(lambda request: httpx.Response(200, content=content, headers=SSE)) as http:
-        adapter = TranslatedAdapter(provider(f"gemini/{GEMINI_MODEL}", None, api_key="gk"), http)
+    async with mock_client(lambda request: httpx.Response(200, content=content, headers=SSE)) as local:
+        adapter = TranslatedAdapter(provider(f"gemini/{GEMINI_MODEL}", local.url + "/v1beta", api_key="gk"), local.clients)
         with pytest.raises(ProviderError) as caught:
             await collect(adapter.stream(body(True), LIMITS))
     assert caught.value.failure is FailureClass.SERVER_ERROR
@@ -703,10 +811,10 @@ PARITY = [
 async def test_parity_with_acompletion(
     model: str, handler: Callable[[httpx.Request], httpx.Response], extra: dict[str, Any], litellm: Any
 ) -> None:
-    async with mock_client(handler) as http:
-        config = provider(model, "https://claude.test" if model.startswith("anthropic") else None, api_key="k")
-        ours = TranslatedAdapter(config, http)
-        theirs = _Acompletion(config, http, litellm)
+    async with mock_client(handler) as local:
+        config = provider(model, local.url if model.startswith("anthropic") else local.url + "/v1beta", api_key="k")
+        ours = TranslatedAdapter(config, local.clients)
+        theirs = _Acompletion(config, local.clients.client, litellm)
         plain = body(**extra)
         streamed = body(True, stream_options={"include_usage": True}, **extra)
         split = ours._split(plain), ours._split(streamed)
@@ -720,9 +828,9 @@ async def test_parity_with_acompletion(
 
 @pytest.mark.asyncio
 async def test_parity_with_acompletion_ollama(ollama: FakeOllama, litellm: Any) -> None:
-    async with httpx.AsyncClient() as http:
+    async with pooled() as clients:
         config = provider(f"ollama_chat/{ollama.model}", ollama.url)
-        ours, theirs = TranslatedAdapter(config, http), _Acompletion(config, http, litellm)
+        ours, theirs = TranslatedAdapter(config, clients), _Acompletion(config, clients.client, litellm)
         plain, streamed = body(), body(True, stream_options={"include_usage": True})
         mine = summary(orjson.loads((await ours.complete(plain, LIMITS)).body), None)
         reference = summary(orjson.loads((await theirs.complete(ours._split(plain), plain, LIMITS)).body), None)
@@ -735,8 +843,8 @@ async def test_parity_with_acompletion_ollama(ollama: FakeOllama, litellm: Any) 
 
 @pytest.mark.asyncio
 async def test_other_providers_go_through_acompletion() -> None:
-    async with mock_client(lambda request: httpx.Response(500)) as http:
-        adapter = TranslatedAdapter(provider("cohere_chat/command-r", "https://cohere.test", api_key="k"), http)
+    async with mock_client(lambda request: httpx.Response(500)) as local:
+        adapter = TranslatedAdapter(provider("cohere_chat/command-r", local.url, api_key="k"), local.clients)
         assert "via=acompletion" in repr(adapter)
         await adapter.probe(LIMITS)  # no free check known: a no-op
 

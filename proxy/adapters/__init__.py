@@ -17,4 +17,4 @@ def make_adapter(provider: ProviderConfig, clients: HttpClients) -> Adapter:
         return OpenAICompatAdapter(provider, clients.session)
     from proxy.adapters.translated import TranslatedAdapter
 
-    return TranslatedAdapter(provider, clients.client)
+    return TranslatedAdapter(provider, clients)

@@ -62,12 +62,12 @@ class OpenAICompatAdapter:
     async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
         try:
             response = await self._session.post(
-                self._url, data=self._encode(body, False), headers=self._headers, timeout=_timeout(limits)
+                self._url, data=self._encode(body, False), headers=self._headers, timeout=attempt_timeout(limits)
             )
             try:
-                content = await _read_capped(response, limits.max_bytes)
+                content = await read_capped(response, limits.max_bytes)
             finally:
-                _done_with(response)
+                done_with(response)
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         if response.status >= 400:
@@ -79,18 +79,18 @@ class OpenAICompatAdapter:
         early closes the upstream connection (never pooled mid-body)."""
         try:
             response = await self._session.post(
-                self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=_timeout(limits)
+                self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=attempt_timeout(limits)
             )
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         try:
             if response.status >= 400:
-                raise classify.from_status(response.status, await _read_capped(response, limits.max_bytes),
+                raise classify.from_status(response.status, await read_capped(response, limits.max_bytes),
                                            response.headers)
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers ignore `stream: true` and answer one JSON body.
-                head = await _read_capped(response, limits.max_bytes)
+                head = await read_capped(response, limits.max_bytes)
                 raise ProviderError(
                     FailureClass.SERVER_ERROR,
                     f"asked for a stream, got {content_type or 'no content type'}: {head[:120]!r}",
@@ -103,7 +103,7 @@ class OpenAICompatAdapter:
             while data := await content.readany():
                 size += len(data)
                 if size > max_bytes:
-                    raise _too_large(max_bytes)
+                    raise too_large(max_bytes)
                 for _event, payload in decoder.feed(data):
                     if payload == b"[DONE]":
                         return
@@ -121,7 +121,7 @@ class OpenAICompatAdapter:
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
-            _done_with(response)
+            done_with(response)
 
     async def warmup(self) -> None:
         """A local OpenAI-compatible server that is Ollama (`.../v1`): load the
@@ -142,24 +142,24 @@ class OpenAICompatAdapter:
         """A small request whose answer matters only by its status."""
         try:
             response = await self._session.request(method, url, data=data, headers=self._headers,
-                                                    timeout=_timeout(limits))
+                                                    timeout=attempt_timeout(limits))
             try:
-                content = await _read_capped(response, limits.max_bytes)
+                content = await read_capped(response, limits.max_bytes)
             finally:
-                _done_with(response)
+                done_with(response)
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         if response.status >= 400:
             raise classify.from_status(response.status, content, response.headers)
 
 
-def _timeout(limits: Limits) -> aiohttp.ClientTimeout:
+def attempt_timeout(limits: Limits) -> aiohttp.ClientTimeout:
     # `connect` also bounds the wait for a free connection of the pool.
     return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect,
                                  sock_read=limits.read)
 
 
-def _done_with(response: aiohttp.ClientResponse) -> None:
+def done_with(response: aiohttp.ClientResponse) -> None:
     """Back to the pool only when the body was read to its end; otherwise the
     connection is closed (what is left of the body must never reach the next request)."""
     if response.content.at_eof():
@@ -191,26 +191,26 @@ def _completion(content: bytes) -> Completion:
     return Completion(body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage")))
 
 
-async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     """The whole body, or a `server_error` as soon as it passes `max_bytes`."""
     length = response.content_length
     if length is not None and length > max_bytes:
-        raise _too_large(max_bytes)
+        raise too_large(max_bytes)
     content = response.content
     first = await content.readany()
     if not first or content.at_eof():
         if len(first) > max_bytes:
-            raise _too_large(max_bytes)
+            raise too_large(max_bytes)
         return first
     parts = [first]
     size = len(first)
     while part := await content.readany():
         size += len(part)
         if size > max_bytes:
-            raise _too_large(max_bytes)
+            raise too_large(max_bytes)
         parts.append(part)
     return b"".join(parts)
 
 
-def _too_large(max_bytes: int) -> ProviderError:
+def too_large(max_bytes: int) -> ProviderError:
     return ProviderError(FailureClass.SERVER_ERROR, f"the answer is larger than limits.max_upstream_bytes ({max_bytes})")

@@ -10,7 +10,7 @@ retry on their own) is skipped: it costs ~10 ms of CPU per call and ~40 ms
 per stream, where this path spends about a millisecond in litellm's
 translation per call or stream, plus one orjson encode per chunk.
 
-    OpenAI body ─► optional params (memoised) ─► config: headers, URL, body ─► our pooled client
+    OpenAI body ─► optional params (memoised) ─► config: headers, URL, body ─► our pooled aiohttp session
     upstream bytes ─► config: whole answer or chunk parser ─► OpenAI JSON, one encode
 
 Plain text deltas (nearly every chunk of a stream) skip the chunk parser when
@@ -18,7 +18,7 @@ its answer is known to be exactly the text; anything else goes through it.
 
 Providers other than anthropic, ollama_chat and gemini go through
 `litellm.acompletion` (slower, same classification), with an HTTP handler
-that sends over our client and never retries on one of its own.
+that sends over our pooled httpx client and never retries on one of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import importlib
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -37,14 +37,15 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Completion, Limits, Usage
+from proxy.adapters.base import Chunk, Completion, HttpClients, Limits, Usage
+from proxy.adapters.openai_compat import attempt_timeout, done_with, read_capped, too_large
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.litellm_import import load_litellm
 
-# Failures of the connection itself (httpx-aiohttp maps most aiohttp errors to
-# httpx ones, but not all, and a reset socket can surface as a bare OSError).
-_TRANSPORT_ERRORS: Final = (httpx.HTTPError, aiohttp.ClientError, OSError)
+# Failures of the connection itself: aiohttp's (the dialects), httpx's (the
+# `acompletion` fallback), and a reset socket can surface as a bare OSError.
+_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, httpx.HTTPError, TimeoutError, OSError)
 
 # The OpenAI parameters litellm's `completion()` hands to `get_optional_params`
 # by name; any other body key is a provider-specific extra, unless litellm
@@ -265,7 +266,7 @@ class _Dialect:
         """URL, headers and body of the upstream request."""
         raise NotImplementedError
 
-    def parser(self, call: _Call, response: httpx.Response) -> _Parser:
+    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
         raise NotImplementedError
 
     def answer(self, call: _Call, response: httpx.Response, parsed: dict[str, Any]) -> Any:
@@ -341,7 +342,7 @@ class _Anthropic(_Dialect):
             data["stream"] = True
         return self.url, headers, data
 
-    def parser(self, call: _Call, response: httpx.Response) -> _Parser:
+    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
         iterator = self._iterator(
             streaming_response=None,
             sync_stream=False,
@@ -412,7 +413,7 @@ class _Ollama(_Dialect):
         headers.setdefault("content-type", "application/json")
         return url, headers, data
 
-    def parser(self, call: _Call, response: httpx.Response) -> _Parser:
+    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
         return _OllamaParser(self._iterator(streaming_response=None, sync_stream=False, json_mode=call.json_mode))
 
     def served_model(self, answer: Any, parsed: dict[str, Any]) -> str:
@@ -515,9 +516,9 @@ class _Gemini(_Dialect):
         )
         return url, headers, data
 
-    def parser(self, call: _Call, response: httpx.Response) -> _Parser:
+    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
         iterator = self._iterator(
-            streaming_response=None, sync_stream=False, logging_obj=call.log, response_headers=response.headers
+            streaming_response=None, sync_stream=False, logging_obj=call.log, response_headers=headers
         )
         return _GeminiParser(iterator)
 
@@ -542,38 +543,54 @@ class _GeminiParser(_Parser):
 _DIALECTS: Final[dict[str, type[_Dialect]]] = {"anthropic": _Anthropic, "ollama_chat": _Ollama, "gemini": _Gemini}
 
 
-async def _events(response: httpx.Response, framing: str) -> AsyncIterator[bytes]:
-    """The payloads of a stream: each SSE event's `data`, or each NDJSON line."""
-    sse = framing == "sse"
-    buffer = b""
-    data: list[bytes] = []
-    async for block in response.aiter_bytes():
-        lines = (buffer + block if buffer else block).split(b"\n")
-        buffer = lines.pop()
+class _Framer:
+    """The payloads of a stream, block by block: each SSE event's `data`, or each NDJSON line."""
+
+    __slots__ = ("_sse", "_buffer", "_data")
+
+    def __init__(self, framing: str) -> None:
+        self._sse = framing == "sse"
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, block: bytes) -> list[bytes]:
+        lines = (self._buffer + block if self._buffer else block).split(b"\n")
+        self._buffer = lines.pop()
+        payloads: list[bytes] = []
+        data = self._data
         for line in lines:
-            if not sse:
+            if not self._sse:
                 if line.strip():
-                    yield line
+                    payloads.append(line)
             elif line.startswith(b"data:"):
                 data.append(line[5:].strip())
             elif not line.rstrip(b"\r") and data:
-                yield b"\n".join(data)
-                data = []
-    if buffer.startswith(b"data:"):
-        data.append(buffer[5:].strip())
-    elif buffer.strip() and not sse:
-        yield buffer
-    if data:
-        yield b"\n".join(data)
+                payloads.append(b"\n".join(data))
+                data.clear()
+        return payloads
+
+    def flush(self) -> list[bytes]:
+        """What remains when the upstream closes (a last event or line without its end)."""
+        buffer, data, payloads = self._buffer, self._data, []
+        self._buffer = b""
+        if buffer.startswith(b"data:"):
+            data.append(buffer[5:].strip())
+        elif buffer.strip() and not self._sse:
+            payloads.append(buffer)
+        if data:
+            payloads.append(b"\n".join(data))
+            data.clear()
+        return payloads
 
 
 class TranslatedAdapter:
     """Adapter for providers litellm translates (Anthropic, Ollama's native API,
-    Gemini, and through `acompletion` any other), over the app's pooled client."""
+    Gemini, and through `acompletion` any other), over the app's pooled clients:
+    the aiohttp session for the dialects, the httpx client for `acompletion`."""
 
-    def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, provider: ProviderConfig, clients: HttpClients) -> None:
         self.provider = provider
-        self._client = client
+        self._session = clients.session
         litellm = load_litellm()
         self._errors = _translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
@@ -584,7 +601,7 @@ class TranslatedAdapter:
         self._params_cache: OrderedDict[bytes, bytes] = OrderedDict()
         dialect = _DIALECTS.get(provider.litellm_provider)
         self._dialect: _Dialect | None = dialect(provider, litellm) if dialect is not None else None
-        self._fallback = _Acompletion(provider, client, litellm) if dialect is None else None
+        self._fallback = _Acompletion(provider, clients.client, litellm) if dialect is None else None
 
     def __repr__(self) -> str:
         how = "acompletion" if self._dialect is None else type(self._dialect).__name__.strip("_").lower()
@@ -597,14 +614,19 @@ class TranslatedAdapter:
             assert self._fallback is not None
             return await self._fallback.complete(self._split(body), body, limits)
         call = self._prepare(self._dialect, body, stream=False)
-        request = self._request(call, limits)
         try:
-            response = await self._client.send(request)
+            response = await self._post(call, limits)
+            try:
+                content = await read_capped(response, limits.max_bytes)
+            finally:
+                done_with(response)
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
-        if response.status_code >= 400:
-            raise classify.from_status(response.status_code, response.content, response.headers)
-        return self._completion(self._dialect, call, response)
+        if response.status >= 400:
+            raise classify.from_status(response.status, content, response.headers)
+        # litellm reads a whole answer from an httpx response: one is built, no I/O.
+        raw = httpx.Response(response.status, headers=list(response.headers.items()), content=content)
+        return self._completion(self._dialect, call, raw)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncGenerator[Chunk, None]:
         if self._dialect is None:
@@ -615,18 +637,45 @@ class TranslatedAdapter:
         dialect = self._dialect
         call = self._prepare(dialect, body, stream=True)
         try:
-            response = await self._client.send(self._request(call, limits), stream=True)
+            response = await self._post(call, limits)
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         try:
-            if response.status_code >= 400:
-                raise classify.from_status(response.status_code, await response.aread(), response.headers)
-            async for chunk in self._chunks(dialect, call, response):
-                yield chunk
+            if response.status >= 400:
+                content = await read_capped(response, limits.max_bytes)
+                raise classify.from_status(response.status, content, response.headers)
+            # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
+            parser: _Parser = self._reading(dialect.parser, call, response.headers)
+            writer = _Writer(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
+            framer = _Framer(dialect.framing)
+            reader = response.content
+            max_bytes = limits.max_bytes
+            size = 0
+            try:
+                while block := await reader.readany():
+                    size += len(block)
+                    if size > max_bytes:
+                        raise too_large(max_bytes)
+                    for data in framer.feed(block):
+                        piece: _Piece | None = self._reading(parser.feed, data)
+                        if piece is not None and (out := writer.chunk(piece)) is not None:
+                            yield out
+                for data in framer.flush():
+                    piece = self._reading(parser.feed, data)
+                    if piece is not None and (out := writer.chunk(piece)) is not None:
+                        yield out
+            except _TRANSPORT_ERRORS:
+                # After the upstream's own end of answer, a broken tail loses nothing.
+                if not parser.complete:
+                    raise
+            if not parser.complete:
+                raise classify.incomplete_stream()
+            for last in writer.finish():
+                yield last
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
-            await response.aclose()
+            done_with(response)
 
     async def probe(self, limits: Limits) -> None:
         if self._dialect is None:
@@ -639,13 +688,8 @@ class TranslatedAdapter:
         if target is None:
             return
         url, headers = target
-        try:
-            response = await self._client.get(url, headers=headers, timeout=_timeout(limits))
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        if response.status_code >= 400:
-            raise classify.from_status(response.status_code, response.content, response.headers)
-        dialect.check_probe(response.content)
+        content = await self._exchange("GET", url, headers, None, limits)
+        dialect.check_probe(content)
 
     async def warmup(self) -> None:
         """Load an Ollama model and keep it resident (`keep_alive: -1`); a no-op elsewhere."""
@@ -654,19 +698,26 @@ class TranslatedAdapter:
         dialect = self._dialect
         timeouts = self.provider.timeout
         payload = {"model": dialect.model, "prompt": "", "keep_alive": -1}
+        headers = {"content-type": "application/json", **dialect.auth_headers()}
+        limits = Limits(connect=timeouts.connect, read=timeouts.total)
+        await self._exchange("POST", dialect.base + "/api/generate", headers, orjson.dumps(payload), limits)
+
+    async def _exchange(
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None, limits: Limits
+    ) -> bytes:
+        """A small request, read whole: its body, or the classified failure."""
         try:
-            response = await self._client.post(
-                dialect.base + "/api/generate",
-                content=orjson.dumps(payload),
-                headers={"content-type": "application/json", **dialect.auth_headers()},
-                timeout=httpx.Timeout(
-                    connect=timeouts.connect, read=timeouts.total, write=timeouts.connect, pool=timeouts.connect
-                ),
-            )
+            response = await self._session.request(method, url, data=data, headers=headers,
+                                                    timeout=attempt_timeout(limits))
+            try:
+                content = await read_capped(response, limits.max_bytes)
+            finally:
+                done_with(response)
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
-        if response.status_code >= 400:
-            raise classify.from_status(response.status_code, response.content, response.headers)
+        if response.status >= 400:
+            raise classify.from_status(response.status, content, response.headers)
+        return content
 
     # -- translation ---------------------------------------------------------------------------
 
@@ -747,27 +798,9 @@ class TranslatedAdapter:
         except self._errors as exc:
             raise classify.untranslatable(exc) from exc
 
-    def _request(self, call: _Call, limits: Limits) -> httpx.Request:
-        return self._client.build_request(
-            "POST", call.url, content=call.content, headers=call.headers, timeout=_timeout(limits)
-        )
-
-    async def _chunks(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> AsyncIterator[Chunk]:
-        parser: _Parser = self._reading(dialect.parser, call, response)
-        writer = _Writer(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
-        try:
-            async for data in _events(response, dialect.framing):
-                piece: _Piece | None = self._reading(parser.feed, data)
-                if piece is not None and (chunk := writer.chunk(piece)) is not None:
-                    yield chunk
-        except _TRANSPORT_ERRORS as exc:
-            # After the upstream's own end of answer, a broken tail loses nothing.
-            if not parser.complete:
-                raise classify.from_exception(exc) from exc
-        if not parser.complete:
-            raise classify.incomplete_stream()
-        for last in writer.finish():
-            yield last
+    async def _post(self, call: _Call, limits: Limits) -> aiohttp.ClientResponse:
+        return await self._session.post(call.url, data=call.content, headers=call.headers,
+                                        timeout=attempt_timeout(limits))
 
     def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
         try:
