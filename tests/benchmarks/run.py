@@ -6,7 +6,9 @@ pass-through and (when installed) the LiteLLM proxy, side by side, in one run.
     tests/benchmarks/setup_litellm_venv.sh    # once, to add the LiteLLM rows
 
 Layout on a 2-core machine: the system under test is pinned to core 0; the fake
-upstream, wrk and this script to core 1. Every system is started first (idle
+upstream, wrk and this script to core 1. The one exception is the 2-worker row
+(`serve --workers 2`): the proxy may use both cores, so its second worker shares
+core 1 with the upstream and wrk; a scaling ratio 2 workers / 1 worker is printed. Every system is started first (idle
 ones wait), then measured in turn, for --rounds rounds, so a burst of noise
 from elsewhere on the machine is spread over all of them. Every system gets the
 same upstream, the same request bodies and the same measurements:
@@ -55,6 +57,7 @@ LUA = HERE / "post.lua"
 DEFAULT_LITELLM_VENV = Path("/tmp/litellm-proxy-venv")
 SUT_CORE = 0
 LOAD_CORE = 1
+BOTH_CORES = f"{SUT_CORE},{LOAD_CORE}"
 CONNECTIONS = 32
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NPROC = len(os.sched_getaffinity(0))  # read before this process pins itself to the load core
@@ -84,6 +87,7 @@ class Settings:
     ready_repeats: int  # spawns for start-to-ready (fast-starting systems)
     litellm_venv: Path | None
     fallback_rows: bool  # the 2-provider chain and LiteLLM's fallback list
+    workers_row: bool = True  # `serve --workers 2` on both cores
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -92,9 +96,11 @@ class Settings:
             print(f"note: no LiteLLM proxy at {venv}/bin/litellm (tests/benchmarks/setup_litellm_venv.sh); "
                   "its rows are skipped", file=sys.stderr)
             venv = None
+        workers_row = not args.no_workers
         if args.quick:
-            return cls(1, 2.0, 0.0, 1.0, 1, venv, fallback_rows=False)
-        return cls(args.rounds, args.duration, 1.0, args.latency_duration, 3, venv, fallback_rows=True)
+            return cls(1, 2.0, 0.0, 1.0, 1, venv, fallback_rows=False, workers_row=workers_row)
+        return cls(args.rounds, args.duration, 1.0, args.latency_duration, 3, venv, fallback_rows=True,
+                   workers_row=workers_row)
 
 
 # --- the systems under test ---------------------------------------------------------------
@@ -111,6 +117,7 @@ class System:
     env: dict[str, str] = field(default_factory=dict)
     litellm_inside: bool = False  # the system imports litellm
     ready_repeats: int = 1
+    cores: str = str(SUT_CORE)  # taskset's list of the cores the system may run on
 
 
 def body(system: System, stream: bool) -> bytes:
@@ -183,6 +190,13 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
             # the start-to-ready target is for configs without litellm providers; one spawn is enough here
             ready_repeats=1 if kind == "anthropic" else settings.ready_repeats,
         ))
+    if settings.workers_row:
+        config = workdir / "fallback-proxy-openai-2w.yaml"
+        systems.append(System(
+            "fp-openai-2w", f"fallback-proxy (OpenAI path, 2 workers, cores {BOTH_CORES})", "openai", "default",
+            command=[proxy, "serve", "--config", str(config), "--port", "{port}", "--workers", "2"],
+            cores=BOTH_CORES,
+        ))
     if settings.litellm_venv is not None:
         rows = [("openai", "LiteLLM proxy (OpenAI)", "bench")]
         if settings.fallback_rows:
@@ -212,7 +226,7 @@ def free_port() -> int:
 class Process:
     """A child pinned to one core, in its own process group, logging to a file."""
 
-    def __init__(self, command: Sequence[str], core: int, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: Sequence[str], core: int | str, log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
         self.started = time.perf_counter()
         self.popen = subprocess.Popen(
@@ -565,10 +579,11 @@ def start(system: System, workdir: Path, upstream_port: int) -> tuple[Process, i
     port = free_port()
     if system.key.startswith("fp-"):
         kind = system.key.removeprefix("fp-")
-        (workdir / f"fallback-proxy-{kind}.yaml").write_text(fallback_proxy_config(port, upstream_port, kind))
+        config_kind = kind.removesuffix("-2w")
+        (workdir / f"fallback-proxy-{kind}.yaml").write_text(fallback_proxy_config(port, upstream_port, config_kind))
     command = [part.replace("{port}", str(port)) for part in system.command]
     log = workdir / f"{system.key}.log"
-    process = Process(command, SUT_CORE, log, system.env)
+    process = Process(command, system.cores, log, system.env)
     try:
         ready = wait_ready(process, port, timeout=120)
     except BaseException:
@@ -786,10 +801,33 @@ def targets(results: Sequence[Result]) -> list[Target]:
     return out
 
 
+def scaling(results: Sequence[Result]) -> tuple[float | None, float | None]:
+    """Throughput of `serve --workers 2` (both cores) over one worker (one core): (req/s, streams/s)."""
+    found = {r.key: r for r in results if r.error is None}
+    one, two = found.get("fp-openai"), found.get("fp-openai-2w")
+    if one is None or two is None:
+        return None, None
+    return (two.plain.rps / one.plain.rps if one.plain.rps else None,
+            two.streams.rps / one.streams.rps if one.streams.rps else None)
+
+
+def _cores(load: Load) -> str:
+    share = load.pct(load.sut_cpu)
+    return "—" if share is None else f"{share / 100:.2f}"
+
+
 def info_lines(results: Sequence[Result]) -> list[str]:
     """Figures without a target, for context."""
     found = {r.key: r for r in results if r.error is None}
     lines = []
+    plain_x, stream_x = scaling(results)
+    if plain_x is not None or stream_x is not None:
+        one, two = found["fp-openai"], found["fp-openai-2w"]
+        lines.append(f"- scaling, 2 workers on cores {BOTH_CORES} / 1 worker on core {SUT_CORE} (OpenAI path): "
+                     f"{_fmt(plain_x)}× req/s, {_fmt(stream_x)}× streams/s; cores the proxy got (plain / stream): "
+                     f"1 worker {_cores(one.plain)} / {_cores(one.streams)}, 2 workers {_cores(two.plain)} / "
+                     f"{_cores(two.streams)} (the second worker shares core {LOAD_CORE} with the upstream and wrk, "
+                     "and with whatever else runs on the machine: see foreign CPU)")
     fp_a = found.get("fp-anthropic")
     if fp_a and fp_a.plain and fp_a.streams:
         lines.append(f"- Anthropic path CPU: {_fmt(fp_a.plain.cpu_ms_per_request, 3)} ms/request, "
@@ -827,7 +865,8 @@ def report(results: Sequence[Result], settings: Settings, command: str, litellm_
         f"Machine: {machine()}",
         f"Load: wrk -t1 -c{CONNECTIONS}, {settings.rounds} round(s) of {settings.load_seconds:g} s per measurement "
         f"(after {settings.warmup_seconds:g} s warm-up); concurrency-1 latency {settings.rounds} round(s) of "
-        f"{settings.latency_seconds:g} s; systems measured in turn each round; system under test on core {SUT_CORE}, "
+        f"{settings.latency_seconds:g} s; systems measured in turn each round; system under test on core {SUT_CORE} "
+        f"(the 2-worker row: cores {BOTH_CORES}, its second worker sharing core {LOAD_CORE} with the load), "
         f"upstream + load generator + this script on core {LOAD_CORE}.",
         f"LiteLLM proxy: {litellm_version or 'not installed (rows skipped)'}",
         "",
@@ -871,9 +910,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--litellm-venv", default=str(DEFAULT_LITELLM_VENV),
                         help=f"venv with the LiteLLM proxy (default {DEFAULT_LITELLM_VENV})")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM proxy rows")
+    parser.add_argument("--no-workers", action="store_true",
+                        help="skip the `serve --workers 2` row (both cores) and its scaling ratio")
     parser.add_argument("--only", default=None,
-                        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-chain, "
-                             "fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)")
+                        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-2w, "
+                             "fp-chain, fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)")
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
