@@ -104,7 +104,7 @@ def supervisor(tmp_path: Path, cloud: FakeOpenAI) -> Iterator[Supervisor]:
     config.write_text(yaml.safe_dump({
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": GRACE_SECONDS,
                    "reload_check_seconds": 0},
-        "providers": {"cloud": openai_provider(cloud.url)},
+        "providers": {"cloud": openai_provider(cloud.url, quota={"requests_per_day": 1000})},
         "routes": {"default": ["cloud"]},
     }))
     env = {} if "PROMETHEUS_MULTIPROC_DIR" not in os.environ else {"PROMETHEUS_MULTIPROC_DIR": ""}
@@ -169,9 +169,20 @@ def test_two_workers_answer_count_together_and_stop_on_sigterm(supervisor: Super
     for _ in range(4):  # whichever worker answers /metrics counts every worker's requests
         assert requests_counted(httpx.get(supervisor.url + "/metrics").text) == REQUESTS
 
+    killed = min(per_worker)  # a worker that dies is replaced; what it counted still counts
+    assert (Path(metrics_dir) / f"gauge_livemostrecent_{killed}.db").exists()  # its quota_remaining view
+    os.kill(killed, signal.SIGKILL)
+    supervisor.wait_for("ready: ", 3, timeout=15)
+    deadline = time.monotonic() + 5
+    while (Path(metrics_dir) / f"gauge_livemostrecent_{killed}.db").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (Path(metrics_dir) / f"gauge_livemostrecent_{killed}.db").exists()  # a dead worker's gauges leave
+    assert requests_counted(httpx.get(supervisor.url + "/metrics").text) == REQUESTS
+    workers = (workers - {killed}) | supervisor.children()
+
     supervisor.process.send_signal(signal.SIGHUP)  # each worker reloads the config in place
     supervisor.wait_for("config_reloaded", 2, timeout=10)
-    assert supervisor.children() == workers
+    assert supervisor.children() <= workers
     assert ask(supervisor.url) == "Hello from cloud."
 
     stopping = time.monotonic()
