@@ -215,11 +215,3 @@ def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path, cloud: FakeOp
     assert "address already in use" in done.stderr.lower()
     assert "Traceback" not in done.stderr
 
-
-def test_workers_must_be_a_positive_number(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(tmp_path / "none.yaml"), "--workers", "0"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
-    )
-    assert done.returncode == 2
-    assert "--workers: expected a whole number of at least 1, got '0'" in done.stderr
