@@ -228,7 +228,7 @@ class Children(Generic[Metric]):
     providers, outcome classes), so the children are kept by their tuple.
     """
 
-    __slots__ = ("_metric", "_children")
+    __slots__ = ("_children", "_metric")
 
     def __init__(self, metric: Metric) -> None:
         self._metric: Metric = metric

@@ -38,7 +38,9 @@ def cli_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
         request_log.removeHandler(handler)
 
 
-def test_the_log_line_goes_straight_to_the_cli_stream(cli_logging: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_log_line_goes_straight_to_the_cli_stream(
+    cli_logging: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_log_record(self: JsonLogHandler, log_record: logging.LogRecord) -> None:
         raise AssertionError("the line went through a LogRecord")
 
