@@ -228,6 +228,34 @@ async def test_closing_a_stream_early_closes_its_connection_and_a_whole_answer_k
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("linger", [0.02, 10.0], ids=["end-behind-done", "no-end-after-done"])
+async def test_a_finished_stream_ends_at_done_and_its_connection_is_reused_once_the_body_ends(linger: float) -> None:
+    ports: list[int] = []
+
+    async def done_then_linger(request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        ports.append(peer[1] if peer else 0)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk_bytes("all", "stop") + b"data: [DONE]\n\n")
+        await asyncio.sleep(linger)  # the body's end comes later, or not at all
+        return response
+
+    async with upstream(done_then_linger) as url, open_session() as session:
+        provider = adapter(url, session)
+        started = time.monotonic()
+        chunks, error = await collect(provider.stream(BODY, LIMITS))
+        assert time.monotonic() - started < 0.5  # the client's stream ends at [DONE], whatever follows
+        assert error is None and [c.text for c in chunks] == ["all"]
+        await asyncio.sleep(0.1 if linger < 1 else 1.2)  # past the body's end, or past the wait for it
+        await collect(provider.stream(BODY, LIMITS))
+    if linger < 1:
+        assert ports[1] == ports[0]  # back in the pool once the body ended
+    else:
+        assert ports[1] != ports[0]  # never ended: closed, not pooled
+
+
+@pytest.mark.asyncio
 async def test_connection_refused_is_a_connection_error() -> None:
     async with open_session() as session:
         provider = adapter(f"http://127.0.0.1:{closed_port()}", session)

@@ -11,6 +11,7 @@ stream goes from socket bytes to `Chunk`s in one generator.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -28,6 +29,9 @@ from proxy.relay import SSEDecoder
 # What a failed connection or exchange raises (a reset socket can surface as a bare OSError).
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
 _USER_AGENT: Final = "fallback-proxy"
+# How long and how much to read after `[DONE]` to reach the end of the body.
+_DRAIN_SECONDS: Final = 1.0
+_DRAIN_BYTES: Final = 65536
 
 
 class OpenAICompatAdapter:
@@ -47,6 +51,7 @@ class OpenAICompatAdapter:
         headers.update(provider.headers)
         self._headers = CIMultiDict(headers)
         self._stream_headers = CIMultiDict({**headers, "accept": "text/event-stream"})
+        self._draining: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"OpenAICompatAdapter({self.provider.name!r}, {str(self._url)!r})"
@@ -83,6 +88,7 @@ class OpenAICompatAdapter:
             )
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
+        done = False
         try:
             if response.status >= 400:
                 raise classify.from_status(response.status, await read_capped(response, limits.max_bytes),
@@ -106,6 +112,7 @@ class OpenAICompatAdapter:
                     raise too_large(max_bytes)
                 for _event, payload in decoder.feed(data):
                     if payload == b"[DONE]":
+                        done = True
                         return
                     chunk = _chunk(payload)
                     finished = finished or chunk.finish_reason is not None
@@ -121,7 +128,18 @@ class OpenAICompatAdapter:
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
-            done_with(response)
+            if done and not response.content.at_eof():
+                self._finish_later(response)
+            else:
+                done_with(response)
+
+    def _finish_later(self, response: aiohttp.ClientResponse) -> None:
+        """After `[DONE]` the body's own end (the chunked terminator) is usually a
+        packet behind: wait for it in the background, briefly, so the connection
+        goes back to the pool instead of being closed (a new TLS handshake)."""
+        task = asyncio.get_running_loop().create_task(_drain(response))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def warmup(self) -> None:
         """A local OpenAI-compatible server that is Ollama (`.../v1`): load the
@@ -157,6 +175,21 @@ def attempt_timeout(limits: Limits) -> aiohttp.ClientTimeout:
     # `connect` also bounds the wait for a free connection of the pool.
     return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect,
                                  sock_read=limits.read)
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read what follows a finished answer, up to its end; what it says (or how
+    it fails) no longer matters: only whether the connection can be reused."""
+    content = response.content
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            size = 0
+            while size <= _DRAIN_BYTES and (data := await content.readany()):
+                size += len(data)
+    except _TRANSPORT_ERRORS:
+        pass  # the answer was already complete: closing the connection (below) is all there is to do
+    finally:
+        done_with(response)
 
 
 def done_with(response: aiohttp.ClientResponse) -> None:
