@@ -10,6 +10,7 @@ multi-process files; health, quotas and limits are shared only through Redis.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import importlib.util
 import logging
@@ -90,10 +91,12 @@ class WorkerApp:
 
     config_path: str
     log_level: str
+    supervisor: int  # its pid
 
     def __call__(self) -> Starlette:
         from proxy.observe import configure_logging
 
+        _stop_with(self.supervisor)
         configure_logging(self.log_level)
         try:
             config = load_config(self.config_path)
@@ -102,6 +105,19 @@ class WorkerApp:
                 print(f"error: {problem}", file=sys.stderr)
             raise SystemExit(STARTUP_FAILURE) from exc
         return create_app(config)
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _stop_with(supervisor: int) -> None:
+    """On Linux, have the kernel send this worker SIGTERM (a graceful stop) when the
+    supervisor dies, even by SIGKILL, instead of leaving it serving on its own."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the line above
+        raise SystemExit(STARTUP_FAILURE)
 
 
 class Supervisor(Multiprocess):
@@ -170,7 +186,7 @@ def serve_workers(
         log.warning("%d workers with in-process state: each keeps its own health, quotas and limits; "
                     "set redis.url to share them", workers)
     with _metrics_dir() as metrics_dir:
-        uv_config = _uvicorn_config(WorkerApp(config.source, log_level), config, host=host, port=port,
+        uv_config = _uvicorn_config(WorkerApp(config.source, log_level, os.getpid()), config, host=host, port=port,
                                     workers=workers, factory=True)
         supervisor = Supervisor(uv_config, [uv_config.bind_socket()], metrics_dir)
         supervisor.run()

@@ -89,10 +89,12 @@ class Supervisor:
         raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
 
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            for pid in self.children():
+    def kill(self, also: set[int]) -> None:
+        """Stop the supervisor and every worker still there (even orphaned ones)."""
+        for pid in also | self.children():
+            if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
 
@@ -109,11 +111,13 @@ def supervisor(tmp_path: Path, cloud: FakeOpenAI) -> Iterator[Supervisor]:
     }))
     env = {} if "PROMETHEUS_MULTIPROC_DIR" not in os.environ else {"PROMETHEUS_MULTIPROC_DIR": ""}
     running = Supervisor(config, port, tmp_path / "proxy.log", env)
+    seen: set[int] = set()
     try:
         running.wait_for("ready: ", 2)
+        seen = running.children()
         yield running
     finally:
-        running.kill()
+        running.kill(seen)
 
 
 def ask(url: str) -> str:
@@ -215,3 +219,14 @@ def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path, cloud: FakeOp
     assert "address already in use" in done.stderr.lower()
     assert "Traceback" not in done.stderr
 
+
+
+def test_workers_stop_when_the_supervisor_is_killed(supervisor: Supervisor) -> None:
+    workers = supervisor.children()
+    assert ask(supervisor.url) == "Hello from cloud."
+    supervisor.process.kill()  # SIGKILL: the supervisor cannot tell anyone
+    supervisor.process.wait()
+    deadline = time.monotonic() + GRACE_SECONDS + 3
+    while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in workers), [pid for pid in workers if not gone(pid)]
