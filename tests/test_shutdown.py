@@ -366,6 +366,10 @@ def _rolling_restart(tmp_path: Path, fake: FakeOpenAI, redis_url: str, processes
         # The same port, as a new pod behind the same Service: it can bind as
         # soon as the old process has closed its listener.
         assert await asyncio.to_thread(wait_refused, ports[0], 2.0)
+        # A new pod takes a moment to be scheduled: the streams under way at SIGTERM
+        # end (~0.5 s after it) well before the new replica can answer, so clients
+        # are sure to meet the refused port in between.
+        await asyncio.sleep(1.0)
         new = start_proxy(processes, config, ports[0], tmp_path / "replica1-new.log")
         await asyncio.to_thread(new.wait_ready)
         timeline["new_ready"] = time.monotonic()
