@@ -1,0 +1,124 @@
+"""How an SSE response ends when it cannot run to its end, in process with
+hand-written `receive`/`send`: the server cancels it (shutdown grace over), the
+client goes away, or the client stops reading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import pytest
+
+from proxy.relay import DONE, SSEResponse
+
+pytestmark = pytest.mark.asyncio
+
+SCOPE: dict[str, Any] = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+
+
+class Client:
+    """`receive` and `send` of one connection; sends can be made to block."""
+
+    def __init__(self, block_after: int | None = None) -> None:
+        self.bodies: list[tuple[bytes, bool]] = []
+        self.gone = asyncio.Event()
+        self.block_after = block_after  # block the send of body number N (never returns)
+        self.body_sent = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        if self.block_after is not None and len(self.bodies) == self.block_after:
+            self.block_after = None
+            await asyncio.Event().wait()  # a client that stopped reading
+        self.bodies.append((message["body"], message["more_body"]))
+        self.body_sent.set()
+
+
+class Source:
+    """One event, then an upstream that stalls; notes whether it was closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        try:
+            yield b'data: {"n":1}\n\n'
+            yield b'data: {"n":2}\n\n'
+            await asyncio.sleep(60)
+            yield DONE
+        finally:
+            self.closed = True
+
+
+async def started(response: SSEResponse, client: Client) -> asyncio.Task[None]:
+    task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+    await asyncio.wait_for(client.body_sent.wait(), 2)
+    await asyncio.sleep(0.01)
+    return task
+
+
+async def test_a_response_cancelled_by_the_server_ends_in_band_and_returns() -> None:
+    source, client = Source(), Client()
+    response = SSEResponse(source.chunks(), {})
+    task = await started(response, client)
+    task.cancel()  # what uvicorn does when the shutdown grace period is over
+    await asyncio.wait_for(task, 2)  # ended on its own terms: not cancelled
+    assert not task.cancelled()
+    body, more = client.bodies[-1]
+    assert not more and body.endswith(DONE)
+    error = json.loads(body.removesuffix(DONE).removeprefix(b"data: "))["error"]
+    assert error["type"] == "server_error" and error["code"] == "server_shutting_down"
+    assert [b for b, _ in client.bodies[:-1]] == [b'data: {"n":1}\n\n', b'data: {"n":2}\n\n']
+    assert source.closed and response.cut_reason == "server_shutting_down"
+
+
+async def test_a_response_cancelled_while_its_send_is_blocked_still_ends_in_band() -> None:
+    source, client = Source(), Client(block_after=1)
+    response = SSEResponse(source.chunks(), {})
+    task = await started(response, client)
+    task.cancel()
+    await asyncio.wait_for(task, 2)
+    assert client.bodies[-1][0].endswith(DONE) and b"server_shutting_down" in client.bodies[-1][0]
+    assert source.closed
+
+
+async def test_a_client_that_goes_away_gets_nothing_more() -> None:
+    source, client = Source(), Client()
+    response = SSEResponse(source.chunks(), {})
+    task = await started(response, client)
+    client.gone.set()
+    await asyncio.wait_for(task, 2)
+    assert not task.cancelled()
+    assert all(b"server_shutting_down" not in body for body, _ in client.bodies)
+    assert source.closed and response.cut_reason == "client_disconnected"
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
+    source, client = Source(), Client(block_after=1)
+    response = SSEResponse(source.chunks(), {}, write_timeout=0.2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+    await asyncio.wait_for(task, 2)
+    assert 0.15 < loop.time() - began < 1.0
+    assert len(client.bodies) == 1 and source.closed
+    assert response.cut_reason == "client_disconnected"
+    current = asyncio.current_task()
+    assert not task.cancelled() and current is not None and current.cancelling() == 0
+
+
+async def test_a_stream_that_ends_sends_done_as_the_end_of_its_last_write() -> None:
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield b'data: {"n":1}\n\n'
+        yield DONE
+
+    client = Client()
+    await asyncio.wait_for(SSEResponse(chunks(), {})(SCOPE, client.receive, client.send), 2)
+    assert client.bodies == [(b'data: {"n":1}\n\n', True), (DONE, False)]
