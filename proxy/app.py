@@ -64,7 +64,7 @@ def open_session() -> aiohttp.ClientSession:
     path: a call costs a fraction of the same call through httpx). No cookie
     jar: providers' cookies must not leak from one client's request into
     another's. Timeouts are set per attempt by the adapters."""
-    connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
