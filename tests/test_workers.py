@@ -8,6 +8,7 @@ in every worker; SIGTERM stops them gracefully and the supervisor exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.fakes import FakeOpenAI
 
 from .conftest import openai_provider
-from .redis_server import free_port
+from .redis_server import REDIS_SERVER, RedisServer, free_port
 
 REQUESTS = 40
 GRACE_SECONDS = 3
@@ -99,15 +100,17 @@ class Supervisor:
             self.process.wait()
 
 
-@pytest.fixture
-def supervisor(tmp_path: Path, cloud: FakeOpenAI) -> Iterator[Supervisor]:
+@contextlib.contextmanager
+def serving(tmp_path: Path, cloud: FakeOpenAI, **extra: object) -> Iterator[Supervisor]:
+    """Two workers in front of `cloud` (a quota of `quota` requests a day; `extra` top-level config keys)."""
     port = free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text(yaml.safe_dump({
         "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": GRACE_SECONDS,
                    "reload_check_seconds": 0},
-        "providers": {"cloud": openai_provider(cloud.url, quota={"requests_per_day": 1000})},
+        "providers": {"cloud": openai_provider(cloud.url, quota={"requests_per_day": extra.pop("quota", 1000)})},
         "routes": {"default": ["cloud"]},
+        **extra,
     }))
     env = {} if "PROMETHEUS_MULTIPROC_DIR" not in os.environ else {"PROMETHEUS_MULTIPROC_DIR": ""}
     running = Supervisor(config, port, tmp_path / "proxy.log", env)
@@ -118,6 +121,12 @@ def supervisor(tmp_path: Path, cloud: FakeOpenAI) -> Iterator[Supervisor]:
         yield running
     finally:
         running.kill(seen)
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path, cloud: FakeOpenAI) -> Iterator[Supervisor]:
+    with serving(tmp_path, cloud) as running:
+        yield running
 
 
 def ask(url: str) -> str:
@@ -154,13 +163,18 @@ def gone(pid: int) -> bool:
         return True
 
 
+def metrics_dir_of(supervisor: Supervisor) -> str:
+    found = {supervisor.worker_environ(pid).get("PROMETHEUS_MULTIPROC_DIR") for pid in supervisor.children()}
+    found.discard(None)
+    assert len(found) == 1, found  # every child (workers, resource tracker) has the one directory
+    metrics_dir = found.pop()
+    assert metrics_dir is not None and Path(metrics_dir).is_dir()
+    return metrics_dir
+
+
 def test_two_workers_answer_count_together_and_stop_on_sigterm(supervisor: Supervisor) -> None:
     workers = supervisor.children()
-    metrics_dirs = {supervisor.worker_environ(pid).get("PROMETHEUS_MULTIPROC_DIR") for pid in workers}
-    metrics_dirs.discard(None)
-    assert len(metrics_dirs) == 1, metrics_dirs  # every worker (not the resource tracker) shares one directory
-    metrics_dir = metrics_dirs.pop()
-    assert metrics_dir is not None and Path(metrics_dir).is_dir()
+    metrics_dir = metrics_dir_of(supervisor)
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, [supervisor.url] * REQUESTS))
@@ -230,3 +244,33 @@ def test_workers_stop_when_the_supervisor_is_killed(supervisor: Supervisor) -> N
     while not all(gone(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(gone(pid) for pid in workers), [pid for pid in workers if not gone(pid)]
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+def test_workers_share_one_quota_through_redis(tmp_path: Path, cloud: FakeOpenAI) -> None:
+    redis = RedisServer().start()
+    try:
+        with serving(tmp_path, cloud, quota=10, redis={"url": redis.url}) as running:
+            outcomes = []
+
+            def one(_: int) -> str:
+                try:
+                    return ask(running.url)
+                except openai.APIStatusError as exc:
+                    return f"{exc.status_code} {exc.code}"
+
+            with ThreadPoolExecutor(8) as pool:
+                outcomes = list(pool.map(one, range(20)))
+            text = httpx.get(running.url + "/metrics").text
+            per_worker = requests_of_each_worker(metrics_dir_of(running))
+            assert running.count("2 workers with in-process state") == 0  # no warning: the state is shared
+    finally:
+        redis.stop()
+    assert len(per_worker) == 2 and all(count > 0 for count in per_worker.values()), per_worker  # both asked
+    assert sorted(outcomes) == ["503 all_providers_failed"] * 10 + ["Hello from cloud."] * 10
+    calls = [r for r in cloud.requests if r.path == "/v1/chat/completions"]
+    assert len(calls) == 10  # the quota held across both workers
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    exhausted = sum(s.value for s in families["fallback_proxy_quota_exhausted"].samples
+                    if s.name == "fallback_proxy_quota_exhausted_total")
+    assert exhausted == 10
