@@ -25,8 +25,8 @@ from proxy.config import Config, ProviderConfig, Route
 from proxy.deadline import Deadline
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
 from proxy.health import Decision, Health, HealthBoard
-from proxy.observe import Metrics, RequestRecord
-from proxy.quota import QuotaGate, Reservation, never_sent
+from proxy.observe import Metrics, RequestRecord, event
+from proxy.quota import QuotaGate, Reservation, maybe_received, never_sent
 from proxy.routing import Walk, next_node
 from proxy.shaping import Needs, Shaper, eligibility
 
@@ -377,12 +377,13 @@ class Dispatcher:
             try:
                 return await call(adapter, provider, body, deadline), reservation
             except ProviderError as exc:
-                self._unreserve(reservation, exc.failure, sent=not never_sent(exc))
+                uncertain = exc.message if maybe_received(exc) else None
+                self._unreserve(reservation, exc.failure, sent=not never_sent(exc), uncertain=uncertain)
                 if retry >= provider.retries or exc.failure not in RETRYABLE:
                     raise
                 failed = exc
             except asyncio.CancelledError:  # lost a hedge race, or the client went away
-                self._unreserve(reservation, FailureClass.CONNECTION_ERROR, sent=True)
+                self._unreserve(reservation, FailureClass.CONNECTION_ERROR, sent=True, uncertain="cancelled")
                 raise
             delay = backoff(retry, failed.retry_after, self._rng)
             if loop.time() + delay >= walk_deadline:
@@ -390,10 +391,17 @@ class Dispatcher:
             await self._sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _unreserve(self, reservation: Reservation | None, failure: FailureClass, *, sent: bool) -> None:
-        """A call that failed: its tokens go back; its request only if it was never sent."""
-        if reservation is not None:
-            self.background.spawn(self.quota.settle(reservation, None, failure, sent=sent))
+    def _unreserve(
+        self, reservation: Reservation | None, failure: FailureClass, *, sent: bool, uncertain: str | None = None
+    ) -> None:
+        """A call that failed: its tokens go back; its request only if it was never
+        sent. A call the upstream may or may not have received stays counted, and
+        is reported (`quota_uncertain`), so that the counters can be reconciled."""
+        if reservation is None:
+            return
+        if uncertain is not None:
+            event("quota_uncertain", provider=reservation.provider, detail=uncertain[:200])
+        self.background.spawn(self.quota.settle(reservation, None, failure, sent=sent))
 
     async def aclose(self) -> None:
         await self.background.drain(timeout=2.0)

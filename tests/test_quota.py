@@ -17,7 +17,7 @@ import pytest
 from proxy.adapters.base import Usage
 from proxy.errors import FailureClass
 from proxy.fakes import FakeOpenAI
-from proxy.quota import QuotaGate, never_sent, quota_day
+from proxy.quota import QuotaGate, maybe_received, never_sent, quota_day
 from proxy.state import Admission, MemoryStore, StoreUnavailable
 
 from .conftest import ServedApp, openai_provider
@@ -115,6 +115,29 @@ def test_a_quota_that_runs_out_mid_visit_stops_the_retries(
     assert raw.headers["x-proxy-fallbacks"] == "cloud=quota_exhausted" and cloud.request_count == 2
 
 
+def test_a_hedge_that_lost_the_race_stays_counted_and_is_reported_uncertain(
+    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
+    sdk: Callable[[ServedApp], openai.OpenAI], caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = serve({
+        "providers": {
+            "cloud": openai_provider(cloud.url, quota={"requests_per_day": 1}, timeout={"first_token": 2.5}),
+            "backup": openai_provider(backup.url),
+        },
+        "routes": {"default": {"chain": ["cloud", "backup"], "hedge_after_ms": 150}},
+    }, store=store)
+    cloud.set_fault("slow", first_token_delay=2)
+    client = sdk(proxy)
+    raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
+    assert raw.headers["x-proxy-provider"] == "backup" and cloud.request_count == 1
+    assert requests_used(store, "cloud") == 1  # cancelled, but the provider had received it
+    assert any('"event":"quota_uncertain"' in r.getMessage() and "cancelled" in r.getMessage()
+               for r in caplog.records)
+    cloud.clear_fault()
+    raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
+    assert raw.headers["x-proxy-fallbacks"] == "cloud=quota_exhausted"
+
+
 # The gate's settle, against a store.
 
 class Events:
@@ -169,6 +192,14 @@ def test_never_sent_tells_a_refused_connection_from_a_reset() -> None:
     assert never_sent(wrapped(httpx.ConnectError("refused")))
     assert not never_sent(wrapped(httpx.ReadTimeout("read")))
     assert not never_sent(ProviderError(FailureClass.SERVER_ERROR, "503"))
+    unwritten = aiohttp.ClientOSError(None, "Can not write request body for http://127.0.0.1:1/v1/chat/completions")
+    assert never_sent(wrapped(unwritten, httpx.ConnectTimeout("mapped")))
+    # Whether these reached the upstream nobody knows: counted, and reported as uncertain.
+    assert maybe_received(wrapped(aiohttp.ServerDisconnectedError()))
+    assert maybe_received(wrapped(aiohttp.ClientOSError(104, "Connection reset by peer")))
+    assert not maybe_received(wrapped(refused))
+    assert not maybe_received(wrapped(aiohttp.ClientPayloadError("Response payload is not completed")))
+    assert not maybe_received(ProviderError(FailureClass.SERVER_ERROR, "503", status_code=503))
 
 
 class _ConnectionKey:

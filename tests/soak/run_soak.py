@@ -242,6 +242,9 @@ def read_log(run: Run) -> dict[str, Any]:
     lines = text.splitlines()
     errors = [line for line in lines if '"level":"error"' in line or '"level":"critical"' in line]
     events = Counter(match.group(1) for line in lines if (match := re.match(r'\{"event":"([a-z_]+)"', line)))
+    # Calls the upstream may or may not have received (cancelled, or the connection broke
+    # with no answer): the quota counts them; the fake's count may be lower by as many.
+    uncertain = Counter(json.loads(line)["provider"] for line in lines if line.startswith('{"event":"quota_uncertain"'))
     outcomes = {}
     for line in lines:
         if line.startswith('{"event":"request"'):
@@ -254,6 +257,7 @@ def read_log(run: Run) -> dict[str, Any]:
         "tracebacks": text.count("Traceback"),
         "errors": errors,
         "events": events,
+        "uncertain": uncertain,
     }
 
 
