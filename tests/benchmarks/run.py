@@ -816,6 +816,11 @@ def _cores(load: Load) -> str:
     return "—" if share is None else f"{share / 100:.2f}"
 
 
+def _per_core(load: Load) -> str:
+    share = load.pct(load.sut_cpu)
+    return "—" if not share else f"{load.rps / (share / 100):,.0f}"
+
+
 def info_lines(results: Sequence[Result]) -> list[str]:
     """Figures without a target, for context."""
     found = {r.key: r for r in results if r.error is None}
@@ -826,7 +831,8 @@ def info_lines(results: Sequence[Result]) -> list[str]:
         lines.append(f"- scaling, 2 workers on cores {BOTH_CORES} / 1 worker on core {SUT_CORE} (OpenAI path): "
                      f"{_fmt(plain_x)}× req/s, {_fmt(stream_x)}× streams/s; cores the proxy got (plain / stream): "
                      f"1 worker {_cores(one.plain)} / {_cores(one.streams)}, 2 workers {_cores(two.plain)} / "
-                     f"{_cores(two.streams)} (the second worker shares core {LOAD_CORE} with the upstream and wrk, "
+                     f"{_cores(two.streams)}; req/s per core got: 1 worker {_per_core(one.plain)}, 2 workers "
+                     f"{_per_core(two.plain)} (the second worker shares core {LOAD_CORE} with the upstream and wrk, "
                      "and with whatever else runs on the machine: see foreign CPU)")
     fp_a = found.get("fp-anthropic")
     if fp_a and fp_a.plain and fp_a.streams:
