@@ -26,6 +26,7 @@ from proxy.observe import RequestRecord
 DONE = b"data: [DONE]\n\n"
 CLIENT_DISCONNECTED = "client_disconnected"
 SERVER_SHUTTING_DOWN = "server_shutting_down"
+INTERNAL_ERROR = "internal_error"  # a bug ended the stream: its traceback is logged
 SHUTTING_DOWN_EVENT = b"data: " + error_body(
     "The proxy is shutting down and cut this stream before its end; send the request again.",
     "server_error", SERVER_SHUTTING_DOWN,
@@ -176,6 +177,9 @@ async def client_stream(
                 else:
                     start, continuing = resumed, True
         yield ending + _continued_comment(session) + DONE if session.continued else ending + DONE
+    except Exception:
+        outcome = INTERNAL_ERROR  # a bug: logged with its traceback by the app
+        raise
     finally:
         await start.close()
         if outcome != "stream_interrupted":  # an interrupted provider was accounted for already
@@ -231,7 +235,7 @@ class SSEResponse(Response):
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
-        self.cut_reason = SERVER_SHUTTING_DOWN  # until the client is seen to go away
+        self.cut_reason = SERVER_SHUTTING_DOWN  # until the client is seen to go away, or a bug
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -254,6 +258,9 @@ class SSEResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             self.cut_reason = CLIENT_DISCONNECTED  # the client went away while we were sending
+        except Exception:
+            self.cut_reason = INTERNAL_ERROR  # logged with its traceback by the app
+            raise
         except asyncio.CancelledError:
             if writes.expired():
                 self.cut_reason = CLIENT_DISCONNECTED  # it read too slowly: dropped

@@ -122,3 +122,16 @@ async def test_a_stream_that_ends_sends_done_as_the_end_of_its_last_write() -> N
     client = Client()
     await asyncio.wait_for(SSEResponse(chunks(), {})(SCOPE, client.receive, client.send), 2)
     assert client.bodies == [(b'data: {"n":1}\n\n', True), (DONE, False)]
+
+
+async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
+    async def buggy() -> AsyncGenerator[bytes, None]:
+        yield b'data: {"n":1}\n\n'
+        raise KeyError("a bug")
+
+    client = Client()
+    response = SSEResponse(buggy(), {})
+    with pytest.raises(KeyError):
+        await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
+    assert response.cut_reason == "internal_error"
+    assert all(b"server_shutting_down" not in body for body, _ in client.bodies)
