@@ -217,7 +217,7 @@ class AlertCounters:
         self.counter.labels(kind, "-", "suppressed").inc()
 
 
-Metric = TypeVar("Metric", Counter, Histogram)
+Metric = TypeVar("Metric", Counter, Gauge, Histogram)
 
 
 class Children(Generic[Metric]):
@@ -323,6 +323,7 @@ class OperatorEvents:
         self.metrics = metrics
         self.alerts: Alerter | None = None
         self._store_down = False
+        self._quota_remaining = Children(metrics.quota_remaining)  # set on every admitted call
 
     def _alert(self, kind: str, **fields: str | int | float | None) -> None:
         if self.alerts is not None:
@@ -372,10 +373,10 @@ class OperatorEvents:
             return
         if quota.requests_per_day is not None:
             remaining = quota.requests_per_day - admission.requests_used
-            self.metrics.quota_remaining.labels(provider.name, "requests").set(remaining)
+            self._quota_remaining(provider.name, "requests").set(remaining)
         if quota.tokens_per_day is not None:
             remaining = quota.tokens_per_day - admission.tokens_used
-            self.metrics.quota_remaining.labels(provider.name, "tokens").set(remaining)
+            self._quota_remaining(provider.name, "tokens").set(remaining)
 
     def exhausted(self, provider: ProviderConfig, reason: str) -> None:
         self.store_ok()

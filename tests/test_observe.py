@@ -11,7 +11,17 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.adapters.base import Usage
-from proxy.observe import JsonLogHandler, Metrics, Observer, RequestRecord, request_log
+from proxy.observe import (
+    JsonLogHandler,
+    Metrics,
+    Observer,
+    OperatorEvents,
+    RequestRecord,
+    request_log,
+)
+from proxy.state import Admission
+
+from .conftest import build_config, openai_provider
 
 
 def record() -> RequestRecord:
@@ -91,3 +101,18 @@ def test_metrics_count_every_request_with_cached_children() -> None:
     assert 'fallback_proxy_tokens_total{kind="completion",provider="backup"} 60.0' in text
     assert 'fallback_proxy_time_to_first_token_seconds_count{provider="backup"} 3.0' in text
     assert 'fallback_proxy_request_duration_seconds_count{route="default"} 3.0' in text
+
+
+def test_quota_remaining_follows_each_admitted_call() -> None:
+    registry = CollectorRegistry()
+    events = OperatorEvents(Metrics(registry))
+    provider = build_config({
+        "providers": {"cloud": openai_provider("http://127.0.0.1:9", quota={"requests_per_day": 100,
+                                                                             "tokens_per_day": 5000})},
+        "routes": {"default": ["cloud"]},
+    }).providers["cloud"]
+    events.admitted(provider, Admission(admitted=True, requests_used=1, tokens_used=600))
+    events.admitted(provider, Admission(admitted=True, requests_used=2, tokens_used=1300))
+    text = generate_latest(registry).decode()
+    assert 'fallback_proxy_quota_remaining{kind="requests",provider="cloud"} 98.0' in text
+    assert 'fallback_proxy_quota_remaining{kind="tokens",provider="cloud"} 3700.0' in text
