@@ -215,8 +215,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="port (default: the config's server.port)")
     parser.add_argument(
         "--workers", type=_positive_int, default=None, metavar="N",
-        help=f"worker processes sharing the port (default: ${WORKERS_VARIABLE}, else 1); "
-             "more than 1 needs redis.url to share health and quotas",
+        help=f"worker processes sharing the port (default: ${WORKERS_VARIABLE}, else the config's "
+             "server.workers, else 1); more than 1 needs redis.url to share health and quotas",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -231,23 +231,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _workers(args: argparse.Namespace) -> int:
+def _workers(args: argparse.Namespace, config: Config) -> int:
+    """`--workers`, else `$FALLBACK_PROXY_WORKERS`, else the config's `server.workers`."""
     if args.workers is not None:
         return int(args.workers)
     from_env = os.environ.get(WORKERS_VARIABLE, "").strip()
-    return _positive_int(from_env) if from_env else 1
+    return _positive_int(from_env) if from_env else config.server.workers
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the config and serve until SIGINT/SIGTERM."""
     from proxy.observe import configure_logging
     from proxy.server import build_server, serve_workers
-
-    try:
-        workers = _workers(args)
-    except argparse.ArgumentTypeError as exc:
-        print(f"error: ${WORKERS_VARIABLE}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
 
     path: str | None = args.config or default_config_path()
     if path is None:
@@ -258,6 +253,11 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        workers = _workers(args, config)
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: ${WORKERS_VARIABLE}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(args.log_level)
     for warning in config.warnings:

@@ -1,14 +1,24 @@
-"""`fallback-proxy serve` arguments: how many workers, from the flag or the environment."""
+"""`fallback-proxy serve` arguments: how many workers, from the flag, the environment or the config."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
+import yaml
 
 from proxy import cli
+from proxy.config import ConfigError
+from tests.conftest import build_config
+
+PROVIDERS: dict[str, Any] = {"providers": {"cloud": {"model": "openai/gpt-test", "api_base": "http://127.0.0.1:9/v1"}},
+                             "routes": {"default": ["cloud"]}}
 
 
-def workers(argv: list[str]) -> int:
-    return cli._workers(cli.build_parser().parse_args(["serve", *argv]))
+def workers(argv: list[str], server: dict[str, Any] | None = None) -> int:
+    config = build_config({**PROVIDERS, "server": server or {}})
+    return cli._workers(cli.build_parser().parse_args(["serve", *argv]), config)
 
 
 def test_one_worker_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,12 +32,29 @@ def test_the_flag_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert workers(["--workers", "2"]) == 2
 
 
+def test_the_config_sets_workers_unless_the_flag_or_the_environment_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cli.WORKERS_VARIABLE, raising=False)
+    assert workers([], {"workers": 3}) == 3
+    assert workers(["--workers", "2"], {"workers": 3}) == 2
+    monkeypatch.setenv(cli.WORKERS_VARIABLE, "4")
+    assert workers([], {"workers": 3}) == 4
+
+
+@pytest.mark.parametrize("value", [0, -2, "two", 1.5])
+def test_a_bad_worker_count_in_the_config_names_the_key(value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({**PROVIDERS, "server": {"workers": value}})
+    assert any(problem.startswith("server.workers") for problem in caught.value.problems), caught.value.problems
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
 def test_a_bad_worker_count_in_the_environment_is_a_usage_error(
-    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(PROVIDERS))
     monkeypatch.setenv(cli.WORKERS_VARIABLE, value)
-    assert cli.main(["serve", "--config", "unused.yaml"]) == cli.EXIT_CONFIG
+    assert cli.main(["serve", "--config", str(config)]) == cli.EXIT_CONFIG
     assert f"error: ${cli.WORKERS_VARIABLE}: expected a whole number of at least 1, got {value!r}" in (
         capsys.readouterr().err)
 

@@ -91,6 +91,7 @@ class ServerConfig:
     admin_key: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: float = 30.0  # in-flight streams may finish this long after SIGTERM
     reload_check_seconds: float = 2.0  # how often the config file is checked for changes; 0 = never
+    workers: int = 1  # processes sharing the port (`serve`); several need Redis for shared state
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ _TOP_KEYS: Final = frozenset(
     {"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes"}
 )
 _SERVER_KEYS: Final = frozenset(
-    {"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds", "reload_check_seconds"}
+    {"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds", "reload_check_seconds", "workers"}
 )
 _DEFAULT_SERVER: Final = ServerConfig()
 
@@ -220,6 +220,7 @@ def _parse_server(node: object, ctx: _Context) -> ServerConfig:
         reload_check_seconds=_get(
             section, "reload_check_seconds", "server", ctx, _non_negative_number, default.reload_check_seconds
         ),
+        workers=_get(section, "workers", "server", ctx, _int_between(1, 512), default.workers),
     )
 
 
