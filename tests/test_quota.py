@@ -5,6 +5,7 @@ gives its request back; a quota that runs out in the middle of a visit ends it."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import zoneinfo
 from collections.abc import Callable, Iterator
@@ -178,7 +179,7 @@ def test_never_sent_tells_a_refused_connection_from_a_reset() -> None:
     def wrapped(cause: BaseException, *via: BaseException) -> ProviderError:
         error = ProviderError(FailureClass.CONNECTION_ERROR, "x")
         chain = [error, *via, cause]
-        for outer, inner in zip(chain, chain[1:]):
+        for outer, inner in itertools.pairwise(chain):
             outer.__cause__ = inner
         return error
 
