@@ -60,20 +60,27 @@ class ClientLimits:
         self.lease_seconds = lease_seconds
 
     async def enter(self, client: str, stream: bool) -> Ticket:
-        """Count this request; raise `ClientRateLimited` (429) when over a limit."""
-        await self._rate(client)
+        """Count this request; raise `ClientRateLimited` (429) when over a limit.
+        A stream under both limits costs one store round trip, not two."""
         limit = self.settings.concurrent_streams
         if not (stream and limit):
+            await self._rate(client)
             return Ticket(client)
+        rate_limit, now = self.settings.requests_per_minute, self.clock()
+        window = int(now // WINDOW_SECONDS)
         lease = secrets.token_hex(8)
         try:
-            taken, _ = await self.store.acquire_lease(
-                streams_name(client), lease, limit=limit, ttl_seconds=self.lease_seconds
+            got = await self.store.acquire_lease(
+                streams_name(client), lease, limit=limit, ttl_seconds=self.lease_seconds,
+                count=f"rate:{client}:{window}" if rate_limit else None, count_limit=rate_limit,
+                count_ttl_seconds=WINDOW_SECONDS * 2,
             )
         except StoreUnavailable as exc:  # let it through; the lease may exist: give it back at the end
             self.on_store_error(exc)
             return Ticket(client, lease)
-        if not taken:
+        if got.counted is not None and got.counted > rate_limit:
+            raise _rate_limited(rate_limit, window, now)
+        if not got.taken:
             raise ClientRateLimited(f"Too many streams open for this key: the limit is {limit}.", 1)
         return Ticket(client, lease)
 
@@ -93,10 +100,7 @@ class ClientLimits:
         window = int(now // WINDOW_SECONDS)
         used = await self._count(f"rate:{client}:{window}", 1, WINDOW_SECONDS * 2)
         if used is not None and used > limit:
-            retry_after = max(1, int((window + 1) * WINDOW_SECONDS - now))
-            raise ClientRateLimited(
-                f"Rate limit reached for this key: {limit} requests per minute. Retry in {retry_after}s.", retry_after
-            )
+            raise _rate_limited(limit, window, now)
 
     async def _count(self, name: str, delta: int, ttl: float) -> int | None:
         try:
@@ -104,3 +108,10 @@ class ClientLimits:
         except StoreUnavailable as exc:
             self.on_store_error(exc)
             return None
+
+
+def _rate_limited(limit: int, window: int, now: float) -> ClientRateLimited:
+    retry_after = max(1, int((window + 1) * WINDOW_SECONDS - now))
+    return ClientRateLimited(
+        f"Rate limit reached for this key: {limit} requests per minute. Retry in {retry_after}s.", retry_after
+    )

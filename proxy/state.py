@@ -90,6 +90,13 @@ class Admission:
     tokens_used: int
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    taken: bool
+    held: int  # leases of that name afterwards
+    counted: int | None = None  # the counter asked for alongside, after adding 1
+
+
 class StateStore(Protocol):
     """Where health records and quota counters live. Every method either
     succeeds quickly or raises `StoreUnavailable` quickly; nothing else."""
@@ -143,10 +150,15 @@ class StateStore(Protocol):
         `ttl_seconds` after its last change) and return the new value."""
         ...
 
-    async def acquire_lease(self, name: str, member: str, *, limit: int, ttl_seconds: float) -> tuple[bool, int]:
+    async def acquire_lease(
+        self, name: str, member: str, *, limit: int, ttl_seconds: float, count: str | None = None,
+        count_limit: int = 0, count_ttl_seconds: float = 60.0,
+    ) -> Lease:
         """Atomically: forget the leases of `name` that expired; if fewer than `limit`
-        (0: no limit) remain, add `member` for `ttl_seconds`. Returns (taken, leases
-        held afterwards)."""
+        (0: no limit) remain, add `member` for `ttl_seconds`. With `count` (a counter
+        of the same client as `name`), first add 1 to it as `count()` does, in the
+        same round trip, and take no lease if that puts it over `count_limit` (0: no
+        limit)."""
         ...
 
     async def release_lease(self, name: str, member: str) -> None:
@@ -316,15 +328,20 @@ class MemoryStore:
             self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
         return value
 
-    async def acquire_lease(self, name: str, member: str, *, limit: int, ttl_seconds: float) -> tuple[bool, int]:
+    async def acquire_lease(
+        self, name: str, member: str, *, limit: int, ttl_seconds: float, count: str | None = None,
+        count_limit: int = 0, count_ttl_seconds: float = 60.0,
+    ) -> Lease:
+        counted = None if count is None else await self.count(count, 1, count_ttl_seconds)
         now = self._clock()
         leases = {m: expires for m, expires in self._leases.get(name, {}).items() if expires > now}
-        if limit and len(leases) >= limit and member not in leases:
+        over_count = counted is not None and 0 < count_limit < counted
+        if over_count or (limit and len(leases) >= limit and member not in leases):
             self._keep_leases(name, leases)
-            return False, len(leases)
+            return Lease(False, len(leases), counted)
         leases[member] = now + ttl_seconds
         self._keep_leases(name, leases)
-        return True, len(leases)
+        return Lease(True, len(leases), counted)
 
     def _keep_leases(self, name: str, leases: dict[str, float]) -> None:
         if leases:
@@ -488,20 +505,28 @@ if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) 
 return 1
 """
 
-# ARGV: member, limit (0: none), ttl_ms. Returns {taken 0/1, leases held}. Expiry by
-# Redis's own clock, so replicas with skewed clocks agree.
+# KEYS: the lease set[, a counter]. ARGV: member, limit (0: none), ttl_ms[, count_limit
+# (0: none), count_ttl_ms]. Returns {taken 0/1, leases held, counter (-1: none)}. Lease
+# expiry by Redis's own clock, so replicas with skewed clocks agree.
 LEASE_LUA = """
+local counted = -1
+if KEYS[2] then
+  counted = redis.call('INCRBY', KEYS[2], 1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  local count_limit = tonumber(ARGV[4])
+  if count_limit > 0 and counted > count_limit then return {0, redis.call('ZCARD', KEYS[1]), counted} end
+end
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
 local limit, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 if limit > 0 and held >= limit and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  return {0, held}
+  return {0, held, counted}
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return {1, redis.call('ZCARD', KEYS[1])}
+return {1, redis.call('ZCARD', KEYS[1]), counted}
 """
 
 
@@ -946,10 +971,17 @@ class RedisStore:
 
         return await self._call("count", add)
 
-    async def acquire_lease(self, name: str, member: str, *, limit: int, ttl_seconds: float) -> tuple[bool, int]:
-        key, ttl_ms = self.keys.lease(name), max(1, round(ttl_seconds * 1000))
-        taken, held = await self._call("lease", lambda: self._lease(keys=[key], args=[member, limit, ttl_ms]))
-        return bool(taken), int(held)
+    async def acquire_lease(
+        self, name: str, member: str, *, limit: int, ttl_seconds: float, count: str | None = None,
+        count_limit: int = 0, count_ttl_seconds: float = 60.0,
+    ) -> Lease:
+        keys = [self.keys.lease(name)]
+        args: list[str | int] = [member, limit, max(1, round(ttl_seconds * 1000))]
+        if count is not None:
+            keys.append(self.keys.counter(count))
+            args += [count_limit, max(1, round(count_ttl_seconds * 1000))]
+        taken, held, counted = await self._call("lease", lambda: self._lease(keys=keys, args=args))
+        return Lease(bool(taken), int(held), None if int(counted) < 0 else int(counted))
 
     async def release_lease(self, name: str, member: str) -> None:
         key = self.keys.lease(name)

@@ -96,3 +96,14 @@ def test_an_oversized_upstream_answer_is_a_provider_failure(serve: Callable[...,
         response = post(proxy, {"model": "default", "messages": MESSAGES, "stream": True})
         assert response.status_code == 200
         assert "backup" in response.text and response.text.endswith("data: [DONE]\n\n")
+
+
+def test_streams_under_both_limits_count_toward_the_rate(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
+                                                          backup: FakeOpenAI) -> None:
+    proxy = make(serve, cloud, backup, limits={"requests_per_minute": 3, "concurrent_streams": 5})
+    stream = {"model": "default", "messages": MESSAGES, "stream": True}
+    assert [post(proxy, stream).status_code for _ in range(2)] + [post(proxy).status_code] == [200, 200, 200]
+    limited = post(proxy, stream)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert "requests per minute" in limited.json()["error"]["message"]
+    assert cloud.request_count == 3

@@ -16,7 +16,7 @@ import pytest
 from proxy.config import LimitSettings
 from proxy.errors import ClientRateLimited
 from proxy.limits import ClientLimits
-from proxy.state import RedisStore, StoreUnavailable
+from proxy.state import Lease, RedisStore, StoreUnavailable
 from tests.redis_server import REDIS_SERVER
 from tests.soak.procs import DurableRedis
 
@@ -149,12 +149,12 @@ async def test_a_lease_left_by_a_crashed_replica_expires_by_itself(durable: Dura
 async def test_leases_are_shared_by_replicas_and_a_release_is_idempotent(durable: DurableRedis) -> None:
     one, two = store_on(durable), store_on(durable)
     try:
-        assert await one.acquire_lease("streams:c", "s1", limit=2, ttl_seconds=60) == (True, 1)
-        assert await two.acquire_lease("streams:c", "s2", limit=2, ttl_seconds=60) == (True, 2)
-        assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == (False, 2)
+        assert await one.acquire_lease("streams:c", "s1", limit=2, ttl_seconds=60) == Lease(True, 1)
+        assert await two.acquire_lease("streams:c", "s2", limit=2, ttl_seconds=60) == Lease(True, 2)
+        assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == Lease(False, 2)
         await two.release_lease("streams:c", "s1")
         await one.release_lease("streams:c", "s1")
-        assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == (True, 2)
+        assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == Lease(True, 2)
     finally:
         await one.aclose()
         await two.aclose()

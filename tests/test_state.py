@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from proxy.state import (
     Admission,
+    Lease,
     MemoryStore,
     RedisKeys,
     RedisStore,
@@ -717,22 +718,35 @@ async def test_over_a_unix_socket(own_server: RedisServer) -> None:
 @pytest.mark.asyncio
 async def test_leases_cap_each_name_and_a_release_frees_exactly_its_member(replicas: Replicas) -> None:
     one, two = replicas.make(), replicas.make()
-    assert await one.acquire_lease("streams:c", "s1", limit=2, ttl_seconds=60) == (True, 1)
-    assert await two.acquire_lease("streams:c", "s2", limit=2, ttl_seconds=60) == (True, 2)
-    assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == (False, 2)
-    assert await one.acquire_lease("streams:other", "s3", limit=2, ttl_seconds=60) == (True, 1)
+    assert await one.acquire_lease("streams:c", "s1", limit=2, ttl_seconds=60) == Lease(True, 1)
+    assert await two.acquire_lease("streams:c", "s2", limit=2, ttl_seconds=60) == Lease(True, 2)
+    assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == Lease(False, 2)
+    assert await one.acquire_lease("streams:other", "s3", limit=2, ttl_seconds=60) == Lease(True, 1)
     for _ in range(2):  # a release delivered twice frees one lease, not two
         await two.release_lease("streams:c", "s1")
-    assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == (True, 2)
-    assert await one.acquire_lease("streams:c", "s4", limit=2, ttl_seconds=60) == (False, 2)
+    assert await one.acquire_lease("streams:c", "s3", limit=2, ttl_seconds=60) == Lease(True, 2)
+    assert await one.acquire_lease("streams:c", "s4", limit=2, ttl_seconds=60) == Lease(False, 2)
 
 
 @pytest.mark.asyncio
 async def test_memory_leases_expire_by_the_clock() -> None:
     clock = FakeClock()
     store = MemoryStore(clock)
-    assert await store.acquire_lease("streams:c", "s1", limit=1, ttl_seconds=10) == (True, 1)
+    assert await store.acquire_lease("streams:c", "s1", limit=1, ttl_seconds=10) == Lease(True, 1)
     clock.now += 9.9
-    assert await store.acquire_lease("streams:c", "s2", limit=1, ttl_seconds=10) == (False, 1)
+    assert await store.acquire_lease("streams:c", "s2", limit=1, ttl_seconds=10) == Lease(False, 1)
     clock.now += 0.1
-    assert await store.acquire_lease("streams:c", "s2", limit=1, ttl_seconds=10) == (True, 1)
+    assert await store.acquire_lease("streams:c", "s2", limit=1, ttl_seconds=10) == Lease(True, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_lease_and_a_counter_in_one_call(replicas: Replicas) -> None:
+    store = replicas.make()
+    took = await store.acquire_lease("streams:c", "s1", limit=5, ttl_seconds=60, count="rate:c:1", count_limit=2)
+    assert took == Lease(True, 1, 1)
+    assert (await store.acquire_lease("streams:c", "s2", limit=5, ttl_seconds=60, count="rate:c:1",
+                                      count_limit=2)) == Lease(True, 2, 2)
+    # Over the counter's limit: counted, but no lease taken.
+    assert (await store.acquire_lease("streams:c", "s3", limit=5, ttl_seconds=60, count="rate:c:1",
+                                      count_limit=2)) == Lease(False, 2, 3)
+    assert await store.count("rate:c:1", 0, 60) == 3  # the same counter `count` sees
