@@ -39,7 +39,7 @@ def sdk(serve: Callable[..., ServedApp], fakes: tuple[FakeOpenAI, FakeOpenAI, Fa
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
-def test_slow_first_choice_is_hedged_and_its_quota_returned(
+def test_slow_first_choice_is_hedged_and_its_call_stays_counted(
     sdk: openai.OpenAI, fakes: tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI], stream: bool
 ) -> None:
     cloud, backup, _ = fakes
@@ -59,9 +59,12 @@ def test_slow_first_choice_is_hedged_and_its_quota_returned(
     assert headers["x-proxy-provider"] == "backup" and headers["x-proxy-fallbacks"] == "cloud=timeout"
     assert cloud.request_count == 1
     cloud.clear_fault()
-    # The cancelled call gave its reservation back: the quota of one request still admits one.
+    # The cancelled call had reached cloud (it may bill it): it stays counted, so cloud's
+    # quota of one request is spent and the next request is skipped to backup without a call.
     answered = sdk.chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
-    assert answered.headers["x-proxy-provider"] == "cloud"
+    assert answered.headers["x-proxy-provider"] == "backup"
+    assert answered.headers["x-proxy-fallbacks"] == "cloud=quota_exhausted"
+    assert cloud.request_count == 1
 
 
 def test_a_fast_first_choice_starts_no_hedge(sdk: openai.OpenAI,
