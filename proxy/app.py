@@ -79,7 +79,9 @@ def open_store(settings: RedisSettings) -> StateStore:
     if settings.url is None:
         return MemoryStore()
     return RedisStore.from_url(
-        settings.url, prefix=settings.prefix, timeout=settings.timeout, breaker_seconds=settings.breaker_seconds
+        settings.url, prefix=settings.prefix, timeout=settings.timeout, breaker_seconds=settings.breaker_seconds,
+        max_connections=settings.max_connections, pool_wait=settings.pool_wait,
+        breaker_timeouts=settings.breaker_timeouts,
     )
 
 

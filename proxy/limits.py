@@ -22,12 +22,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.config import LimitSettings
+from proxy.config import Config, LimitSettings
 from proxy.errors import ClientRateLimited
 from proxy.state import StateStore, StoreUnavailable
 
 WINDOW_SECONDS = 60
 STREAM_LEASE_SECONDS = 3600.0  # longer than any stream's total deadline
+LEASE_MARGIN_SECONDS = 60.0
+
+
+def stream_lease_seconds(config: Config) -> float:
+    """How long a stream's lease lives: longer than any stream of this config can
+    last (every provider once, with its retries, each to its total deadline; a
+    route's budget caps its walk), so only a crashed replica's leases ever expire."""
+    visits = [(1 + p.retries) * p.timeout.total for p in config.providers.values()]
+    longest_walk = sum(visits)
+    budgets = [route.budget for route in config.routes.values()]
+    if budgets and all(budget is not None for budget in budgets):
+        # a client naming one provider as `model` walks no route: that visit alone
+        longest_route = max(budget for budget in budgets if budget is not None)
+        longest_walk = min(longest_walk, max(longest_route, max(visits)))
+    return longest_walk + LEASE_MARGIN_SECONDS
 
 
 def client_id(authorization: str | None) -> str:

@@ -23,7 +23,7 @@ from proxy.dispatch import Dispatcher
 from proxy.errors import ProviderError
 from proxy.health import HealthBoard
 from proxy.intake import key_digest
-from proxy.limits import ClientLimits
+from proxy.limits import ClientLimits, stream_lease_seconds
 from proxy.observe import Metrics, OperatorEvents, event
 from proxy.quota import QuotaGate
 from proxy.state import StateStore
@@ -45,7 +45,8 @@ class Runtime:
         self.health = HealthBoard(config.health, config.providers, store, events)
         self.quota = QuotaGate(store, config.quota_timezone, events)
         self.dispatcher = Dispatcher(config, adapters, self.health, self.quota, metrics=metrics)
-        self.limits = ClientLimits(config.limits, store, lambda exc: events.store_error("count", exc))
+        self.limits = ClientLimits(config.limits, store, lambda exc: events.store_error("count", exc),
+                                   lease_seconds=stream_lease_seconds(config))
         self.store = store
         self.loops = Background()
 

@@ -420,6 +420,9 @@ def test_provider_names_are_checked(tmp_path: Path) -> None:
         ("server: {max_body_bytes: 0}", "server.max_body_bytes: must be a positive integer, got 0"),
         ("redis: {url: 'http://u:hunter2@h'}", "redis.url: expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got 'http://u:***@h'"),
         ("redis: [url]", "redis: expected a mapping, got a list"),
+        ("redis: {max_connections: 0}", "redis.max_connections: must be between 1 and 10000, got 0"),
+        ("redis: {breaker_timeouts: 0}", "redis.breaker_timeouts: must be between 1 and 1000, got 0"),
+        ("server: {workers: 0}", "server.workers: must be between 1 and 512, got 0"),
     ],
 )
 def test_top_level_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -616,3 +619,14 @@ def test_open_proxy_on_a_public_interface_warns(tmp_path: Path) -> None:
     )
     assert load(tmp_path, "server: {host: '::1'}\n" + PROVIDERS).warnings == ()
     assert load(tmp_path, "server: {host: 0.0.0.0}\nauth: {keys: [k]}\n" + PROVIDERS).warnings == ()
+
+
+def test_redis_pool_settings(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("redis: {url: 'redis://r:6379/0', max_connections: 16, pool_wait_ms: 250, breaker_timeouts: 5}\n"
+                    + PROVIDERS)
+    redis = load_config(path, environ={}).redis
+    assert (redis.max_connections, redis.pool_wait, redis.breaker_timeouts) == (16, 0.25, 5)
+    path.write_text("redis: {url: 'redis://r:6379/0'}\n" + PROVIDERS)
+    redis = load_config(path, environ={}).redis
+    assert (redis.max_connections, redis.pool_wait, redis.breaker_timeouts) == (64, 0.5, 3)  # documented defaults

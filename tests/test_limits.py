@@ -13,7 +13,7 @@ import openai
 
 from proxy.fakes import FakeOpenAI
 
-from .conftest import ServedApp, openai_provider
+from .conftest import ServedApp, build_config, openai_provider
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 KEY = "team-key-123"
@@ -107,3 +107,17 @@ def test_streams_under_both_limits_count_toward_the_rate(serve: Callable[..., Se
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
     assert "requests per minute" in limited.json()["error"]["message"]
     assert cloud.request_count == 3
+
+
+def test_a_stream_lease_outlives_any_stream_of_the_config() -> None:
+    from proxy.limits import LEASE_MARGIN_SECONDS, stream_lease_seconds
+
+    providers = {
+        "a": {"model": "openai/x", "api_base": "http://127.0.0.1:9/v1", "timeout": {"total": 100}, "retries": 1},
+        "b": {"model": "openai/y", "api_base": "http://127.0.0.1:9/v1", "timeout": {"total": 50}},
+    }
+    chain = build_config({"providers": providers, "routes": {"default": ["a", "b"]}})
+    assert stream_lease_seconds(chain) == 2 * 100 + 50 + LEASE_MARGIN_SECONDS
+    budgeted = build_config({"providers": providers, "routes": {"default": {"chain": ["a", "b"], "budget": 30}}})
+    # the route's walk ends within 30 s, but a client may name provider "a" alone: 200 s
+    assert stream_lease_seconds(budgeted) == 200 + LEASE_MARGIN_SECONDS

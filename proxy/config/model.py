@@ -102,6 +102,9 @@ class RedisSettings:
     prefix: str = "fp"
     timeout: float = 0.1  # seconds per Redis call before it counts as failed
     breaker_seconds: float = 2.0  # after a failure, Redis is not asked for this long
+    max_connections: int = 64  # pooled connections per replica (pub/sub has its own headroom)
+    pool_wait: float = 0.5  # seconds a call may wait for a free pooled connection
+    breaker_timeouts: int = 3  # consecutive timeouts that open the breaker (a refused connection opens it at once)
 
 
 @dataclass(frozen=True, slots=True)

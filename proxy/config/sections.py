@@ -45,7 +45,8 @@ _SERVER_KEYS: Final = frozenset(
 _DEFAULT_SERVER: Final = ServerConfig()
 
 
-_REDIS_KEYS: Final = ("url", "prefix", "timeout_ms", "breaker_seconds")
+_REDIS_KEYS: Final = ("url", "prefix", "timeout_ms", "breaker_seconds", "max_connections", "pool_wait_ms",
+               "breaker_timeouts")
 _HEALTH_KEYS: Final = (
     "failure_threshold", "cooldown_seconds", "probe_interval_seconds", "probe_timeout_seconds", "slow_ttft_seconds",
 )
@@ -57,11 +58,15 @@ def _parse_redis(node: object, ctx: _Context) -> RedisSettings:
     if section is None:
         return default
     timeout_ms = _opt(section, "timeout_ms", "redis", ctx, _positive_number)
+    pool_wait_ms = _opt(section, "pool_wait_ms", "redis", ctx, _positive_number)
     return RedisSettings(
         url=_opt(section, "url", "redis", ctx, _redis_url),
         prefix=_get(section, "prefix", "redis", ctx, _text, default.prefix),
         timeout=default.timeout if timeout_ms is None else timeout_ms / 1000,
         breaker_seconds=_get(section, "breaker_seconds", "redis", ctx, _positive_number, default.breaker_seconds),
+        max_connections=_get(section, "max_connections", "redis", ctx, _int_between(1, 10_000), default.max_connections),
+        pool_wait=default.pool_wait if pool_wait_ms is None else pool_wait_ms / 1000,
+        breaker_timeouts=_get(section, "breaker_timeouts", "redis", ctx, _int_between(1, 1000), default.breaker_timeouts),
     )
 
 
