@@ -22,13 +22,19 @@ from yarl import URL
 
 from proxy.adapters import classify
 from proxy.adapters.base import Chunk, Completion, Limits, Usage, describe
+from proxy.adapters.http import (
+    TRANSPORT_ERRORS,
+    USER_AGENT,
+    attempt_timeout,
+    done_with,
+    fetch,
+    read_capped,
+    too_large,
+)
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.relay import SSEDecoder
 
-# What a failed connection or exchange raises (a reset socket can surface as a bare OSError).
-_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
-_USER_AGENT: Final = "fallback-proxy"
 # How long and how much to read after `[DONE]` to reach the end of the body.
 _DRAIN_SECONDS: Final = 1.0
 _DRAIN_BYTES: Final = 65536
@@ -45,7 +51,7 @@ class OpenAICompatAdapter:
         base = provider.api_base.rstrip("/")
         self._url = URL(base + "/chat/completions")
         self._models_url = URL(base + "/models")
-        headers = {"content-type": "application/json", "accept": "application/json", "user-agent": _USER_AGENT}
+        headers = {"content-type": "application/json", "accept": "application/json", "user-agent": USER_AGENT}
         if provider.api_key:
             headers["authorization"] = f"Bearer {provider.api_key}"
         headers.update(provider.headers)
@@ -65,19 +71,9 @@ class OpenAICompatAdapter:
         return orjson.dumps(upstream)
 
     async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
-        try:
-            response = await self._session.post(
-                self._url, data=self._encode(body, False), headers=self._headers, timeout=attempt_timeout(limits)
-            )
-            try:
-                content = await read_capped(response, limits.max_bytes)
-            finally:
-                done_with(response)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        if response.status >= 400:
-            raise classify.from_status(response.status, content, response.headers)
-        return _completion(content)
+        answer = await fetch(self._session, "POST", self._url, headers=self._headers,
+                             data=self._encode(body, False), limits=limits)
+        return _completion(answer.content)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
         """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
@@ -86,7 +82,7 @@ class OpenAICompatAdapter:
             response = await self._session.post(
                 self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=attempt_timeout(limits)
             )
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         done = False
         try:
@@ -125,7 +121,7 @@ class OpenAICompatAdapter:
                 yield chunk
             if not finished:
                 raise classify.incomplete_stream()
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
             if done and not response.content.at_eof():
@@ -158,23 +154,7 @@ class OpenAICompatAdapter:
 
     async def _call(self, method: str, url: URL, data: bytes | None, limits: Limits) -> None:
         """A small request whose answer matters only by its status."""
-        try:
-            response = await self._session.request(method, url, data=data, headers=self._headers,
-                                                    timeout=attempt_timeout(limits))
-            try:
-                content = await read_capped(response, limits.max_bytes)
-            finally:
-                done_with(response)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        if response.status >= 400:
-            raise classify.from_status(response.status, content, response.headers)
-
-
-def attempt_timeout(limits: Limits) -> aiohttp.ClientTimeout:
-    # `connect` also bounds the wait for a free connection of the pool.
-    return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect,
-                                 sock_read=limits.read)
+        await fetch(self._session, method, url, headers=self._headers, data=data, limits=limits)
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:
@@ -186,19 +166,10 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
             size = 0
             while size <= _DRAIN_BYTES and (data := await content.readany()):
                 size += len(data)
-    except _TRANSPORT_ERRORS:
+    except TRANSPORT_ERRORS:
         pass  # the answer was already complete: closing the connection (below) is all there is to do
     finally:
         done_with(response)
-
-
-def done_with(response: aiohttp.ClientResponse) -> None:
-    """Back to the pool only when the body was read to its end; otherwise the
-    connection is closed (what is left of the body must never reach the next request)."""
-    if response.content.at_eof():
-        response.release()
-    else:
-        response.close()
 
 
 def _chunk(payload: bytes) -> Chunk:
@@ -222,28 +193,3 @@ def _completion(content: bytes) -> Completion:
         raise classify.from_stream_error(parsed)
     model = parsed.get("model")
     return Completion(body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage")))
-
-
-async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The whole body, or a `server_error` as soon as it passes `max_bytes`."""
-    length = response.content_length
-    if length is not None and length > max_bytes:
-        raise too_large(max_bytes)
-    content = response.content
-    first = await content.readany()
-    if not first or content.at_eof():
-        if len(first) > max_bytes:
-            raise too_large(max_bytes)
-        return first
-    parts = [first]
-    size = len(first)
-    while part := await content.readany():
-        size += len(part)
-        if size > max_bytes:
-            raise too_large(max_bytes)
-        parts.append(part)
-    return b"".join(parts)
-
-
-def too_large(max_bytes: int) -> ProviderError:
-    return ProviderError(FailureClass.SERVER_ERROR, f"the answer is larger than limits.max_upstream_bytes ({max_bytes})")

@@ -38,14 +38,21 @@ import orjson
 
 from proxy.adapters import classify
 from proxy.adapters.base import Chunk, Completion, HttpClients, Limits, Usage
-from proxy.adapters.openai_compat import attempt_timeout, done_with, read_capped, too_large
+from proxy.adapters.http import (
+    TRANSPORT_ERRORS,
+    attempt_timeout,
+    done_with,
+    fetch,
+    read_capped,
+    too_large,
+)
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.litellm_import import load_litellm
 
 # Failures of the connection itself: aiohttp's (the dialects), httpx's (the
 # `acompletion` fallback), and a reset socket can surface as a bare OSError.
-_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, httpx.HTTPError, TimeoutError, OSError)
+_TRANSPORT_ERRORS: Final = (*TRANSPORT_ERRORS, httpx.HTTPError)
 
 # The OpenAI parameters litellm's `completion()` hands to `get_optional_params`
 # by name; any other body key is a provider-specific extra, unless litellm
@@ -614,18 +621,9 @@ class TranslatedAdapter:
             assert self._fallback is not None
             return await self._fallback.complete(self._split(body), body, limits)
         call = self._prepare(self._dialect, body, stream=False)
-        try:
-            response = await self._post(call, limits)
-            try:
-                content = await read_capped(response, limits.max_bytes)
-            finally:
-                done_with(response)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        if response.status >= 400:
-            raise classify.from_status(response.status, content, response.headers)
+        answer = await fetch(self._session, "POST", call.url, headers=call.headers, data=call.content, limits=limits)
         # litellm reads a whole answer from an httpx response: one is built, no I/O.
-        raw = httpx.Response(response.status, headers=list(response.headers.items()), content=content)
+        raw = httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.content)
         return self._completion(self._dialect, call, raw)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncGenerator[Chunk, None]:
@@ -706,18 +704,7 @@ class TranslatedAdapter:
         self, method: str, url: str, headers: dict[str, str], data: bytes | None, limits: Limits
     ) -> bytes:
         """A small request, read whole: its body, or the classified failure."""
-        try:
-            response = await self._session.request(method, url, data=data, headers=headers,
-                                                    timeout=attempt_timeout(limits))
-            try:
-                content = await read_capped(response, limits.max_bytes)
-            finally:
-                done_with(response)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        if response.status >= 400:
-            raise classify.from_status(response.status, content, response.headers)
-        return content
+        return (await fetch(self._session, method, url, headers=headers, data=data, limits=limits)).content
 
     # -- translation ---------------------------------------------------------------------------
 
