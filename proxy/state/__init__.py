@@ -1,0 +1,46 @@
+"""The state store: per-provider health records, daily quota counters, shared
+client counters and stream leases.
+
+    protocol     StateStore (the protocol), StoreUnavailable, Admission, Lease,
+                 the pure decisions both stores share
+    memory       MemoryStore: one instance, in-process dicts
+    redis_store  RedisStore: shared by every replica; fails fast
+    breaker      the RedisStore's circuit breaker
+    pending      the queue of failed settles and releases, replayed when Redis answers
+    scripts      the Redis key layout and Lua scripts
+    connect      the redis-py client for a URL
+    urls         Sentinel URL parsing
+
+redis-py is imported only when a Redis store is opened, not with this package.
+"""
+
+from proxy.state.memory import MemoryStore
+from proxy.state.protocol import (
+    Admission,
+    HealthUpdate,
+    Lease,
+    Record,
+    StateStore,
+    StoreUnavailable,
+    decode_update,
+    encode_update,
+)
+from proxy.state.redis_store import RedisStore
+from proxy.state.scripts import RedisKeys
+from proxy.state.urls import SentinelURL, parse_sentinel_url
+
+__all__ = [
+    "Admission",
+    "HealthUpdate",
+    "Lease",
+    "MemoryStore",
+    "Record",
+    "RedisKeys",
+    "RedisStore",
+    "SentinelURL",
+    "StateStore",
+    "StoreUnavailable",
+    "decode_update",
+    "encode_update",
+    "parse_sentinel_url",
+]
