@@ -1,0 +1,295 @@
+"""`TranslatedAdapter`: a dialect's calls over the shared aiohttp session, socket bytes to
+OpenAI chunks in one generator; providers without a dialect go through `acompletion`."""
+
+from __future__ import annotations
+
+import importlib
+from collections import OrderedDict
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+import httpx
+import orjson
+
+from proxy.adapters import classify
+from proxy.adapters.base import Chunk, Completion, HttpClients, Limits, Usage
+from proxy.adapters.http import (
+    attempt_timeout,
+    done_with,
+    fetch,
+    read_capped,
+    too_large,
+)
+from proxy.adapters.translated.acompletion import _Acompletion
+from proxy.adapters.translated.dialects import _DIALECTS, _Dialect, _Ollama
+from proxy.adapters.translated.wire import (
+    _OPENAI_ARGS,
+    _PARAMS_CACHE_SIZE,
+    _TRANSPORT_ERRORS,
+    _Call,
+    _json_default,
+    _Log,
+    _malformed,
+    _Parser,
+    _Piece,
+    _translation_errors,
+    _Writer,
+)
+from proxy.config import ProviderConfig
+from proxy.litellm_import import load_litellm
+
+
+class _Framer:
+    """The payloads of a stream, block by block: each SSE event's `data`, or each NDJSON line."""
+
+    __slots__ = ("_sse", "_buffer", "_data")
+
+    def __init__(self, framing: str) -> None:
+        self._sse = framing == "sse"
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, block: bytes) -> list[bytes]:
+        lines = (self._buffer + block if self._buffer else block).split(b"\n")
+        self._buffer = lines.pop()
+        payloads: list[bytes] = []
+        data = self._data
+        for line in lines:
+            if not self._sse:
+                if line.strip():
+                    payloads.append(line)
+            elif line.startswith(b"data:"):
+                data.append(line[5:].strip())
+            elif not line.rstrip(b"\r") and data:
+                payloads.append(b"\n".join(data))
+                data.clear()
+        return payloads
+
+    def flush(self) -> list[bytes]:
+        """What remains when the upstream closes (a last event or line without its end)."""
+        buffer, data, payloads = self._buffer, self._data, []
+        self._buffer = b""
+        if buffer.startswith(b"data:"):
+            data.append(buffer[5:].strip())
+        elif buffer.strip() and not self._sse:
+            payloads.append(buffer)
+        if data:
+            payloads.append(b"\n".join(data))
+            data.clear()
+        return payloads
+
+
+class TranslatedAdapter:
+    """Adapter for providers litellm translates (Anthropic, Ollama's native API,
+    Gemini, and through `acompletion` any other), over the app's pooled clients:
+    the aiohttp session for the dialects, the httpx client for `acompletion`."""
+
+    def __init__(self, provider: ProviderConfig, clients: HttpClients) -> None:
+        self.provider = provider
+        self._session = clients.session
+        litellm = load_litellm()
+        self._errors = _translation_errors(litellm)
+        self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
+        core = importlib.import_module("litellm.litellm_core_utils.core_helpers")
+        self._map_finish_reason: Any = core.map_finish_reason
+        reserved = importlib.import_module("litellm.types.utils").all_litellm_params
+        self._reserved = frozenset(litellm.OPENAI_CHAT_COMPLETION_PARAMS) | frozenset(reserved) | {"model", "messages"}
+        self._params_cache: OrderedDict[bytes, bytes] = OrderedDict()
+        dialect = _DIALECTS.get(provider.litellm_provider)
+        self._dialect: _Dialect | None = dialect(provider, litellm) if dialect is not None else None
+        self._fallback = _Acompletion(provider, clients.client, litellm) if dialect is None else None
+
+    def __repr__(self) -> str:
+        how = "acompletion" if self._dialect is None else type(self._dialect).__name__.strip("_").lower()
+        return f"TranslatedAdapter({self.provider.name!r}, {self.provider.model!r}, via={how})"
+
+    # -- the adapter protocol ------------------------------------------------------------------
+
+    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+        if self._dialect is None:
+            assert self._fallback is not None
+            return await self._fallback.complete(self._split(body), body, limits)
+        call = self._prepare(self._dialect, body, stream=False)
+        answer = await fetch(self._session, "POST", call.url, headers=call.headers, data=call.content, limits=limits)
+        # litellm reads a whole answer from an httpx response: one is built, no I/O.
+        raw = httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.content)
+        return self._completion(self._dialect, call, raw)
+
+    async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncGenerator[Chunk, None]:
+        if self._dialect is None:
+            assert self._fallback is not None
+            async for chunk in self._fallback.stream(self._split(body), body, limits):
+                yield chunk
+            return
+        dialect = self._dialect
+        call = self._prepare(dialect, body, stream=True)
+        try:
+            response = await self._post(call, limits)
+        except _TRANSPORT_ERRORS as exc:
+            raise classify.from_exception(exc) from exc
+        try:
+            if response.status >= 400:
+                content = await read_capped(response, limits.max_bytes)
+                raise classify.from_status(response.status, content, response.headers)
+            # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
+            parser: _Parser = self._reading(dialect.parser, call, response.headers)
+            writer = _Writer(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
+            framer = _Framer(dialect.framing)
+            reader = response.content
+            max_bytes = limits.max_bytes
+            size = 0
+            try:
+                while block := await reader.readany():
+                    size += len(block)
+                    if size > max_bytes:
+                        raise too_large(max_bytes)
+                    for data in framer.feed(block):
+                        piece: _Piece | None = self._reading(parser.feed, data)
+                        if piece is not None and (out := writer.chunk(piece)) is not None:
+                            yield out
+                for data in framer.flush():
+                    piece = self._reading(parser.feed, data)
+                    if piece is not None and (out := writer.chunk(piece)) is not None:
+                        yield out
+            except _TRANSPORT_ERRORS:
+                # After the upstream's own end of answer, a broken tail loses nothing.
+                if not parser.complete:
+                    raise
+            if not parser.complete:
+                raise classify.incomplete_stream()
+            for last in writer.finish():
+                yield last
+        except _TRANSPORT_ERRORS as exc:
+            raise classify.from_exception(exc) from exc
+        finally:
+            done_with(response)
+
+    async def probe(self, limits: Limits) -> None:
+        if self._dialect is None:
+            return
+        dialect = self._dialect
+        try:
+            target = dialect.probe_request()
+        except self._errors as exc:
+            raise classify.untranslatable(exc) from exc
+        if target is None:
+            return
+        url, headers = target
+        content = await self._exchange("GET", url, headers, None, limits)
+        dialect.check_probe(content)
+
+    async def warmup(self) -> None:
+        """Load an Ollama model and keep it resident (`keep_alive: -1`); a no-op elsewhere."""
+        if not isinstance(self._dialect, _Ollama):
+            return
+        dialect = self._dialect
+        timeouts = self.provider.timeout
+        payload = {"model": dialect.model, "prompt": "", "keep_alive": -1}
+        headers = {"content-type": "application/json", **dialect.auth_headers()}
+        limits = Limits(connect=timeouts.connect, read=timeouts.total)
+        await self._exchange("POST", dialect.base + "/api/generate", headers, orjson.dumps(payload), limits)
+
+    async def _exchange(
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None, limits: Limits
+    ) -> bytes:
+        """A small request, read whole: its body, or the classified failure."""
+        return (await fetch(self._session, method, url, headers=headers, data=data, limits=limits)).content
+
+    # -- translation ---------------------------------------------------------------------------
+
+    def _reading(self, step: Any, *args: Any) -> Any:
+        """Run one litellm step that reads the upstream's answer; what it raises leaves classified."""
+        try:
+            return step(*args)
+        except self._errors as exc:
+            raise classify.unreadable(exc) from exc
+
+    def _split(self, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The body's OpenAI params and provider extras (litellm's reserved names dropped)."""
+        named: dict[str, Any] = {}
+        extras: dict[str, Any] = {}
+        for key, value in body.items():
+            if key in _OPENAI_ARGS:
+                named[key] = value
+            elif key not in self._reserved:
+                extras[key] = value
+        # A preloaded Ollama model stays resident unless the client says otherwise:
+        # a request without keep_alive would reset it to the daemon's 5 minutes.
+        if self.provider.warmup and self.provider.litellm_provider == "ollama_chat":
+            extras.setdefault("keep_alive", -1)
+        return named, extras
+
+    def _optional_params(self, named: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
+        """litellm's provider params for these OpenAI params. Pure in its inputs
+        (the model and provider are fixed per adapter), so memoised by their JSON;
+        each call gets a fresh copy since the transformations mutate it."""
+        key = orjson.dumps((named, extras))
+        cached = self._params_cache.get(key)
+        if cached is None:
+            own_named, own_extras = orjson.loads(key)  # litellm may edit what it is given
+            params = self._get_optional_params(
+                model=self.provider.upstream_model,
+                custom_llm_provider=self.provider.litellm_provider,
+                drop_params=True,
+                **own_extras,
+                **own_named,
+            )
+            cached = orjson.dumps(params, default=_json_default)
+            self._params_cache[key] = cached
+            if len(self._params_cache) > _PARAMS_CACHE_SIZE:
+                self._params_cache.popitem(last=False)
+        else:
+            self._params_cache.move_to_end(key)
+        fresh: dict[str, Any] = orjson.loads(cached)
+        return fresh
+
+    def _prepare(self, dialect: _Dialect, body: dict[str, Any], *, stream: bool) -> _Call:
+        named, extras = self._split(body)
+        named["stream"] = stream
+        stream_options = named.get("stream_options")
+        include_usage = stream and isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+
+        def translate() -> _Call:
+            # A private copy: the transformations edit messages in place, and the
+            # caller may send the same body to the next provider.
+            messages = dialect.config.translate_developer_role_to_system_role(
+                messages=orjson.loads(orjson.dumps(body.get("messages") or []))
+            )
+            optional_params = self._optional_params(named, extras)
+            json_mode = bool(optional_params.pop("json_mode", False))
+            extra_body = optional_params.pop("extra_body", None)
+            litellm_params: dict[str, Any] = {"api_base": self.provider.api_base, "drop_params": True}
+            url, headers, data = dialect.build(messages, optional_params, litellm_params, stream)
+            if isinstance(extra_body, dict):
+                data = {**data, **extra_body}
+            content = orjson.dumps(data, default=_json_default)
+            return _Call(
+                url=url, headers=headers, content=content, messages=messages, optional_params=optional_params,
+                litellm_params=litellm_params, data=data, json_mode=json_mode, include_usage=include_usage,
+                log=_Log(named),
+            )
+
+        try:
+            return translate()
+        except self._errors as exc:
+            raise classify.untranslatable(exc) from exc
+
+    async def _post(self, call: _Call, limits: Limits) -> aiohttp.ClientResponse:
+        return await self._session.post(call.url, data=call.content, headers=call.headers,
+                                        timeout=attempt_timeout(limits))
+
+    def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
+        try:
+            parsed = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise _malformed("answer", response.content) from exc
+        if not isinstance(parsed, dict):
+            raise _malformed("answer", response.content)
+        if "error" in parsed:
+            raise classify.from_stream_error(parsed)
+        answer = self._reading(dialect.answer, call, response, parsed)
+        out: dict[str, Any] = answer.model_dump()
+        model = dialect.served_model(answer, parsed)
+        out["model"] = model
+        return Completion(body=orjson.dumps(out, default=_json_default), model=model, usage=Usage.from_openai(out.get("usage")))
