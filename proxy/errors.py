@@ -13,7 +13,9 @@ Two families, drawn once here:
                                     says so when private work found no local provider)
 
     ProviderError                   one upstream attempt failed; `.failure` is its class
-                                    (a FailureClass) and decides which graph edge to follow.
+                                    (a FailureClass) and decides which graph edge to follow;
+                                    `.sent` and `.unanswered` say whether it may have reached
+                                    the upstream (the quota refunds only calls never sent).
 
 A `ProviderError` whose class is `client_error` is not fallback-worthy: the
 request would fail everywhere, so the upstream's answer goes back to the client
@@ -153,7 +155,13 @@ class ClientRateLimited(ProxyError):
 
 class ProviderError(Exception):
     """One upstream attempt failed. Raised only by adapters (after classification)
-    and by the dispatcher for skips; `failure` picks the graph edge to follow."""
+    and by the dispatcher for skips; `failure` picks the graph edge to follow.
+
+    `sent` is False only when the call provably never left (the connection could
+    not be made, or the request body could not be written); by default a failed
+    call may have reached the upstream. `unanswered` is True when the exchange
+    broke with no answer at all (the server went away, a reset): nobody can tell
+    whether the upstream received the call. Both are decided by `classify`."""
 
     def __init__(
         self,
@@ -164,6 +172,8 @@ class ProviderError(Exception):
         retry_after: float | None = None,
         body: bytes | None = None,
         provider: str = "",
+        sent: bool = True,
+        unanswered: bool = False,
     ) -> None:
         super().__init__(message)
         self.failure = failure
@@ -172,6 +182,8 @@ class ProviderError(Exception):
         self.retry_after = retry_after
         self.body = body
         self.provider = provider
+        self.sent = sent
+        self.unanswered = unanswered
 
     def __repr__(self) -> str:
         return f"ProviderError({self.provider or '?'}={self.failure.value}, {self.message!r})"

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
-import httpx
 import orjson
 
 from proxy.adapters.base import Usage
@@ -77,41 +75,17 @@ class Reservation:
     call_id: str = ""
 
 
-def _transport_cause(error: BaseException) -> BaseException | None:
-    """The innermost aiohttp error in the cause chain, else the innermost httpx one."""
-    seen: BaseException | None = error
-    found: BaseException | None = None
-    while seen is not None:
-        if isinstance(seen, aiohttp.ClientError):  # the transport's own error decides
-            return seen
-        if isinstance(seen, httpx.HTTPError):  # unless an aiohttp cause below it does (httpx-aiohttp)
-            found = seen
-        seen = seen.__cause__
-    return found
-
-
-def never_sent(error: BaseException) -> bool:
-    """True when a failed call provably never reached the upstream: the
-    connection could not be made (refused, DNS, TLS, connect or pool timeout),
-    or the request's body could not be written. Anything later (a reset, a
-    timeout while reading) may have been received."""
-    cause = _transport_cause(error)
-    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return True
-    if isinstance(cause, aiohttp.ClientOSError) and "Can not write request body" in str(cause):
-        return True
-    return isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+def never_sent(error: ProviderError) -> bool:
+    """True when a failed call provably never reached the upstream (as classified:
+    `ProviderError.sent`): its request is given back."""
+    return not error.sent
 
 
 def maybe_received(error: ProviderError) -> bool:
     """True when nobody can tell whether the upstream received a failed call: the
     connection broke with no answer at all (the server went away, a reset). Such a
     call is counted (the safe side for a quota) and reported as uncertain."""
-    if error.status_code is not None or never_sent(error):
-        return False
-    cause = _transport_cause(error)
-    return isinstance(cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | httpx.RemoteProtocolError
-                      | httpx.ReadError | httpx.WriteError)
+    return error.sent and error.unanswered and error.status_code is None
 
 
 class QuotaEvents(Protocol):

@@ -62,22 +62,73 @@ def _wrapped(outer: Exception, cause: BaseException) -> Exception:
     return outer
 
 
+class _ConnectionKey:
+    host, port, ssl = "127.0.0.1", 1, False
+
+
+def _connector(error: type[aiohttp.ClientConnectorError], os_error: OSError) -> aiohttp.ClientConnectorError:
+    return error(_ConnectionKey(), os_error)  # type: ignore[arg-type]  # any object with host, port, ssl
+
+
+REFUSED = _connector(aiohttp.ClientConnectorError, ConnectionRefusedError(111, "Connection refused"))
+UNWRITTEN = aiohttp.ClientOSError(None, "Can not write request body for http://127.0.0.1:1/v1/chat/completions")
+
+# sent: False only when the call provably never left; unanswered: the exchange broke
+# with no answer at all, so nobody knows whether the upstream received the call.
+TIMEOUT, CONNECTION = FailureClass.TIMEOUT, FailureClass.CONNECTION_ERROR
+
+
 @pytest.mark.parametrize(
-    ("exc", "expected"),
+    ("exc", "expected", "sent", "unanswered"),
     [
-        (httpx.ConnectError("refused"), FailureClass.CONNECTION_ERROR),
-        (httpx.ConnectTimeout("slow connect"), FailureClass.TIMEOUT),
-        (httpx.ReadTimeout("slow read"), FailureClass.TIMEOUT),
-        (httpx.RemoteProtocolError("peer closed"), FailureClass.CONNECTION_ERROR),
-        (TimeoutError(), FailureClass.TIMEOUT),
+        (httpx.ConnectError("refused"), CONNECTION, False, False),
+        (httpx.ConnectTimeout("slow connect"), TIMEOUT, False, False),
+        (httpx.PoolTimeout("no free connection"), TIMEOUT, False, False),
+        (httpx.ReadTimeout("slow read"), TIMEOUT, True, False),
+        (httpx.RemoteProtocolError("peer closed"), CONNECTION, True, True),
+        (httpx.ReadError("reset"), CONNECTION, True, True),
+        (httpx.WriteError("broken pipe"), CONNECTION, True, True),
+        (TimeoutError(), TIMEOUT, True, False),
+        (REFUSED, CONNECTION, False, False),
+        (_connector(aiohttp.ClientConnectorDNSError, OSError(-2, "Name or service not known")), CONNECTION,
+         False, False),
+        (_connector(aiohttp.ClientConnectorSSLError, OSError(1, "TLS handshake failed")), CONNECTION, False, False),
+        (aiohttp.ConnectionTimeoutError("connect"), TIMEOUT, False, False),
+        (aiohttp.ServerDisconnectedError(), CONNECTION, True, True),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), CONNECTION, True, True),
+        (aiohttp.ClientPayloadError("Response payload is not completed"), CONNECTION, True, False),
+        (aiohttp.SocketTimeoutError("read"), TIMEOUT, True, False),
+        (UNWRITTEN, CONNECTION, False, False),
         # httpx-aiohttp reports a refused connection as ConnectTimeout; the cause tells the truth.
-        (_wrapped(httpx.ConnectTimeout("x"), aiohttp.ClientConnectionError("refused")), FailureClass.CONNECTION_ERROR),
-        (_wrapped(httpx.ConnectTimeout("x"), aiohttp.ServerDisconnectedError()), FailureClass.CONNECTION_ERROR),
-        (_wrapped(httpx.ReadTimeout("x"), aiohttp.SocketTimeoutError()), FailureClass.TIMEOUT),
+        (_wrapped(httpx.ConnectTimeout("x"), REFUSED), CONNECTION, False, False),
+        (_wrapped(httpx.ConnectTimeout("x"), UNWRITTEN), CONNECTION, False, False),
+        (_wrapped(httpx.ConnectTimeout("x"), aiohttp.ClientConnectionError("refused")), CONNECTION, True, False),
+        (_wrapped(httpx.ConnectTimeout("x"), aiohttp.ServerDisconnectedError()), CONNECTION, True, True),
+        (_wrapped(httpx.ReadTimeout("x"), aiohttp.SocketTimeoutError()), TIMEOUT, True, False),
     ],
 )
-def test_transport_exceptions(exc: Exception, expected: FailureClass) -> None:
-    assert classify.from_exception(exc).failure is expected
+def test_transport_exceptions(exc: Exception, expected: FailureClass, sent: bool, unanswered: bool) -> None:
+    error = classify.from_exception(exc)
+    assert (error.failure, error.sent, error.unanswered) == (expected, sent, unanswered)
+
+
+def test_an_answer_or_a_refused_translation_says_whether_the_call_was_sent() -> None:
+    answered = classify.from_status(503, b"busy")
+    assert answered.sent and not answered.unanswered
+
+    class APIConnectionError(Exception):
+        status_code = 500
+
+    refused = _wrapped(APIConnectionError("litellm could not connect"), httpx.ConnectError("refused"))
+    assert not classify.from_litellm(refused).sent
+    reset = _wrapped(APIConnectionError("litellm lost the connection"), httpx.ReadError("reset"))
+    assert classify.from_litellm(reset).sent and not classify.from_litellm(reset).unanswered  # it has a status
+
+    class BadRequestError(Exception):
+        status_code = 400
+
+    untranslatable = classify.untranslatable(BadRequestError("tools are not supported"))
+    assert untranslatable.failure is FailureClass.UNSUPPORTED and not untranslatable.sent
 
 
 def test_litellm_exceptions_by_name_without_importing_litellm() -> None:

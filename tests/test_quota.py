@@ -171,36 +171,29 @@ async def test_a_settle_applies_once_and_only_for_an_admission_that_counted() ->
     assert await store.usage("cloud", day) == (1, 7)
 
 
-def test_never_sent_tells_a_refused_connection_from_a_reset() -> None:
+def test_the_quota_refunds_what_classification_says_was_never_sent() -> None:
     import aiohttp
 
+    from proxy.adapters import classify
     from proxy.errors import ProviderError
 
-    def wrapped(cause: BaseException, *via: BaseException) -> ProviderError:
-        error = ProviderError(FailureClass.CONNECTION_ERROR, "x")
-        chain = [error, *via, cause]
+    def classified(cause: BaseException, *via: BaseException) -> ProviderError:
+        chain = [*via, cause]
         for outer, inner in itertools.pairwise(chain):
             outer.__cause__ = inner
-        return error
+        return classify.from_exception(chain[0])
 
-    refused = aiohttp.ClientConnectorError(_ConnectionKey(), OSError(111, "refused"))
-    assert never_sent(wrapped(refused))
-    assert never_sent(wrapped(refused, httpx.ConnectTimeout("mapped by httpx-aiohttp")))
-    assert never_sent(wrapped(aiohttp.ConnectionTimeoutError("connect")))
-    assert not never_sent(wrapped(aiohttp.ServerDisconnectedError()))
-    assert not never_sent(wrapped(aiohttp.ServerDisconnectedError(), httpx.ConnectTimeout("mapped")))
-    assert not never_sent(wrapped(aiohttp.SocketTimeoutError("read")))
-    assert never_sent(wrapped(httpx.ConnectError("refused")))
-    assert not never_sent(wrapped(httpx.ReadTimeout("read")))
-    assert not never_sent(ProviderError(FailureClass.SERVER_ERROR, "503"))
-    unwritten = aiohttp.ClientOSError(None, "Can not write request body for http://127.0.0.1:1/v1/chat/completions")
-    assert never_sent(wrapped(unwritten, httpx.ConnectTimeout("mapped")))
+    refused = aiohttp.ClientConnectorError(_ConnectionKey(), OSError(111, "refused"))  # type: ignore[arg-type]
+    assert never_sent(classified(refused, httpx.ConnectTimeout("mapped by httpx-aiohttp")))
+    assert not never_sent(classified(aiohttp.ServerDisconnectedError(), httpx.ConnectTimeout("mapped")))
+    assert not never_sent(classified(httpx.ReadTimeout("read")))
+    assert not never_sent(ProviderError(FailureClass.SERVER_ERROR, "503"))  # unclassified: may have been sent
     # Whether these reached the upstream nobody knows: counted, and reported as uncertain.
-    assert maybe_received(wrapped(aiohttp.ServerDisconnectedError()))
-    assert maybe_received(wrapped(aiohttp.ClientOSError(104, "Connection reset by peer")))
-    assert not maybe_received(wrapped(refused))
-    assert not maybe_received(wrapped(aiohttp.ClientPayloadError("Response payload is not completed")))
-    assert not maybe_received(ProviderError(FailureClass.SERVER_ERROR, "503", status_code=503))
+    assert maybe_received(classified(aiohttp.ServerDisconnectedError()))
+    assert maybe_received(classified(aiohttp.ClientOSError(104, "Connection reset by peer")))
+    assert not maybe_received(classified(refused))
+    assert not maybe_received(classified(aiohttp.ClientPayloadError("Response payload is not completed")))
+    assert not maybe_received(classify.from_status(503, b"busy"))
 
 
 class _ConnectionKey:

@@ -4,6 +4,10 @@ Inputs are HTTP statuses with their bodies and headers (any mapping: httpx's
 `Headers`, aiohttp's `CIMultiDictProxy`), transport exceptions (aiohttp's
 own, httpx's, and the aiohttp errors that httpx-aiohttp wraps), in-band stream
 errors and litellm exceptions. Everything here is pure: it inspects and returns.
+
+Besides the failure class, a transport failure says whether the call may have
+reached the upstream (`ProviderError.sent`, `.unanswered`): the quota refunds
+only a call that provably never left.
 """
 
 from __future__ import annotations
@@ -120,7 +124,41 @@ def from_exception(exc: BaseException) -> ProviderError:
         return exc
     failure = _transport_failure(exc)
     text = str(exc) or type(exc).__name__
-    return ProviderError(failure, f"{type(exc).__name__}: {text}"[:300])
+    sent, unanswered = _delivery(exc)
+    return ProviderError(failure, f"{type(exc).__name__}: {text}"[:300], sent=sent, unanswered=unanswered)
+
+
+def _delivery(exc: BaseException) -> tuple[bool, bool]:
+    """(sent, unanswered) for a failed exchange. Not sent: the connection could not
+    be made (refused, DNS, TLS, connect or pool timeout) or the request body could
+    not be written. Unanswered: the connection broke with no answer at all (the
+    server went away, a reset), so the upstream may or may not have received the
+    call. Anything else (a timeout while reading, a body cut short) was sent."""
+    cause = _transport_cause(exc)
+    if isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return False, False
+    if isinstance(cause, aiohttp.ClientOSError) and "Can not write request body" in str(cause):
+        return False, False
+    if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return False, False
+    unanswered = isinstance(cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+                            | httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
+    return True, unanswered
+
+
+def _transport_cause(exc: BaseException) -> BaseException | None:
+    """The first aiohttp error down the cause chain, else the innermost httpx one:
+    httpx-aiohttp maps every aiohttp connection error (a refused connection, a
+    reset) to `ConnectTimeout`, so the aiohttp error underneath decides."""
+    seen: BaseException | None = exc
+    found: BaseException | None = None
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientError):
+            return seen
+        if isinstance(seen, httpx.HTTPError):
+            found = seen
+        seen = seen.__cause__
+    return found
 
 
 def _transport_failure(exc: BaseException) -> FailureClass:
@@ -191,10 +229,13 @@ def from_litellm(exc: BaseException) -> ProviderError:
         if any(hint in text for hint in _CONTEXT_HINTS):
             failure = FailureClass.CONTEXT_WINDOW_EXCEEDED
     status = getattr(exc, "status_code", None)
+    sent, unanswered = _delivery(exc)
     return ProviderError(
         failure,
         f"{type(exc).__name__}: {exc}"[:300],
         status_code=status if isinstance(status, int) else None,
+        sent=sent,
+        unanswered=unanswered and not isinstance(status, int),
     )
 
 
@@ -202,11 +243,14 @@ def untranslatable(exc: BaseException) -> ProviderError:
     """litellm could not put the request into the provider's format, before any
     network call. A missing key is still about our key (`auth_error`); any other
     refusal means this provider cannot take this request while another may:
-    `unsupported`, which costs the provider no health."""
+    `unsupported`, which costs the provider no health. Either way nothing was sent."""
     error = from_litellm(exc)
     if error.failure in (FailureClass.AUTH_ERROR, FailureClass.CONTEXT_WINDOW_EXCEEDED):
+        error.sent, error.unanswered = False, False
         return error
-    return ProviderError(FailureClass.UNSUPPORTED, f"cannot translate the request: {error.message}"[:300])
+    return ProviderError(
+        FailureClass.UNSUPPORTED, f"cannot translate the request: {error.message}"[:300], sent=False
+    )
 
 
 def unreadable(exc: BaseException) -> ProviderError:
