@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route
 from proxy.errors import AuthenticationFailed, ProxyError, error_body
 from proxy.intake import authenticate, read_body
 from proxy.quota import quota_day
-from proxy.state import StoreUnavailable
+from proxy.state import ReplayStats, StoreUnavailable
 
 if TYPE_CHECKING:
     from proxy.app import ProxyState
@@ -72,6 +72,7 @@ class AdminHandlers:
             "config": {"source": config.source, "sha256": self.state.config_hash or None,
                        "routes": sorted(config.routes)},
             "store": runtime.store.kind,
+            "store_queue": _queue(runtime.store.replay_stats()),
             "providers": providers,
         })
 
@@ -120,6 +121,10 @@ class AdminHandlers:
             return runtime
         outcome = await self.state.reload("POST /admin/reload")
         return _json(outcome, 200 if outcome["reloaded"] else 422)
+
+
+def _queue(stats: ReplayStats) -> dict[str, int]:
+    return {"pending": stats.pending, "replayed": stats.replayed, "dropped": stats.dropped}
 
 
 def _error(exc: ProxyError) -> Response:

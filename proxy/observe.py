@@ -104,7 +104,7 @@ class RequestRecord:
         return orjson.dumps(line)
 
 
-GaugeMode = Literal["livemostrecent"]
+GaugeMode = Literal["livemostrecent", "livesum"]
 
 
 def shared_between_processes() -> bool:
@@ -119,7 +119,9 @@ class Metrics:
     In multi-process mode the metrics themselves are registered nowhere (their
     values live in this process's files) and the app's registry instead holds a
     collector that sums every worker's files. A gauge is one process's view, so
-    across workers it shows the most recently set value of the live ones.
+    across workers it shows the most recently set value of the live ones, except
+    where each worker holds its own share of a total (the store's replay queue):
+    that gauge sums the live workers.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -178,6 +180,19 @@ class Metrics:
             "fallback_proxy_store_errors", "State store calls that failed, by operation.", ["operation"],
             registry=own,
         )
+        self.store_pending = Gauge(
+            "fallback_proxy_store_pending",
+            "Quota settles and stream lease releases that failed and wait for the store to answer.",
+            registry=own, multiprocess_mode="livesum",
+        )
+        self.store_replayed = Counter(
+            "fallback_proxy_store_replayed", "Queued settles and releases applied once the store answered.",
+            registry=own,
+        )
+        self.store_dropped = Counter(
+            "fallback_proxy_store_dropped",
+            "Queued settles and releases given up (the queue was full, or the store closed).", registry=own,
+        )
         self.quota_remaining = Gauge(
             "fallback_proxy_quota_remaining", "What is left of today's quota (as of this replica's last admit).",
             ["provider", "kind"], registry=own, multiprocess_mode=gauge_mode,
@@ -198,6 +213,11 @@ class Metrics:
             "fallback_proxy_quota_fail_closed",
             "Calls not made because the quota store could not answer (fail closed).", ["provider"],
             registry=own,
+        )
+        self.quota_uncertain = Counter(
+            "fallback_proxy_quota_uncertain",
+            "Calls counted by the quota that the provider may or may not have received (cancelled, or"
+            " the connection broke with no answer).", ["provider"], registry=own,
         )
 
 
@@ -392,6 +412,20 @@ class OperatorEvents:
 
     def settle_failed(self, provider: str, error: StoreUnavailable) -> None:
         self.store_error("settle", error)
+
+    def uncertain(self, provider: str, detail: str) -> None:
+        """A call stays counted though nobody knows whether the provider received it."""
+        self.metrics.quota_uncertain.labels(provider).inc()
+        event("quota_uncertain", provider=provider, detail=detail[:200])
+
+    def store_pending(self, count: int) -> None:
+        self.metrics.store_pending.set(count)
+
+    def store_replayed(self, count: int) -> None:
+        self.metrics.store_replayed.inc(count)
+
+    def store_dropped(self, count: int) -> None:
+        self.metrics.store_dropped.inc(count)
 
 
 class JsonLogFormatter(logging.Formatter):

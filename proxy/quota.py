@@ -28,7 +28,7 @@ import orjson
 from proxy.adapters.base import Usage
 from proxy.config import ProviderConfig, Quota
 from proxy.errors import FailureClass, ProviderError
-from proxy.state import Admission, StateStore, StoreUnavailable
+from proxy.state import Admission, ReplayEvents, StateStore, StoreUnavailable
 
 log = logging.getLogger("fallback_proxy.quota")
 
@@ -88,13 +88,15 @@ def maybe_received(error: ProviderError) -> bool:
     return error.sent and error.unanswered and error.status_code is None
 
 
-class QuotaEvents(Protocol):
-    """What the gate tells operators about; `observe` implements it."""
+class QuotaEvents(ReplayEvents, Protocol):
+    """What the gate tells operators about, and the store's replay of failed
+    settles; `observe.OperatorEvents` implements it."""
 
     def admitted(self, provider: ProviderConfig, admission: Admission) -> None: ...
     def exhausted(self, provider: ProviderConfig, reason: str) -> None: ...
     def fail_closed(self, provider: ProviderConfig, error: StoreUnavailable) -> None: ...
     def settle_failed(self, provider: str, error: StoreUnavailable) -> None: ...
+    def uncertain(self, provider: str, detail: str) -> None: ...
 
 
 class QuotaGate:
@@ -105,6 +107,7 @@ class QuotaGate:
         self.zone = zoneinfo.ZoneInfo(timezone)
         self.events = events
         self.clock = clock
+        store.watch(events)  # the settles that fail wait in the store's replay queue: report it
 
     async def admit(self, provider: ProviderConfig, body: dict[str, Any]) -> Reservation | None:
         """Admit one call or raise `ProviderError(quota_exhausted)`; None when
@@ -136,14 +139,18 @@ class QuotaGate:
 
     async def settle(
         self, reservation: Reservation | None, usage: Usage | None, failure: FailureClass | None, *,
-        sent: bool = True,
+        sent: bool = True, uncertain: str | None = None,
     ) -> None:
         """Correct the counters after the call: real tokens instead of the
         estimate; no tokens for a failed call; no request either when it was
-        never `sent`. A settle that meets an unavailable store is replayed by
-        the store once it answers again."""
+        never `sent`. A failed call the provider may or may not have received
+        stays counted and is reported with the reason why it is `uncertain`.
+        A settle that meets an unavailable store is replayed by the store once
+        it answers again."""
         if reservation is None:
             return
+        if uncertain is not None:
+            self.events.uncertain(reservation.provider, uncertain)
         requests_delta = 0 if sent else -1
         if failure is not None or not sent:
             tokens_delta = -reservation.tokens_estimate

@@ -14,8 +14,10 @@ import yaml
 
 from proxy.config import load_config
 from proxy.fakes import FakeOpenAI
+from proxy.state import RedisStore
 
 from .conftest import ServedApp, openai_provider
+from .redis_server import free_port
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -60,6 +62,7 @@ def test_switch_a_provider_off_and_on(serve: Callable[..., ServedApp], cloud: Fa
     status = httpx.get(proxy.url + "/admin/status", headers=ADMIN).json()
     assert status["providers"]["cloud"]["disabled"] is True and "drill 42" in status["providers"]["cloud"]["reason"]
     assert "admin-secret" not in str(status)
+    assert status["store"] == "memory" and status["store_queue"] == {"pending": 0, "replayed": 0, "dropped": 0}
     assert httpx.post(proxy.url + "/admin/providers/cloud/enable", headers=ADMIN).status_code == 200
     assert answer(proxy).headers["x-proxy-provider"] == "cloud"
     assert httpx.post(proxy.url + "/admin/providers/nobody/disable", headers=ADMIN).status_code == 404
@@ -118,3 +121,18 @@ def test_a_stream_in_flight_finishes_on_the_old_config(
     reader.join(timeout=10)
     assert texts == ["Hello from cloud."]
     assert answer(proxy).headers["x-proxy-provider"] == "backup"
+
+
+def test_status_and_metrics_show_the_writes_waiting_for_the_store(serve: Callable[..., ServedApp],
+                                                                   cloud: FakeOpenAI, backup: FakeOpenAI) -> None:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", breaker_seconds=0)  # nobody listens
+    data = config_data(cloud, backup)
+    data["providers"]["cloud"] = openai_provider(cloud.url, quota={"requests_per_day": 10})
+    proxy = serve(data, store=store)
+    # The admission fails closed; it may have counted, so its refund waits for Redis.
+    assert answer(proxy).headers["x-proxy-fallbacks"] == "cloud=quota_exhausted"
+    status = httpx.get(proxy.url + "/admin/status", headers=ADMIN).json()
+    assert status["store"] == "redis" and status["store_queue"] == {"pending": 1, "replayed": 0, "dropped": 0}
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert "\nfallback_proxy_store_pending 1.0\n" in metrics
+    assert "\nfallback_proxy_store_dropped_total 0.0\n" in metrics

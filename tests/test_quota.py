@@ -171,6 +171,24 @@ async def test_a_settle_applies_once_and_only_for_an_admission_that_counted() ->
     assert await store.usage("cloud", day) == (1, 7)
 
 
+@pytest.mark.asyncio
+async def test_an_uncertain_call_stays_counted_and_is_counted_as_uncertain(caplog: pytest.LogCaptureFixture) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from proxy.observe import Metrics, OperatorEvents
+
+    store, registry = MemoryStore(), CollectorRegistry()
+    gate = QuotaGate(store, "UTC", OperatorEvents(Metrics(registry)))
+    reservation = await gate.admit(_provider(requests_per_day=5), {"messages": MESSAGES})
+    assert reservation is not None
+    with caplog.at_level("INFO", logger="fallback_proxy.events"):
+        await gate.settle(reservation, None, FailureClass.CONNECTION_ERROR, uncertain="ServerDisconnectedError")
+    assert await store.usage("cloud", reservation.day) == (1, 0)
+    assert registry.get_sample_value("fallback_proxy_quota_uncertain_total", {"provider": "cloud"}) == 1
+    assert any('"event":"quota_uncertain"' in r.getMessage() and "ServerDisconnected" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_the_quota_refunds_what_classification_says_was_never_sent() -> None:
     import aiohttp
 

@@ -12,11 +12,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from proxy.config import LimitSettings
 from proxy.errors import ClientRateLimited
 from proxy.limits import ClientLimits
-from proxy.state import Lease, RedisStore, StoreUnavailable
+from proxy.observe import Metrics, OperatorEvents
+from proxy.quota import QuotaGate
+from proxy.state import Lease, RedisStore, ReplayStats, StoreUnavailable
 from tests.redis_server import REDIS_SERVER
 from tests.soak.procs import DurableRedis
 
@@ -40,6 +43,18 @@ def store_on(server: DurableRedis, **options: float) -> RedisStore:
     return RedisStore.from_url(server.url, breaker_seconds=0.1, **options)  # type: ignore[arg-type]
 
 
+def watched(store: RedisStore) -> CollectorRegistry:
+    """The registry whose metrics the store's replay queue moves, wired as the app wires it."""
+    registry = CollectorRegistry()
+    QuotaGate(store, "UTC", OperatorEvents(Metrics(registry)))
+    return registry
+
+
+def queue_metrics(registry: CollectorRegistry) -> tuple[float | None, ...]:
+    return tuple(registry.get_sample_value(name) for name in (
+        "fallback_proxy_store_pending", "fallback_proxy_store_replayed_total", "fallback_proxy_store_dropped_total"))
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
     deadline = time.monotonic() + within
     while not await check():
@@ -50,6 +65,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) 
 @pytest.mark.asyncio
 async def test_a_settle_that_meets_a_dead_redis_is_replayed_once_it_is_back(durable: DurableRedis) -> None:
     store = store_on(durable)
+    registry = watched(store)
     try:
         admission = await store.admit("p", DAY, requests_limit=None, tokens_limit=10_000, tokens_estimate=512,
                                       ttl_seconds=TTL, call_id="call-1")
@@ -59,7 +75,7 @@ async def test_a_settle_that_meets_a_dead_redis_is_replayed_once_it_is_back(dura
             await store.settle("p", DAY, requests_delta=0, tokens_delta=40 - 512, ttl_seconds=TTL, call_id="call-1")
         assert store.pending == 1
         await asyncio.sleep(0.3)  # the replayer keeps trying while Redis is down
-        assert store.pending == 1
+        assert store.pending == 1 and queue_metrics(registry) == (1, 0, 0)
         durable.restart()
 
         async def replayed() -> bool:
@@ -67,12 +83,30 @@ async def test_a_settle_that_meets_a_dead_redis_is_replayed_once_it_is_back(dura
 
         await eventually(replayed)
         assert await store.usage("p", DAY) == (1, 40)  # the real usage, not the estimate
-        assert store.replayed == 1
+        assert store.replayed == 1 and queue_metrics(registry) == (0, 1, 0)
         # A second delivery of the same settle (its first reply lost) changes nothing.
         await store.settle("p", DAY, requests_delta=0, tokens_delta=40 - 512, ttl_seconds=TTL, call_id="call-1")
         assert await store.usage("p", DAY) == (1, 40)
     finally:
         await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_full_replay_queue_drops_the_oldest_and_closing_drops_the_rest(durable: DurableRedis) -> None:
+    store = store_on(durable, pending_limit=2)
+    registry = watched(store)
+    for call in ("a", "b"):
+        await store.admit("p", DAY, requests_limit=None, tokens_limit=None, tokens_estimate=0, ttl_seconds=TTL,
+                          call_id=call)
+    durable.kill()
+    for call in ("a", "b", "c"):
+        with pytest.raises(StoreUnavailable):
+            await store.settle("p", DAY, requests_delta=-1, tokens_delta=0, ttl_seconds=TTL, call_id=call)
+    assert store.replay_stats() == ReplayStats(pending=2, replayed=0, dropped=1)
+    assert queue_metrics(registry) == (2, 0, 1)
+    await store.aclose(flush_seconds=0.05)  # Redis is still down: the two left are given up
+    assert store.replay_stats() == ReplayStats(pending=0, replayed=0, dropped=3)
+    assert queue_metrics(registry) == (0, 0, 3)
 
 
 @pytest.mark.asyncio

@@ -282,9 +282,22 @@ def admin_status_schema() -> Schema:
         },
         ("state", "breaker", "disabled", "local"),
     )
+    store_queue = obj(
+        {
+            "pending": integer("quota settles and lease releases waiting for the store to answer"),
+            "replayed": integer("applied later, once the store answered"),
+            "dropped": integer("given up: the queue was full, or the store closed"),
+        },
+        ("pending", "replayed", "dropped"),
+    )
     return obj(
-        {"config": config, "store": string(), "providers": {"type": "object", "additionalProperties": provider}},
-        ("config", "store", "providers"),
+        {
+            "config": config,
+            "store": string("memory or redis"),
+            "store_queue": {**store_queue, "description": "this worker process's replay queue"},
+            "providers": {"type": "object", "additionalProperties": provider},
+        },
+        ("config", "store", "store_queue", "providers"),
     )
 
 

@@ -16,6 +16,8 @@ from proxy.state.protocol import (
     HealthUpdate,
     Lease,
     Record,
+    ReplayEvents,
+    ReplayStats,
     admits,
     check_quota_args,
     settled,
@@ -161,6 +163,12 @@ class MemoryStore:
             leases.pop(member, None)
             if not leases:
                 del self._leases[name]
+
+    def watch(self, events: ReplayEvents) -> None:
+        """Nothing to report: a MemoryStore never fails, so nothing waits for a replay."""
+
+    def replay_stats(self) -> ReplayStats:
+        return ReplayStats(0, 0, 0)
 
     async def ping(self) -> None:
         return None

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from proxy.state.protocol import StoreUnavailable
+from proxy.state.protocol import ReplayEvents, ReplayStats, StoreUnavailable
 
 log = logging.getLogger("fallback_proxy.state")
 
@@ -47,6 +47,7 @@ class ReplayQueue:
         self._closed = False
         self.replayed = 0  # queued writes applied later
         self.dropped = 0  # queued writes given up (the queue was full, or the store closed)
+        self.events: ReplayEvents | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -54,18 +55,37 @@ class ReplayQueue:
     def __repr__(self) -> str:
         return f"<ReplayQueue pending={len(self._items)} replayed={self.replayed} dropped={self.dropped}>"
 
+    def stats(self) -> ReplayStats:
+        return ReplayStats(len(self._items), self.replayed, self.dropped)
+
+    def watch(self, events: ReplayEvents) -> None:
+        self.events = events
+        events.store_pending(len(self._items))
+
+    def _changed(self, *, replayed: int = 0, dropped: int = 0) -> None:
+        self.replayed += replayed
+        self.dropped += dropped
+        if self.events is not None:
+            if replayed:
+                self.events.store_replayed(replayed)
+            if dropped:
+                self.events.store_dropped(dropped)
+            self.events.store_pending(len(self._items))
+
     def add(self, operation: str, run: Write) -> None:
         """Keep a write that failed, and make sure a replayer runs."""
         if self._closed:
-            self.dropped += 1
+            self._changed(dropped=1)
             return
+        dropped = 0
         if len(self._items) >= self._limit:
             self._items.popleft()
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
+            dropped = 1
+            if self.dropped == 0 or (self.dropped + 1) % 1000 == 0:
                 log.warning("store: replay queue full (%d): %d queued writes dropped so far",
-                            self._limit, self.dropped)
+                            self._limit, self.dropped + 1)
         self._items.append(Pending(operation, run))
+        self._changed(dropped=dropped)
         if self._replayer is None or self._replayer.done():
             self._replayer = asyncio.get_running_loop().create_task(self._replay())
 
@@ -82,7 +102,7 @@ class ReplayQueue:
             with contextlib.suppress(ValueError):  # dropped meanwhile by an overflow
                 self._items.remove(item)
             replayed += 1
-            self.replayed += 1
+            self._changed(replayed=1)
         if replayed:
             log.info("store: %d queued writes replayed after Redis came back", replayed)
 
@@ -97,6 +117,7 @@ class ReplayQueue:
                 await self._replayer
         self._closed = True
         if self._items:
-            self.dropped += len(self._items)
             log.warning("store: closing with %d queued writes not replayed", len(self._items))
+            dropped = len(self._items)
             self._items.clear()
+            self._changed(dropped=dropped)

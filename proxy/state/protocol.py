@@ -59,6 +59,23 @@ class Lease:
     counted: int | None = None  # the counter asked for alongside, after adding 1
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayStats:
+    """This process's queue of writes that failed and wait for the store to answer."""
+
+    pending: int  # settles and lease releases waiting to be replayed
+    replayed: int  # applied later, since the store was opened
+    dropped: int  # given up: the queue was full, or the store closed
+
+
+class ReplayEvents(Protocol):
+    """Who hears about the replay queue (`observe.OperatorEvents` turns it into metrics)."""
+
+    def store_pending(self, count: int) -> None: ...
+    def store_replayed(self, count: int) -> None: ...
+    def store_dropped(self, count: int) -> None: ...
+
+
 class StateStore(Protocol):
     """Where health records and quota counters live. Every method either
     succeeds quickly or raises `StoreUnavailable` quickly; nothing else."""
@@ -126,6 +143,14 @@ class StateStore(Protocol):
     async def release_lease(self, name: str, member: str) -> None:
         """Drop `member`'s lease (idempotent); a RedisStore replays it later if
         Redis cannot answer."""
+        ...
+
+    def watch(self, events: ReplayEvents) -> None:
+        """Report the queue of writes waiting to be replayed to `events` from now on."""
+        ...
+
+    def replay_stats(self) -> ReplayStats:
+        """The queue of writes waiting to be replayed, as of now."""
         ...
 
     async def ping(self) -> None: ...

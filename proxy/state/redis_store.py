@@ -30,6 +30,8 @@ from proxy.state.protocol import (
     Admission,
     Lease,
     Record,
+    ReplayEvents,
+    ReplayStats,
     StoreUnavailable,
     check_quota_args,
     decode_update,
@@ -371,6 +373,13 @@ class RedisStore:
         except StoreUnavailable:
             self._pending.add("release", run)
             raise
+
+    def watch(self, events: ReplayEvents) -> None:
+        """Report the replay queue (its length, writes replayed and dropped) to `events`."""
+        self._pending.watch(events)
+
+    def replay_stats(self) -> ReplayStats:
+        return self._pending.stats()
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
