@@ -25,7 +25,7 @@ from proxy.config import Config, ProviderConfig, Route
 from proxy.deadline import Deadline
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
 from proxy.health import Decision, Health, HealthBoard
-from proxy.observe import Metrics, RequestRecord, event
+from proxy.observe import Metrics, RequestRecord
 from proxy.quota import QuotaGate, Reservation, maybe_received, never_sent
 from proxy.routing import Walk, next_node
 from proxy.shaping import Needs, Shaper, eligibility
@@ -399,9 +399,7 @@ class Dispatcher:
         is reported (`quota_uncertain`), so that the counters can be reconciled."""
         if reservation is None:
             return
-        if uncertain is not None:
-            event("quota_uncertain", provider=reservation.provider, detail=uncertain[:200])
-        self.background.spawn(self.quota.settle(reservation, None, failure, sent=sent))
+        self.background.spawn(self.quota.settle(reservation, None, failure, sent=sent, uncertain=uncertain))
 
     async def aclose(self) -> None:
         await self.background.drain(timeout=2.0)

@@ -134,6 +134,8 @@ def test_a_hedge_that_lost_the_race_stays_counted_and_is_reported_uncertain(
     assert requests_used(store, "cloud") == 1  # cancelled, but the provider had received it
     assert any('"event":"quota_uncertain"' in r.getMessage() and "cancelled" in r.getMessage()
                for r in caplog.records)
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert 'fallback_proxy_quota_uncertain_total{provider="cloud"} 1.0' in metrics
     cloud.clear_fault()
     raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
     assert raw.headers["x-proxy-fallbacks"] == "cloud=quota_exhausted"
