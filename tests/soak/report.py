@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after a clean shutdown
 FD_SLACK = 4  # non-pool fds may differ from the start by this much (log files, event-loop internals)
-REDIS_POOL_BOUND = 64 + 4  # RedisStore: max_connections + PUBSUB_HEADROOM (proxy/state.py)
+REDIS_POOL_BOUND = 64 + 4  # RedisStore: max_connections + PUBSUB_HEADROOM (proxy/state/redis_store.py)
 
 
 def percentile(values: list[float], q: float) -> float:
