@@ -143,7 +143,8 @@ async def client_stream(
     upstream; `on_end` is called once with the outcome ("ok",
     "stream_interrupted", or when the stream is cut short what `cut_by` says:
     by default "client_disconnected") and the last failure. The held chunks go
-    out as one write; `[DONE]` is always the end of the last write.
+    out as one write, and so do the chunks of one upstream read (`Chunk.more`);
+    `[DONE]` is always the end of the last write.
     """
     record = session.record
     transcript = _Transcript()
@@ -158,17 +159,27 @@ async def client_stream(
         return format_event(transcript.rebrand(chunk) if continuing else chunk.payload)
 
     ending = b""
+    batch: list[bytes] = []  # events of one upstream read not yet sent: they go out as one write
     try:
         while outcome is None:
-            if held := b"".join([data for chunk in _pending(start, continuing) if (data := emit(chunk))]):
-                yield held
+            more = bool(start.head) and start.head[-1].more
+            batch += [data for chunk in _pending(start, continuing) if (data := emit(chunk))]
+            if batch and not more:
+                yield b"".join(batch)
+                batch = []
             try:
                 while (chunk_or_end := await start.next_chunk()) is not None:
                     if (data := emit(chunk_or_end)) is not None:
-                        yield data
+                        batch.append(data)
+                    if batch and not chunk_or_end.more:
+                        yield batch[0] if len(batch) == 1 else b"".join(batch)
+                        batch = []
                 outcome = "ok"
             except ProviderError as exc:
                 failure = record_interruption(record, exc)
+                if batch:  # what came before the failure in its read: sent before any wait
+                    yield b"".join(batch)
+                    batch = []
                 await start.close()
                 resumed = await session.continue_after(exc, transcript.partial)
                 if resumed is None:
@@ -176,6 +187,7 @@ async def client_stream(
                     ending = error_event(exc)
                 else:
                     start, continuing = resumed, True
+        ending = b"".join(batch) + ending if batch else ending
         yield ending + _continued_comment(session) + DONE if session.continued else ending + DONE
     except Exception:
         outcome = INTERNAL_ERROR  # a bug: logged with its traceback by the app

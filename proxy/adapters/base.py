@@ -89,6 +89,9 @@ class Chunk:
     model: str | None = None
     text: str = ""  # the first choice's content delta
     tool_calls: bool = False  # carries tool-call deltas (a stream that cannot be continued as text)
+    # Another chunk of the same upstream read follows at once (no wait on the
+    # network): the relay sends them to the client as one write.
+    more: bool = False
 
     @classmethod
     def from_dict(cls, chunk: dict[str, Any]) -> Chunk:

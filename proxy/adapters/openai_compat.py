@@ -106,17 +106,23 @@ class OpenAICompatAdapter:
                 size += len(data)
                 if size > max_bytes:
                     raise too_large(max_bytes)
-                for _event, payload in decoder.feed(data):
+                events = decoder.feed(data)
+                last = len(events) - 1
+                for index, (_event, payload) in enumerate(events):
                     if payload == b"[DONE]":
                         done = True
                         return
                     chunk = _chunk(payload)
+                    chunk.more = index < last  # the rest of this read follows: one write to the client
                     finished = finished or chunk.finish_reason is not None
                     yield chunk
-            for _event, payload in decoder.flush():
+            events = decoder.flush()
+            last = len(events) - 1
+            for index, (_event, payload) in enumerate(events):
                 if payload == b"[DONE]":
                     return
                 chunk = _chunk(payload)
+                chunk.more = index < last
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
             if not finished:
