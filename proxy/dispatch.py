@@ -51,15 +51,28 @@ class StreamStart:
     reservation: Reservation | None = None
     hide_usage: bool = False  # usage was asked for the quota, not by the client
     _reads: Deadline | None = field(default=None, repr=False)  # one timer for every read's deadline
+    _more: bool = field(default=False, repr=False)  # the last chunk had more of its upstream read behind it
 
     async def next_chunk(self) -> Chunk | None:
         """The next chunk within the idle and total deadlines; None at the end."""
+        if self._more:  # the rest of an upstream read: no wait on the network, nothing to guard
+            try:
+                chunk = await self.rest.__anext__()
+            except StopAsyncIteration:
+                return None
+            except ProviderError as exc:
+                exc.provider = self.provider.name
+                raise
+            self._more = chunk.more
+            return chunk
         reads = self._reads
         if reads is None:
             reads = self._reads = Deadline()
         reads.enter(min(reads.now() + self.provider.timeout.idle, self.deadline))
         try:
-            return await anext(self.rest, None)
+            chunk_or_end = await anext(self.rest, None)
+            self._more = chunk_or_end is not None and chunk_or_end.more
+            return chunk_or_end
         except asyncio.CancelledError:
             if not reads.expired():
                 raise
@@ -452,7 +465,8 @@ async def _first_token(
     finally:
         if not started:  # failed, timed out or cancelled: close the upstream now
             await _close(stream)
-    return StreamStart(head=head, rest=stream, provider=provider, deadline=deadline)
+    more = bool(head) and head[-1].more
+    return StreamStart(head=head, rest=stream, provider=provider, deadline=deadline, _more=more)
 
 
 async def _close(stream: AsyncIterator[Chunk]) -> None:

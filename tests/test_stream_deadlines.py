@@ -159,3 +159,42 @@ async def test_a_closed_deadline_cancels_nothing() -> None:
     deadline.close()
     await asyncio.sleep(0.1)
     assert not deadline.expired()
+
+
+class OneRead:
+    """The chunks of one upstream read (all but the last marked `more`), then
+    either a failure in the same read or a stall of `stall` seconds."""
+
+    def __init__(self, texts: list[str], fail: bool = False, stall: float = 0) -> None:
+        self.texts, self.fail, self.stall = texts, fail, stall
+
+    async def stream(self) -> AsyncIterator[Chunk]:
+        for index, text in enumerate(self.texts):
+            piece = chunk(text)
+            piece.more = self.fail or index < len(self.texts) - 1
+            yield piece
+        if self.fail:
+            raise ProviderError(FailureClass.SERVER_ERROR, "malformed stream event")
+        await asyncio.sleep(self.stall)
+
+
+async def test_a_failure_in_the_rest_of_a_read_is_the_providers() -> None:
+    loop = asyncio.get_running_loop()
+    start = StreamStart(head=[], rest=OneRead(["a", "b"], fail=True).stream(), provider=provider(idle=1),
+                        deadline=loop.time() + 60)
+    with pytest.raises(ProviderError) as caught:
+        await read_all(start)
+    assert caught.value.failure is FailureClass.SERVER_ERROR and caught.value.provider == "p"
+    await start.close()
+
+
+async def test_the_read_after_a_reads_last_chunk_is_guarded_again() -> None:
+    loop = asyncio.get_running_loop()
+    start = StreamStart(head=[], rest=OneRead(["a", "b", "c"], stall=5).stream(), provider=provider(idle=0.2),
+                        deadline=loop.time() + 60)
+    began = loop.time()
+    assert [(await start.next_chunk()) is not None for _ in range(3)] == [True, True, True]
+    with pytest.raises(ProviderError) as caught:
+        await start.next_chunk()
+    assert caught.value.failure is FailureClass.TIMEOUT and loop.time() - began < 1.0
+    await start.close()

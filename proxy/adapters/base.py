@@ -90,7 +90,8 @@ class Chunk:
     text: str = ""  # the first choice's content delta
     tool_calls: bool = False  # carries tool-call deltas (a stream that cannot be continued as text)
     # Another chunk of the same upstream read follows at once (no wait on the
-    # network): the relay sends them to the client as one write.
+    # network, so no read deadline guards it): the relay sends them to the
+    # client as one write.
     more: bool = False
 
     @classmethod
