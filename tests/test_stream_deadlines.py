@@ -11,16 +11,16 @@ import pytest
 from proxy.adapters.base import Chunk
 from proxy.config import ProviderConfig, parse_config
 from proxy.deadline import Deadline
-from proxy.dispatch import StreamStart
+from proxy.dispatch import StreamStart, _first_token
 from proxy.errors import FailureClass, ProviderError
 
 pytestmark = pytest.mark.asyncio
 
 
-def provider(idle: float, total: float = 60) -> ProviderConfig:
+def provider(idle: float, total: float = 60, first_token: float | None = None) -> ProviderConfig:
     config = parse_config(
         {"providers": {"p": {"model": "openai/m", "api_base": "http://127.0.0.1:9/v1", "api_key": "k",
-                             "timeout": {"idle": idle, "total": total}}},
+                             "timeout": {"idle": idle, "total": total, "first_token": first_token or total}}},
          "routes": {"r": ["p"]}, "health": {"probe_interval_seconds": 0}},
         environ={},
     )
@@ -198,3 +198,38 @@ async def test_the_read_after_a_reads_last_chunk_is_guarded_again() -> None:
         await start.next_chunk()
     assert caught.value.failure is FailureClass.TIMEOUT and loop.time() - began < 1.0
     await start.close()
+
+
+class Silent:
+    """An adapter whose stream opens and then says nothing; notes whether it was closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def stream(self, body: object, limits: object) -> AsyncIterator[Chunk]:
+        try:
+            await asyncio.sleep(60)
+            yield chunk("late")
+        finally:
+            self.closed = True
+
+
+async def test_no_first_token_in_time_is_the_providers_timeout_and_closes_the_upstream() -> None:
+    silent, loop = Silent(), asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(ProviderError) as caught:
+        await _first_token(silent, provider(idle=5, first_token=0.1), {}, began + 60, 1 << 20)  # type: ignore[arg-type]
+    assert caught.value.failure is FailureClass.TIMEOUT and "no first token within 0.1s" in caught.value.message
+    assert 0.1 <= loop.time() - began < 1.0 and silent.closed
+
+
+async def test_a_cancelled_wait_for_the_first_token_stays_a_cancellation() -> None:
+    silent = Silent()
+    waiting = asyncio.create_task(
+        _first_token(silent, provider(idle=5), {}, asyncio.get_running_loop().time() + 60, 1 << 20)  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert silent.closed
