@@ -405,7 +405,7 @@ class Handlers:
             record.outcome = outcome
             record.continued = session.continued
             self.state.observer.finish(record)
-            if ticket is not None:
+            if ticket is not None and ticket.lease is not None:  # without a lease there is nothing to give back
                 runtime.dispatcher.background.spawn(runtime.limits.leave(ticket))
 
         response: SSEResponse
