@@ -64,17 +64,26 @@ class AdminHandlers:
         providers: dict[str, Any] = {}
         for name, health in runtime.health.snapshot().items():
             providers[name] = {
-                "state": health.state.value, "breaker": health.breaker.value, "reason": health.reason,
-                "disabled": health.disabled, "ttft_s": health.ttft, "local": config.providers[name].local,
+                "state": health.state.value,
+                "breaker": health.breaker.value,
+                "reason": health.reason,
+                "disabled": health.disabled,
+                "ttft_s": health.ttft,
+                "local": config.providers[name].local,
                 "quota": await self._quota(runtime, name),
             }
-        return _json({
-            "config": {"source": config.source, "sha256": self.state.config_hash or None,
-                       "routes": sorted(config.routes)},
-            "store": runtime.store.kind,
-            "store_queue": _queue(runtime.store.replay_stats()),
-            "providers": providers,
-        })
+        return _json(
+            {
+                "config": {
+                    "source": config.source,
+                    "sha256": self.state.config_hash or None,
+                    "routes": sorted(config.routes),
+                },
+                "store": runtime.store.kind,
+                "store_queue": _queue(runtime.store.replay_stats()),
+                "providers": providers,
+            }
+        )
 
     async def _quota(self, runtime: Runtime, name: str) -> dict[str, Any] | None:
         quota = runtime.config.providers[name].quota
@@ -85,8 +94,13 @@ class AdminHandlers:
             requests, tokens = await runtime.store.usage(name, day)
         except StoreUnavailable as exc:
             return {"day": day, "error": exc.reason}
-        return {"day": day, "requests_used": requests, "requests_per_day": quota.requests_per_day,
-                "tokens_used": tokens, "tokens_per_day": quota.tokens_per_day}
+        return {
+            "day": day,
+            "requests_used": requests,
+            "requests_per_day": quota.requests_per_day,
+            "tokens_used": tokens,
+            "tokens_per_day": quota.tokens_per_day,
+        }
 
     def _provider(self, request: Request) -> tuple[Runtime, str] | Response:
         """The runtime and the named provider, or the response refusing the call."""

@@ -21,10 +21,18 @@ import httpx
 
 log = logging.getLogger("fallback_proxy.alerts")
 
-ALERT_KINDS: frozenset[str] = frozenset({
-    "failover", "breaker_open", "recovered", "quota_exhausted", "quota_fail_closed",
-    "store_down", "store_up", "config_reload_failed",
-})
+ALERT_KINDS: frozenset[str] = frozenset(
+    {
+        "failover",
+        "breaker_open",
+        "recovered",
+        "quota_exhausted",
+        "quota_fail_closed",
+        "store_down",
+        "store_up",
+        "config_reload_failed",
+    }
+)
 FORMATS: frozenset[str] = frozenset({"json", "slack", "telegram"})
 
 _EMOJI: dict[str, str] = {
@@ -303,9 +311,7 @@ class Alerter:
             lines.append(("suppressed", f"{suppressed} more since the last alert"))
         return lines
 
-    def _slack(
-        self, kind: str, summary: str, fields: Mapping[str, object], suppressed: object
-    ) -> dict[str, object]:
+    def _slack(self, kind: str, summary: str, fields: Mapping[str, object], suppressed: object) -> dict[str, object]:
         text = f"{_EMOJI.get(kind, '')} *fallback-proxy* {_slack_escape(summary)}".strip()
         lines = [f"*{_slack_escape(k)}*: {_slack_escape(v)}" for k, v in self._lines(fields, suppressed)]
         section = _truncate("\n".join([text, *lines]), _SLACK_SECTION_MAX)
@@ -316,7 +322,11 @@ class Alerter:
     ) -> dict[str, object]:
         lines = "\n".join(f"{k}: {v}" for k, v in self._lines(fields, suppressed))
         text = f"{summary}\n{lines}" if lines else summary
-        return {"chat_id": webhook.chat_id, "text": _truncate(text, _TELEGRAM_TEXT_MAX), "disable_web_page_preview": True}
+        return {
+            "chat_id": webhook.chat_id,
+            "text": _truncate(text, _TELEGRAM_TEXT_MAX),
+            "disable_web_page_preview": True,
+        }
 
     async def _run(self) -> None:
         while True:
@@ -328,8 +338,7 @@ class Alerter:
 
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("alert delivery worker stopped; alerts will not be delivered",
-                      exc_info=task.exception())
+            log.error("alert delivery worker stopped; alerts will not be delivered", exc_info=task.exception())
 
     async def _deliver(self, hook: Webhook, alert: _Alert) -> None:
         """Post one alert to one webhook; count and log the outcome, never raise."""

@@ -20,9 +20,9 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.middleware import Middleware
 from starlette.routing import Route as HttpRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,8 +35,8 @@ from proxy.dispatch import StreamSession
 from proxy.errors import ModelNotFound, ProviderError, ProxyError, error_body
 from proxy.intake import authenticate, check_headers, parse_chat_request, read_body
 from proxy.limits import Ticket, client_id
-from proxy.openapi import openapi_spec
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
+from proxy.openapi import openapi_spec
 from proxy.relay import SSEResponse, client_stream
 from proxy.runtime import Runtime, build_in_thread, restart_needed
 from proxy.shaping import needs_of
@@ -79,8 +79,12 @@ def open_store(settings: RedisSettings) -> StateStore:
     if settings.url is None:
         return MemoryStore()
     return RedisStore.from_url(
-        settings.url, prefix=settings.prefix, timeout=settings.timeout, breaker_seconds=settings.breaker_seconds,
-        max_connections=settings.max_connections, pool_wait=settings.pool_wait,
+        settings.url,
+        prefix=settings.prefix,
+        timeout=settings.timeout,
+        breaker_seconds=settings.breaker_seconds,
+        max_connections=settings.max_connections,
+        pool_wait=settings.pool_wait,
         breaker_timeouts=settings.breaker_timeouts,
     )
 
@@ -154,10 +158,22 @@ class ProxyState:
         self.loops.spawn(old.retire())
         self.metrics.reloads.labels("ok").inc()
         restart = restart_needed(old.config, config)
-        event("config_reloaded", logging.WARNING, source=source, trigger=trigger, routes=len(config.routes),
-              providers=len(config.providers), restart_needed=restart)
-        return {"reloaded": True, "source": source, "routes": sorted(config.routes),
-                "providers": sorted(config.providers), "restart_needed": restart}
+        event(
+            "config_reloaded",
+            logging.WARNING,
+            source=source,
+            trigger=trigger,
+            routes=len(config.routes),
+            providers=len(config.providers),
+            restart_needed=restart,
+        )
+        return {
+            "reloaded": True,
+            "source": source,
+            "routes": sorted(config.routes),
+            "providers": sorted(config.providers),
+            "restart_needed": restart,
+        }
 
     async def _watch(self, source: str, every: float) -> None:
         """Reload when the file's content changes (a ConfigMap update swaps a
@@ -203,8 +219,13 @@ def _alerter(config: Config, client: httpx.AsyncClient, metrics: Metrics) -> Ale
         Webhook(url=h.url, format=h.format, events=h.events, chat_id=h.chat_id, timeout=h.timeout)
         for h in settings.webhooks
     ]
-    return Alerter(hooks, client, dedupe_seconds=settings.dedupe_seconds, metrics=AlertCounters(metrics),
-                   instance=socket.gethostname())
+    return Alerter(
+        hooks,
+        client,
+        dedupe_seconds=settings.dedupe_seconds,
+        metrics=AlertCounters(metrics),
+        instance=socket.gethostname(),
+    )
 
 
 def create_app(
@@ -224,8 +245,12 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.start(transport)
         hangup = _listen_for_sighup(state)
-        log.info("ready: %d providers, %d routes, %s state", len(config.providers), len(config.routes),
-                 state.store.kind if state.store else "?")
+        log.info(
+            "ready: %d providers, %d routes, %s state",
+            len(config.providers),
+            len(config.routes),
+            state.store.kind if state.store else "?",
+        )
         try:
             yield
         finally:
@@ -305,7 +330,7 @@ class ProxyApp(Starlette):
 def _is_chat(scope: Scope) -> bool:
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    return path in CHAT_PATHS or (bool(root) and path.startswith(root) and path[len(root):] in CHAT_PATHS)
+    return path in CHAT_PATHS or (bool(root) and path.startswith(root) and path[len(root) :] in CHAT_PATHS)
 
 
 async def internal_error(scope: Scope, receive: Receive, send: Send) -> None:
@@ -373,8 +398,9 @@ class Handlers:
             authenticate(request, runtime.key_digests)
             body = await read_body(request, config.server.max_body_bytes)
             payload = parse_chat_request(body, config.limits.max_messages)
-            ticket = await runtime.limits.enter(client_id(request.headers.get("authorization")),
-                                                payload.get("stream") is True)
+            ticket = await runtime.limits.enter(
+                client_id(request.headers.get("authorization")), payload.get("stream") is True
+            )
             model = payload["model"]
             route = config.route_for(model)
             if route is None:

@@ -47,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser for every subcommand in :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="fallback-proxy",
-        description=(
-            "An OpenAI-compatible proxy that keeps LLM answers flowing when a provider fails."
-        ),
+        description=("An OpenAI-compatible proxy that keeps LLM answers flowing when a provider fails."),
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -123,10 +121,7 @@ def _provider_lines(provider: ProviderConfig) -> tuple[str, ...]:
 
 def _timeouts(provider: ProviderConfig) -> str:
     t = provider.timeout
-    return (
-        f"connect {t.connect:g}s, first token {t.first_token:g}s, "
-        f"total {t.total:g}s, idle {t.idle:g}s"
-    )
+    return f"connect {t.connect:g}s, first token {t.first_token:g}s, total {t.total:g}s, idle {t.idle:g}s"
 
 
 def _quota(provider: ProviderConfig) -> str:
@@ -208,15 +203,20 @@ def _count(n: int, noun: str) -> str:
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="FILE", default=None,
+        "--config",
+        metavar="FILE",
+        default=None,
         help=f"the YAML config (default: ${CONFIG_PATH_VARIABLE})",
     )
     parser.add_argument("--host", default=None, help="interface to bind (default: the config's server.host)")
     parser.add_argument("--port", type=int, default=None, help="port (default: the config's server.port)")
     parser.add_argument(
-        "--workers", type=_positive_int, default=None, metavar="N",
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
         help=f"worker processes sharing the port (default: ${WORKERS_VARIABLE}, else the config's "
-             "server.workers, else 1); more than 1 needs redis.url to share health and quotas",
+        "server.workers, else 1); more than 1 needs redis.url to share health and quotas",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -275,7 +275,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="the proxy's port (default 8080; 0 = any free port)")
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="walk the demo's steps automatically, print what happened and exit (0 = all as expected)",
     )
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -295,22 +296,41 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _drill_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--config", metavar="FILE", default=None,
-                        help=f"drill the real app for this config, in-process (default: ${CONFIG_PATH_VARIABLE}); "
-                             "its REAL providers are called")
+    target.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help=f"drill the real app for this config, in-process (default: ${CONFIG_PATH_VARIABLE}); "
+        "its REAL providers are called",
+    )
     target.add_argument("--url", default=None, help="drill a running proxy instead, e.g. http://proxy:8080")
     parser.add_argument("--admin-key", default=None, help="the running proxy's server.admin_key (for --disable)")
     parser.add_argument("--api-key", default=None, help="a client key of the running proxy (auth.keys)")
-    parser.add_argument("--disable", metavar="NAME", action="append", default=[],
-                        help="switch this provider off for the drill (repeatable)")
-    parser.add_argument("--route", metavar="NAME", action="append", default=[],
-                        help="drill this route (repeatable; default: every route)")
+    parser.add_argument(
+        "--disable",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="switch this provider off for the drill (repeatable)",
+    )
+    parser.add_argument(
+        "--route",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="drill this route (repeatable; default: every route)",
+    )
     parser.add_argument("--prompt", default=None, help="the user message to send")
     parser.add_argument("--requests", type=int, default=3, help="requests per route (default 3)")
-    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                        help="stream the answers (default) or not")
-    parser.add_argument("--sla-ms", type=int, default=30000,
-                        help="a request holds the SLA when answered (200) within this many ms (default 30000)")
+    parser.add_argument(
+        "--stream", action=argparse.BooleanOptionalAction, default=True, help="stream the answers (default) or not"
+    )
+    parser.add_argument(
+        "--sla-ms",
+        type=int,
+        default=30000,
+        help="a request holds the SLA when answered (200) within this many ms (default 30000)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
@@ -318,8 +338,14 @@ def run_drill(args: argparse.Namespace) -> int:
     """Switch providers off on purpose and show who answers; exit 0 when every request was answered in time."""
     from proxy.drill import DEFAULT_PROMPT, Plan, Remote, run
 
-    plan = Plan(disabled=tuple(args.disable), routes=tuple(args.route), prompt=args.prompt or DEFAULT_PROMPT,
-                requests=args.requests, stream=args.stream, sla_ms=args.sla_ms)
+    plan = Plan(
+        disabled=tuple(args.disable),
+        routes=tuple(args.route),
+        prompt=args.prompt or DEFAULT_PROMPT,
+        requests=args.requests,
+        stream=args.stream,
+        sla_ms=args.sla_ms,
+    )
     remote = Remote(args.url, args.admin_key, args.api_key) if args.url else None
     return run(plan, config_path=args.config or default_config_path(), remote=remote, as_json=args.json)
 

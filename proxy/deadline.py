@@ -22,7 +22,7 @@ class Deadline:
     `asyncio.timeout` does), or whether someone else cancelled the task.
     """
 
-    __slots__ = ("_loop", "_task", "_when", "_inside", "_handle", "_expired", "_cancelling")
+    __slots__ = ("_cancelling", "_expired", "_handle", "_inside", "_loop", "_task", "_when")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -54,7 +54,7 @@ def instructions(proxy: str, cloud: str, local: str) -> str:
         """-d '{"model":"default","messages":[{"role":"user","content":"Hello!"}]}'"""
     )
     sdk = (
-        "python -c \"from openai import OpenAI; "
+        'python -c "from openai import OpenAI; '
         f"c = OpenAI(base_url='{proxy}/v1', api_key='none'); "
         "s = c.chat.completions.create(model='default', stream=True, "
         "messages=[{'role': 'user', 'content': 'Hello!'}]); "
@@ -107,8 +107,10 @@ async def selftest(proxy: str, cloud: FakeOpenAI) -> list[str]:
 def _expect(problems: list[str], step: str, response: httpx.Response, *, provider: str, text: str) -> None:
     answered = response.headers.get("x-proxy-provider")
     content = response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else None
-    print(f"{step}: HTTP {response.status_code} from {answered}: {content!r} "
-          f"(fallbacks: {response.headers.get('x-proxy-fallbacks', 'none')})")
+    print(
+        f"{step}: HTTP {response.status_code} from {answered}: {content!r} "
+        f"(fallbacks: {response.headers.get('x-proxy-fallbacks', 'none')})"
+    )
     if response.status_code != 200 or answered != provider or content != text:
         problems.append(f"{step}: expected {provider!r} to answer {text!r}")
 
@@ -122,8 +124,10 @@ def _delta(line: str) -> str:
 
 
 def run_demo(port: int, check: bool) -> int:
-    with FakeOpenAI("cloud", reply=CLOUD_REPLY, api_key="demo-cloud-key") as cloud, \
-            FakeOllama("local", reply=LOCAL_REPLY) as local:
+    with (
+        FakeOpenAI("cloud", reply=CLOUD_REPLY, api_key="demo-cloud-key") as cloud,
+        FakeOllama("local", reply=LOCAL_REPLY) as local,
+    ):
         server = build_server(demo_config(cloud.url, local.url, port))
         return asyncio.run(_serve(server, cloud, local.url, check))
 

@@ -99,8 +99,11 @@ CONTINUE_INSTRUCTION = (
 
 def continuation_body(body: dict[str, Any], partial: str) -> dict[str, Any]:
     """Ask the next provider to go on with a partial answer."""
-    messages = [*body["messages"], {"role": "assistant", "content": partial},
-                {"role": "user", "content": CONTINUE_INSTRUCTION}]
+    messages = [
+        *body["messages"],
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": CONTINUE_INSTRUCTION},
+    ]
     return {**body, "messages": messages}
 
 
@@ -109,7 +112,12 @@ class StreamSession:
     provider fails after its first token and the next one continues."""
 
     def __init__(
-        self, dispatcher: Dispatcher, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord,
+        self,
+        dispatcher: Dispatcher,
+        route: Route,
+        body: dict[str, Any],
+        needs: Needs,
+        record: RequestRecord,
         walk: Walk,
     ) -> None:
         self.dispatcher = dispatcher
@@ -194,9 +202,7 @@ class Dispatcher:
                 async with asyncio.timeout_at(deadline):
                     return await adapter.complete(body, limits)
             except TimeoutError:
-                raise ProviderError(
-                    FailureClass.TIMEOUT, f"no answer within {provider.timeout.total:g}s"
-                ) from None
+                raise ProviderError(FailureClass.TIMEOUT, f"no answer within {provider.timeout.total:g}s") from None
 
         answered = await self._walk(route, body, needs, record, call)
         completion = answered.result
@@ -207,14 +213,18 @@ class Dispatcher:
         record.usage = completion.usage
         return completion
 
-    async def open_stream(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> StreamSession:
+    async def open_stream(
+        self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord
+    ) -> StreamSession:
         session = StreamSession(self, route, body, needs, record, Walk(route))
         session.start = await self._open(session, body)
         record.ttft_ms = record.elapsed_ms()
         return session
 
     async def _open(self, session: StreamSession, body: dict[str, Any]) -> StreamStart:
-        async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> StreamStart:
+        async def call(
+            adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float
+        ) -> StreamStart:
             return await _first_token(
                 adapter, provider, _for_stream(provider, body), deadline, self.config.limits.max_upstream_bytes
             )
@@ -314,8 +324,12 @@ class Dispatcher:
                     error = task.exception()
                     if error is None:
                         if node == hedge:
-                            record.attempt(primary, FailureClass.TIMEOUT.value, (loop.time() - started) * 1000,
-                                           f"no answer within {route.hedge_after_ms} ms; the hedge answered first")
+                            record.attempt(
+                                primary,
+                                FailureClass.TIMEOUT.value,
+                                (loop.time() - started) * 1000,
+                                f"no answer within {route.hedge_after_ms} ms; the hedge answered first",
+                            )
                         return node, task.result()
                     if not isinstance(error, ProviderError):
                         raise error
@@ -445,7 +459,8 @@ async def _first_token(
     loop = asyncio.get_running_loop()
     first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
     limits = Limits(
-        connect=min(provider.timeout.connect, first_deadline - loop.time()), read=provider.timeout.idle,
+        connect=min(provider.timeout.connect, first_deadline - loop.time()),
+        read=provider.timeout.idle,
         max_bytes=max_bytes,
     )
     stream = adapter.stream(body, limits)
@@ -462,9 +477,7 @@ async def _first_token(
     except asyncio.CancelledError:
         if not first.expired():
             raise
-        raise ProviderError(
-            FailureClass.TIMEOUT, f"no first token within {provider.timeout.first_token:g}s"
-        ) from None
+        raise ProviderError(FailureClass.TIMEOUT, f"no first token within {provider.timeout.first_token:g}s") from None
     finally:
         first.close()
         if not started:  # failed, timed out or cancelled: close the upstream now

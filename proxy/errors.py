@@ -215,7 +215,7 @@ def _is_openai_error(body: bytes) -> bool:
 class Attempt:
     """The outcome of one provider on the walk: answered, failed or skipped."""
 
-    __slots__ = ("provider", "outcome", "ms", "detail")
+    __slots__ = ("detail", "ms", "outcome", "provider")
 
     def __init__(self, provider: str, outcome: str, ms: float, detail: str = "") -> None:
         self.provider = provider

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import math
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -159,7 +159,9 @@ def after_failure(
         return health
     failures = health.failures + 1
     if failure is FailureClass.AUTH_ERROR:
-        return _opened(health, now + settings.cooldown_seconds, failures, now, "auth_error: the provider rejected our key")
+        return _opened(
+            health, now + settings.cooldown_seconds, failures, now, "auth_error: the provider rejected our key"
+        )
     if failure is FailureClass.RATE_LIMITED and retry_after:
         return _opened(health, now + retry_after, failures, now, f"rate_limited: retry after {retry_after:g}s")
     if health.breaker is Breaker.HALF_OPEN or failures >= settings.failure_threshold:
@@ -170,7 +172,12 @@ def after_failure(
 
 def _opened(health: ProviderHealth, retry_at: float, failures: int, now: float, reason: str) -> ProviderHealth:
     return replace(
-        health, state=Health.OFFLINE, breaker=Breaker.OPEN, failures=failures, retry_at=retry_at, reason=reason,
+        health,
+        state=Health.OFFLINE,
+        breaker=Breaker.OPEN,
+        failures=failures,
+        retry_at=retry_at,
+        reason=reason,
         updated=now,
     )
 
@@ -234,8 +241,12 @@ class HealthBoard:
     def disable(self, provider: str, reason: str) -> None:
         """Switch a provider off on purpose (drills): every replica skips it."""
         now = self.clock()
-        self._set(provider, ProviderHealth(state=Health.OFFLINE, breaker=Breaker.OPEN, retry_at=math.inf,
-                                           reason=reason, updated=now, disabled=True))
+        self._set(
+            provider,
+            ProviderHealth(
+                state=Health.OFFLINE, breaker=Breaker.OPEN, retry_at=math.inf, reason=reason, updated=now, disabled=True
+            ),
+        )
 
     def enable(self, provider: str) -> None:
         """Switch a provider back on, healthy until its next failure."""

@@ -87,7 +87,8 @@ def _check_messages(messages: object, max_messages: int) -> None:
     if len(messages) > max_messages:
         raise InvalidRequest(
             f"'messages' has {len(messages)} entries; this proxy accepts at most {max_messages}.",
-            param="messages", code="too_many_messages",
+            param="messages",
+            code="too_many_messages",
         )
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -106,7 +107,7 @@ def _check_messages(messages: object, max_messages: int) -> None:
 def key_digest(key: str) -> bytes:
     """The SHA-256 digest a configured key stands for (it may be given hashed)."""
     if key.startswith("sha256:"):
-        return bytes.fromhex(key[len("sha256:"):])
+        return bytes.fromhex(key[len("sha256:") :])
     return hashlib.sha256(key.encode()).digest()
 
 

@@ -65,8 +65,13 @@ def streams_name(client: str) -> str:
 
 class ClientLimits:
     def __init__(
-        self, settings: LimitSettings, store: StateStore, on_store_error: Callable[[StoreUnavailable], None],
-        *, clock: Callable[[], float] = time.time, lease_seconds: float = STREAM_LEASE_SECONDS,
+        self,
+        settings: LimitSettings,
+        store: StateStore,
+        on_store_error: Callable[[StoreUnavailable], None],
+        *,
+        clock: Callable[[], float] = time.time,
+        lease_seconds: float = STREAM_LEASE_SECONDS,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -86,8 +91,12 @@ class ClientLimits:
         lease = secrets.token_hex(8)
         try:
             got = await self.store.acquire_lease(
-                streams_name(client), lease, limit=limit, ttl_seconds=self.lease_seconds,
-                count=f"rate:{client}:{window}" if rate_limit else None, count_limit=rate_limit,
+                streams_name(client),
+                lease,
+                limit=limit,
+                ttl_seconds=self.lease_seconds,
+                count=f"rate:{client}:{window}" if rate_limit else None,
+                count_limit=rate_limit,
                 count_ttl_seconds=WINDOW_SECONDS * 2,
             )
         except StoreUnavailable as exc:  # let it through; the lease may exist: give it back at the end

@@ -132,92 +132,140 @@ class Metrics:
         own: CollectorRegistry | None = None if self.multiprocess else registry
         gauge_mode: GaugeMode = "livemostrecent"
         self.requests = Counter(
-            "fallback_proxy_requests", "Requests answered, by route, answering provider and outcome.",
-            ["route", "provider", "outcome"], registry=own,
+            "fallback_proxy_requests",
+            "Requests answered, by route, answering provider and outcome.",
+            ["route", "provider", "outcome"],
+            registry=own,
         )
         self.attempts = Counter(
-            "fallback_proxy_attempts", "Provider attempts and skips, by provider and outcome class.",
-            ["provider", "outcome"], registry=own,
+            "fallback_proxy_attempts",
+            "Provider attempts and skips, by provider and outcome class.",
+            ["provider", "outcome"],
+            registry=own,
         )
         self.fallbacks = Counter(
-            "fallback_proxy_fallbacks", "Fallbacks from one provider to the next, with the reason.",
-            ["route", "from_provider", "to_provider", "reason"], registry=own,
+            "fallback_proxy_fallbacks",
+            "Fallbacks from one provider to the next, with the reason.",
+            ["route", "from_provider", "to_provider", "reason"],
+            registry=own,
         )
         self.continuations = Counter(
-            "fallback_proxy_continuations", "Streams continued by the next provider after one failed mid-stream.",
-            ["route", "from_provider", "to_provider", "reason"], registry=own,
+            "fallback_proxy_continuations",
+            "Streams continued by the next provider after one failed mid-stream.",
+            ["route", "from_provider", "to_provider", "reason"],
+            registry=own,
         )
         self.latency = Histogram(
-            "fallback_proxy_request_duration_seconds", "Whole request time as seen by the proxy.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=own,
+            "fallback_proxy_request_duration_seconds",
+            "Whole request time as seen by the proxy.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=own,
         )
         self.ttft = Histogram(
-            "fallback_proxy_time_to_first_token_seconds", "Time to the first token of streamed answers.",
-            ["provider"], buckets=_LATENCY_BUCKETS, registry=own,
+            "fallback_proxy_time_to_first_token_seconds",
+            "Time to the first token of streamed answers.",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=own,
         )
         self.tokens = Counter(
-            "fallback_proxy_tokens", "Tokens reported by providers.", ["provider", "kind"], registry=own,
+            "fallback_proxy_tokens",
+            "Tokens reported by providers.",
+            ["provider", "kind"],
+            registry=own,
         )
         self.health = Gauge(
-            "fallback_proxy_provider_health", "Provider health: 0 healthy, 1 slow, 2 degraded, 3 offline.",
-            ["provider"], registry=own, multiprocess_mode=gauge_mode,
+            "fallback_proxy_provider_health",
+            "Provider health: 0 healthy, 1 slow, 2 degraded, 3 offline.",
+            ["provider"],
+            registry=own,
+            multiprocess_mode=gauge_mode,
         )
         self.breaker_open = Gauge(
-            "fallback_proxy_breaker_open", "1 while the provider's circuit breaker is open.", ["provider"],
-            registry=own, multiprocess_mode=gauge_mode,
+            "fallback_proxy_breaker_open",
+            "1 while the provider's circuit breaker is open.",
+            ["provider"],
+            registry=own,
+            multiprocess_mode=gauge_mode,
         )
         self.breaker_opened = Counter(
-            "fallback_proxy_breaker_opened", "Times a provider's breaker opened.", ["provider"], registry=own,
+            "fallback_proxy_breaker_opened",
+            "Times a provider's breaker opened.",
+            ["provider"],
+            registry=own,
         )
         self.recoveries = Counter(
-            "fallback_proxy_recoveries", "Times a provider came back (its breaker closed).", ["provider"],
+            "fallback_proxy_recoveries",
+            "Times a provider came back (its breaker closed).",
+            ["provider"],
             registry=own,
         )
         self.probes = Counter(
-            "fallback_proxy_probes", "Active health probes, by outcome.", ["provider", "outcome"], registry=own,
+            "fallback_proxy_probes",
+            "Active health probes, by outcome.",
+            ["provider", "outcome"],
+            registry=own,
         )
         self.store_errors = Counter(
-            "fallback_proxy_store_errors", "State store calls that failed, by operation.", ["operation"],
+            "fallback_proxy_store_errors",
+            "State store calls that failed, by operation.",
+            ["operation"],
             registry=own,
         )
         self.store_pending = Gauge(
             "fallback_proxy_store_pending",
             "Quota settles and stream lease releases that failed and wait for the store to answer.",
-            registry=own, multiprocess_mode="livesum",
+            registry=own,
+            multiprocess_mode="livesum",
         )
         self.store_replayed = Counter(
-            "fallback_proxy_store_replayed", "Queued settles and releases applied once the store answered.",
+            "fallback_proxy_store_replayed",
+            "Queued settles and releases applied once the store answered.",
             registry=own,
         )
         self.store_dropped = Counter(
             "fallback_proxy_store_dropped",
-            "Queued settles and releases given up (the queue was full, or the store closed).", registry=own,
+            "Queued settles and releases given up (the queue was full, or the store closed).",
+            registry=own,
         )
         self.quota_remaining = Gauge(
-            "fallback_proxy_quota_remaining", "What is left of today's quota (as of this replica's last admit).",
-            ["provider", "kind"], registry=own, multiprocess_mode=gauge_mode,
+            "fallback_proxy_quota_remaining",
+            "What is left of today's quota (as of this replica's last admit).",
+            ["provider", "kind"],
+            registry=own,
+            multiprocess_mode=gauge_mode,
         )
         self.quota_exhausted = Counter(
-            "fallback_proxy_quota_exhausted", "Calls refused because today's quota is spent.", ["provider"],
+            "fallback_proxy_quota_exhausted",
+            "Calls refused because today's quota is spent.",
+            ["provider"],
             registry=own,
         )
         self.reloads = Counter(
-            "fallback_proxy_config_reloads", "Config reloads, by outcome (ok, rejected).", ["outcome"],
+            "fallback_proxy_config_reloads",
+            "Config reloads, by outcome (ok, rejected).",
+            ["outcome"],
             registry=own,
         )
         self.alerts = Counter(
-            "fallback_proxy_alerts", "Operator alerts, by kind, webhook format and outcome.",
-            ["kind", "format", "outcome"], registry=own,
+            "fallback_proxy_alerts",
+            "Operator alerts, by kind, webhook format and outcome.",
+            ["kind", "format", "outcome"],
+            registry=own,
         )
         self.quota_fail_closed = Counter(
             "fallback_proxy_quota_fail_closed",
-            "Calls not made because the quota store could not answer (fail closed).", ["provider"],
+            "Calls not made because the quota store could not answer (fail closed).",
+            ["provider"],
             registry=own,
         )
         self.quota_uncertain = Counter(
             "fallback_proxy_quota_uncertain",
             "Calls counted by the quota that the provider may or may not have received (cancelled, or"
-            " the connection broke with no answer).", ["provider"], registry=own,
+            " the connection broke with no answer).",
+            ["provider"],
+            registry=own,
         )
 
 
@@ -297,8 +345,13 @@ class Observer:
         if request_log.isEnabledFor(logging.INFO):
             write_line(request_log, record.log_line(total_ms))
         if self.alerts is not None and provider and first_fallback is not None:
-            self.alerts.notify("failover", route=route, from_provider=first_fallback.provider,
-                               to_provider=provider, reason=first_fallback.outcome)
+            self.alerts.notify(
+                "failover",
+                route=route,
+                from_provider=first_fallback.provider,
+                to_provider=provider,
+                reason=first_fallback.outcome,
+            )
 
 
 def write_line(logger: logging.Logger, line: bytes) -> None:
@@ -318,7 +371,7 @@ def _direct_handler(logger: logging.Logger) -> JsonLogHandler | None:
         if current.filters:
             return None
         if current.handlers:
-            if len(current.handlers) != 1 or current.propagate and current.parent is not None:
+            if len(current.handlers) != 1 or (current.propagate and current.parent is not None):
                 return None
             handler = current.handlers[0]
             if type(handler) is JsonLogHandler and not handler.filters and handler.level <= logging.INFO:
@@ -352,8 +405,7 @@ class OperatorEvents:
     def state(self, provider: str, health: ProviderHealth) -> None:
         self.metrics.health.labels(provider).set(health.state.level)
         self.metrics.breaker_open.labels(provider).set(0 if health.breaker.value == "closed" else 1)
-        event("health", provider=provider, state=health.state.value, breaker=health.breaker.value,
-              reason=health.reason)
+        event("health", provider=provider, state=health.state.value, breaker=health.breaker.value, reason=health.reason)
 
     def breaker_opened(self, provider: str, health: ProviderHealth) -> None:
         self.metrics.breaker_opened.labels(provider).inc()

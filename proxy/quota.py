@@ -122,8 +122,13 @@ class QuotaGate:
         call_id = secrets.token_hex(8)
         try:
             admission = await self.store.admit(
-                provider.name, day, requests_limit=quota.requests_per_day, tokens_limit=quota.tokens_per_day,
-                tokens_estimate=estimate, ttl_seconds=ttl, call_id=call_id,
+                provider.name,
+                day,
+                requests_limit=quota.requests_per_day,
+                tokens_limit=quota.tokens_per_day,
+                tokens_estimate=estimate,
+                ttl_seconds=ttl,
+                call_id=call_id,
             )
         except StoreUnavailable as exc:
             self.events.fail_closed(provider, exc)
@@ -138,8 +143,13 @@ class QuotaGate:
         return Reservation(provider.name, day, estimate, ttl, call_id)
 
     async def settle(
-        self, reservation: Reservation | None, usage: Usage | None, failure: FailureClass | None, *,
-        sent: bool = True, uncertain: str | None = None,
+        self,
+        reservation: Reservation | None,
+        usage: Usage | None,
+        failure: FailureClass | None,
+        *,
+        sent: bool = True,
+        uncertain: str | None = None,
     ) -> None:
         """Correct the counters after the call: real tokens instead of the
         estimate; no tokens for a failed call; no request either when it was
@@ -162,8 +172,12 @@ class QuotaGate:
             return  # nothing to change, and no admission mark to clear
         try:
             await self.store.settle(
-                reservation.provider, reservation.day, requests_delta=requests_delta, tokens_delta=tokens_delta,
-                ttl_seconds=reservation.ttl, call_id=reservation.call_id,
+                reservation.provider,
+                reservation.day,
+                requests_delta=requests_delta,
+                tokens_delta=tokens_delta,
+                ttl_seconds=reservation.ttl,
+                call_id=reservation.call_id,
             )
         except StoreUnavailable as exc:
             self.events.settle_failed(reservation.provider, exc)

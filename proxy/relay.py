@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import orjson
-
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -27,10 +26,15 @@ DONE = b"data: [DONE]\n\n"
 CLIENT_DISCONNECTED = "client_disconnected"
 SERVER_SHUTTING_DOWN = "server_shutting_down"
 INTERNAL_ERROR = "internal_error"  # a bug ended the stream: its traceback is logged
-SHUTTING_DOWN_EVENT = b"data: " + error_body(
-    "The proxy is shutting down and cut this stream before its end; send the request again.",
-    "server_error", SERVER_SHUTTING_DOWN,
-) + b"\n\n"
+SHUTTING_DOWN_EVENT = (
+    b"data: "
+    + error_body(
+        "The proxy is shutting down and cut this stream before its end; send the request again.",
+        "server_error",
+        SERVER_SHUTTING_DOWN,
+    )
+    + b"\n\n"
+)
 SHUTDOWN_WRITE_SECONDS = 1.0
 
 
@@ -40,7 +44,7 @@ class SSEDecoder:
     Only `event:` and `data:` fields matter to us; comments and ids are ignored.
     """
 
-    __slots__ = ("_buffer", "_event", "_data")
+    __slots__ = ("_buffer", "_data", "_event")
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -100,7 +104,7 @@ class _Transcript:
     """What the client has been sent: the text so far (to continue it), the
     stream's id and created (kept when another provider continues it)."""
 
-    __slots__ = ("parts", "tool_calls", "identity")
+    __slots__ = ("identity", "parts", "tool_calls")
 
     def __init__(self) -> None:
         self.parts: list[str] = []

@@ -20,9 +20,7 @@ Edges = Mapping[str, Mapping[str, str]]
 _NO_EDGES: Mapping[str, str] = MappingProxyType({})
 
 
-def next_node(
-    route: Route, current: str, failure: str, *, visited: Collection[str] = ()
-) -> str | None:
+def next_node(route: Route, current: str, failure: str, *, visited: Collection[str] = ()) -> str | None:
     """The node to try after ``current`` failed with ``failure``, or None.
 
     The edge for the failure class wins over ``default``. A node already in
@@ -81,15 +79,13 @@ def find_cycle(first: str, edges: Edges) -> tuple[str, ...] | None:
     return _cycle_from(first, edges, (), set())
 
 
-def _cycle_from(
-    node: str, edges: Edges, stack: tuple[str, ...], done: set[str]
-) -> tuple[str, ...] | None:
+def _cycle_from(node: str, edges: Edges, stack: tuple[str, ...], done: set[str]) -> tuple[str, ...] | None:
     if node in stack:
-        return stack[stack.index(node) :] + (node,)
+        return (*stack[stack.index(node) :], node)
     if node in done:
         return None
     for target in successors(edges, node):
-        cycle = _cycle_from(target, edges, stack + (node,), done)
+        cycle = _cycle_from(target, edges, (*stack, node), done)
         if cycle is not None:
             return cycle
     done.add(node)
@@ -105,7 +101,7 @@ class Walk:
     again only once the rest of the walk is exhausted, in the order deferred.
     """
 
-    __slots__ = ("route", "current", "visited", "deferred", "_late")
+    __slots__ = ("_late", "current", "deferred", "route", "visited")
 
     def __init__(self, route: Route) -> None:
         self.route = route

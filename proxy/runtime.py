@@ -35,7 +35,11 @@ class Runtime:
     """One config, ready to serve."""
 
     def __init__(
-        self, config: Config, adapters: Mapping[str, Adapter], store: StateStore, events: OperatorEvents,
+        self,
+        config: Config,
+        adapters: Mapping[str, Adapter],
+        store: StateStore,
+        events: OperatorEvents,
         metrics: Metrics,
     ) -> None:
         self.config = config
@@ -45,15 +49,17 @@ class Runtime:
         self.health = HealthBoard(config.health, config.providers, store, events)
         self.quota = QuotaGate(store, config.quota_timezone, events)
         self.dispatcher = Dispatcher(config, adapters, self.health, self.quota, metrics=metrics)
-        self.limits = ClientLimits(config.limits, store, lambda exc: events.store_error("count", exc),
-                                   lease_seconds=stream_lease_seconds(config))
+        self.limits = ClientLimits(
+            config.limits,
+            store,
+            lambda exc: events.store_error("count", exc),
+            lease_seconds=stream_lease_seconds(config),
+        )
         self.store = store
         self.loops = Background()
 
     @classmethod
-    def build(
-        cls, config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents
-    ) -> Runtime:
+    def build(cls, config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents) -> Runtime:
         """Build the adapters (litellm is imported here when a provider needs it: seconds)."""
         adapters = {name: make_adapter(provider, clients) for name, provider in config.providers.items()}
         return cls(config, adapters, store, events, events.metrics)
@@ -109,8 +115,6 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     return changed
 
 
-async def build_in_thread(
-    config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents
-) -> Runtime:
+async def build_in_thread(config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents) -> Runtime:
     """Build a runtime off the event loop: importing litellm blocks for seconds."""
     return await asyncio.to_thread(Runtime.build, config, clients, store, events)

@@ -183,11 +183,20 @@ def serve_workers(
     if config.source is None:
         raise ValueError("workers load the config from its file: this config has none")
     if config.redis.url is None:
-        log.warning("%d workers with in-process state: each keeps its own health, quotas and limits; "
-                    "set redis.url to share them", workers)
+        log.warning(
+            "%d workers with in-process state: each keeps its own health, quotas and limits; "
+            "set redis.url to share them",
+            workers,
+        )
     with _metrics_dir() as metrics_dir:
-        uv_config = _uvicorn_config(WorkerApp(config.source, log_level, os.getpid()), config, host=host, port=port,
-                                    workers=workers, factory=True)
+        uv_config = _uvicorn_config(
+            WorkerApp(config.source, log_level, os.getpid()),
+            config,
+            host=host,
+            port=port,
+            workers=workers,
+            factory=True,
+        )
         supervisor = Supervisor(uv_config, [uv_config.bind_socket()], metrics_dir)
         supervisor.run()
         return supervisor.asked_to_stop

@@ -61,7 +61,12 @@ class ServedApp:
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", log_config=None, access_log=False, lifespan="on", ws="none",
+            app,
+            log_level="warning",
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            ws="none",
             timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
@@ -151,8 +156,17 @@ def http() -> Iterator[httpx.Client]:
 
 
 # Every secret the suite configures: no log line of any test may contain one.
-SECRETS = ("sk-upstream", "sk-ant-test", "sk-test", "team-key", "admin-secret", "SECRET-TOKEN", "demo-cloud-key",
-           "fuzz-key", "admin-key")
+SECRETS = (
+    "sk-upstream",
+    "sk-ant-test",
+    "sk-test",
+    "team-key",
+    "admin-secret",
+    "SECRET-TOKEN",
+    "demo-cloud-key",
+    "fuzz-key",
+    "admin-key",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -44,8 +44,8 @@ from tests.test_fuzz import (
     ServerLog,
     Target,
     fuzz_config,
-    known_bug_requests,
     known_bug_in_body,
+    known_bug_requests,
     known_exception_line,
     post_chat,
     raw_cases,
@@ -85,8 +85,20 @@ def running_proxy(config: dict[str, Any], workdir: Path) -> Iterator[Proxy]:
     path.write_text(yaml.safe_dump(config))
     port = free_port()
     stderr = workdir / "proxy.stderr"
-    command = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path), "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "serve",
+        "--config",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     with stderr.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=sink)
     proxy = Proxy(process, f"http://127.0.0.1:{port}", stderr)
@@ -137,8 +149,10 @@ def hand_written(target: Target) -> int:
         sent += 1
         head, _, body = answer.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
-        headers = {k.strip().decode("latin-1").lower(): v.strip().decode("latin-1")
-                   for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+        headers = {
+            k.strip().decode("latin-1").lower(): v.strip().decode("latin-1")
+            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
         authorized = b"Bearer fuzz-key" in request
         problems = response_problems("POST", "/v1/chat/completions", status, headers, body, authorized=authorized)
         target.record(status, [f"{name}: {p}" for p in problems])
@@ -149,8 +163,10 @@ def client_gone(url: str) -> None:
     """A client that sends half its body and hangs up (the known bug `client-disconnect`)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer fuzz-key\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer fuzz-key\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":'
+        )
         time.sleep(0.2)
 
 
@@ -179,8 +195,17 @@ def tracebacks(stderr: Path) -> Counter[str]:
     return found
 
 
-def report(target: Target, sent: int, wanted: int, seconds: float, proxy: Proxy, healthz: int | None,
-           logged: Counter[str], *, allow_known: bool) -> bool:
+def report(
+    target: Target,
+    sent: int,
+    wanted: int,
+    seconds: float,
+    proxy: Proxy,
+    healthz: int | None,
+    logged: Counter[str],
+    *,
+    allow_known: bool,
+) -> bool:
     """Print the totals; True when the run kept the contract."""
     server_errors = {status: n for status, n in target.statuses.items() if status >= 500}
     known_500 = sum(target.known.values())
@@ -188,11 +213,15 @@ def report(target: Target, sent: int, wanted: int, seconds: float, proxy: Proxy,
     unknown_tracebacks = sum(n for text, n in logged.items() if not text.startswith("known bug"))
     print(f"requests sent: {sent:,} in {seconds:.0f} s ({sent / seconds:.0f}/s)")
     print("by status:", ", ".join(f"{status}: {n:,}" for status, n in sorted(target.statuses.items())))
-    print(f"5xx: {sum(server_errors.values()):,} — documented 503 (all_providers_failed): "
-          f"{server_errors.get(503, 0):,}; 500 from known bugs: {known_500:,} {dict(target.known)}; "
-          f"other 5xx: {unexpected_500:,}")
-    print(f"tracebacks in the proxy's log: {sum(logged.values()):,} — " + (", ".join(
-        f"{text}: {n}" for text, n in logged.most_common()) or "none"))
+    print(
+        f"5xx: {sum(server_errors.values()):,} — documented 503 (all_providers_failed): "
+        f"{server_errors.get(503, 0):,}; 500 from known bugs: {known_500:,} {dict(target.known)}; "
+        f"other 5xx: {unexpected_500:,}"
+    )
+    print(
+        f"tracebacks in the proxy's log: {sum(logged.values()):,} — "
+        + (", ".join(f"{text}: {n}" for text, n in logged.most_common()) or "none")
+    )
     print(f"process stayed up: {proxy.alive()}; /healthz after the run: {healthz}")
     print(f"contract violations: {len(target.problems):,}")
     for problem in target.problems[:25]:
@@ -206,8 +235,11 @@ def report(target: Target, sent: int, wanted: int, seconds: float, proxy: Proxy,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="at least this many requests")
-    parser.add_argument("--allow-known-bugs", action="store_true",
-                        help="exit 0 even if the known bugs (KNOWN_BUGS in tests/test_fuzz.py) answered 500")
+    parser.add_argument(
+        "--allow-known-bugs",
+        action="store_true",
+        help="exit 0 even if the known bugs (KNOWN_BUGS in tests/test_fuzz.py) answered 500",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -225,8 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         healthz: int | None = None
         with contextlib.suppress(httpx.TransportError):
             healthz = httpx.get(proxy.url + "/healthz", timeout=10).status_code
-        ok = report(target, sent, args.requests, time.monotonic() - started, proxy, healthz,
-                    tracebacks(proxy.stderr), allow_known=args.allow_known_bugs)
+        ok = report(
+            target,
+            sent,
+            args.requests,
+            time.monotonic() - started,
+            proxy,
+            healthz,
+            tracebacks(proxy.stderr),
+            allow_known=args.allow_known_bugs,
+        )
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

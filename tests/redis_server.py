@@ -59,8 +59,22 @@ class RedisServer:
 
     def _argv(self) -> list[str]:
         assert REDIS_SERVER is not None
-        common = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                  "--daemonize", "no", "--dir", str(self.dir), "--loglevel", "warning"]
+        common = [
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--loglevel",
+            "warning",
+        ]
         if self.sentinel_of is None:
             return [REDIS_SERVER, *common, "--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
         config = self.dir / "sentinel.conf"  # a sentinel rewrites its config file: it must exist
@@ -68,8 +82,18 @@ class RedisServer:
             f"sentinel monitor {self.service} 127.0.0.1 {self.sentinel_of} 1\n"
             f"sentinel down-after-milliseconds {self.service} 5000\n"
         )
-        return [REDIS_SERVER, str(config), "--sentinel", *common[:4], "--daemonize", "no",
-                "--dir", str(self.dir), "--loglevel", "warning"]
+        return [
+            REDIS_SERVER,
+            str(config),
+            "--sentinel",
+            *common[:4],
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--loglevel",
+            "warning",
+        ]
 
     def start(self, timeout: float = 5.0, *, same_port: bool = False) -> RedisServer:
         """Start and wait until this very process answers on the port. If another

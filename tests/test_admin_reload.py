@@ -39,8 +39,9 @@ def answer(proxy: ServedApp) -> httpx.Response:
     return response
 
 
-def test_admin_is_off_without_an_admin_key(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                           backup: FakeOpenAI) -> None:
+def test_admin_is_off_without_an_admin_key(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
     data = config_data(cloud, backup)
     del data["server"]["admin_key"]
     proxy = serve(data)
@@ -48,8 +49,7 @@ def test_admin_is_off_without_an_admin_key(serve: Callable[..., ServedApp], clou
     assert response.status_code == 404 and "admin_key" in response.json()["error"]["message"]
 
 
-def test_switch_a_provider_off_and_on(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                      backup: FakeOpenAI) -> None:
+def test_switch_a_provider_off_and_on(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI) -> None:
     proxy = serve(config_data(cloud, backup))
     assert httpx.get(proxy.url + "/admin/status", headers={"authorization": "Bearer nope"}).status_code == 401
     assert httpx.post(proxy.url + "/admin/providers/cloud/disable").status_code == 401
@@ -123,8 +123,9 @@ def test_a_stream_in_flight_finishes_on_the_old_config(
     assert answer(proxy).headers["x-proxy-provider"] == "backup"
 
 
-def test_status_and_metrics_show_the_writes_waiting_for_the_store(serve: Callable[..., ServedApp],
-                                                                   cloud: FakeOpenAI, backup: FakeOpenAI) -> None:
+def test_status_and_metrics_show_the_writes_waiting_for_the_store(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
     store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", breaker_seconds=0)  # nobody listens
     data = config_data(cloud, backup)
     data["providers"]["cloud"] = openai_provider(cloud.url, quota={"requests_per_day": 10})

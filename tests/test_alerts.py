@@ -130,30 +130,50 @@ def unused_port() -> int:
     return port
 
 
-FAILOVER: dict[str, str] = {"route": "default", "from_provider": "openai-4o", "to_provider": "local-qwen",
-                            "reason": "timeout"}
+FAILOVER: dict[str, str] = {
+    "route": "default",
+    "from_provider": "openai-4o",
+    "to_provider": "local-qwen",
+    "reason": "timeout",
+}
 HOOK = Webhook("https://hooks.example/x")
 CLIENT = httpx.AsyncClient()  # for the pure tests: never sends, holds no connection
 
 
 # --- pure: summaries, bodies, dedupe, validation ---------------------------------------
 
-@pytest.mark.parametrize(("kind", "fields", "summary"), [
-    ("failover", FAILOVER, "failover on route default: openai-4o → local-qwen (timeout)"),
-    ("breaker_open", {"provider": "openai-4o", "reason": "server_error: 3 consecutive failures", "retry_in_s": 30.0},
-     "breaker open: openai-4o (server_error: 3 consecutive failures), retry in 30s"),
-    ("breaker_open", {"provider": "a", "reason": "x", "retry_in_s": 12.5}, "breaker open: a (x), retry in 12.5s"),
-    ("recovered", {"provider": "openai-4o", "state": "healthy"}, "recovered: openai-4o"),
-    ("quota_exhausted", {"provider": "openai-4o", "reason": "daily quota reached: 5000/5000 requests"},
-     "quota exhausted: openai-4o (daily quota reached: 5000/5000 requests)"),
-    ("quota_fail_closed", {"provider": "openai-4o", "reason": "connection refused"},
-     "quota gate failing closed for openai-4o: state store unavailable (connection refused)"),
-    ("store_down", {"operation": "admit", "reason": "READONLY"}, "state store down: READONLY (on admit)"),
-    ("store_up", {}, "state store back"),
-    ("config_reload_failed", {"source": "SIGHUP", "problems": "routes.default[2]: unknown provider\n  'olama'"},
-     "config reload rejected: routes.default[2]: unknown provider 'olama' (from SIGHUP)"),
-    ("failover", {}, "failover on route ?: ? → ? (?)"),
-])
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "summary"),
+    [
+        ("failover", FAILOVER, "failover on route default: openai-4o → local-qwen (timeout)"),
+        (
+            "breaker_open",
+            {"provider": "openai-4o", "reason": "server_error: 3 consecutive failures", "retry_in_s": 30.0},
+            "breaker open: openai-4o (server_error: 3 consecutive failures), retry in 30s",
+        ),
+        ("breaker_open", {"provider": "a", "reason": "x", "retry_in_s": 12.5}, "breaker open: a (x), retry in 12.5s"),
+        ("recovered", {"provider": "openai-4o", "state": "healthy"}, "recovered: openai-4o"),
+        (
+            "quota_exhausted",
+            {"provider": "openai-4o", "reason": "daily quota reached: 5000/5000 requests"},
+            "quota exhausted: openai-4o (daily quota reached: 5000/5000 requests)",
+        ),
+        (
+            "quota_fail_closed",
+            {"provider": "openai-4o", "reason": "connection refused"},
+            "quota gate failing closed for openai-4o: state store unavailable (connection refused)",
+        ),
+        ("store_down", {"operation": "admit", "reason": "READONLY"}, "state store down: READONLY (on admit)"),
+        ("store_up", {}, "state store back"),
+        (
+            "config_reload_failed",
+            {"source": "SIGHUP", "problems": "routes.default[2]: unknown provider\n  'olama'"},
+            "config reload rejected: routes.default[2]: unknown provider 'olama' (from SIGHUP)",
+        ),
+        ("failover", {}, "failover on route ?: ? → ? (?)"),
+    ],
+)
 def test_summary_is_one_human_line(kind: str, fields: dict[str, object], summary: str) -> None:
     assert summarize(kind, fields) == summary
 
@@ -167,9 +187,12 @@ def test_json_body() -> None:
     alerter = Alerter([HOOK], CLIENT, instance="pod-1")
     body = alerter.format(HOOK, "failover", {**FAILOVER, "ts": 1700000000.25, "suppressed": 3})
     assert body == {
-        "event": "failover", "ts": 1700000000.25, "instance": "pod-1",
+        "event": "failover",
+        "ts": 1700000000.25,
+        "instance": "pod-1",
         "summary": "failover on route default: openai-4o → local-qwen (timeout)",
-        **FAILOVER, "suppressed": 3,
+        **FAILOVER,
+        "suppressed": 3,
     }
     fresh = alerter.format(HOOK, "store_up", {})
     assert fresh["suppressed"] == 0 and isinstance(fresh["ts"], float) and abs(fresh["ts"] - time.time()) < 5
@@ -181,19 +204,35 @@ def test_slack_body_is_escaped_mrkdwn() -> None:
     fields = {"provider": "a<b>", "reason": "x & y", "retry_in_s": 30.0, "ts": 1.0, "suppressed": 2}
     body = alerter.format(hook, "breaker_open", fields)
     assert body["text"] == "\N{LARGE RED CIRCLE} *fallback-proxy* breaker open: a&lt;b&gt; (x &amp; y), retry in 30s"
-    assert body["blocks"] == [{"type": "section", "text": {"type": "mrkdwn", "text": "\n".join([
-        str(body["text"]),
-        "*provider*: a&lt;b&gt;", "*reason*: x &amp; y", "*retry_in_s*: 30",
-        "*instance*: pod-1", "*suppressed*: 2 more since the last alert",
-    ])}}]
+    assert body["blocks"] == [
+        {
+            "type": "section",
+            "text": {
+                "type": "mrkdwn",
+                "text": "\n".join(
+                    [
+                        str(body["text"]),
+                        "*provider*: a&lt;b&gt;",
+                        "*reason*: x &amp; y",
+                        "*retry_in_s*: 30",
+                        "*instance*: pod-1",
+                        "*suppressed*: 2 more since the last alert",
+                    ]
+                ),
+            },
+        }
+    ]
 
 
 def test_telegram_body_is_plain_text() -> None:
     hook = Webhook(f"https://api.telegram.org/bot{TOKEN}/sendMessage", format="telegram", chat_id="-10042")
     alerter = Alerter([hook], CLIENT)
     body = alerter.format(hook, "recovered", {"provider": "openai-4o", "state": "healthy", "note": None})
-    assert body == {"chat_id": "-10042", "text": "recovered: openai-4o\nprovider: openai-4o\nstate: healthy",
-                    "disable_web_page_preview": True}
+    assert body == {
+        "chat_id": "-10042",
+        "text": "recovered: openai-4o\nprovider: openai-4o\nstate: healthy",
+        "disable_web_page_preview": True,
+    }
     huge = alerter.format(hook, "store_down", {"operation": "admit", "reason": "r" * 10_000})
     assert isinstance(huge["text"], str) and len(huge["text"]) == 4096
 
@@ -204,14 +243,17 @@ def test_dedupe_key_is_kind_and_provider() -> None:
     assert dedupe_key("store_up", {}) == ("store_up", "-")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"url": f"ftp://api.telegram.org/bot{TOKEN}"}, "http"),
-    ({"url": f"https:///bot{TOKEN}"}, "http"),
-    ({"url": f"https://api.telegram.org/bot{TOKEN}", "format": "xml"}, "format"),
-    ({"url": f"https://api.telegram.org/bot{TOKEN}", "format": "telegram"}, "chat_id"),
-    ({"url": f"https://api.telegram.org/bot{TOKEN}", "events": frozenset({"failover", "oops"})}, "oops"),
-    ({"url": f"https://api.telegram.org/bot{TOKEN}", "timeout": 0}, "timeout"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"url": f"ftp://api.telegram.org/bot{TOKEN}"}, "http"),
+        ({"url": f"https:///bot{TOKEN}"}, "http"),
+        ({"url": f"https://api.telegram.org/bot{TOKEN}", "format": "xml"}, "format"),
+        ({"url": f"https://api.telegram.org/bot{TOKEN}", "format": "telegram"}, "chat_id"),
+        ({"url": f"https://api.telegram.org/bot{TOKEN}", "events": frozenset({"failover", "oops"})}, "oops"),
+        ({"url": f"https://api.telegram.org/bot{TOKEN}", "timeout": 0}, "timeout"),
+    ],
+)
 def test_invalid_webhook_is_rejected_without_echoing_the_url(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         Webhook(**kwargs)
@@ -228,9 +270,11 @@ def test_webhook_repr_shows_only_the_origin() -> None:
 
 # --- delivery over a real socket -------------------------------------------------------
 
+
 @pytest.mark.asyncio
-async def test_each_format_is_delivered(receiver: Receiver, make: Callable[..., Alerter],
-                                        metrics: RecordingMetrics) -> None:
+async def test_each_format_is_delivered(
+    receiver: Receiver, make: Callable[..., Alerter], metrics: RecordingMetrics
+) -> None:
     hooks = [
         Webhook(receiver.url + "/json"),
         Webhook(receiver.url + "/slack", format="slack"),
@@ -244,9 +288,13 @@ async def test_each_format_is_delivered(receiver: Receiver, make: Callable[..., 
 
     (sent_json,) = receiver.bodies("/json")
     assert before - 1 < sent_json.pop("ts") < time.time() + 1
-    assert sent_json == {"event": "failover", "instance": "pod-1",
-                         "summary": "failover on route default: openai-4o → local-qwen (timeout)",
-                         **FAILOVER, "suppressed": 0}
+    assert sent_json == {
+        "event": "failover",
+        "instance": "pod-1",
+        "summary": "failover on route default: openai-4o → local-qwen (timeout)",
+        **FAILOVER,
+        "suppressed": 0,
+    }
     (sent_slack,) = receiver.bodies("/slack")
     assert sent_slack == alerter.format(hooks[1], "failover", FAILOVER)
     (sent_telegram,) = receiver.bodies(f"/bot{TOKEN}/sendMessage")
@@ -282,18 +330,17 @@ async def test_repeats_within_the_window_are_suppressed_and_counted(
         clock.now = at
         alerter.notify("breaker_open", provider=provider, reason="server_error", retry_in_s=30)
 
-    breaker("a", 1000)      # sent
-    breaker("a", 1100)      # suppressed
-    breaker("b", 1150)      # another provider: sent
-    breaker("a", 1299)      # suppressed
+    breaker("a", 1000)  # sent
+    breaker("a", 1100)  # suppressed
+    breaker("b", 1150)  # another provider: sent
+    breaker("a", 1299)  # suppressed
     alerter.notify("failover", **FAILOVER)  # another kind: sent
-    breaker("a", 1300)      # the window is over: sent, carrying the 2 suppressed
-    breaker("a", 1301)      # a new window: suppressed
+    breaker("a", 1300)  # the window is over: sent, carrying the 2 suppressed
+    breaker("a", 1301)  # a new window: suppressed
     await eventually(lambda: metrics.count("delivered") == 4)
 
     sent = [(b["event"], b.get("provider"), b["suppressed"]) for b in receiver.bodies("/h")]
-    assert sent == [("breaker_open", "a", 0), ("breaker_open", "b", 0), ("failover", None, 0),
-                    ("breaker_open", "a", 2)]
+    assert sent == [("breaker_open", "a", 0), ("breaker_open", "b", 0), ("failover", None, 0), ("breaker_open", "a", 2)]
     assert metrics.count("suppressed") == 3 and ("suppressed", "breaker_open") in metrics.events
 
 
@@ -325,8 +372,9 @@ async def test_notify_never_blocks_on_a_hanging_webhook(
 
 
 @pytest.mark.asyncio
-async def test_a_server_error_is_retried_once(receiver: Receiver, make: Callable[..., Alerter],
-                                              metrics: RecordingMetrics) -> None:
+async def test_a_server_error_is_retried_once(
+    receiver: Receiver, make: Callable[..., Alerter], metrics: RecordingMetrics
+) -> None:
     receiver.script["/flaky"] = [500]
     receiver.script["/down"] = [503, 502, 200]
     alerter = make(Webhook(receiver.url + "/flaky"), Webhook(receiver.url + "/down", format="slack"))
@@ -338,8 +386,9 @@ async def test_a_server_error_is_retried_once(receiver: Receiver, make: Callable
 
 
 @pytest.mark.asyncio
-async def test_a_client_error_is_not_retried(receiver: Receiver, make: Callable[..., Alerter],
-                                             metrics: RecordingMetrics, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_client_error_is_not_retried(
+    receiver: Receiver, make: Callable[..., Alerter], metrics: RecordingMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
     receiver.script["/bad"] = [400]
     alerter = make(Webhook(receiver.url + "/bad"))
     await alerter.start()
@@ -360,8 +409,10 @@ async def test_a_failing_webhook_does_not_stop_the_others(
     alerter.notify("quota_exhausted", provider="b", reason="daily quota reached")
     await eventually(lambda: len(metrics.events) == 4)
     assert [b["provider"] for b in receiver.bodies("/ok")] == ["a", "b"]
-    assert sorted(metrics.events) == [("delivered", "quota_exhausted", "json")] * 2 + [
-        ("failed", "quota_exhausted", "json")] * 2
+    assert (
+        sorted(metrics.events)
+        == [("delivered", "quota_exhausted", "json")] * 2 + [("failed", "quota_exhausted", "json")] * 2
+    )
 
 
 @pytest.mark.asyncio
@@ -374,8 +425,7 @@ async def test_the_url_token_never_reaches_the_logs(
     receiver.script[path] = [500, 500, "hang", 404]
     hooks = [
         Webhook(f"{receiver.url}{path}?key=SECRET-QUERY", format="telegram", chat_id="1", timeout=0.3),
-        Webhook(f"http://user:SECRET-PASSWORD@127.0.0.1:{unused_port()}/bot{TOKEN}/x", format="telegram",
-                chat_id="1"),
+        Webhook(f"http://user:SECRET-PASSWORD@127.0.0.1:{unused_port()}/bot{TOKEN}/x", format="telegram", chat_id="1"),
     ]
     alerter = make(*hooks)
     await alerter.start()
@@ -393,8 +443,9 @@ async def test_the_url_token_never_reaches_the_logs(
 
 
 @pytest.mark.asyncio
-async def test_aclose_flushes_what_is_queued(receiver: Receiver, make: Callable[..., Alerter],
-                                             metrics: RecordingMetrics) -> None:
+async def test_aclose_flushes_what_is_queued(
+    receiver: Receiver, make: Callable[..., Alerter], metrics: RecordingMetrics
+) -> None:
     alerter = make(Webhook(receiver.url + "/h"))
     await alerter.start()
     for provider in "abcde":
@@ -407,8 +458,9 @@ async def test_aclose_flushes_what_is_queued(receiver: Receiver, make: Callable[
 
 
 @pytest.mark.asyncio
-async def test_aclose_gives_up_after_its_timeout(receiver: Receiver, make: Callable[..., Alerter],
-                                                 metrics: RecordingMetrics) -> None:
+async def test_aclose_gives_up_after_its_timeout(
+    receiver: Receiver, make: Callable[..., Alerter], metrics: RecordingMetrics
+) -> None:
     receiver.script["/slow"] = ["hang"]
     alerter = make(Webhook(receiver.url + "/slow", timeout=5))
     await alerter.start()
@@ -422,8 +474,9 @@ async def test_aclose_gives_up_after_its_timeout(receiver: Receiver, make: Calla
 
 
 @pytest.mark.asyncio
-async def test_a_full_queue_drops_and_counts(receiver: Receiver, make: Callable[..., Alerter],
-                                             metrics: RecordingMetrics) -> None:
+async def test_a_full_queue_drops_and_counts(
+    receiver: Receiver, make: Callable[..., Alerter], metrics: RecordingMetrics
+) -> None:
     alerter = make(Webhook(receiver.url + "/h"), Webhook(receiver.url + "/s", format="slack"), queue_size=1)
     alerter.notify("recovered", provider="a", state="healthy")
     alerter.notify("recovered", provider="b", state="healthy")  # no room

@@ -25,13 +25,15 @@ KEY = "team-key"
 
 @pytest.fixture
 def proxy(serve: Callable[..., ServedApp], cloud: FakeOpenAI) -> ServedApp:
-    return serve({
-        "auth": {"keys": [KEY]},
-        "providers": {"cloud": openai_provider(cloud.url)},
-        "routes": {"default": ["cloud"]},
-        "server": {"max_body_bytes": 4096},
-        "limits": {"max_header_bytes": 2048},
-    })
+    return serve(
+        {
+            "auth": {"keys": [KEY]},
+            "providers": {"cloud": openai_provider(cloud.url)},
+            "routes": {"default": ["cloud"]},
+            "server": {"max_body_bytes": 4096},
+            "limits": {"max_header_bytes": 2048},
+        }
+    )
 
 
 @pytest.fixture
@@ -57,16 +59,18 @@ def test_both_paths_answer_with_the_proxy_headers(http: httpx.Client, path: str)
 
 
 def test_a_stream_keeps_its_headers_and_ends_with_done(http: httpx.Client) -> None:
-    with http.stream("POST", "/v1/chat/completions",
-                     json={"model": "default", "messages": MESSAGES, "stream": True}) as response:
+    with http.stream(
+        "POST", "/v1/chat/completions", json={"model": "default", "messages": MESSAGES, "stream": True}
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache"
         assert response.headers["x-proxy-provider"] == "cloud"
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
-    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
-                   if json.loads(e)["choices"])
+    text = "".join(
+        json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1] if json.loads(e)["choices"]
+    )
     assert text == "Hello from cloud."
 
 
@@ -82,19 +86,24 @@ def test_other_methods_get_the_same_405_as_any_route(http: httpx.Client, method:
 
 
 def test_a_wrong_key_is_an_openai_401(http: httpx.Client) -> None:
-    response = http.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES},
-                         headers={"authorization": "Bearer wrong", "x-request-id": "rid-401"})
+    response = http.post(
+        "/v1/chat/completions",
+        json={"model": "default", "messages": MESSAGES},
+        headers={"authorization": "Bearer wrong", "x-request-id": "rid-401"},
+    )
     assert response.status_code == 401
     assert error_of(response)["type"] == "authentication_error"
     assert response.headers["x-request-id"] == "rid-401"
 
 
 def test_size_limits_and_bad_bodies_are_openai_4xx(http: httpx.Client) -> None:
-    too_big = http.post("/v1/chat/completions", content=b"{" + b" " * 5000 + b"}",
-                        headers={"content-type": "application/json"})
+    too_big = http.post(
+        "/v1/chat/completions", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"}
+    )
     assert too_big.status_code == 413 and error_of(too_big)["code"] == "request_too_large"
-    headers = http.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES},
-                        headers={"x-padding": "p" * 3000})
+    headers = http.post(
+        "/v1/chat/completions", json={"model": "default", "messages": MESSAGES}, headers={"x-padding": "p" * 3000}
+    )
     assert headers.status_code == 431
     error_of(headers)
     bad = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
@@ -114,19 +123,17 @@ def test_a_bug_while_streaming_before_the_first_byte_is_one_logged_500(
     monkeypatch.setattr(OpenAICompatAdapter, "stream", broken)
     proxy = serve({"providers": {"p": openai_provider("http://upstream.invalid")}, "routes": {"default": ["p"]}})
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
-        response = client.post("/v1/chat/completions",
-                               json={"model": "default", "messages": MESSAGES, "stream": True})
+        response = client.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES, "stream": True})
         assert response.status_code == 500 and error_of(response)["code"] == "internal_error"
         assert "a bug in the adapter" not in response.text
         assert client.get("/healthz").status_code == 200
-    assert [r.getMessage() for r in caplog.records if r.exc_info] == [
-        "unexpected error on POST /v1/chat/completions"
-    ]
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["unexpected error on POST /v1/chat/completions"]
 
 
 def test_the_fast_path_honours_a_root_path(serve_asgi: Callable[..., ServedApp], cloud: FakeOpenAI) -> None:
-    app = create_app(build_config({"providers": {"cloud": openai_provider(cloud.url)},
-                                   "routes": {"default": ["cloud"]}}))
+    app = create_app(
+        build_config({"providers": {"cloud": openai_provider(cloud.url)}, "routes": {"default": ["cloud"]}})
+    )
 
     async def mounted(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -141,8 +148,9 @@ def test_the_fast_path_honours_a_root_path(serve_asgi: Callable[..., ServedApp],
 def test_chat_sends_go_straight_to_the_server_and_other_routes_through_starlette(
     serve_asgi: Callable[..., ServedApp], cloud: FakeOpenAI
 ) -> None:
-    app = create_app(build_config({"providers": {"cloud": openai_provider(cloud.url)},
-                                   "routes": {"default": ["cloud"]}}))
+    app = create_app(
+        build_config({"providers": {"cloud": openai_provider(cloud.url)}, "routes": {"default": ["cloud"]}})
+    )
     senders: dict[str, set[str]] = {}
 
     async def recording(scope: Any, receive: Any, send: Any) -> None:

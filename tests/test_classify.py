@@ -23,13 +23,26 @@ def openai_error(message: str, code: str | None = None) -> bytes:
         (403, b"forbidden", FailureClass.AUTH_ERROR),
         (408, b"", FailureClass.TIMEOUT),
         (500, openai_error("boom"), FailureClass.SERVER_ERROR),
-        (529, orjson.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-         FailureClass.SERVER_ERROR),
-        (400, openai_error("This model's maximum context length is 8192 tokens", "context_length_exceeded"),
-         FailureClass.CONTEXT_WINDOW_EXCEEDED),
-        (400, orjson.dumps({"type": "error", "error": {"type": "invalid_request_error",
-                                                       "message": "prompt is too long: 210000 tokens > 200000"}}),
-         FailureClass.CONTEXT_WINDOW_EXCEEDED),
+        (
+            529,
+            orjson.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+            FailureClass.SERVER_ERROR,
+        ),
+        (
+            400,
+            openai_error("This model's maximum context length is 8192 tokens", "context_length_exceeded"),
+            FailureClass.CONTEXT_WINDOW_EXCEEDED,
+        ),
+        (
+            400,
+            orjson.dumps(
+                {
+                    "type": "error",
+                    "error": {"type": "invalid_request_error", "message": "prompt is too long: 210000 tokens > 200000"},
+                }
+            ),
+            FailureClass.CONTEXT_WINDOW_EXCEEDED,
+        ),
         (400, openai_error("blocked", "content_filter"), FailureClass.CONTENT_FILTERED),
         (404, orjson.dumps({"error": 'model "qwen2.5:7b" not found, try pulling it first'}), FailureClass.SERVER_ERROR),
         (400, openai_error("'temperature' must be a number"), FailureClass.CLIENT_ERROR),
@@ -90,8 +103,12 @@ TIMEOUT, CONNECTION = FailureClass.TIMEOUT, FailureClass.CONNECTION_ERROR
         (httpx.WriteError("broken pipe"), CONNECTION, True, True),
         (TimeoutError(), TIMEOUT, True, False),
         (REFUSED, CONNECTION, False, False),
-        (_connector(aiohttp.ClientConnectorDNSError, OSError(-2, "Name or service not known")), CONNECTION,
-         False, False),
+        (
+            _connector(aiohttp.ClientConnectorDNSError, OSError(-2, "Name or service not known")),
+            CONNECTION,
+            False,
+            False,
+        ),
         (_connector(aiohttp.ClientConnectorSSLError, OSError(1, "TLS handshake failed")), CONNECTION, False, False),
         (aiohttp.ConnectionTimeoutError("connect"), TIMEOUT, False, False),
         (aiohttp.ServerDisconnectedError(), CONNECTION, True, True),

@@ -12,8 +12,10 @@ from proxy import cli
 from proxy.config import ConfigError
 from tests.conftest import build_config
 
-PROVIDERS: dict[str, Any] = {"providers": {"cloud": {"model": "openai/gpt-test", "api_base": "http://127.0.0.1:9/v1"}},
-                             "routes": {"default": ["cloud"]}}
+PROVIDERS: dict[str, Any] = {
+    "providers": {"cloud": {"model": "openai/gpt-test", "api_base": "http://127.0.0.1:9/v1"}},
+    "routes": {"default": ["cloud"]},
+}
 
 
 def workers(argv: list[str], server: dict[str, Any] | None = None) -> int:
@@ -56,7 +58,8 @@ def test_a_bad_worker_count_in_the_environment_is_a_usage_error(
     monkeypatch.setenv(cli.WORKERS_VARIABLE, value)
     assert cli.main(["serve", "--config", str(config)]) == cli.EXIT_CONFIG
     assert f"error: ${cli.WORKERS_VARIABLE}: expected a whole number of at least 1, got {value!r}" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "many"])

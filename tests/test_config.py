@@ -51,9 +51,9 @@ def with_routes(routes: str) -> str:
 
 
 def test_edge_keys_are_the_failure_classes_and_default() -> None:
-    assert EDGE_KEYS == FAILURE_CLASSES | {"default"}
+    assert FAILURE_CLASSES | {"default"} == EDGE_KEYS
     assert "rate_limited" in FAILURE_CLASSES and "policy" in FAILURE_CLASSES
-    assert CAPABILITIES == {"vision", "tools"}
+    assert {"vision", "tools"} == CAPABILITIES
 
 
 # --- interpolation -----------------------------------------------------------------
@@ -317,14 +317,23 @@ def test_route_for(tmp_path: Path) -> None:
         ("default: {chain: a}", ["routes.default.chain: expected a list of providers, got a string"]),
         ("default: [a, 3]", ["routes.default[1]: expected a string, got a number"]),
         ("default: [a, '']", ["routes.default[1]: expected a provider name"]),
-        ("default: a", ["routes.default: expected a list of providers (a chain), or a mapping with chain: or first:/on:"]),
+        (
+            "default: a",
+            ["routes.default: expected a list of providers (a chain), or a mapping with chain: or first:/on:"],
+        ),
         ("default: {chain: [a], first: a}", ["routes.default: use either chain: or first:/on:, not both"]),
         ("default: {local_only: true}", ["routes.default: needs chain: [...] or first: with on: {...}"]),
         ("a: [b]", ["routes.a: a provider has the same name, so the model 'a' would be ambiguous"]),
         ("one: [a]\ntwo: [one, b]", ["routes.two[0]: 'one' is a route; a route's nodes must be providers"]),
-        ("bad name: [a]", ["routes.bad name: names use letters, digits, '.', '_' and '-', and start with a letter or digit"]),
+        (
+            "bad name: [a]",
+            ["routes.bad name: names use letters, digits, '.', '_' and '-', and start with a letter or digit"],
+        ),
         ("g: {first: x}", ["routes.g.first: unknown provider 'x' (expected one of: a, b, c)"]),
-        ("g: {first: a, on: {a: {rate_limit: b}}}", ["routes.g.on.a: unknown failure class 'rate_limit' (did you mean 'rate_limited'?)"]),
+        (
+            "g: {first: a, on: {a: {rate_limit: b}}}",
+            ["routes.g.on.a: unknown failure class 'rate_limit' (did you mean 'rate_limited'?)"],
+        ),
         ("g: {first: a, on: {a: {timeout: bb}}}", ["routes.g.on.a.timeout: unknown provider 'bb' (did you mean 'b'?)"]),
         ("g: {first: a, on: {zz: {default: b}}}", ["routes.g.on: unknown provider 'zz' (expected one of: a, b, c)"]),
         ("g: {first: a, on: {a: [b]}}", ["routes.g.on.a: expected a mapping, got a list"]),
@@ -371,30 +380,81 @@ def test_routes_may_be_empty_but_providers_may_not(tmp_path: Path) -> None:
         ("{model: ''}", "providers.p.model: must not be empty"),
         ("{model: 42}", "providers.p.model: expected a string, got a number"),
         ("{model: openai/}", "providers.p.model: expected 'provider/model', e.g. openai/gpt-4o-2024-08-06"),
-        ("{model: gpt-4o-2024-08-06, api_base: 'ftp://x'}", "providers.p.api_base: expected an http:// or https:// URL, got 'ftp://x'"),
-        ("{model: gpt-4o-2024-08-06, timeout: {total: 0}}", "providers.p.timeout.total: must be a positive number, got 0"),
-        ("{model: gpt-4o-2024-08-06, timeout: {idle: fast}}", "providers.p.timeout.idle: expected a number, got 'fast'"),
-        ("{model: gpt-4o-2024-08-06, timeout: {first_token: 60, total: 30}}", "providers.p.timeout.first_token: 60s must not exceed total (30s)"),
-        ("{model: gpt-4o-2024-08-06, timeout: {connect: 400}}", "providers.p.timeout.connect: 400s must not exceed total (300s)"),
-        ("{model: gpt-4o-2024-08-06, timeout: {conect: 1}}", "providers.p.timeout: unknown key 'conect' (did you mean 'connect'?)"),
+        (
+            "{model: gpt-4o-2024-08-06, api_base: 'ftp://x'}",
+            "providers.p.api_base: expected an http:// or https:// URL, got 'ftp://x'",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, timeout: {total: 0}}",
+            "providers.p.timeout.total: must be a positive number, got 0",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, timeout: {idle: fast}}",
+            "providers.p.timeout.idle: expected a number, got 'fast'",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, timeout: {first_token: 60, total: 30}}",
+            "providers.p.timeout.first_token: 60s must not exceed total (30s)",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, timeout: {connect: 400}}",
+            "providers.p.timeout.connect: 400s must not exceed total (300s)",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, timeout: {conect: 1}}",
+            "providers.p.timeout: unknown key 'conect' (did you mean 'connect'?)",
+        ),
         ("{model: gpt-4o-2024-08-06, timeout: 5}", "providers.p.timeout: expected a mapping, got a number"),
-        ("{model: gpt-4o-2024-08-06, quota: {requests_per_day: 0}}", "providers.p.quota.requests_per_day: must be a positive integer, got 0"),
-        ("{model: gpt-4o-2024-08-06, quota: {tokens_per_day: 1.5}}", "providers.p.quota.tokens_per_day: expected an integer, got 1.5"),
-        ("{model: gpt-4o-2024-08-06, quota: {daily: 1}}", "providers.p.quota: unknown key 'daily' (expected one of: requests_per_day, tokens_per_day)"),
-        ("{model: gpt-4o-2024-08-06, context_window: -1}", "providers.p.context_window: must be a positive integer, got -1"),
-        ("{model: gpt-4o-2024-08-06, context_window: true}", "providers.p.context_window: expected an integer, got True"),
-        ("{model: gpt-4o-2024-08-06, capabilities: [vison]}", "providers.p.capabilities[0]: unknown capability 'vison' (did you mean 'vision'?)"),
+        (
+            "{model: gpt-4o-2024-08-06, quota: {requests_per_day: 0}}",
+            "providers.p.quota.requests_per_day: must be a positive integer, got 0",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, quota: {tokens_per_day: 1.5}}",
+            "providers.p.quota.tokens_per_day: expected an integer, got 1.5",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, quota: {daily: 1}}",
+            "providers.p.quota: unknown key 'daily' (expected one of: requests_per_day, tokens_per_day)",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, context_window: -1}",
+            "providers.p.context_window: must be a positive integer, got -1",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, context_window: true}",
+            "providers.p.context_window: expected an integer, got True",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, capabilities: [vison]}",
+            "providers.p.capabilities[0]: unknown capability 'vison' (did you mean 'vision'?)",
+        ),
         ("{model: gpt-4o-2024-08-06, capabilities: vision}", "providers.p.capabilities: expected a list, got a string"),
         ("{model: gpt-4o-2024-08-06, local: maybe}", "providers.p.local: expected true or false, got 'maybe'"),
         ("{model: gpt-4o-2024-08-06, warmup: 1}", "providers.p.warmup: expected true or false, got 1"),
         ("{model: gpt-4o-2024-08-06, retries: 6}", "providers.p.retries: must be between 0 and 5, got 6"),
         ("{model: gpt-4o-2024-08-06, system_prompt: [a]}", "providers.p.system_prompt: expected a string, got a list"),
         ("{model: gpt-4o-2024-08-06, headers: {X-Id: 5}}", "providers.p.headers.X-Id: expected a string, got a number"),
-        ("{model: gpt-4o-2024-08-06, headers: {'Bad Header': x}}", "providers.p.headers: 'Bad Header' is not a valid header name"),
-        ("{model: gpt-4o-2024-08-06, tmeout: {total: 5}}", "providers.p: unknown key 'tmeout' (did you mean 'timeout'?)"),
-        ("{model: hosted_vllm/llama-3.1-8b}", "providers.p.api_base: required for hosted_vllm models (the address of your server)"),
-        ("{model: llamafile/mistral-7b}", "providers.p.api_base: required for llamafile models (the address of your server)"),
-        ("{model: openai/qwen2.5:7b, local: true}", "providers.p.api_base: required for a local provider (the address of the server on your hardware)"),
+        (
+            "{model: gpt-4o-2024-08-06, headers: {'Bad Header': x}}",
+            "providers.p.headers: 'Bad Header' is not a valid header name",
+        ),
+        (
+            "{model: gpt-4o-2024-08-06, tmeout: {total: 5}}",
+            "providers.p: unknown key 'tmeout' (did you mean 'timeout'?)",
+        ),
+        (
+            "{model: hosted_vllm/llama-3.1-8b}",
+            "providers.p.api_base: required for hosted_vllm models (the address of your server)",
+        ),
+        (
+            "{model: llamafile/mistral-7b}",
+            "providers.p.api_base: required for llamafile models (the address of your server)",
+        ),
+        (
+            "{model: openai/qwen2.5:7b, local: true}",
+            "providers.p.api_base: required for a local provider (the address of the server on your hardware)",
+        ),
         ("[model]", "providers.p: expected a mapping, got a list"),
     ],
 )
@@ -418,7 +478,10 @@ def test_provider_names_are_checked(tmp_path: Path) -> None:
         ("server: {prot: 1}", "server: unknown key 'prot' (did you mean 'port'?)"),
         ("server: {port: 70000}", "server.port: must be between 0 and 65535, got 70000"),
         ("server: {max_body_bytes: 0}", "server.max_body_bytes: must be a positive integer, got 0"),
-        ("redis: {url: 'http://u:hunter2@h'}", "redis.url: expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got 'http://u:***@h'"),
+        (
+            "redis: {url: 'http://u:hunter2@h'}",
+            "redis.url: expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got 'http://u:***@h'",
+        ),
         ("redis: [url]", "redis: expected a mapping, got a list"),
         ("redis: {max_connections: 0}", "redis.max_connections: must be between 1 and 10000, got 0"),
         ("redis: {breaker_timeouts: 0}", "redis.breaker_timeouts: must be between 1 and 1000, got 0"),
@@ -547,12 +610,30 @@ def test_redact_url(url: str, shown: str) -> None:
     [
         ("openai/gpt-4o-2024-08-06", "openai", "gpt-4o-2024-08-06", True, "https://api.openai.com/v1"),
         ("gpt-4o-2024-08-06", "openai", "gpt-4o-2024-08-06", True, "https://api.openai.com/v1"),
-        ("together_ai/meta-llama/Llama-3.3-70B-Instruct-Turbo", "together_ai", "meta-llama/Llama-3.3-70B-Instruct-Turbo", True, "https://api.together.xyz/v1"),
+        (
+            "together_ai/meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            "together_ai",
+            "meta-llama/Llama-3.3-70B-Instruct-Turbo",
+            True,
+            "https://api.together.xyz/v1",
+        ),
         ("groq/llama-3.3-70b-versatile", "groq", "llama-3.3-70b-versatile", True, "https://api.groq.com/openai/v1"),
         ("deepseek/deepseek-chat", "deepseek", "deepseek-chat", True, "https://api.deepseek.com/v1"),
         ("mistral/mistral-large-2411", "mistral", "mistral-large-2411", True, "https://api.mistral.ai/v1"),
-        ("fireworks_ai/accounts/fireworks/models/llama-v3p1-8b-instruct", "fireworks_ai", "accounts/fireworks/models/llama-v3p1-8b-instruct", True, "https://api.fireworks.ai/inference/v1"),
-        ("openrouter/anthropic/claude-3.5-sonnet", "openrouter", "anthropic/claude-3.5-sonnet", True, "https://openrouter.ai/api/v1"),
+        (
+            "fireworks_ai/accounts/fireworks/models/llama-v3p1-8b-instruct",
+            "fireworks_ai",
+            "accounts/fireworks/models/llama-v3p1-8b-instruct",
+            True,
+            "https://api.fireworks.ai/inference/v1",
+        ),
+        (
+            "openrouter/anthropic/claude-3.5-sonnet",
+            "openrouter",
+            "anthropic/claude-3.5-sonnet",
+            True,
+            "https://openrouter.ai/api/v1",
+        ),
         ("xai/grok-2-1212", "xai", "grok-2-1212", True, "https://api.x.ai/v1"),
         ("lm_studio/qwen2.5-7b-instruct", "lm_studio", "qwen2.5-7b-instruct", True, "http://localhost:1234/v1"),
         ("anthropic/claude-sonnet-4-5-20250929", "anthropic", "claude-sonnet-4-5-20250929", False, None),
@@ -596,7 +677,10 @@ def test_given_api_base_wins_and_loses_its_trailing_slash(tmp_path: Path) -> Non
             "anthropic/claude-3-5-sonnet-latest",
             "providers.p.model: 'claude-3-5-sonnet-latest' is an alias that moves to new snapshots; pin a dated one",
         ),
-        ("olama_chat/qwen2.5:7b", "providers.p.model: unknown litellm provider 'olama_chat' (did you mean 'ollama_chat'?)"),
+        (
+            "olama_chat/qwen2.5:7b",
+            "providers.p.model: unknown litellm provider 'olama_chat' (did you mean 'ollama_chat'?)",
+        ),
     ],
 )
 def test_unpinned_models_warn(tmp_path: Path, model: str, warning: str) -> None:
@@ -605,7 +689,12 @@ def test_unpinned_models_warn(tmp_path: Path, model: str, warning: str) -> None:
 
 @pytest.mark.parametrize(
     "model",
-    ["ollama_chat/qwen2.5:7b", "ollama_chat/hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M", "openai/gpt-4o-2024-08-06", "bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0"],
+    [
+        "ollama_chat/qwen2.5:7b",
+        "ollama_chat/hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M",
+        "openai/gpt-4o-2024-08-06",
+        "bedrock/anthropic.claude-3-5-sonnet-20241022-v2:0",
+    ],
 )
 def test_pinned_models_do_not_warn(tmp_path: Path, model: str) -> None:
     assert load(tmp_path, f"providers:\n  p: {{model: '{model}'}}\n").warnings == ()
@@ -623,8 +712,9 @@ def test_open_proxy_on_a_public_interface_warns(tmp_path: Path) -> None:
 
 def test_redis_pool_settings(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("redis: {url: 'redis://r:6379/0', max_connections: 16, pool_wait_ms: 250, breaker_timeouts: 5}\n"
-                    + PROVIDERS)
+    path.write_text(
+        "redis: {url: 'redis://r:6379/0', max_connections: 16, pool_wait_ms: 250, breaker_timeouts: 5}\n" + PROVIDERS
+    )
     redis = load_config(path, environ={}).redis
     assert (redis.max_connections, redis.pool_wait, redis.breaker_timeouts) == (16, 0.25, 5)
     path.write_text("redis: {url: 'redis://r:6379/0'}\n" + PROVIDERS)

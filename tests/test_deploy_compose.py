@@ -40,8 +40,14 @@ CONTRACT_METRICS = {
     "fallback_proxy_breaker_open": "gauge",
     "fallback_proxy_quota_remaining": "gauge",
 }
-SECRET_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GROQ_API_KEY",
-               "PROXY_API_KEY", "PROXY_ADMIN_KEY")
+SECRET_KEYS = (
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "GEMINI_API_KEY",
+    "GROQ_API_KEY",
+    "PROXY_API_KEY",
+    "PROXY_ADMIN_KEY",
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +112,7 @@ def mounts(service: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def mounted_config(services: dict[str, Any]) -> Path:
-    target = env_of(parse_dockerfile((ROOT / "Dockerfile").read_text(encoding="utf-8"))[-1])[
-        "FALLBACK_PROXY_CONFIG"
-    ]
+    target = env_of(parse_dockerfile((ROOT / "Dockerfile").read_text(encoding="utf-8"))[-1])["FALLBACK_PROXY_CONFIG"]
     source, mode = mounts(services["proxy"])[target]
     assert mode == "ro"
     return (ROOT / source).resolve()
@@ -137,8 +141,7 @@ def test_every_dependency_is_a_service(services: dict[str, Any]) -> None:
     for name, service in services.items():
         for dep, condition in depends_on(service).items():
             assert dep in services, f"{name} depends on unknown service {dep}"
-            assert condition in ("service_started", "service_healthy",
-                                 "service_completed_successfully")
+            assert condition in ("service_started", "service_healthy", "service_completed_successfully")
             if condition == "service_healthy":
                 assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
             profiles = set(services[dep].get("profiles", []))
@@ -345,7 +348,13 @@ def test_dashboard_panels() -> None:
             for target in panel["targets"]:
                 assert target["expr"].count("(") == target["expr"].count(")")
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-    for wanted in ("Answers by provider", "Fallbacks by reason", "Health state",
-                   "Quota remaining today", "Time to first token p50 / p95 by provider",
-                   "Request rate by route and outcome", "Request latency p50 / p95 by route"):
+    for wanted in (
+        "Answers by provider",
+        "Fallbacks by reason",
+        "Health state",
+        "Quota remaining today",
+        "Time to first token p50 / p95 by provider",
+        "Request rate by route and outcome",
+        "Request latency p50 / p95 by route",
+    ):
         assert wanted in titles

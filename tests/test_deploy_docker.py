@@ -301,9 +301,7 @@ def ignored(path: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         negate = pattern.startswith("!")
         pattern = pattern.lstrip("!").strip("/")
-        regex = re.compile(
-            "^" + re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*") + "$"
-        )
+        regex = re.compile("^" + re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*") + "$")
         if any(regex.match(c) or fnmatch.fnmatchcase(c, pattern) for c in candidates):
             verdict = not negate
     return verdict
@@ -323,9 +321,7 @@ def readme(pyproject: dict[str, Any]) -> str:
     return declared if isinstance(declared, str) else declared.get("file", "")
 
 
-def test_copy_sources_exist_and_are_in_the_build_context(
-    stages: list[Stage], pyproject: dict[str, Any]
-) -> None:
+def test_copy_sources_exist_and_are_in_the_build_context(stages: list[Stage], pyproject: dict[str, Any]) -> None:
     patterns = dockerignore_patterns()
     for stage in stages:
         for flags, sources, _ in copies(stage):
@@ -338,9 +334,7 @@ def test_copy_sources_exist_and_are_in_the_build_context(
                 assert list(ROOT.glob(source.rstrip("/"))), f"COPY source {source} is not in the repo"
 
 
-def test_the_readme_pyproject_declares_is_copied(
-    stages: list[Stage], pyproject: dict[str, Any]
-) -> None:
+def test_the_readme_pyproject_declares_is_copied(stages: list[Stage], pyproject: dict[str, Any]) -> None:
     """setuptools refuses to build when the readme pyproject.toml names is missing."""
     name = readme(pyproject)
     builder_sources = {s for stage in stages[:-1] for _, sources, _ in copies(stage) for s in sources}
@@ -354,10 +348,7 @@ def test_the_readme_pyproject_declares_is_copied(
 def test_default_config_is_the_file_the_env_names(final: Stage) -> None:
     target = env_of(final)["FALLBACK_PROXY_CONFIG"]
     shipped = [
-        source
-        for flags, sources, dest in copies(final)
-        if "from" not in flags and dest == target
-        for source in sources
+        source for flags, sources, dest in copies(final) if "from" not in flags and dest == target for source in sources
     ]
     assert shipped == ["config/example.yaml"]
     # It must load in the image, given the keys it requires (${VAR} without a default).
@@ -368,10 +359,18 @@ def test_default_config_is_the_file_the_env_names(final: Stage) -> None:
 
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     patterns = dockerignore_patterns()
-    for path in (".git/config", ".venv/bin/python", "venv/bin/python", ".env", ".env.local",
-                 "proxy/__pycache__/app.cpython-311.pyc", ".pytest_cache/v", ".mypy_cache/x",
-                 "fallback_proxy.egg-info/PKG-INFO", "tests/test_e2e.py"):
+    for path in (
+        ".git/config",
+        ".venv/bin/python",
+        "venv/bin/python",
+        ".env",
+        ".env.local",
+        "proxy/__pycache__/app.cpython-311.pyc",
+        ".pytest_cache/v",
+        ".mypy_cache/x",
+        "fallback_proxy.egg-info/PKG-INFO",
+        "tests/test_e2e.py",
+    ):
         assert ignored(path, patterns), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "README.md", "proxy/app.py", "proxy/adapters/base.py",
-                 "config/example.yaml"):
+    for path in ("pyproject.toml", "README.md", "proxy/app.py", "proxy/adapters/base.py", "config/example.yaml"):
         assert not ignored(path, patterns), f"{path} is needed by the build"

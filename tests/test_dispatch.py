@@ -29,22 +29,34 @@ BODY: dict[str, Any] = {"model": "r", "messages": [{"role": "user", "content": "
 
 
 def completion(text: str) -> bytes:
-    return orjson.dumps({
-        "id": "c1", "object": "chat.completion", "created": 1, "model": "m",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    })
+    return orjson.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
 
 
 def config(url: str = "http://127.0.0.1:9", **route: Any) -> Config:
     providers = {
-        name: {"model": f"openai/{name}-model", "api_base": f"{url}/{name}/v1", "api_key": "k",
-               "retries": 2 if name == "a" else 0}
+        name: {
+            "model": f"openai/{name}-model",
+            "api_base": f"{url}/{name}/v1",
+            "api_key": "k",
+            "retries": 2 if name == "a" else 0,
+        }
         for name in ("a", "b")
     }
     return parse_config(
-        {"providers": providers, "routes": {"r": {"chain": ["a", "b"], **route}},
-         "health": {"probe_interval_seconds": 0}},
+        {
+            "providers": providers,
+            "routes": {"r": {"chain": ["a", "b"], **route}},
+            "health": {"probe_interval_seconds": 0},
+        },
         environ={},
     )
 
@@ -126,7 +138,9 @@ async def test_retries_with_backoff_then_answer_from_same_provider() -> None:
 async def test_no_retry_when_retry_after_passes_the_budget() -> None:
     sleeps: list[float] = []
     async with dispatching({"a": [429], "b": [200]}, sleeps, {"retry-after": "60"}, budget=10) as (
-        dispatcher, upstream, cfg
+        dispatcher,
+        upstream,
+        cfg,
     ):
         record = RequestRecord("id", "r", False)
         await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
@@ -170,8 +184,13 @@ class EndlessStream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
-        chunk = {"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]}
+        chunk = {
+            "id": "s",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}],
+        }
         try:
             while True:
                 await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
@@ -204,10 +223,20 @@ async def test_client_disconnect_closes_the_upstream_connection() -> None:
         if sum(1 for m in sent if m["type"] == "http.response.body") >= 3:
             disconnect.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
     try:
         async with app.router.lifespan_context(app):
             await asyncio.wait_for(app(scope, receive, send), timeout=5)

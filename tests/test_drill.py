@@ -136,8 +136,19 @@ def test_unknown_names_and_bad_configs_exit_2(
 
 
 def test_the_command_runs_as_a_process(config_file: str) -> None:
-    argv = [sys.executable, "-m", "proxy.cli", "drill", "--config", config_file, "--disable", "cloud",
-            "--requests", "1", "--no-stream"]
+    argv = [
+        sys.executable,
+        "-m",
+        "proxy.cli",
+        "drill",
+        "--config",
+        config_file,
+        "--disable",
+        "cloud",
+        "--requests",
+        "1",
+        "--no-stream",
+    ]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cloud=unhealthy, local=ok" in done.stdout and "drill PASSED" in done.stdout
@@ -191,9 +202,7 @@ def test_remote_drill_switches_back_on_after_ctrl_c(
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_remote_drill_leaves_an_operator_switch_alone(
-    proxy: ServedApp, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_remote_drill_leaves_an_operator_switch_alone(proxy: ServedApp, capsys: pytest.CaptureFixture[str]) -> None:
     assert httpx.post(proxy.url + "/admin/providers/cloud/disable", headers=ADMIN).status_code == 200
     document = drill_json(capsys, remote_argv(proxy, "--disable", "cloud", "--route", "default", "--requests", "1"), 0)
     assert any("already switched off" in note for note in document["notes"])
@@ -219,7 +228,10 @@ def result(provider: str, attempts: Sequence[Attempt], total_ms: float = 5.0) ->
 def test_fallback_headers_are_parsed() -> None:
     assert drill.parse_fallbacks(None) == ()
     assert drill.parse_fallbacks("a=timeout, b=unhealthy,c") == (
-        Attempt("a", "timeout"), Attempt("b", "unhealthy"), Attempt("c", "?"))
+        Attempt("a", "timeout"),
+        Attempt("b", "unhealthy"),
+        Attempt("c", "?"),
+    )
     headers = {"x-proxy-provider": "c", "x-proxy-fallbacks": "a=rate_limited"}
     assert drill.attempts_of(headers, answered=True) == (Attempt("a", "rate_limited"), Attempt("c", "ok"))
 

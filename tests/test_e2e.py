@@ -76,8 +76,11 @@ FAULTS = [
     pytest.param({"kind": "status", "status": 503}, "server_error", id="503"),
     pytest.param({"kind": "status", "status": 429, "retry_after": 30}, "rate_limited", id="429"),
     pytest.param({"kind": "status", "status": 401}, "auth_error", id="401"),
-    pytest.param({"kind": "status", "status": 400, "error_code": "context_length_exceeded"},
-                 "context_window_exceeded", id="context"),
+    pytest.param(
+        {"kind": "status", "status": 400, "error_code": "context_length_exceeded"},
+        "context_window_exceeded",
+        id="context",
+    ),
     pytest.param({"kind": "hang"}, "timeout", id="hang"),
     pytest.param({"kind": "slow", "first_token_delay": 5}, "timeout", id="slow"),
     pytest.param({"kind": "stream_error", "after_chunks": 0}, "server_error", id="stream-error"),
@@ -88,7 +91,11 @@ FAULTS = [
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize(("fault", "expected"), FAULTS)
 def test_fallback_on_each_failure_class(
-    client: openai.OpenAI, cloud: FakeOpenAI, backup: FakeOpenAI, fault: dict[str, Any], expected: str | None,
+    client: openai.OpenAI,
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
+    fault: dict[str, Any],
+    expected: str | None,
     stream: bool,
 ) -> None:
     cloud.set_fault(**fault)
@@ -153,8 +160,10 @@ def test_failure_after_first_token_is_continued_by_the_next_provider(
     assert sent[-2] == {"role": "assistant", "content": cloud_part}
     assert sent[-1]["role"] == "user" and "Continue" in sent[-1]["content"]
     metrics = httpx.get(proxy.url + "/metrics").text
-    assert ('fallback_proxy_continuations_total{from_provider="cloud",reason="connection_error",route="default",'
-            'to_provider="backup"} 1.0') in metrics
+    assert (
+        'fallback_proxy_continuations_total{from_provider="cloud",reason="connection_error",route="default",'
+        'to_provider="backup"} 1.0'
+    ) in metrics
 
 
 def test_failure_after_first_token_without_continuation_ends_with_inband_error(
@@ -230,7 +239,9 @@ def _error(response: httpx.Response) -> dict[str, Any]:
 
 
 def test_malformed_json_is_400(proxy: ServedApp, http: httpx.Client) -> None:
-    response = http.post(proxy.url + "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"})
+    response = http.post(
+        proxy.url + "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert "not valid JSON" in _error(response)["message"]
 
@@ -258,8 +269,9 @@ def test_unknown_model_is_404_listing_what_exists(client: openai.OpenAI) -> None
     assert "default" in caught.value.message and "cloud" in caught.value.message
 
 
-def test_oversized_body_is_413(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI,
-                               http: httpx.Client) -> None:
+def test_oversized_body_is_413(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, http: httpx.Client
+) -> None:
     proxy = serve(two_provider_config(cloud, backup, server={"max_body_bytes": 1000}))
     big = {"model": "default", "messages": [{"role": "user", "content": "x" * 2000}]}
     response = http.post(proxy.url + "/v1/chat/completions", json=big)
@@ -277,8 +289,9 @@ def test_unknown_path_is_openai_shaped_404(proxy: ServedApp, http: httpx.Client)
 # -- auth ----------------------------------------------------------------------------------
 
 
-def test_bearer_keys(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI,
-                     caplog: pytest.LogCaptureFixture) -> None:
+def test_bearer_keys(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     proxy = serve(two_provider_config(cloud, backup, auth={"keys": ["team-key-1", "team-key-2"]}))
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="wrong", max_retries=0) as sdk:
@@ -308,14 +321,17 @@ def test_request_log_line(client: openai.OpenAI, cloud: FakeOpenAI, caplog: pyte
     assert line["tokens"]["completion"] > 0 and line["total_ms"] > 0 and line["request_id"]
 
 
-def test_metrics_count_attempts_and_fallbacks(client: openai.OpenAI, cloud: FakeOpenAI, proxy: ServedApp,
-                                              http: httpx.Client) -> None:
+def test_metrics_count_attempts_and_fallbacks(
+    client: openai.OpenAI, cloud: FakeOpenAI, proxy: ServedApp, http: httpx.Client
+) -> None:
     cloud.set_fault("status", status=429)
     client.chat.completions.create(model="default", messages=MESSAGES)
     text = http.get(proxy.url + "/metrics").text
     assert 'fallback_proxy_attempts_total{outcome="rate_limited",provider="cloud"} 1.0' in text
-    assert ('fallback_proxy_fallbacks_total{from_provider="cloud",reason="rate_limited",route="default",'
-            'to_provider="backup"} 1.0') in text
+    assert (
+        'fallback_proxy_fallbacks_total{from_provider="cloud",reason="rate_limited",route="default",'
+        'to_provider="backup"} 1.0'
+    ) in text
     assert 'fallback_proxy_requests_total{outcome="ok",provider="backup",route="default"} 1.0' in text
     assert "fallback_proxy_request_duration_seconds_bucket" in text
 

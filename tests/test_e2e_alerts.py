@@ -37,16 +37,20 @@ def receiver(serve_asgi: Callable[[Any], ServedApp]) -> tuple[ServedApp, list[di
 
 
 def test_failover_and_breaker_alerts_are_delivered_once_per_window(
-    serve: Callable[..., ServedApp], receiver: tuple[ServedApp, list[dict[str, Any]]],
-    cloud: FakeOpenAI, backup: FakeOpenAI,
+    serve: Callable[..., ServedApp],
+    receiver: tuple[ServedApp, list[dict[str, Any]]],
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
 ) -> None:
     hook, received = receiver
-    proxy = serve({
-        "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
-        "routes": {"default": ["cloud", "backup"]},
-        "health": {"failure_threshold": 2},
-        "alerts": {"dedupe_seconds": 60, "webhooks": [{"url": hook.url + "/hook/SECRET-TOKEN"}]},
-    })
+    proxy = serve(
+        {
+            "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
+            "routes": {"default": ["cloud", "backup"]},
+            "health": {"failure_threshold": 2},
+            "alerts": {"dedupe_seconds": 60, "webhooks": [{"url": hook.url + "/hook/SECRET-TOKEN"}]},
+        }
+    )
     cloud.set_fault("status", status=503)
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
         for _ in range(4):
@@ -58,4 +62,7 @@ def test_failover_and_breaker_alerts_are_delivered_once_per_window(
     assert kinds.count("failover") == 1 and kinds.count("breaker_open") == 1
     failover = next(r for r in received if r["event"] == "failover")
     assert (failover["from_provider"], failover["to_provider"], failover["reason"]) == (
-        "cloud", "backup", "server_error")
+        "cloud",
+        "backup",
+        "server_error",
+    )

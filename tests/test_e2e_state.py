@@ -52,20 +52,23 @@ def shared_redis() -> str:
     return "redis://127.0.0.1:6379/0"
 
 
-def test_recovery_returns_to_the_local_model(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_recovery_returns_to_the_local_model(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
     """The seed exercise: stop the local model, answers come from the cloud;
     start it again, the next calls go local (within one probe interval)."""
     caplog.set_level(logging.INFO, logger="fallback_proxy.events")
     with FakeOllama("local") as local:
-        proxy = serve({
-            "providers": {
-                "local": {"model": "openai/qwen2.5:7b", "api_base": local.url + "/v1", "local": True},
-                "cloud": openai_provider(cloud.url),
-            },
-            "routes": {"default": ["local", "cloud"]},
-            "health": {"probe_interval_seconds": 0.2, "failure_threshold": 1, "cooldown_seconds": 600},
-        })
+        proxy = serve(
+            {
+                "providers": {
+                    "local": {"model": "openai/qwen2.5:7b", "api_base": local.url + "/v1", "local": True},
+                    "cloud": openai_provider(cloud.url),
+                },
+                "routes": {"default": ["local", "cloud"]},
+                "health": {"probe_interval_seconds": 0.2, "failure_threshold": 1, "cooldown_seconds": 600},
+            }
+        )
         assert ask(proxy)[0] == "local"
         local.stop()
         provider, headers = ask(proxy)
@@ -81,8 +84,9 @@ def test_recovery_returns_to_the_local_model(serve: Callable[..., ServedApp], cl
     assert "breaker_open" in events and "recovered" in events
 
 
-def test_replicas_share_health_through_redis(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                            backup: FakeOpenAI, shared_redis: str) -> None:
+def test_replicas_share_health_through_redis(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, shared_redis: str
+) -> None:
     config = {
         "redis": {"url": shared_redis, "prefix": f"t{uuid.uuid4().hex[:8]}"},
         "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
@@ -104,8 +108,9 @@ def test_replicas_share_health_through_redis(serve: Callable[..., ServedApp], cl
     assert cloud.request_count == calls  # the second replica never called the failing cloud
 
 
-def test_daily_quota_is_exact_across_replicas_under_load(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                                        backup: FakeOpenAI, shared_redis: str) -> None:
+def test_daily_quota_is_exact_across_replicas_under_load(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, shared_redis: str
+) -> None:
     config = {
         # A generous timeout: this test is about atomicity, not about a slow Redis.
         "redis": {"url": shared_redis, "prefix": f"t{uuid.uuid4().hex[:8]}", "timeout_ms": 2000},
@@ -125,17 +130,20 @@ def test_daily_quota_is_exact_across_replicas_under_load(serve: Callable[..., Se
     assert all(h["x-proxy-fallbacks"] == "cloud=quota_exhausted" for h in by_backup)
 
 
-def test_token_quota_counts_real_usage_of_streams(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                                 backup: FakeOpenAI) -> None:
+def test_token_quota_counts_real_usage_of_streams(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
     """In-process state (no Redis): the stream's real usage is counted even
     though the client did not ask for it, and the client never sees it."""
-    proxy = serve({
-        "providers": {
-            "cloud": openai_provider(cloud.url, quota={"tokens_per_day": 1400}),
-            "backup": openai_provider(backup.url),
-        },
-        "routes": {"default": ["cloud", "backup"]},
-    })
+    proxy = serve(
+        {
+            "providers": {
+                "cloud": openai_provider(cloud.url, quota={"tokens_per_day": 1400}),
+                "backup": openai_provider(backup.url),
+            },
+            "routes": {"default": ["cloud", "backup"]},
+        }
+    )
     answered = []
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
         for _ in range(3):
@@ -152,18 +160,21 @@ def test_token_quota_counts_real_usage_of_streams(serve: Callable[..., ServedApp
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_quota_gate_fails_closed_when_redis_dies(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                                backup: FakeOpenAI) -> None:
+def test_quota_gate_fails_closed_when_redis_dies(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
     redis = RedisServer().start()
     try:
-        proxy = serve({
-            "redis": {"url": redis.url, "breaker_seconds": 0.5},
-            "providers": {
-                "cloud": openai_provider(cloud.url, quota={"requests_per_day": 1000}),
-                "backup": openai_provider(backup.url),
-            },
-            "routes": {"default": ["cloud", "backup"]},
-        })
+        proxy = serve(
+            {
+                "redis": {"url": redis.url, "breaker_seconds": 0.5},
+                "providers": {
+                    "cloud": openai_provider(cloud.url, quota={"requests_per_day": 1000}),
+                    "backup": openai_provider(backup.url),
+                },
+                "routes": {"default": ["cloud", "backup"]},
+            }
+        )
         assert ask(proxy)[0] == "cloud"
         redis.kill()
         calls = cloud.request_count
@@ -182,13 +193,16 @@ def test_quota_gate_fails_closed_when_redis_dies(serve: Callable[..., ServedApp]
         redis.stop()
 
 
-def test_slow_provider_is_demoted_to_the_end_of_the_walk(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                                       backup: FakeOpenAI) -> None:
-    proxy = serve({
-        "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
-        "routes": {"default": ["cloud", "backup"]},
-        "health": {"slow_ttft_seconds": 0.1},
-    })
+def test_slow_provider_is_demoted_to_the_end_of_the_walk(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
+    proxy = serve(
+        {
+            "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
+            "routes": {"default": ["cloud", "backup"]},
+            "health": {"slow_ttft_seconds": 0.1},
+        }
+    )
     cloud.set_fault("slow", first_token_delay=0.3)
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
         stream = sdk.chat.completions.create(model="default", messages=MESSAGES, stream=True)

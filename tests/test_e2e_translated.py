@@ -38,14 +38,20 @@ def ollama() -> Iterator[FakeOllama]:
 
 @pytest.fixture
 def client(serve: Callable[..., ServedApp], claude: FakeAnthropic, ollama: FakeOllama) -> Iterator[openai.OpenAI]:
-    proxy = serve({
-        "providers": {
-            "claude": {"model": "anthropic/claude-sonnet-4-5-20250929", "api_key": "sk-ant-test",
-                       "api_base": claude.url, "timeout": {"first_token": 2, "total": 5}},
-            "local": {"model": "ollama_chat/qwen2.5:7b", "api_base": ollama.url, "local": True, "warmup": True},
-        },
-        "routes": {"default": ["claude", "local"]},
-    })
+    proxy = serve(
+        {
+            "providers": {
+                "claude": {
+                    "model": "anthropic/claude-sonnet-4-5-20250929",
+                    "api_key": "sk-ant-test",
+                    "api_base": claude.url,
+                    "timeout": {"first_token": 2, "total": 5},
+                },
+                "local": {"model": "ollama_chat/qwen2.5:7b", "api_base": ollama.url, "local": True, "warmup": True},
+            },
+            "routes": {"default": ["claude", "local"]},
+        }
+    )
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
         yield sdk
 
@@ -77,10 +83,17 @@ def test_anthropic_stream(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
-@pytest.mark.parametrize("fault", [{"kind": "status", "status": 529}, {"kind": "stream_error", "after_chunks": 0},
-                                   {"kind": "status", "status": 429, "retry_after": 10}])
-def test_anthropic_failure_falls_back_to_ollama_native(client: openai.OpenAI, claude: FakeAnthropic,
-                                                      ollama: FakeOllama, fault: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"kind": "status", "status": 529},
+        {"kind": "stream_error", "after_chunks": 0},
+        {"kind": "status", "status": 429, "retry_after": 10},
+    ],
+)
+def test_anthropic_failure_falls_back_to_ollama_native(
+    client: openai.OpenAI, claude: FakeAnthropic, ollama: FakeOllama, fault: dict[str, Any]
+) -> None:
     claude.set_fault(**fault)
     with client.chat.completions.with_streaming_response.create(
         model="default", messages=MESSAGES, stream=True
@@ -112,7 +125,9 @@ def test_demo_check_walks_the_readme_steps() -> None:
     """`fallback-proxy demo --check` does what the README's first command shows."""
     result = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "demo", "--port", "0", "--check"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fallbacks: cloud=server_error" in result.stdout

@@ -325,7 +325,9 @@ def test_ollama_openai_compatible_endpoint(named: Callable[[str], FakeServer]) -
     with openai.OpenAI(base_url=fake.url + "/v1", api_key="ollama", max_retries=0) as sdk:
         completion = sdk.chat.completions.create(model="qwen2.5:7b", messages=[{"role": "user", "content": "hi"}])
         assert completion.choices[0].message.content == "Hello from ollama."
-        stream = sdk.chat.completions.create(model="qwen2.5:7b", messages=[{"role": "user", "content": "h"}], stream=True)
+        stream = sdk.chat.completions.create(
+            model="qwen2.5:7b", messages=[{"role": "user", "content": "h"}], stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hello from ollama."
         assert [m.id for m in sdk.models.list()] == ["qwen2.5:7b"]
         with pytest.raises(openai.NotFoundError):

@@ -65,8 +65,12 @@ settings.register_profile(
     deadline=None,
     database=None,  # no .hypothesis/ directory in the repo; failures print a reproduce blob instead
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                           HealthCheck.large_base_example],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.large_base_example,
+    ],
 )
 FUZZ = settings.get_profile("fuzz")
 # Over HTTP, no shrinking: it would replay hundreds of requests; a failure prints its curl command.
@@ -94,14 +98,14 @@ MODELS = ("default", *PROVIDERS)
 KNOWN_BUGS: dict[str, str] = {}  # all fixed; the fuzzers tolerate nothing
 _FIXED_BUGS = {
     "token-count": "proxy/shaping.py:Shaper.shape (via litellm_count) lets litellm's token_counter raise on message "
-                   "shapes intake accepts (a non-object content part, a non-list tool_calls, a string function_call): "
-                   "HTTP 500 whenever a provider has a context_window and the prompt is long",
+    "shapes intake accepts (a non-object content part, a non-list tool_calls, a string function_call): "
+    "HTTP 500 whenever a provider has a context_window and the prompt is long",
     "client-disconnect": "proxy/intake.py:read_body lets starlette's ClientDisconnect escape when a client goes "
-                         "away mid-body: two tracebacks in the log (the proxy's 'unexpected error' and uvicorn's)",
+    "away mid-body: two tracebacks in the log (the proxy's 'unexpected error' and uvicorn's)",
     "unhashable-role": "proxy/intake.py:_check_messages: `role not in _ROLES` raises TypeError for a list or "
-                       "object role (HTTP 500)",
+    "object role (HTTP 500)",
     "orjson-depth": "proxy/intake.py:parse_chat_request accepts JSON nested 255-1024 deep, which orjson cannot "
-                    "encode again: proxy/adapters/openai_compat.py:_encode raises TypeError (HTTP 500)",
+    "encode again: proxy/adapters/openai_compat.py:_encode raises TypeError (HTTP 500)",
 }
 
 # How each known bug's traceback ends: (exception class name, text in its message).
@@ -144,8 +148,14 @@ def known_traceback(record: logging.LogRecord) -> str | None:
 def known_exception_line(line: str) -> str | None:
     """The known bug whose traceback ends with `line` (`Class: message`), if any."""
     name, _, message = line.partition(":")
-    return next((bug for bug, (kind, text) in KNOWN_TRACEBACKS.items()
-                 if name.strip().rsplit(".", 1)[-1] == kind and text in message), None)
+    return next(
+        (
+            bug
+            for bug, (kind, text) in KNOWN_TRACEBACKS.items()
+            if name.strip().rsplit(".", 1)[-1] == kind and text in message
+        ),
+        None,
+    )
 
 
 def known_bug_in_body(body: bytes) -> str | None:
@@ -238,8 +248,14 @@ def is_chat(path: str) -> bool:
 
 
 def response_problems(
-    method: str, path: str, status: int, headers: httpx.Headers | dict[str, str], body: bytes,
-    *, authorized: bool = True, known: str | None = None,
+    method: str,
+    path: str,
+    status: int,
+    headers: httpx.Headers | dict[str, str],
+    body: bytes,
+    *,
+    authorized: bool = True,
+    known: str | None = None,
 ) -> list[str]:
     """Why this answer breaks the contract; `authorized` says whether the
     request carried the right key for the endpoint's security, `known` which
@@ -293,8 +309,11 @@ class ServerLog(logging.Handler):
 
     def problems(self) -> list[str]:
         """Every logged error but the tracebacks of known bugs."""
-        return [f"{r.name}: {r.getMessage()} ({r.exc_info[1]!r})" if r.exc_info else f"{r.name}: {r.getMessage()}"
-                for r in self.records if known_traceback(r) is None]
+        return [
+            f"{r.name}: {r.getMessage()} ({r.exc_info[1]!r})" if r.exc_info else f"{r.name}: {r.getMessage()}"
+            for r in self.records
+            if known_traceback(r) is None
+        ]
 
     def settle(self, quiet: float = 0.2, timeout: float = 5) -> None:
         """Wait until the server has logged nothing new for `quiet` seconds. (CPython 3.11's
@@ -344,14 +363,21 @@ def nested(value: Any, depth: int, kind: str = "list") -> Any:
 
 
 def huge_strings() -> st.SearchStrategy[str]:
-    return st.builds(lambda ch, n: ch * n, st.sampled_from(["a", "é", "\u2603", "\U0001f600", "\x00", '"', "\\"]),
-                     st.integers(10_000, 200_000))
+    return st.builds(
+        lambda ch, n: ch * n,
+        st.sampled_from(["a", "é", "\u2603", "\U0001f600", "\x00", '"', "\\"]),
+        st.integers(10_000, 200_000),
+    )
 
 
 content_parts = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=30)}),
-    st.fixed_dictionaries({"type": st.just("image_url"),
-                           "image_url": st.fixed_dictionaries({"url": st.just("data:image/png;base64,AAAA")})}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("image_url"),
+            "image_url": st.fixed_dictionaries({"url": st.just("data:image/png;base64,AAAA")}),
+        }
+    ),
     st.dictionaries(st.text(max_size=8), scalars, max_size=3),
 )
 
@@ -375,16 +401,22 @@ OPTIONAL_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=5),
     "seed": st.integers(-(2**63), 2**63 - 1),
     "user": st.text(max_size=20),
-    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"),
-                                             "function": st.fixed_dictionaries({"name": st.text(max_size=8)})}),
-                      max_size=2),
+    "tools": st.lists(
+        st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.text(max_size=8)})}
+        ),
+        max_size=2,
+    ),
     "tool_choice": st.sampled_from(["none", "auto", "required"]) | json_values(5),
     "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema"])}),
     "x_unknown_field": json_values(10),
 }
 
 
-def valid_requests(models: st.SearchStrategy[str] = st.text(min_size=1, max_size=20)) -> st.SearchStrategy[Any]:
+ANY_MODEL = st.text(min_size=1, max_size=20)
+
+
+def valid_requests(models: st.SearchStrategy[str] = ANY_MODEL) -> st.SearchStrategy[Any]:
     """Requests the parser must accept."""
     return st.fixed_dictionaries(
         {"model": models, "messages": st.lists(messages, min_size=1, max_size=4)}, optional=OPTIONAL_FIELDS
@@ -438,8 +470,24 @@ def dumps(value: Any, *, ascii: bool = False) -> bytes:
 
 
 INVALID_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\x80", b"\xe2\x82"]
-NUMBER_TRICKS = [b"NaN", b"-NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"1e-999", b"-0", b"0x10",
-                 b"01", b"1.", b".5", b"+1", b"18446744073709551616", b"-9223372036854775809", b"1" * 400]
+NUMBER_TRICKS = [
+    b"NaN",
+    b"-NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"1e999",
+    b"-1e999",
+    b"1e-999",
+    b"-0",
+    b"0x10",
+    b"01",
+    b"1.",
+    b".5",
+    b"+1",
+    b"18446744073709551616",
+    b"-9223372036854775809",
+    b"1" * 400,
+]
 
 
 finite_wrong_values = wrong_values.filter(lambda v: not isinstance(v, float) or math.isfinite(v))
@@ -451,8 +499,23 @@ def raw_bodies(draw: st.DrawFn) -> bytes:
     invalid UTF-8, BOMs, lone surrogates, truncation, deep nesting."""
     request = draw(valid_routed_requests)
     text = orjson.dumps(request)
-    trick = draw(st.sampled_from(["number", "duplicate", "utf8", "bom", "surrogate", "truncate", "trailing",
-                                  "nul", "deep", "whitespace", "plain"]))
+    trick = draw(
+        st.sampled_from(
+            [
+                "number",
+                "duplicate",
+                "utf8",
+                "bom",
+                "surrogate",
+                "truncate",
+                "trailing",
+                "nul",
+                "deep",
+                "whitespace",
+                "plain",
+            ]
+        )
+    )
     if trick == "number":
         key = draw(st.sampled_from([b"max_tokens", b"n", b"temperature", b"model", b"stream", b"x"]))
         return text[:-1] + b',"' + key + b'":' + draw(st.sampled_from(NUMBER_TRICKS)) + b"}"
@@ -595,8 +658,14 @@ def asgi_request(headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> Req
             return {"type": "http.request", "body": b"", "more_body": False}
         return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending)}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers,
-             "query_string": b"", "http_version": "1.1"}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": headers,
+        "query_string": b"",
+        "http_version": "1.1",
+    }
     return Request(scope, receive)
 
 
@@ -632,8 +701,12 @@ header_values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint
 
 
 @settings(FUZZ, max_examples=PARSER_EXAMPLES)
-@given(header=st.none() | header_values | header_values.map(lambda v: "Bearer " + v)
-       | st.sampled_from([f"Bearer {API_KEY}", f"bearer  {API_KEY} ", f"BEARER {API_KEY}\t", "Bearer", "Basic x"]))
+@given(
+    header=st.none()
+    | header_values
+    | header_values.map(lambda v: "Bearer " + v)
+    | st.sampled_from([f"Bearer {API_KEY}", f"bearer  {API_KEY} ", f"BEARER {API_KEY}\t", "Bearer", "Basic x"])
+)
 def test_authenticate_refuses_or_admits(header: str | None) -> None:
     digests = (hashlib.sha256(API_KEY.encode()).digest(),)
     request = asgi_request([] if header is None else [(b"authorization", header.encode("latin-1"))], [])
@@ -723,8 +796,10 @@ def generation_modes(operation: Any) -> list[Any]:
     """Negative cases need something to break: a body, a header or query
     parameter, or a key (a path name alone has no invalid string)."""
     raw = operation.definition.raw
-    breakable = raw.get("requestBody") or raw.get("security") or any(
-        parameter.get("in") != "path" for parameter in raw.get("parameters", [])
+    breakable = (
+        raw.get("requestBody")
+        or raw.get("security")
+        or any(parameter.get("in") != "path" for parameter in raw.get("parameters", []))
     )
     return [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if breakable else [GenerationMode.POSITIVE]
 
@@ -759,8 +834,12 @@ def run_schemathesis(target: Target, total: int, *, raise_on_problem: bool) -> i
     """Schemathesis cases against every operation, positive and negative; each
     answer goes through schemathesis' conformance checks and our oracle.
     Returns how many requests were sent."""
-    conformance = [checks.status_code_conformance, checks.content_type_conformance,
-                   checks.response_headers_conformance, checks.response_schema_conformance]
+    conformance = [
+        checks.status_code_conformance,
+        checks.content_type_conformance,
+        checks.response_headers_conformance,
+        checks.response_schema_conformance,
+    ]
     operations = schemathesis_operations(target.url)
     budget = examples_per_operation(operations, total)
     sent = 0
@@ -779,14 +858,24 @@ def run_schemathesis(target: Target, total: int, *, raise_on_problem: bool) -> i
                         session.close()  # uvicorn drops the connection after an unhandled error
                     headers = {name.lower(): values[0] for name, values in response.headers.items() if values}
                     known = known_bug(case.body) if is_chat(case.operation.path) else None
-                    problems = response_problems(case.method.upper(), case.formatted_path, response.status_code,
-                                                 headers, response.content, authorized=authorized, known=known)
+                    problems = response_problems(
+                        case.method.upper(),
+                        case.formatted_path,
+                        response.status_code,
+                        headers,
+                        response.content,
+                        authorized=authorized,
+                        known=known,
+                    )
                     try:
                         if not (known and internal_error(response.status_code, response.content)):
                             case.validate_response(response, checks=conformance)
                     except FailureGroup as failures:
-                        problems += [f"{case.method.upper()} {case.formatted_path} -> {response.status_code}: "
-                                     f"{f.title}: {f.message}" for f in failures.exceptions]
+                        problems += [
+                            f"{case.method.upper()} {case.formatted_path} -> {response.status_code}: "
+                            f"{f.title}: {f.message}"
+                            for f in failures.exceptions
+                        ]
                     target.record(response.status_code, problems, known)
                     if raise_on_problem:
                         assert problems == [], "\n".join(problems) + "\n" + case.as_curl_command()
@@ -805,8 +894,15 @@ def test_schemathesis_against_the_spec(target: Target) -> None:
     assert set(target.statuses) & {200} and set(target.statuses) & {400, 401, 404}
 
 
-def post_chat(client: httpx.Client, url: str, body: bytes, *, path: str = "/v1/chat/completions",
-              headers: dict[str, str] | None = None, key: str | None = API_KEY) -> tuple[int, httpx.Headers, bytes]:
+def post_chat(
+    client: httpx.Client,
+    url: str,
+    body: bytes,
+    *,
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+    key: str | None = API_KEY,
+) -> tuple[int, httpx.Headers, bytes]:
     base = {"content-type": "application/json"}
     if key is not None:
         base["authorization"] = f"Bearer {key}"
@@ -814,8 +910,16 @@ def post_chat(client: httpx.Client, url: str, body: bytes, *, path: str = "/v1/c
     return response.status_code, response.headers, response.content
 
 
-CONTENT_TYPES = ["application/json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                 "application/json; charset=latin-1", "", "application/octet-stream", "*/*"]
+CONTENT_TYPES = [
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data",
+    "application/json; charset=latin-1",
+    "",
+    "application/octet-stream",
+    "*/*",
+]
 
 
 http_bodies = any_body | mutated_requests().map(dumps) | valid_routed_requests.map(orjson.dumps)
@@ -829,8 +933,12 @@ def http_requests(draw: st.DrawFn) -> tuple[str, dict[str, str], bytes, bool]:
     headers = {"content-type": draw(st.sampled_from(CONTENT_TYPES))}
     auth = draw(st.sampled_from(["good", "good", "good", "good", "missing", "wrong", "scheme", "empty"]))
     if auth != "missing":
-        headers["authorization"] = {"good": f"Bearer {API_KEY}", "wrong": "Bearer nope",
-                                    "scheme": f"Basic {API_KEY}", "empty": "Bearer"}[auth]
+        headers["authorization"] = {
+            "good": f"Bearer {API_KEY}",
+            "wrong": "Bearer nope",
+            "scheme": f"Basic {API_KEY}",
+            "empty": "Bearer",
+        }[auth]
     if draw(st.booleans()):
         visible = string.ascii_letters + string.digits + string.punctuation
         headers["x-request-id"] = draw(st.text(alphabet=visible, max_size=200))
@@ -853,8 +961,7 @@ def run_body_fuzz(target: Target, examples: int, *, raise_on_problem: bool) -> i
             client.close()
             client = httpx.Client(timeout=60)
         known = known_bug_in_body(body) if authorized else None
-        problems = response_problems("POST", path, status, answer_headers, content, authorized=authorized,
-                                     known=known)
+        problems = response_problems("POST", path, status, answer_headers, content, authorized=authorized, known=known)
         target.record(status, problems, known)
         if raise_on_problem:
             assert problems == [], "\n".join(problems) + f"\nbody: {body[:500]!r}"
@@ -885,13 +992,18 @@ def raw_cases() -> list[tuple[str, bytes, dict[str, str]]]:
         ("text/plain", valid, {"content-type": "text/plain"}),
         ("form content type", b"model=default&messages=hi", {"content-type": "application/x-www-form-urlencoded"}),
         ("no content type", valid, {"content-type": ""}),
-        ("duplicate keys", b'{"model":"nope","model":"default","messages":[],'
-                           b'"messages":[{"role":"user","content":"hi"}]}', {}),
-        ("duplicate keys, last invalid", b'{"model":"default","messages":[{"role":"user","content":"hi"}],'
-                                         b'"messages":5}', {}),
+        (
+            "duplicate keys",
+            b'{"model":"nope","model":"default","messages":[],"messages":[{"role":"user","content":"hi"}]}',
+            {},
+        ),
+        (
+            "duplicate keys, last invalid",
+            b'{"model":"default","messages":[{"role":"user","content":"hi"}],"messages":5}',
+            {},
+        ),
         ("empty key", b'{"":1,"model":"default","messages":[{"role":"user","content":"hi","":{"":""}}]}', {}),
-        ("2 MB string field", orjson.dumps({**VALID, "messages": [{"role": "user", "content": "a" * 2_000_000}]}),
-         {}),
+        ("2 MB string field", orjson.dumps({**VALID, "messages": [{"role": "user", "content": "a" * 2_000_000}]}), {}),
         ("2 MB unknown field", orjson.dumps({**VALID, "x": "\u00e9" * 1_000_000}), {}),
         ("2 MB model", orjson.dumps({**VALID, "model": "m" * 2_000_000}), {}),
         ("10k-deep arrays", b'{"model":"default","messages":' + b"[" * 10_000 + b"]" * 10_000 + b"}", {}),
@@ -906,23 +1018,36 @@ def raw_cases() -> list[tuple[str, bytes, dict[str, str]]]:
         ("NaN literal", b'{"model":"default","messages":[{"role":"user","content":"hi"}],"temperature":NaN}', {}),
         ("Infinity literal", b'{"model":"default","messages":[{"role":"user","content":"hi"}],"n":Infinity}', {}),
         ("1e999", b'{"model":"default","messages":[{"role":"user","content":"hi"}],"max_tokens":1e999}', {}),
-        ("big integer", b'{"model":"default","messages":[{"role":"user","content":"hi"}],"n":' + b"9" * 5000 + b"}",
-         {}),
+        (
+            "big integer",
+            b'{"model":"default","messages":[{"role":"user","content":"hi"}],"n":' + b"9" * 5000 + b"}",
+            {},
+        ),
         ("lone surrogate", b'{"model":"default","messages":[{"role":"user","content":"\\ud800"}]}', {}),
         ("BOM", b"\xef\xbb\xbf" + valid, {}),
         ("empty body", b"", {}),
         ("null", b"null", {}),
         ("array", b"[" + valid + b"]", {}),
         ("stream as a string", orjson.dumps({**VALID, "stream": "true"}), {}),
-        ("stream with absurd options", orjson.dumps({**VALID, "stream": True, "stream_options": [1, 2],
-                                                     "n": 2**31}), {}),
-        ("stream, 2 MB content", orjson.dumps({**VALID, "stream": True,
-                                               "messages": [{"role": "user", "content": "b" * 2_000_000}]}), {}),
+        (
+            "stream with absurd options",
+            orjson.dumps({**VALID, "stream": True, "stream_options": [1, 2], "n": 2**31}),
+            {},
+        ),
+        (
+            "stream, 2 MB content",
+            orjson.dumps({**VALID, "stream": True, "messages": [{"role": "user", "content": "b" * 2_000_000}]}),
+            {},
+        ),
         ("unknown role", orjson.dumps({**VALID, "messages": [{"role": "robot", "content": "hi"}]}), {}),
         ("content object", orjson.dumps({**VALID, "messages": [{"role": "user", "content": {"a": 1}}]}), {}),
-        ("weird parts", orjson.dumps({**VALID, "messages": [{"role": "user", "content": [1, None, {"type": []},
-                                                                                          {"type": "image_url"}]}]}),
-         {}),
+        (
+            "weird parts",
+            orjson.dumps(
+                {**VALID, "messages": [{"role": "user", "content": [1, None, {"type": []}, {"type": "image_url"}]}]}
+            ),
+            {},
+        ),
         ("tool_choice object", orjson.dumps({**VALID, "tool_choice": {"type": {"x": []}}, "tools": "x"}), {}),
         ("x-proxy-local-only", valid, {"x-proxy-local-only": "yes"}),
         ("huge x-request-id", valid, {"x-request-id": "r" * 4000}),
@@ -946,9 +1071,10 @@ def test_hand_written_cases(target: Target) -> None:
 
 def known_bug_requests() -> list[Any]:
     """Minimal reproductions of the known bugs, over HTTP: each should be a 400."""
-    cases = [("nested 300 deep in a field", "orjson-depth", deep_body(300)),
-             ("nested 300 deep in a message, streamed", "orjson-depth",
-              b'{"stream":true,' + deep_body(300, "message")[1:])]
+    cases = [
+        ("nested 300 deep in a field", "orjson-depth", deep_body(300)),
+        ("nested 300 deep in a message, streamed", "orjson-depth", b'{"stream":true,' + deep_body(300, "message")[1:]),
+    ]
     cases.append(("role is a list", "unhashable-role", b'{"model":"default","messages":[{"role":[],"content":"x"}]}'))
     cases.append(("role is an object", "unhashable-role", b'{"model":"default","messages":[{"role":{}}]}'))
     return [pytest.param(body, id=name) for name, _bug, body in cases]
@@ -967,13 +1093,22 @@ LONG = "word " * 300  # longer than the 60-token context window below, even as b
 
 
 @pytest.mark.litellm
-@pytest.mark.parametrize("messages", [
-    pytest.param([{"role": "user", "content": [{"type": "text", "text": LONG}, 5]}], id="a number as a content part"),
-    pytest.param([{"role": "user", "content": [{"type": {}, "text": LONG}]}], id="an object as a part's type"),
-    pytest.param([{"role": "assistant", "tool_calls": 5}, {"role": "user", "content": LONG}], id="tool_calls a number"),
-    pytest.param([{"role": "assistant", "content": None, "function_call": "x"}, {"role": "user", "content": LONG}],
-                 id="function_call a string"),
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param(
+            [{"role": "user", "content": [{"type": "text", "text": LONG}, 5]}], id="a number as a content part"
+        ),
+        pytest.param([{"role": "user", "content": [{"type": {}, "text": LONG}]}], id="an object as a part's type"),
+        pytest.param(
+            [{"role": "assistant", "tool_calls": 5}, {"role": "user", "content": LONG}], id="tool_calls a number"
+        ),
+        pytest.param(
+            [{"role": "assistant", "content": None, "function_call": "x"}, {"role": "user", "content": LONG}],
+            id="function_call a string",
+        ),
+    ],
+)
 def test_trimming_malformed_messages(serve: Callable[..., Any], messages: list[Any]) -> None:
     with ExitStack() as stack, ServerLog() as log:
         fakes = {name: stack.enter_context(FakeOpenAI(name)) for name in PROVIDERS}
@@ -981,8 +1116,9 @@ def test_trimming_malformed_messages(serve: Callable[..., Any], messages: list[A
         config["providers"]["cloud"].update(context_window=60, model="openai/gpt-4o")
         served = serve(config)
         with httpx.Client(timeout=60) as client:
-            status, headers, content = post_chat(client, served.url, orjson.dumps({"model": "default",
-                                                                                    "messages": messages}))
+            status, headers, content = post_chat(
+                client, served.url, orjson.dumps({"model": "default", "messages": messages})
+            )
         log.settle()
     assert status in (200, 400, 503), (status, content[:300])  # trimmed, refused, or every provider skipped
     assert response_problems("POST", "/v1/chat/completions", status, headers, content) == []
@@ -1023,8 +1159,15 @@ def raw_socket_cases() -> list[tuple[str, bytes]]:
 
     def post(body: bytes, extra: bytes = b"", length: bytes | None = None) -> bytes:
         size = str(len(body)).encode() if length is None else length
-        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth + extra
-                + b"Content-Type: application/json\r\nContent-Length: " + size + b"\r\n\r\n" + body)
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + extra
+            + b"Content-Type: application/json\r\nContent-Length: "
+            + size
+            + b"\r\n\r\n"
+            + body
+        )
 
     chunked = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in (valid[:5], valid[5:])) + b"0\r\n\r\n"
     return [
@@ -1032,8 +1175,13 @@ def raw_socket_cases() -> list[tuple[str, bytes]]:
         ("latin-1 bytes in a header", post(valid, b"X-Request-Id: caf\xe9\r\n")),
         ("non-printable x-request-id", post(valid, b"X-Request-Id: a\x85\x9fb\r\n")),
         ("invalid UTF-8 bearer key", post(valid).replace(API_KEY.encode(), b"\xff\xfe")),
-        ("chunked body", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth
-         + b"Transfer-Encoding: chunked\r\n\r\n" + chunked),
+        (
+            "chunked body",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + chunked,
+        ),
         ("declared length over the limit", post(b"", length=b"99999999999")),
         ("no auth, invalid UTF-8", post(b"\xff").replace(auth, b"")),
     ]
@@ -1045,8 +1193,10 @@ def test_raw_socket_cases(target: Target) -> None:
         answer = raw_http(target.url, request)
         head, _, body = answer.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
-        headers = {k.strip().decode("latin-1").lower(): v.strip().decode("latin-1")
-                   for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+        headers = {
+            k.strip().decode("latin-1").lower(): v.strip().decode("latin-1")
+            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
         authorized = b"Bearer " + API_KEY.encode() in request
         found = response_problems("POST", "/v1/chat/completions", status, headers, body, authorized=authorized)
         if status not in (200, 400, 401, 413):
@@ -1058,8 +1208,11 @@ def test_raw_socket_cases(target: Target) -> None:
 def test_a_client_gone_mid_body_leaves_no_traceback(target: Target) -> None:
     host, port = target.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + API_KEY.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + API_KEY.encode()
+            + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":'
+        )
         time.sleep(0.2)
     target.log.settle()
     assert [r for r in target.log.records if r.exc_info] == []
@@ -1069,7 +1222,7 @@ def test_over_the_body_limit(target: Target) -> None:
     body = orjson.dumps({**VALID, "x": "z" * (11 * 1024 * 1024)})
     with httpx.Client(timeout=60) as client:
         try:
-            status, headers, content = post_chat(client, target.url, body)
+            status, _headers, content = post_chat(client, target.url, body)
         except httpx.TransportError:
             pytest.fail("the proxy closed the connection instead of answering 413")
     assert status == 413 and openai_error_problems(content) == []

@@ -28,8 +28,12 @@ SETTINGS = HealthSettings(failure_threshold=3, cooldown_seconds=30, slow_ttft_se
 HEALTHY = ProviderHealth()
 
 
-def fail(health: ProviderHealth, now: float, failure: FailureClass = FailureClass.SERVER_ERROR,
-         retry_after: float | None = None) -> ProviderHealth:
+def fail(
+    health: ProviderHealth,
+    now: float,
+    failure: FailureClass = FailureClass.SERVER_ERROR,
+    retry_after: float | None = None,
+) -> ProviderHealth:
     return after_failure(health, SETTINGS, now, failure, retry_after)
 
 
@@ -51,8 +55,12 @@ def test_a_success_resets_the_count() -> None:
 
 
 def test_request_specific_failures_do_not_count() -> None:
-    for failure in (FailureClass.CONTEXT_WINDOW_EXCEEDED, FailureClass.CLIENT_ERROR, FailureClass.CONTENT_FILTERED,
-                    FailureClass.QUOTA_EXHAUSTED):
+    for failure in (
+        FailureClass.CONTEXT_WINDOW_EXCEEDED,
+        FailureClass.CLIENT_ERROR,
+        FailureClass.CONTENT_FILTERED,
+        FailureClass.QUOTA_EXHAUSTED,
+    ):
         assert fail(HEALTHY, 1, failure) is HEALTHY
 
 
@@ -102,10 +110,10 @@ def test_record_round_trip() -> None:
 
 
 def board(store: MemoryStore, clock: list[float]) -> HealthBoard:
-    config = parse_config({"providers": {"p": {"model": "openai/x"}}, "health": {"failure_threshold": 2}},
-                          environ={})
-    return HealthBoard(config.health, config.providers, store, OperatorEvents(Metrics(CollectorRegistry())),
-                       clock=lambda: clock[0])
+    config = parse_config({"providers": {"p": {"model": "openai/x"}}, "health": {"failure_threshold": 2}}, environ={})
+    return HealthBoard(
+        config.health, config.providers, store, OperatorEvents(Metrics(CollectorRegistry())), clock=lambda: clock[0]
+    )
 
 
 @pytest.mark.asyncio

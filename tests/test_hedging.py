@@ -25,15 +25,18 @@ def fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI]]:
 @pytest.fixture
 def sdk(serve: Callable[..., ServedApp], fakes: tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI]) -> Iterator[openai.OpenAI]:
     cloud, backup, last = fakes
-    proxy = serve({
-        "providers": {
-            "cloud": openai_provider(cloud.url, quota={"requests_per_day": 1},
-                                     timeout={"first_token": 2.5, "total": 2.5}),
-            "backup": openai_provider(backup.url),
-            "last": openai_provider(last.url),
-        },
-        "routes": {"default": {"chain": ["cloud", "backup", "last"], "hedge_after_ms": 150}},
-    })
+    proxy = serve(
+        {
+            "providers": {
+                "cloud": openai_provider(
+                    cloud.url, quota={"requests_per_day": 1}, timeout={"first_token": 2.5, "total": 2.5}
+                ),
+                "backup": openai_provider(backup.url),
+                "last": openai_provider(last.url),
+            },
+            "routes": {"default": {"chain": ["cloud", "backup", "last"], "hedge_after_ms": 150}},
+        }
+    )
     with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
         yield client
 
@@ -42,7 +45,7 @@ def sdk(serve: Callable[..., ServedApp], fakes: tuple[FakeOpenAI, FakeOpenAI, Fa
 def test_slow_first_choice_is_hedged_and_its_call_stays_counted(
     sdk: openai.OpenAI, fakes: tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI], stream: bool
 ) -> None:
-    cloud, backup, _ = fakes
+    cloud, _backup, _ = fakes
     cloud.set_fault("slow", first_token_delay=2)
     started = time.perf_counter()
     if stream:
@@ -67,17 +70,20 @@ def test_slow_first_choice_is_hedged_and_its_call_stays_counted(
     assert cloud.request_count == 1
 
 
-def test_a_fast_first_choice_starts_no_hedge(sdk: openai.OpenAI,
-                                             fakes: tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI]) -> None:
-    cloud, backup, _ = fakes
+def test_a_fast_first_choice_starts_no_hedge(
+    sdk: openai.OpenAI, fakes: tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI]
+) -> None:
+    _cloud, backup, _ = fakes
     assert sdk.chat.completions.create(model="default", messages=MESSAGES).choices[0].message.content == (
-        "Hello from cloud.")
+        "Hello from cloud."
+    )
     assert backup.request_count == 0
 
 
-def test_when_both_racers_fail_the_walk_goes_on(sdk: openai.OpenAI,
-                                                fakes: tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI]) -> None:
-    cloud, backup, last = fakes
+def test_when_both_racers_fail_the_walk_goes_on(
+    sdk: openai.OpenAI, fakes: tuple[FakeOpenAI, FakeOpenAI, FakeOpenAI]
+) -> None:
+    cloud, backup, _last = fakes
     cloud.set_fault("hang")  # times out after 2.5 s, well after the hedge started at 0.15 s
     backup.set_fault("status", status=503)
     raw = sdk.chat.completions.with_raw_response.create(model="default", messages=MESSAGES)

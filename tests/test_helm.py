@@ -37,8 +37,14 @@ APP_PORT = 8080
 # Every variable the default routing config references, set to a dummy value.
 DUMMY_ENV = {
     name: f"dummy-{name.lower()}"
-    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GROQ_API_KEY",
-                 "PROXY_API_KEY", "PROXY_ADMIN_KEY")
+    for name in (
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "GEMINI_API_KEY",
+        "GROQ_API_KEY",
+        "PROXY_API_KEY",
+        "PROXY_ADMIN_KEY",
+    )
 } | {"REDIS_URL": "redis://redis:6379/0", "OLLAMA_URL": "http://ollama:11434"}
 
 Manifests = list[dict[str, Any]]
@@ -64,9 +70,7 @@ class Rendered:
         return found
 
     def container(self, name: str = FULLNAME) -> dict[str, Any]:
-        containers: list[dict[str, Any]] = (
-            self.one("Deployment", name)["spec"]["template"]["spec"]["containers"]
-        )
+        containers: list[dict[str, Any]] = self.one("Deployment", name)["spec"]["template"]["spec"]["containers"]
         (container,) = containers
         return container
 
@@ -133,9 +137,7 @@ def test_lint_is_clean(values: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("values", SCENARIOS.values(), ids=SCENARIOS.keys())
-def test_every_object_matches_the_kubernetes_schema(
-    render: Callable[..., Rendered], values: dict[str, Any]
-) -> None:
+def test_every_object_matches_the_kubernetes_schema(render: Callable[..., Rendered], values: dict[str, Any]) -> None:
     rendered = render(values)
     assert rendered.objects
     for obj in rendered.objects:
@@ -162,11 +164,9 @@ def test_bad_values_fail_the_render(chart: helm.Chart) -> None:
     with pytest.raises(helm.HelmRenderError, match="maxReplicas"):
         chart.render(values={"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}, name=RELEASE)
     # A bare `on:` in a values file reaches the chart as the key "true".
-    bare_on = helm.values_from_yaml(
-        "routing:\n  routes:\n    coding:\n      on: {claude: {default: groq-llama}}\n"
-    )
+    bare_on = helm.values_from_yaml("routing:\n  routes:\n    coding:\n      on: {claude: {default: groq-llama}}\n")
     assert "true" in bare_on["routing"]["routes"]["coding"]
-    with pytest.raises(helm.HelmRenderError, match='routing.routes.coding: quote the key'):
+    with pytest.raises(helm.HelmRenderError, match=r"routing\.routes\.coding: quote the key"):
         chart.render(values=bare_on, name=RELEASE)
 
 
@@ -201,13 +201,14 @@ def test_cli_accepts_the_args(default: Rendered) -> None:
     assert (parsed.host, parsed.port) == ("0.0.0.0", APP_PORT)
 
 
-def test_replicas_and_autoscaling(default: Rendered, production: Rendered,
-                                  render: Callable[..., Rendered]) -> None:
+def test_replicas_and_autoscaling(default: Rendered, production: Rendered, render: Callable[..., Rendered]) -> None:
     for rendered in (default, production):
         hpa = rendered.one("HorizontalPodAutoscaler")
         assert hpa["apiVersion"] == "autoscaling/v2"
         assert hpa["spec"]["scaleTargetRef"] == {
-            "apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME,
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": FULLNAME,
         }
         assert hpa["spec"]["minReplicas"] >= 2
         assert hpa["spec"]["maxReplicas"] >= hpa["spec"]["minReplicas"]
@@ -216,8 +217,10 @@ def test_replicas_and_autoscaling(default: Rendered, production: Rendered,
         # The HPA owns the count: a fixed replicas would reset it on every upgrade.
         assert "replicas" not in rendered.one("Deployment")["spec"]
         assert rendered.container()["resources"]["requests"]["cpu"]
-    assert (default.one("HorizontalPodAutoscaler")["spec"]["minReplicas"],
-            default.one("HorizontalPodAutoscaler")["spec"]["maxReplicas"]) == (2, 10)
+    assert (
+        default.one("HorizontalPodAutoscaler")["spec"]["minReplicas"],
+        default.one("HorizontalPodAutoscaler")["spec"]["maxReplicas"],
+    ) == (2, 10)
     assert production.one("HorizontalPodAutoscaler")["spec"]["minReplicas"] == 3
 
     fixed = render({"autoscaling": {"enabled": False}})
@@ -228,9 +231,7 @@ def test_replicas_and_autoscaling(default: Rendered, production: Rendered,
 def test_pod_disruption_budget(default: Rendered, render: Callable[..., Rendered]) -> None:
     pdb = default.one("PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
-    assert pdb["spec"]["selector"]["matchLabels"] == (
-        default.one("Deployment")["spec"]["selector"]["matchLabels"]
-    )
+    assert pdb["spec"]["selector"]["matchLabels"] == (default.one("Deployment")["spec"]["selector"]["matchLabels"])
     single = render({"autoscaling": {"enabled": False}, "replicaCount": 1})
     assert single.all("PodDisruptionBudget") == [], "would block every node drain"
 
@@ -273,8 +274,7 @@ def grace_of(rendered: Rendered) -> tuple[int, float]:
     return pod["terminationGracePeriodSeconds"], config.server.shutdown_grace_seconds
 
 
-def test_termination_grace_outlasts_the_drain(default: Rendered,
-                                              render: Callable[..., Rendered]) -> None:
+def test_termination_grace_outlasts_the_drain(default: Rendered, render: Callable[..., Rendered]) -> None:
     pre_stop = default.container()["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop == ["sleep", str(VALUES["preStopSleepSeconds"])]
     termination, drain = grace_of(default)
@@ -285,16 +285,13 @@ def test_termination_grace_outlasts_the_drain(default: Rendered,
     assert drain == 90
     assert termination > VALUES["preStopSleepSeconds"] + drain
     explicit = render({"terminationGracePeriodSeconds": 120})
-    assert explicit.one("Deployment")["spec"]["template"]["spec"][
-        "terminationGracePeriodSeconds"] == 120
+    assert explicit.one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
 
 
 def test_service(default: Rendered) -> None:
     service = default.one("Service")
     assert service["spec"]["type"] == "ClusterIP"
-    assert service["spec"]["ports"] == [
-        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
-    ]
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     pod_labels = default.one("Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
@@ -303,13 +300,13 @@ def test_service(default: Rendered) -> None:
 
 
 @pytest.mark.parametrize("scenario", ["default", "production"])
-def test_configmap_is_the_routing_values(scenario: str, chart: helm.Chart, default: Rendered,
-                                         production: Rendered, tmp_path: Path) -> None:
+def test_configmap_is_the_routing_values(
+    scenario: str, chart: helm.Chart, default: Rendered, production: Rendered, tmp_path: Path
+) -> None:
     rendered = {"default": default, "production": production}[scenario]
     text = rendered.config_text()
     # values.yaml as PyYAML reads it; with production overrides, as Helm merges them.
-    expected = VALUES["routing"] if scenario == "default" else (
-        chart.merge_values(PRODUCTION)["routing"])
+    expected = VALUES["routing"] if scenario == "default" else (chart.merge_values(PRODUCTION)["routing"])
     assert yaml.safe_load(text) == expected
     # Valid for the app, as parsed data and through its own (strict) YAML loader.
     config = parse_config(yaml.safe_load(text), environ=DUMMY_ENV)
@@ -342,8 +339,7 @@ def test_no_secret_value_reaches_a_configmap(render: Callable[..., Rendered]) ->
     assert envfrom == [{"secretRef": {"name": secret["metadata"]["name"]}}]
 
 
-def test_checksum_follows_the_routing_config(default: Rendered,
-                                             render: Callable[..., Rendered]) -> None:
+def test_checksum_follows_the_routing_config(default: Rendered, render: Callable[..., Rendered]) -> None:
     def checksum(rendered: Rendered) -> str:
         annotations = rendered.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
         value = annotations["checksum/config"]
@@ -367,16 +363,14 @@ def test_existing_secret(render: Callable[..., Rendered], default: Rendered) -> 
     assert "checksum/secret" not in annotations
     assert "my-keys" in rendered.notes
     # The chart's own Secret, by contrast, rolls the pods when keys change.
-    assert "checksum/secret" in default.one("Deployment")["spec"]["template"]["metadata"][
-        "annotations"]
+    assert "checksum/secret" in default.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert default.container()["envFrom"] == [{"secretRef": {"name": FULLNAME}}]
 
 
 # --- Redis --------------------------------------------------------------------------------
 
 
-def test_redis_url_from_values(render: Callable[..., Rendered], default: Rendered,
-                               production: Rendered) -> None:
+def test_redis_url_from_values(render: Callable[..., Rendered], default: Rendered, production: Rendered) -> None:
     assert "REDIS_URL" not in default.env(), "unset: the Secret's REDIS_URL, if any, applies"
     assert "WARNING" in default.notes and "Redis" in default.notes
     assert production.env()["REDIS_URL"] == PRODUCTION["redis"]["url"]

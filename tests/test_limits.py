@@ -20,21 +20,28 @@ KEY = "team-key-123"
 
 
 def make(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, **extra: Any) -> ServedApp:
-    return serve({
-        "auth": {"keys": ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()]},
-        "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
-        "routes": {"default": ["cloud", "backup"]},
-        **extra,
-    })
+    return serve(
+        {
+            "auth": {"keys": ["sha256:" + hashlib.sha256(KEY.encode()).hexdigest()]},
+            "providers": {"cloud": openai_provider(cloud.url), "backup": openai_provider(backup.url)},
+            "routes": {"default": ["cloud", "backup"]},
+            **extra,
+        }
+    )
 
 
 def post(proxy: ServedApp, body: dict[str, Any] | None = None, **headers: str) -> httpx.Response:
-    return httpx.post(proxy.url + "/v1/chat/completions", json=body or {"model": "default", "messages": MESSAGES},
-                      headers={"authorization": f"Bearer {KEY}", **headers}, timeout=10)
+    return httpx.post(
+        proxy.url + "/v1/chat/completions",
+        json=body or {"model": "default", "messages": MESSAGES},
+        headers={"authorization": f"Bearer {KEY}", **headers},
+        timeout=10,
+    )
 
 
-def test_hashed_keys_are_accepted_and_the_hash_itself_is_not(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                                              backup: FakeOpenAI) -> None:
+def test_hashed_keys_are_accepted_and_the_hash_itself_is_not(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
     proxy = make(serve, cloud, backup)
     assert post(proxy).status_code == 200
     digest = hashlib.sha256(KEY.encode()).hexdigest()
@@ -74,8 +81,7 @@ def test_concurrent_streams_per_key(serve: Callable[..., ServedApp], cloud: Fake
     assert post(proxy, {"model": "default", "messages": MESSAGES, "stream": True}).status_code == 200
 
 
-def test_too_many_messages_and_headers(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                       backup: FakeOpenAI) -> None:
+def test_too_many_messages_and_headers(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI) -> None:
     proxy = make(serve, cloud, backup, limits={"max_messages": 5, "max_header_bytes": 2048})
     response = post(proxy, {"model": "default", "messages": MESSAGES * 6})
     assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_messages"
@@ -84,8 +90,9 @@ def test_too_many_messages_and_headers(serve: Callable[..., ServedApp], cloud: F
     assert cloud.request_count == 0
 
 
-def test_an_oversized_upstream_answer_is_a_provider_failure(serve: Callable[..., ServedApp],
-                                                            backup: FakeOpenAI) -> None:
+def test_an_oversized_upstream_answer_is_a_provider_failure(
+    serve: Callable[..., ServedApp], backup: FakeOpenAI
+) -> None:
     with FakeOpenAI("cloud", reply="word " * 5000) as big:
         proxy = make(serve, big, backup, limits={"max_upstream_bytes": 4096})
         response = post(proxy)
@@ -98,8 +105,9 @@ def test_an_oversized_upstream_answer_is_a_provider_failure(serve: Callable[...,
         assert "backup" in response.text and response.text.endswith("data: [DONE]\n\n")
 
 
-def test_streams_under_both_limits_count_toward_the_rate(serve: Callable[..., ServedApp], cloud: FakeOpenAI,
-                                                          backup: FakeOpenAI) -> None:
+def test_streams_under_both_limits_count_toward_the_rate(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
     proxy = make(serve, cloud, backup, limits={"requests_per_minute": 3, "concurrent_streams": 5})
     stream = {"model": "default", "messages": MESSAGES, "stream": True}
     assert [post(proxy, stream).status_code for _ in range(2)] + [post(proxy).status_code] == [200, 200, 200]

@@ -61,11 +61,29 @@ def test_the_log_line_goes_straight_to_the_cli_stream(
     assert len(lines) == 1
     line = json.loads(lines[0])
     assert line["event"] == "request" and line["request_id"] == "req-1" and line["provider"] == "backup"
-    assert line["attempts"] == [{"provider": "cloud", "outcome": "timeout", "ms": 12.3, "detail": "first token"},
-                                {"provider": "backup", "outcome": "ok", "ms": 5.0}]
+    assert line["attempts"] == [
+        {"provider": "cloud", "outcome": "timeout", "ms": 12.3, "detail": "first token"},
+        {"provider": "backup", "outcome": "ok", "ms": 5.0},
+    ]
     assert line["tokens"] == {"prompt": 12, "completion": 20} and line["ttft_ms"] == 7.5
-    assert set(line) == {"event", "ts", "request_id", "route", "stream", "status", "outcome", "provider", "model",
-                         "attempts", "interrupted", "trimmed", "continued_by", "ttft_ms", "total_ms", "tokens"}
+    assert set(line) == {
+        "event",
+        "ts",
+        "request_id",
+        "route",
+        "stream",
+        "status",
+        "outcome",
+        "provider",
+        "model",
+        "attempts",
+        "interrupted",
+        "trimmed",
+        "continued_by",
+        "ttft_ms",
+        "total_ms",
+        "tokens",
+    }
 
 
 def test_with_other_handlers_the_line_goes_through_logging(
@@ -85,7 +103,8 @@ def test_no_line_when_the_level_filters_it(cli_logging: io.StringIO, monkeypatch
     Observer(Metrics(registry)).finish(record())
     assert cli_logging.getvalue() == ""
     assert b'fallback_proxy_requests_total{outcome="ok",provider="backup",route="default"} 1.0' in (
-        generate_latest(registry))
+        generate_latest(registry)
+    )
 
 
 def test_metrics_count_every_request_with_cached_children() -> None:
@@ -96,8 +115,10 @@ def test_metrics_count_every_request_with_cached_children() -> None:
     text = generate_latest(registry).decode()
     assert 'fallback_proxy_requests_total{outcome="ok",provider="backup",route="default"} 3.0' in text
     assert 'fallback_proxy_attempts_total{outcome="timeout",provider="cloud"} 3.0' in text
-    assert ('fallback_proxy_fallbacks_total{from_provider="cloud",reason="timeout",route="default",'
-            'to_provider="backup"} 3.0') in text
+    assert (
+        'fallback_proxy_fallbacks_total{from_provider="cloud",reason="timeout",route="default",'
+        'to_provider="backup"} 3.0'
+    ) in text
     assert 'fallback_proxy_tokens_total{kind="completion",provider="backup"} 60.0' in text
     assert 'fallback_proxy_time_to_first_token_seconds_count{provider="backup"} 3.0' in text
     assert 'fallback_proxy_request_duration_seconds_count{route="default"} 3.0' in text
@@ -106,11 +127,14 @@ def test_metrics_count_every_request_with_cached_children() -> None:
 def test_quota_remaining_follows_each_admitted_call() -> None:
     registry = CollectorRegistry()
     events = OperatorEvents(Metrics(registry))
-    provider = build_config({
-        "providers": {"cloud": openai_provider("http://127.0.0.1:9", quota={"requests_per_day": 100,
-                                                                             "tokens_per_day": 5000})},
-        "routes": {"default": ["cloud"]},
-    }).providers["cloud"]
+    provider = build_config(
+        {
+            "providers": {
+                "cloud": openai_provider("http://127.0.0.1:9", quota={"requests_per_day": 100, "tokens_per_day": 5000})
+            },
+            "routes": {"default": ["cloud"]},
+        }
+    ).providers["cloud"]
     events.admitted(provider, Admission(admitted=True, requests_used=1, tokens_used=600))
     events.admitted(provider, Admission(admitted=True, requests_used=2, tokens_used=1300))
     text = generate_latest(registry).decode()

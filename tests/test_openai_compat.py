@@ -29,20 +29,34 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def adapter(url: str, session: aiohttp.ClientSession) -> OpenAICompatAdapter:
-    config = parse_config({"providers": {"p": {"model": "openai/m", "api_base": url + "/v1", "api_key": "k"}},
-                           "routes": {"r": ["p"]}}, environ={})
+    config = parse_config(
+        {"providers": {"p": {"model": "openai/m", "api_base": url + "/v1", "api_key": "k"}}, "routes": {"r": ["p"]}},
+        environ={},
+    )
     return OpenAICompatAdapter(config.providers["p"], session)
 
 
 def chunk_bytes(text: str, finish: str | None = None) -> bytes:
-    chunk = {"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    chunk = {
+        "id": "s",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
 def completion_bytes(text: str) -> bytes:
-    return orjson.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
+    return orjson.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        }
+    )
 
 
 @contextlib.asynccontextmanager
@@ -131,7 +145,7 @@ async def test_a_stream_over_the_cap_ends_with_a_server_error() -> None:
 async def test_a_body_cut_short_is_a_connection_error() -> None:
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"id\":")
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"id":')
         await writer.drain()
         writer.close()
 
@@ -262,7 +276,7 @@ async def test_connection_refused_is_a_connection_error() -> None:
         with pytest.raises(ProviderError) as caught:
             await provider.complete(BODY, LIMITS)
         assert caught.value.failure is FailureClass.CONNECTION_ERROR
-        chunks, error = await collect(provider.stream(BODY, LIMITS))
+        _chunks, error = await collect(provider.stream(BODY, LIMITS))
         assert error is not None and error.failure is FailureClass.CONNECTION_ERROR
         with pytest.raises(ProviderError) as probed:
             await provider.probe(LIMITS)
@@ -291,7 +305,7 @@ async def test_a_silent_upstream_times_out_at_the_read_limit() -> None:
             with pytest.raises(ProviderError) as caught:
                 await provider.complete(BODY, Limits(connect=2, read=0.3))
             assert caught.value.failure is FailureClass.TIMEOUT
-            chunks, error = await collect(provider.stream(BODY, Limits(connect=2, read=0.3)))
+            _chunks, error = await collect(provider.stream(BODY, Limits(connect=2, read=0.3)))
             assert error is not None and error.failure is FailureClass.TIMEOUT
             assert time.monotonic() - started < 5
 
@@ -321,7 +335,7 @@ async def test_retry_after_is_read_from_aiohttp_headers() -> None:
         provider = adapter(url, session)
         with pytest.raises(ProviderError) as caught:
             await provider.complete(BODY, LIMITS)
-        chunks, error = await collect(provider.stream(BODY, LIMITS))
+        _chunks, error = await collect(provider.stream(BODY, LIMITS))
     assert caught.value.failure is FailureClass.RATE_LIMITED and caught.value.retry_after == 7
     assert error is not None and error.failure is FailureClass.RATE_LIMITED and error.retry_after == 7
     assert "slow down" in caught.value.message
@@ -349,9 +363,13 @@ async def test_what_the_session_sends_no_cookies_kept_our_user_agent_our_key() -
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (aiohttp.ClientConnectorError(aiohttp.client_reqrep.ConnectionKey(
-            "h", 1, False, True, None, None, None), ConnectionRefusedError(111, "refused")),
-         FailureClass.CONNECTION_ERROR),
+        (
+            aiohttp.ClientConnectorError(
+                aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None),
+                ConnectionRefusedError(111, "refused"),
+            ),
+            FailureClass.CONNECTION_ERROR,
+        ),
         (aiohttp.ServerDisconnectedError(), FailureClass.CONNECTION_ERROR),
         (aiohttp.ClientPayloadError("Response payload is not completed"), FailureClass.CONNECTION_ERROR),
         (aiohttp.ClientOSError(104, "reset"), FailureClass.CONNECTION_ERROR),
@@ -359,7 +377,7 @@ async def test_what_the_session_sends_no_cookies_kept_our_user_agent_our_key() -
         (aiohttp.ConnectionTimeoutError("connect"), FailureClass.TIMEOUT),
         (aiohttp.SocketTimeoutError("read"), FailureClass.TIMEOUT),
         (aiohttp.ServerTimeoutError("read"), FailureClass.TIMEOUT),
-        (asyncio.TimeoutError(), FailureClass.TIMEOUT),
+        (TimeoutError(), FailureClass.TIMEOUT),
     ],
 )
 def test_aiohttp_exceptions_classify_like_their_httpx_counterparts(exc: Exception, expected: FailureClass) -> None:

@@ -86,8 +86,9 @@ def test_each_call_builds_a_fresh_document() -> None:
 
 
 def test_it_documents_exactly_the_routes_the_app_serves(spec: dict[str, Any]) -> None:
-    app = create_app(build_config({"providers": {"p": openai_provider("http://127.0.0.1:9")},
-                                   "routes": {"default": ["p"]}}))
+    app = create_app(
+        build_config({"providers": {"p": openai_provider("http://127.0.0.1:9")}, "routes": {"default": ["p"]}})
+    )
     served = set()
     for route in app.routes:
         assert isinstance(route, Route)
@@ -113,13 +114,24 @@ def test_chat_completions(spec: dict[str, Any], path: str) -> None:
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert op["requestBody"]["required"] is True
     assert op["requestBody"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ChatCompletionRequest"}
+        "$ref": "#/components/schemas/ChatCompletionRequest"
+    }
     ok = op["responses"]["200"]
     assert set(ok["content"]) == {"application/json", "text/event-stream"}
-    assert {"x-proxy-route", "x-proxy-provider", "x-proxy-attempts", "x-proxy-fallbacks", "x-proxy-trimmed",
-            "x-request-id"} <= set(ok["headers"])
+    assert {
+        "x-proxy-route",
+        "x-proxy-provider",
+        "x-proxy-attempts",
+        "x-proxy-fallbacks",
+        "x-proxy-trimmed",
+        "x-request-id",
+    } <= set(ok["headers"])
     assert {name for name, header in ok["headers"].items() if header["required"]} == {
-        "x-proxy-route", "x-proxy-provider", "x-proxy-attempts", "x-request-id"}
+        "x-proxy-route",
+        "x-proxy-provider",
+        "x-proxy-attempts",
+        "x-request-id",
+    }
     for status in ("400", "401", "404", "413", "503"):
         answer = op["responses"][status]
         assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
@@ -134,29 +146,63 @@ def test_the_request_schema(spec: dict[str, Any]) -> None:
     properties = request["properties"]
     assert properties["model"]["type"] == "string"
     assert properties["messages"]["minItems"] == 1
-    for name in ("stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-                 "stop", "tools", "tool_choice", "response_format", "user", "seed"):
+    for name in (
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "user",
+        "seed",
+    ):
         assert name in properties, name
     message = spec["components"]["schemas"]["Message"]
     assert message["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool", "function"]
     assert message["required"] == ["role"]
     validate = schema_validator(spec, "ChatCompletionRequest")
     assert validate.is_valid({"model": "default", "messages": [{"role": "user", "content": "hi"}], "top_k": 3})
-    assert validate.is_valid({"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]})
-    assert validate.is_valid({"model": "m", "messages": [{"role": "assistant", "content": None}], "stream": True,
-                              "stream_options": {"include_usage": True}})
-    for bad in ({"messages": [{"role": "user"}]}, {"model": "m", "messages": []}, {"model": "m"},
-                {"model": "m", "messages": [{"role": "robot"}]}, {"model": "m", "messages": [{"role": "user",
-                                                                                              "content": 5}]},
-                {"model": "m", "messages": [{"role": "user"}], "stream": "yes"}):
+    assert validate.is_valid(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:,"}},
+                    ],
+                }
+            ],
+        }
+    )
+    assert validate.is_valid(
+        {
+            "model": "m",
+            "messages": [{"role": "assistant", "content": None}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    for bad in (
+        {"messages": [{"role": "user"}]},
+        {"model": "m", "messages": []},
+        {"model": "m"},
+        {"model": "m", "messages": [{"role": "robot"}]},
+        {"model": "m", "messages": [{"role": "user", "content": 5}]},
+        {"model": "m", "messages": [{"role": "user"}], "stream": "yes"},
+    ):
         assert not validate.is_valid(bad), bad
 
 
 def test_the_error_body_is_openais(spec: dict[str, Any]) -> None:
     validate = schema_validator(spec, "ErrorBody")
-    assert validate.is_valid({"error": {"message": "m", "type": "invalid_request_error", "param": None,
-                                        "code": None}})
+    assert validate.is_valid({"error": {"message": "m", "type": "invalid_request_error", "param": None, "code": None}})
     assert validate.is_valid({"error": {"message": "m", "type": "t", "param": "model", "code": "model_not_found"}})
     assert not validate.is_valid({"error": {"message": "m", "type": "t"}})
     assert not validate.is_valid({"message": "m"})
@@ -196,12 +242,14 @@ def test_the_admin_endpoints(spec: dict[str, Any]) -> None:
 def proxy(serve: Callable[..., ServedApp]) -> Iterator[str]:
     with ExitStack() as stack:
         fake = stack.enter_context(FakeOpenAI("cloud"))
-        served = serve({
-            "auth": {"keys": [API_KEY]},
-            "server": {"admin_key": ADMIN_KEY},
-            "providers": {"cloud": openai_provider(fake.url)},
-            "routes": {"default": ["cloud"]},
-        })
+        served = serve(
+            {
+                "auth": {"keys": [API_KEY]},
+                "server": {"admin_key": ADMIN_KEY},
+                "providers": {"cloud": openai_provider(fake.url)},
+                "routes": {"default": ["cloud"]},
+            }
+        )
         yield served.url
 
 
@@ -218,13 +266,19 @@ def test_real_answers_match_their_schemas(proxy: str, http: httpx.Client, spec: 
     answer = http.post(proxy + "/v1/chat/completions", json=request, headers=key)
     assert answer.status_code == 200
     assert_valid(spec, "ChatCompletion", answer.json())
-    required = [n for n, h in spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"].items()
-                if h["required"]]
+    required = [
+        n
+        for n, h in spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["headers"].items()
+        if h["required"]
+    ]
     assert all(name in answer.headers for name in required)
     assert int(answer.headers["x-proxy-attempts"]) >= 1
 
-    streamed = http.post(proxy + "/v1/chat/completions", headers=key,
-                         json={**request, "stream": True, "stream_options": {"include_usage": True}})
+    streamed = http.post(
+        proxy + "/v1/chat/completions",
+        headers=key,
+        json={**request, "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert streamed.headers["content-type"].startswith("text/event-stream")
     events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and len(events) > 2
@@ -248,24 +302,32 @@ def test_real_answers_match_their_schemas(proxy: str, http: httpx.Client, spec: 
 
 
 @pytest.mark.litellm
-def test_translated_answers_match_too(serve: Callable[..., ServedApp], http: httpx.Client,
-                                      spec: dict[str, Any]) -> None:
+def test_translated_answers_match_too(
+    serve: Callable[..., ServedApp], http: httpx.Client, spec: dict[str, Any]
+) -> None:
     with FakeAnthropic("claude") as claude, FakeOllama("ollama") as ollama:
-        served = serve({
-            "providers": {
-                "claude": {"model": "anthropic/claude-sonnet-4-5-20250929", "api_key": "sk-ant-test",
-                           "api_base": claude.url},
-                "local": {"model": "ollama_chat/qwen2.5:7b", "api_base": ollama.url, "local": True},
-            },
-            "routes": {"default": ["claude", "local"]},
-        })
+        served = serve(
+            {
+                "providers": {
+                    "claude": {
+                        "model": "anthropic/claude-sonnet-4-5-20250929",
+                        "api_key": "sk-ant-test",
+                        "api_base": claude.url,
+                    },
+                    "local": {"model": "ollama_chat/qwen2.5:7b", "api_base": ollama.url, "local": True},
+                },
+                "routes": {"default": ["claude", "local"]},
+            }
+        )
         for model in ("claude", "local"):
             request = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
             answer = http.post(served.url + "/v1/chat/completions", json=request)
             assert answer.status_code == 200
             assert_valid(spec, "ChatCompletion", answer.json())
-            streamed = http.post(served.url + "/v1/chat/completions",
-                                 json={**request, "stream": True, "stream_options": {"include_usage": True}})
+            streamed = http.post(
+                served.url + "/v1/chat/completions",
+                json={**request, "stream": True, "stream_options": {"include_usage": True}},
+            )
             events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]"
             for event in events[:-1]:
@@ -277,21 +339,34 @@ def test_translated_answers_match_too(serve: Callable[..., ServedApp], http: htt
     [
         ("POST", "/v1/chat/completions", b"{", {"authorization": f"Bearer {API_KEY}"}, 400),
         ("POST", "/v1/chat/completions", b"{}", {}, 401),
-        ("POST", "/v1/chat/completions", b'{"model":"nope","messages":[{"role":"user","content":"x"}]}',
-         {"authorization": f"Bearer {API_KEY}"}, 404),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"model":"nope","messages":[{"role":"user","content":"x"}]}',
+            {"authorization": f"Bearer {API_KEY}"},
+            404,
+        ),
         ("GET", "/v1/models/nope", b"", {}, 404),
         ("GET", "/admin/status", b"", {"authorization": "Bearer wrong"}, 401),
         ("POST", "/admin/providers/nope/enable", b"", {"authorization": f"Bearer {ADMIN_KEY}"}, 404),
     ],
 )
 def test_real_errors_match_the_error_schema(
-    proxy: str, http: httpx.Client, spec: dict[str, Any], method: str, path: str, body: bytes,
-    headers: dict[str, str], status: int,
+    proxy: str,
+    http: httpx.Client,
+    spec: dict[str, Any],
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
 ) -> None:
     answer = http.request(method, proxy + path, content=body, headers=headers)
     assert answer.status_code == status
-    assert str(status) in next(op for m, op in spec["paths"][_template(spec, path)].items()
-                               if m == method.lower())["responses"]
+    assert (
+        str(status)
+        in next(op for m, op in spec["paths"][_template(spec, path)].items() if m == method.lower())["responses"]
+    )
     assert_valid(spec, "ErrorBody", answer.json())
 
 

@@ -37,15 +37,19 @@ def store() -> MemoryStore:
     return MemoryStore()
 
 
-def proxy_with(serve: Callable[..., ServedApp], store: MemoryStore, cloud_url: str, backup: FakeOpenAI,
-               **cloud: Any) -> ServedApp:
-    return serve({
-        "providers": {
-            "cloud": openai_provider(cloud_url, timeout={"connect": 1, "first_token": 2, "total": 3}, **cloud),
-            "backup": openai_provider(backup.url),
+def proxy_with(
+    serve: Callable[..., ServedApp], store: MemoryStore, cloud_url: str, backup: FakeOpenAI, **cloud: Any
+) -> ServedApp:
+    return serve(
+        {
+            "providers": {
+                "cloud": openai_provider(cloud_url, timeout={"connect": 1, "first_token": 2, "total": 3}, **cloud),
+                "backup": openai_provider(backup.url),
+            },
+            "routes": {"default": ["cloud", "backup"]},
         },
-        "routes": {"default": ["cloud", "backup"]},
-    }, store=store)
+        store=store,
+    )
 
 
 @pytest.fixture
@@ -64,8 +68,12 @@ def sdk() -> Iterator[Callable[[ServedApp], openai.OpenAI]]:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_each_retry_costs_one_admission(
-    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
-    sdk: Callable[[ServedApp], openai.OpenAI], stream: bool,
+    serve: Callable[..., ServedApp],
+    store: MemoryStore,
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
+    sdk: Callable[[ServedApp], openai.OpenAI],
+    stream: bool,
 ) -> None:
     proxy = proxy_with(serve, store, cloud.url, backup, retries=2, quota={"requests_per_day": 100})
     cloud.set_fault("status", status=503)
@@ -76,7 +84,10 @@ def test_each_retry_costs_one_admission(
 
 
 def test_a_stream_that_dies_before_its_first_token_is_counted(
-    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
+    serve: Callable[..., ServedApp],
+    store: MemoryStore,
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
     sdk: Callable[[ServedApp], openai.OpenAI],
 ) -> None:
     proxy = proxy_with(serve, store, cloud.url, backup, quota={"requests_per_day": 100})
@@ -91,7 +102,9 @@ def test_a_stream_that_dies_before_its_first_token_is_counted(
 
 
 def test_a_refused_connection_gives_the_request_back(
-    serve: Callable[..., ServedApp], store: MemoryStore, backup: FakeOpenAI,
+    serve: Callable[..., ServedApp],
+    store: MemoryStore,
+    backup: FakeOpenAI,
     sdk: Callable[[ServedApp], openai.OpenAI],
 ) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there: the call never left
@@ -103,7 +116,10 @@ def test_a_refused_connection_gives_the_request_back(
 
 
 def test_a_quota_that_runs_out_mid_visit_stops_the_retries(
-    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
+    serve: Callable[..., ServedApp],
+    store: MemoryStore,
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
     sdk: Callable[[ServedApp], openai.OpenAI],
 ) -> None:
     proxy = proxy_with(serve, store, cloud.url, backup, retries=3, quota={"requests_per_day": 2})
@@ -117,23 +133,29 @@ def test_a_quota_that_runs_out_mid_visit_stops_the_retries(
 
 
 def test_a_hedge_that_lost_the_race_stays_counted_and_is_reported_uncertain(
-    serve: Callable[..., ServedApp], store: MemoryStore, cloud: FakeOpenAI, backup: FakeOpenAI,
-    sdk: Callable[[ServedApp], openai.OpenAI], caplog: pytest.LogCaptureFixture,
+    serve: Callable[..., ServedApp],
+    store: MemoryStore,
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
+    sdk: Callable[[ServedApp], openai.OpenAI],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    proxy = serve({
-        "providers": {
-            "cloud": openai_provider(cloud.url, quota={"requests_per_day": 1}, timeout={"first_token": 2.5}),
-            "backup": openai_provider(backup.url),
+    proxy = serve(
+        {
+            "providers": {
+                "cloud": openai_provider(cloud.url, quota={"requests_per_day": 1}, timeout={"first_token": 2.5}),
+                "backup": openai_provider(backup.url),
+            },
+            "routes": {"default": {"chain": ["cloud", "backup"], "hedge_after_ms": 150}},
         },
-        "routes": {"default": {"chain": ["cloud", "backup"], "hedge_after_ms": 150}},
-    }, store=store)
+        store=store,
+    )
     cloud.set_fault("slow", first_token_delay=2)
     client = sdk(proxy)
     raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
     assert raw.headers["x-proxy-provider"] == "backup" and cloud.request_count == 1
     assert requests_used(store, "cloud") == 1  # cancelled, but the provider had received it
-    assert any('"event":"quota_uncertain"' in r.getMessage() and "cancelled" in r.getMessage()
-               for r in caplog.records)
+    assert any('"event":"quota_uncertain"' in r.getMessage() and "cancelled" in r.getMessage() for r in caplog.records)
     metrics = httpx.get(proxy.url + "/metrics").text
     assert 'fallback_proxy_quota_uncertain_total{provider="cloud"} 1.0' in metrics
     cloud.clear_fault()
@@ -142,6 +164,7 @@ def test_a_hedge_that_lost_the_race_stays_counted_and_is_reported_uncertain(
 
 
 # The gate's settle, against a store.
+
 
 class Events:
     def __init__(self) -> None:
@@ -187,8 +210,9 @@ async def test_an_uncertain_call_stays_counted_and_is_counted_as_uncertain(caplo
         await gate.settle(reservation, None, FailureClass.CONNECTION_ERROR, uncertain="ServerDisconnectedError")
     assert await store.usage("cloud", reservation.day) == (1, 0)
     assert registry.get_sample_value("fallback_proxy_quota_uncertain_total", {"provider": "cloud"}) == 1
-    assert any('"event":"quota_uncertain"' in r.getMessage() and "ServerDisconnected" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        '"event":"quota_uncertain"' in r.getMessage() and "ServerDisconnected" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_the_quota_refunds_what_classification_says_was_never_sent() -> None:
@@ -223,5 +247,12 @@ class _ConnectionKey:
 def _provider(**quota: int) -> Any:
     from proxy.config import ProviderConfig, Quota
 
-    return ProviderConfig(name="cloud", model="openai/gpt-test", litellm_provider="openai", upstream_model="gpt-test",
-                          openai_compatible=True, api_base=None, quota=Quota(**quota))
+    return ProviderConfig(
+        name="cloud",
+        model="openai/gpt-test",
+        litellm_provider="openai",
+        upstream_model="gpt-test",
+        openai_compatible=True,
+        api_base=None,
+        quota=Quota(**quota),
+    )

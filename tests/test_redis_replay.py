@@ -51,8 +51,14 @@ def watched(store: RedisStore) -> CollectorRegistry:
 
 
 def queue_metrics(registry: CollectorRegistry) -> tuple[float | None, ...]:
-    return tuple(registry.get_sample_value(name) for name in (
-        "fallback_proxy_store_pending", "fallback_proxy_store_replayed_total", "fallback_proxy_store_dropped_total"))
+    return tuple(
+        registry.get_sample_value(name)
+        for name in (
+            "fallback_proxy_store_pending",
+            "fallback_proxy_store_replayed_total",
+            "fallback_proxy_store_dropped_total",
+        )
+    )
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
@@ -67,8 +73,9 @@ async def test_a_settle_that_meets_a_dead_redis_is_replayed_once_it_is_back(dura
     store = store_on(durable)
     registry = watched(store)
     try:
-        admission = await store.admit("p", DAY, requests_limit=None, tokens_limit=10_000, tokens_estimate=512,
-                                      ttl_seconds=TTL, call_id="call-1")
+        admission = await store.admit(
+            "p", DAY, requests_limit=None, tokens_limit=10_000, tokens_estimate=512, ttl_seconds=TTL, call_id="call-1"
+        )
         assert admission.admitted and await store.usage("p", DAY) == (1, 512)
         durable.kill()
         with pytest.raises(StoreUnavailable):
@@ -96,8 +103,9 @@ async def test_a_full_replay_queue_drops_the_oldest_and_closing_drops_the_rest(d
     store = store_on(durable, pending_limit=2)
     registry = watched(store)
     for call in ("a", "b"):
-        await store.admit("p", DAY, requests_limit=None, tokens_limit=None, tokens_estimate=0, ttl_seconds=TTL,
-                          call_id=call)
+        await store.admit(
+            "p", DAY, requests_limit=None, tokens_limit=None, tokens_estimate=0, ttl_seconds=TTL, call_id=call
+        )
     durable.kill()
     for call in ("a", "b", "c"):
         with pytest.raises(StoreUnavailable):
@@ -116,8 +124,9 @@ async def test_an_admission_whose_reply_is_lost_is_given_back_only_if_it_counted
         await store.ping()
         durable.pause()  # the admit is sent; Redis runs it (or not) only after it resumes
         with pytest.raises(StoreUnavailable) as caught:
-            await store.admit("p", DAY, requests_limit=10, tokens_limit=None, tokens_estimate=0, ttl_seconds=TTL,
-                              call_id="lost")
+            await store.admit(
+                "p", DAY, requests_limit=10, tokens_limit=None, tokens_estimate=0, ttl_seconds=TTL, call_id="lost"
+            )
         assert caught.value.maybe_applied and store.pending == 1
         durable.resume()
 
@@ -127,8 +136,9 @@ async def test_an_admission_whose_reply_is_lost_is_given_back_only_if_it_counted
         await eventually(settled)
         assert await store.usage("p", DAY) == (0, 0)  # not called, not counted, whatever Redis did
         # A refund for an admission that never counted changes nothing either.
-        await store.admit("p", DAY, requests_limit=10, tokens_limit=None, tokens_estimate=0, ttl_seconds=TTL,
-                          call_id="real")
+        await store.admit(
+            "p", DAY, requests_limit=10, tokens_limit=None, tokens_estimate=0, ttl_seconds=TTL, call_id="real"
+        )
         await store.settle("p", DAY, requests_delta=-1, tokens_delta=0, ttl_seconds=TTL, call_id="never-admitted")
         assert await store.usage("p", DAY) == (1, 0)
     finally:
@@ -197,8 +207,10 @@ async def test_leases_are_shared_by_replicas_and_a_release_is_idempotent(durable
 @pytest.mark.asyncio
 async def test_many_concurrent_calls_wait_for_a_pooled_connection_instead_of_failing(durable: DurableRedis) -> None:
     store = store_on(durable, max_connections=1, timeout=0.2, pool_wait=2.0)
-    busy_loop = ("local t = redis.call('TIME') local stop = t[1] * 1e6 + t[2] + 50000 "
-                 "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop return 1")
+    busy_loop = (
+        "local t = redis.call('TIME') local stop = t[1] * 1e6 + t[2] + 50000 "
+        "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= stop return 1"
+    )
 
     async def slow_call() -> object:  # 50 ms of Redis's time: 10 of them queue for 0.5 s
         return await store._call("slow", lambda: store._client.eval(busy_loop, 0))

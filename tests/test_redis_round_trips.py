@@ -92,14 +92,16 @@ def run(proxy: ServedApp, model: str, stream: bool) -> None:
 
 @pytest.fixture
 def proxy(serve: Callable[..., ServedApp], redis: RedisServer, cloud: FakeOpenAI, backup: FakeOpenAI) -> ServedApp:
-    served = serve({
-        "redis": {"url": redis.url},
-        "providers": {
-            "cloud": openai_provider(cloud.url, quota={"requests_per_day": 10_000, "tokens_per_day": 10_000_000}),
-            "backup": openai_provider(backup.url),
-        },
-        "routes": {"metered": ["cloud"], "free": ["backup"]},
-    })
+    served = serve(
+        {
+            "redis": {"url": redis.url},
+            "providers": {
+                "cloud": openai_provider(cloud.url, quota={"requests_per_day": 10_000, "tokens_per_day": 10_000_000}),
+                "backup": openai_provider(backup.url),
+            },
+            "routes": {"metered": ["cloud"], "free": ["backup"]},
+        }
+    )
     run(served, "free", stream=False)  # warm: connections open, the health view loaded
     run(served, "metered", stream=False)
     time.sleep(0.3)  # settlements of the warm-up land

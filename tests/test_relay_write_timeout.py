@@ -32,8 +32,15 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 
 def chunk(delta: dict[str, Any]) -> bytes:
-    return sse({"id": "chatcmpl-big", "object": "chat.completion.chunk", "created": 1, "model": "big-model",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+    return sse(
+        {
+            "id": "chatcmpl-big",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "big-model",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+    )
 
 
 class EndlessUpstream:
@@ -68,8 +75,9 @@ class EndlessUpstream:
 
         watcher = asyncio.create_task(watch())
         try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream")]})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+            )
             await send({"type": "http.response.body", "body": chunk({"role": "assistant"}), "more_body": True})
             piece = chunk({"content": PIECE})
             while not gone and self.sent < UPSTREAM_CAP:
@@ -119,16 +127,20 @@ def read_to_end(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
 
 @pytest.mark.slow
 def test_a_client_that_stops_reading_is_dropped_and_the_proxy_answers_others(
-    serve: Callable[..., ServedApp], serve_asgi: Callable[..., ServedApp], cloud: FakeOpenAI,
+    serve: Callable[..., ServedApp],
+    serve_asgi: Callable[..., ServedApp],
+    cloud: FakeOpenAI,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     upstream = EndlessUpstream()
     upstream_url = serve_asgi(upstream).url
-    proxy = serve({
-        "providers": {"big": openai_provider(upstream_url), "cloud": openai_provider(cloud.url)},
-        "routes": {"default": ["cloud"]},
-        "limits": {"client_write_timeout_seconds": WRITE_TIMEOUT, "max_upstream_bytes": 1024 * 1024 * 1024},
-    })
+    proxy = serve(
+        {
+            "providers": {"big": openai_provider(upstream_url), "cloud": openai_provider(cloud.url)},
+            "routes": {"default": ["cloud"]},
+            "limits": {"client_write_timeout_seconds": WRITE_TIMEOUT, "max_upstream_bytes": 1024 * 1024 * 1024},
+        }
+    )
     rss_before = rss_mb()
     request = json.dumps({"model": "big", "stream": True, "messages": [{"role": "user", "content": "Go on."}]})
 
@@ -159,6 +171,9 @@ def test_a_client_that_stops_reading_is_dropped_and_the_proxy_answers_others(
 
     with httpx.Client(base_url=proxy.url, timeout=10) as http:
         assert http.get("/healthz").status_code == 200
-    lines = [json.loads(r.getMessage()) for r in caplog.records
-             if r.name == "fallback_proxy.request" and r.levelno == logging.INFO]
+    lines = [
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "fallback_proxy.request" and r.levelno == logging.INFO
+    ]
     assert [line["outcome"] for line in lines if line["route"] == "big"] == ["client_disconnected"], lines

@@ -28,8 +28,12 @@ def local() -> Iterator[FakeOllama]:
 
 def config(cloud_url: str, local: FakeOllama, first: str = "cloud") -> dict[str, Any]:
     providers = {
-        "cloud": {"model": "openai/gpt-4o-2024-08-06", "api_base": cloud_url + "/v1", "api_key": "sk-test",
-                  "timeout": CLOUD_TIMEOUT},
+        "cloud": {
+            "model": "openai/gpt-4o-2024-08-06",
+            "api_base": cloud_url + "/v1",
+            "api_key": "sk-test",
+            "timeout": CLOUD_TIMEOUT,
+        },
         "local": {"model": "ollama_chat/qwen2.5:7b", "api_base": local.url, "local": True},
     }
     chain = ["cloud", "local"] if first == "cloud" else ["local", "cloud"]
@@ -61,8 +65,9 @@ def test_cloud_blocked_connections_hang(serve: Callable[..., ServedApp], local: 
 
 
 @pytest.mark.parametrize("fault", [{"kind": "hang"}, {"kind": "die_midstream", "after_chunks": 0}])
-def test_cloud_blocked_connections_dropped_or_stuck(serve: Callable[..., ServedApp], local: FakeOllama,
-                                                    fault: dict[str, Any]) -> None:
+def test_cloud_blocked_connections_dropped_or_stuck(
+    serve: Callable[..., ServedApp], local: FakeOllama, fault: dict[str, Any]
+) -> None:
     with FakeOpenAI("cloud") as cloud:
         cloud.set_fault(**fault)
         text, provider, seconds = stream(serve(config(cloud.url, local)))

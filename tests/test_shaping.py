@@ -16,8 +16,13 @@ from proxy.shaping import Needs, Shaper, drop_oldest_turn, eligibility, needs_of
 
 from .conftest import ServedApp, openai_provider
 
-IMAGE = {"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+IMAGE = {
+    "role": "user",
+    "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ],
+}
 TOOLS = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
 
 
@@ -29,14 +34,17 @@ def test_needs_of_a_request() -> None:
 
 
 def test_eligibility_by_capability_and_privacy() -> None:
-    config = parse_config({
-        "providers": {
-            "cloud": {"model": "openai/gpt-4o-2024-08-06", "capabilities": ["vision"]},
-            "undeclared": {"model": "openai/x"},
-            "local": {"model": "ollama_chat/qwen2.5:7b", "local": True, "capabilities": []},
+    config = parse_config(
+        {
+            "providers": {
+                "cloud": {"model": "openai/gpt-4o-2024-08-06", "capabilities": ["vision"]},
+                "undeclared": {"model": "openai/x"},
+                "local": {"model": "ollama_chat/qwen2.5:7b", "local": True, "capabilities": []},
+            },
+            "routes": {"r": ["cloud", "undeclared", "local"]},
         },
-        "routes": {"r": ["cloud", "undeclared", "local"]},
-    }, environ={})
+        environ={},
+    )
     route = config.routes["r"]
     cloud, undeclared, local = (config.providers[n] for n in ("cloud", "undeclared", "local"))
     assert eligibility(cloud, route, Needs(vision=True)) is None
@@ -50,8 +58,10 @@ def test_eligibility_by_capability_and_privacy() -> None:
 
 def test_system_prompt_replaces_the_clients() -> None:
     messages = [{"role": "system", "content": "long"}, {"role": "user", "content": "hi"}]
-    assert with_system_prompt(messages, "short") == [{"role": "system", "content": "short"},
-                                                     {"role": "user", "content": "hi"}]
+    assert with_system_prompt(messages, "short") == [
+        {"role": "system", "content": "short"},
+        {"role": "user", "content": "hi"},
+    ]
 
 
 def test_drop_oldest_turn_keeps_system_and_drops_orphaned_tool_results() -> None:
@@ -79,8 +89,10 @@ def provider(**extra: Any) -> Any:
 
 @pytest.mark.asyncio
 async def test_trimming_drops_oldest_turns_until_it_fits() -> None:
-    body = {"messages": [{"role": "system", "content": "sys"}, words(300, "a"), words(300, "b"), words(100, "c")],
-            "max_tokens": 100}
+    body = {
+        "messages": [{"role": "system", "content": "sys"}, words(300, "a"), words(300, "b"), words(100, "c")],
+        "max_tokens": 100,
+    }
     shaped = await Shaper(count_words).shape(provider(context_window=450), body)
     assert shaped.trimmed == 2
     assert [m["content"].split()[0] for m in shaped.body["messages"]] == ["sys", "c"]
@@ -120,14 +132,21 @@ def local() -> Iterator[FakeOpenAI]:
 
 @pytest.fixture
 def proxy(serve: Callable[..., ServedApp], cloud: FakeOpenAI, local: FakeOpenAI) -> ServedApp:
-    return serve({
-        "providers": {
-            "cloud": openai_provider(cloud.url, capabilities=["vision"]),
-            "local": openai_provider(local.url, local=True, context_window=3000, capabilities=["tools"],
-                                     system_prompt="You are a concise assistant."),
-        },
-        "routes": {"default": ["cloud", "local"], "private": {"local_only": True, "chain": ["local"]}},
-    })
+    return serve(
+        {
+            "providers": {
+                "cloud": openai_provider(cloud.url, capabilities=["vision"]),
+                "local": openai_provider(
+                    local.url,
+                    local=True,
+                    context_window=3000,
+                    capabilities=["tools"],
+                    system_prompt="You are a concise assistant.",
+                ),
+            },
+            "routes": {"default": ["cloud", "local"], "private": {"local_only": True, "chain": ["local"]}},
+        }
+    )
 
 
 @pytest.fixture
@@ -136,13 +155,16 @@ def sdk(proxy: ServedApp) -> Iterator[openai.OpenAI]:
         yield client
 
 
-def test_mini_mode_and_trimming_for_the_small_local_model(sdk: openai.OpenAI, cloud: FakeOpenAI,
-                                                          local: FakeOpenAI) -> None:
+def test_mini_mode_and_trimming_for_the_small_local_model(
+    sdk: openai.OpenAI, cloud: FakeOpenAI, local: FakeOpenAI
+) -> None:
     cloud.set_fault("status", status=503)
     history: list[Any] = [{"role": "system", "content": "A very long and detailed system prompt. " * 20}]
     for turn in range(6):
-        history += [{"role": "user", "content": f"question {turn} " + "lorem ipsum dolor sit amet, " * 150},
-                    {"role": "assistant", "content": "answer " * 50}]
+        history += [
+            {"role": "user", "content": f"question {turn} " + "lorem ipsum dolor sit amet, " * 150},
+            {"role": "assistant", "content": "answer " * 50},
+        ]
     history.append({"role": "user", "content": "And now?"})
     raw = sdk.chat.completions.with_raw_response.create(model="default", messages=history, max_tokens=200)
     assert raw.headers["x-proxy-provider"] == "local"
@@ -151,30 +173,39 @@ def test_mini_mode_and_trimming_for_the_small_local_model(sdk: openai.OpenAI, cl
     assert sent[0] == {"role": "system", "content": "You are a concise assistant."}
     assert sent[-1] == {"role": "user", "content": "And now?"}
     assert trimmed > 0 and len(sent) == len(history) - trimmed
-    assert "x-proxy-trimmed" not in sdk.chat.completions.with_raw_response.create(
-        model="local", messages=[{"role": "user", "content": "short"}]).headers
+    assert (
+        "x-proxy-trimmed"
+        not in sdk.chat.completions.with_raw_response.create(
+            model="local", messages=[{"role": "user", "content": "short"}]
+        ).headers
+    )
 
 
 def test_capabilities_route_images_and_tools(sdk: openai.OpenAI, cloud: FakeOpenAI, local: FakeOpenAI) -> None:
     raw = sdk.chat.completions.with_raw_response.create(model="default", messages=[IMAGE])
     assert raw.headers["x-proxy-provider"] == "cloud"
     raw = sdk.chat.completions.with_raw_response.create(
-        model="default", messages=[{"role": "user", "content": "time?"}], tools=TOOLS)
+        model="default", messages=[{"role": "user", "content": "time?"}], tools=TOOLS
+    )
     assert raw.headers["x-proxy-provider"] == "local"
     assert raw.headers["x-proxy-fallbacks"] == "cloud=unsupported"
     assert cloud.request_count == 1
 
 
-def test_private_work_never_leaves_the_machine(proxy: ServedApp, sdk: openai.OpenAI, cloud: FakeOpenAI,
-                                              local: FakeOpenAI) -> None:
+def test_private_work_never_leaves_the_machine(
+    proxy: ServedApp, sdk: openai.OpenAI, cloud: FakeOpenAI, local: FakeOpenAI
+) -> None:
     raw = sdk.chat.completions.with_raw_response.create(
-        model="default", messages=[{"role": "user", "content": "secret"}],
-        extra_headers={"x-proxy-local-only": "true"})
+        model="default", messages=[{"role": "user", "content": "secret"}], extra_headers={"x-proxy-local-only": "true"}
+    )
     assert raw.headers["x-proxy-provider"] == "local" and raw.headers["x-proxy-fallbacks"] == "cloud=policy"
     local.stop()
     for model, headers in (("default", {"x-proxy-local-only": "true"}), ("private", {})):
-        response = httpx.post(proxy.url + "/v1/chat/completions", headers=headers,
-                              json={"model": model, "messages": [{"role": "user", "content": "secret"}]})
+        response = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            headers=headers,
+            json={"model": model, "messages": [{"role": "user", "content": "secret"}]},
+        )
         assert response.status_code == 503
         assert "No local provider could answer" in response.json()["error"]["message"]
     assert cloud.request_count == 0

@@ -52,9 +52,21 @@ class ProxyProcess:
         self.log = log
         self._stderr: IO[bytes] = log.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port),
-             "--log-level", "info"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(port),
+                "--log-level",
+                "info",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
         )
         self.sigterm_at: float | None = None
 
@@ -105,8 +117,12 @@ def processes() -> Iterator[list[ProxyProcess]]:
 def write_config(path: Path, fake: FakeOpenAI, *, grace: float, redis_url: str | None = None) -> Path:
     config: dict[str, Any] = {
         "providers": {
-            "cloud": {"model": "openai/gpt-test", "api_key": "sk-upstream", "api_base": fake.url + "/v1",
-                      "timeout": {"connect": 2, "first_token": 5, "idle": 5, "total": 30}},
+            "cloud": {
+                "model": "openai/gpt-test",
+                "api_key": "sk-upstream",
+                "api_base": fake.url + "/v1",
+                "timeout": {"connect": 2, "first_token": 5, "idle": 5, "total": 30},
+            },
         },
         "routes": {"default": ["cloud"]},
         "health": {"probe_interval_seconds": 0},

@@ -119,10 +119,19 @@ def store(replicas: Replicas) -> StateStore:
     return replicas.make()
 
 
-async def admit(store: StateStore, provider: str = "p", *, requests: int | None = None,
-                tokens: int | None = None, estimate: int = 0, ttl: int = TTL, day: str = DAY) -> Admission:
-    return await store.admit(provider, day, requests_limit=requests, tokens_limit=tokens,
-                             tokens_estimate=estimate, ttl_seconds=ttl)
+async def admit(
+    store: StateStore,
+    provider: str = "p",
+    *,
+    requests: int | None = None,
+    tokens: int | None = None,
+    estimate: int = 0,
+    ttl: int = TTL,
+    day: str = DAY,
+) -> Admission:
+    return await store.admit(
+        provider, day, requests_limit=requests, tokens_limit=tokens, tokens_estimate=estimate, ttl_seconds=ttl
+    )
 
 
 async def raw_ttl(replicas: Replicas, key: str) -> int:
@@ -131,6 +140,7 @@ async def raw_ttl(replicas: Replicas, key: str) -> int:
 
 
 # Quota counters: both stores.
+
 
 @pytest.mark.asyncio
 async def test_admits_up_to_the_request_limit_then_rejects_changing_nothing(store: StateStore) -> None:
@@ -270,6 +280,7 @@ async def test_concurrent_admits_across_replicas_never_overshoot(replicas: Repli
 
 # Health records, pub/sub and locks: both stores.
 
+
 @pytest.mark.asyncio
 async def test_put_health_replaces_the_record_and_get_health_reads_many(store: StateStore) -> None:
     assert await store.get_health([]) == {}
@@ -356,6 +367,7 @@ async def test_ping(store: StateStore) -> None:
 
 # Pure pieces of the Redis store.
 
+
 def test_keys_carry_the_provider_hash_tag() -> None:
     keys = RedisKeys("fp")
     assert keys.health("openai-4o") == "fp:{openai-4o}:health"
@@ -365,16 +377,26 @@ def test_keys_carry_the_provider_hash_tag() -> None:
     assert keys.channel == "fp:health"
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("redis+sentinel://s1:26379,s2:26380/mymaster",
-     SentinelURL(hosts=(("s1", 26379), ("s2", 26380)), service="mymaster")),
-    ("redis+sentinel://:p%40ss@10.0.0.1,[::1]:5000/svc/3",
-     SentinelURL(hosts=(("10.0.0.1", 26379), ("::1", 5000)), service="svc", db=3, password="p@ss")),
-    ("rediss+sentinel://user:pw@h:1/svc?sentinel_password=sp",
-     SentinelURL(hosts=(("h", 1),), service="svc", ssl=True, username="user", password="pw",
-                 sentinel_password="sp")),
-    ("REDIS+SENTINEL://secret@h/svc/0", SentinelURL(hosts=(("h", 26379),), service="svc", password="secret")),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis+sentinel://s1:26379,s2:26380/mymaster",
+            SentinelURL(hosts=(("s1", 26379), ("s2", 26380)), service="mymaster"),
+        ),
+        (
+            "redis+sentinel://:p%40ss@10.0.0.1,[::1]:5000/svc/3",
+            SentinelURL(hosts=(("10.0.0.1", 26379), ("::1", 5000)), service="svc", db=3, password="p@ss"),
+        ),
+        (
+            "rediss+sentinel://user:pw@h:1/svc?sentinel_password=sp",
+            SentinelURL(
+                hosts=(("h", 1),), service="svc", ssl=True, username="user", password="pw", sentinel_password="sp"
+            ),
+        ),
+        ("REDIS+SENTINEL://secret@h/svc/0", SentinelURL(hosts=(("h", 26379),), service="svc", password="secret")),
+    ],
+)
 def test_parse_sentinel_url(url: str, expected: SentinelURL) -> None:
     parsed = parse_sentinel_url(url)
     assert parsed == expected
@@ -382,16 +404,19 @@ def test_parse_sentinel_url(url: str, expected: SentinelURL) -> None:
         assert secret is None or secret not in repr(parsed)
 
 
-@pytest.mark.parametrize(("url", "complaint"), [
-    ("redis://h:6379/0", "scheme"),
-    ("redis+sentinel://h:26379", "service name"),
-    ("redis+sentinel://h:26379/", "service name"),
-    ("redis+sentinel://h:26379/svc/x", "/<service>"),
-    ("redis+sentinel://h:26379/svc/1/2", "/<service>"),
-    ("redis+sentinel://h:notaport/svc", "bad port"),
-    ("redis+sentinel://h1,,h2/svc", "empty host"),
-    ("redis+sentinel://h/svc?socket_timeout=5", "unsupported query"),
-])
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://h:6379/0", "scheme"),
+        ("redis+sentinel://h:26379", "service name"),
+        ("redis+sentinel://h:26379/", "service name"),
+        ("redis+sentinel://h:26379/svc/x", "/<service>"),
+        ("redis+sentinel://h:26379/svc/1/2", "/<service>"),
+        ("redis+sentinel://h:notaport/svc", "bad port"),
+        ("redis+sentinel://h1,,h2/svc", "empty host"),
+        ("redis+sentinel://h/svc?socket_timeout=5", "unsupported query"),
+    ],
+)
 def test_parse_sentinel_url_names_the_problem(url: str, complaint: str) -> None:
     with pytest.raises(ValueError, match=complaint):
         parse_sentinel_url(url)
@@ -410,6 +435,7 @@ def test_repr_hides_the_password() -> None:
 
 
 # Faults, against a redis-server of our own.
+
 
 @pytest.fixture
 def own_server() -> Any:
@@ -541,8 +567,12 @@ async def test_a_read_only_replica_refuses_writes(own_server: RedisServer) -> No
     try:
         await admit(store, estimate=3)
         assert ask(own_server.port, b"REPLICAOF 127.0.0.1 %d" % free_port()).startswith(b"+OK")
-        for write in (admit(store), store.put_health("a", {"x": 1}), store.try_lock("l", 1),
-                      store.settle("p", DAY, requests_delta=1, tokens_delta=0, ttl_seconds=TTL)):
+        for write in (
+            admit(store),
+            store.put_health("a", {"x": 1}),
+            store.try_lock("l", 1),
+            store.settle("p", DAY, requests_delta=1, tokens_delta=0, ttl_seconds=TTL),
+        ):
             error, _ = await timed_failure(write)
             assert error.reason.startswith("READONLY"), error
         assert await store.usage("p", DAY) == (1, 3)  # reads still work (stale-data serving)
@@ -715,6 +745,7 @@ async def test_over_a_unix_socket(own_server: RedisServer) -> None:
 
 # Stream leases: both stores.
 
+
 @pytest.mark.asyncio
 async def test_leases_cap_each_name_and_a_release_frees_exactly_its_member(replicas: Replicas) -> None:
     one, two = replicas.make(), replicas.make()
@@ -744,9 +775,11 @@ async def test_a_lease_and_a_counter_in_one_call(replicas: Replicas) -> None:
     store = replicas.make()
     took = await store.acquire_lease("streams:c", "s1", limit=5, ttl_seconds=60, count="rate:c:1", count_limit=2)
     assert took == Lease(True, 1, 1)
-    assert (await store.acquire_lease("streams:c", "s2", limit=5, ttl_seconds=60, count="rate:c:1",
-                                      count_limit=2)) == Lease(True, 2, 2)
+    assert (
+        await store.acquire_lease("streams:c", "s2", limit=5, ttl_seconds=60, count="rate:c:1", count_limit=2)
+    ) == Lease(True, 2, 2)
     # Over the counter's limit: counted, but no lease taken.
-    assert (await store.acquire_lease("streams:c", "s3", limit=5, ttl_seconds=60, count="rate:c:1",
-                                      count_limit=2)) == Lease(False, 2, 3)
+    assert (
+        await store.acquire_lease("streams:c", "s3", limit=5, ttl_seconds=60, count="rate:c:1", count_limit=2)
+    ) == Lease(False, 2, 3)
     assert await store.count("rate:c:1", 0, 60) == 3  # the same counter `count` sees

@@ -19,9 +19,18 @@ pytestmark = pytest.mark.asyncio
 
 def provider(idle: float, total: float = 60, first_token: float | None = None) -> ProviderConfig:
     config = parse_config(
-        {"providers": {"p": {"model": "openai/m", "api_base": "http://127.0.0.1:9/v1", "api_key": "k",
-                             "timeout": {"idle": idle, "total": total, "first_token": first_token or total}}},
-         "routes": {"r": ["p"]}, "health": {"probe_interval_seconds": 0}},
+        {
+            "providers": {
+                "p": {
+                    "model": "openai/m",
+                    "api_base": "http://127.0.0.1:9/v1",
+                    "api_key": "k",
+                    "timeout": {"idle": idle, "total": total, "first_token": first_token or total},
+                }
+            },
+            "routes": {"r": ["p"]},
+            "health": {"probe_interval_seconds": 0},
+        },
         environ={},
     )
     return config.providers["p"]
@@ -180,8 +189,9 @@ class OneRead:
 
 async def test_a_failure_in_the_rest_of_a_read_is_the_providers() -> None:
     loop = asyncio.get_running_loop()
-    start = StreamStart(head=[], rest=OneRead(["a", "b"], fail=True).stream(), provider=provider(idle=1),
-                        deadline=loop.time() + 60)
+    start = StreamStart(
+        head=[], rest=OneRead(["a", "b"], fail=True).stream(), provider=provider(idle=1), deadline=loop.time() + 60
+    )
     with pytest.raises(ProviderError) as caught:
         await read_all(start)
     assert caught.value.failure is FailureClass.SERVER_ERROR and caught.value.provider == "p"
@@ -190,8 +200,9 @@ async def test_a_failure_in_the_rest_of_a_read_is_the_providers() -> None:
 
 async def test_the_read_after_a_reads_last_chunk_is_guarded_again() -> None:
     loop = asyncio.get_running_loop()
-    start = StreamStart(head=[], rest=OneRead(["a", "b", "c"], stall=5).stream(), provider=provider(idle=0.2),
-                        deadline=loop.time() + 60)
+    start = StreamStart(
+        head=[], rest=OneRead(["a", "b", "c"], stall=5).stream(), provider=provider(idle=0.2), deadline=loop.time() + 60
+    )
     began = loop.time()
     assert [(await start.next_chunk()) is not None for _ in range(3)] == [True, True, True]
     with pytest.raises(ProviderError) as caught:

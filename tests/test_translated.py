@@ -22,12 +22,12 @@ import pytest_asyncio
 from aiohttp import web
 
 from proxy.adapters.base import Chunk, HttpClients, Limits
-from proxy.app import open_session
 from proxy.adapters.translated import TranslatedAdapter, _Acompletion
-from proxy.litellm_import import load_litellm
+from proxy.app import open_session
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.fakes import FakeAnthropic, FakeOllama
+from proxy.litellm_import import load_litellm
 
 pytestmark = [
     pytest.mark.litellm,
@@ -254,11 +254,22 @@ class EndlessBody(httpx.AsyncByteStream):
 
 @pytest.mark.asyncio
 async def test_closing_the_stream_closes_the_upstream_response() -> None:
-    upstream = EndlessBody([
-        {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": CLAUDE,
-                                              "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}},
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
-    ])
+    upstream = EndlessBody(
+        [
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "m",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": CLAUDE,
+                    "content": [],
+                    "usage": {"input_tokens": 3, "output_tokens": 1},
+                },
+            },
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+        ]
+    )
     async with mock_client(lambda request: httpx.Response(200, stream=upstream, headers=SSE)) as local:
         adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         stream = adapter.stream(body(True), LIMITS)
@@ -295,7 +306,9 @@ async def test_ollama_complete(ollama: FakeOllama, client: HttpClients) -> None:
 
 @pytest.mark.asyncio
 async def test_ollama_stream(ollama: FakeOllama, client: HttpClients) -> None:
-    chunks = await collect(ollama_adapter(ollama, client).stream(body(True, stream_options={"include_usage": True}), LIMITS))
+    chunks = await collect(
+        ollama_adapter(ollama, client).stream(body(True, stream_options={"include_usage": True}), LIMITS)
+    )
     assert text_of(chunks) == ollama.reply
     assert len({c["id"] for c in chunks}) == 1
     assert {c["model"] for c in chunks} == {ollama.model}
@@ -320,7 +333,9 @@ async def test_ollama_warmup_and_keep_alive(ollama: FakeOllama, client: HttpClie
 
 @pytest.mark.asyncio
 async def test_warmup_is_a_noop_elsewhere(client: HttpClients) -> None:
-    adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", f"http://127.0.0.1:{closed_port()}", api_key="k"), client)
+    adapter = TranslatedAdapter(
+        provider(f"anthropic/{CLAUDE}", f"http://127.0.0.1:{closed_port()}", api_key="k"), client
+    )
     await adapter.warmup()  # nothing to load: no request (the port would refuse it)
 
 
@@ -384,7 +399,9 @@ STATUS_FAULTS = [
     pytest.param({"status": 429, "retry_after": 7}, FailureClass.RATE_LIMITED, id="429"),
     pytest.param({"status": 401}, FailureClass.AUTH_ERROR, id="401"),
     pytest.param(
-        {"status": 400, "error_code": "context_length_exceeded"}, FailureClass.CONTEXT_WINDOW_EXCEEDED, id="400-too-long"
+        {"status": 400, "error_code": "context_length_exceeded"},
+        FailureClass.CONTEXT_WINDOW_EXCEEDED,
+        id="400-too-long",
     ),
     pytest.param({"status": 400}, FailureClass.CLIENT_ERROR, id="400"),
 ]
@@ -422,9 +439,7 @@ async def test_wrong_key_is_auth_error(claude: FakeAnthropic, client: HttpClient
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("which", ["claude", "ollama"])
-async def test_in_band_stream_error(
-    which: str, claude: FakeAnthropic, ollama: FakeOllama, client: HttpClients
-) -> None:
+async def test_in_band_stream_error(which: str, claude: FakeAnthropic, ollama: FakeOllama, client: HttpClients) -> None:
     fake = claude if which == "claude" else ollama
     adapter = claude_adapter(claude, client) if which == "claude" else ollama_adapter(ollama, client)
     fake.set_fault("stream_error", after_chunks=2)
@@ -456,7 +471,9 @@ async def test_death_midstream_is_connection_error(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
 async def test_refused_connection(client: HttpClients, stream: bool) -> None:
-    adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", f"http://127.0.0.1:{closed_port()}", api_key="k"), client)
+    adapter = TranslatedAdapter(
+        provider(f"anthropic/{CLAUDE}", f"http://127.0.0.1:{closed_port()}", api_key="k"), client
+    )
     with pytest.raises(ProviderError) as caught:
         await call(adapter, stream)
     assert caught.value.failure is FailureClass.CONNECTION_ERROR
@@ -484,8 +501,17 @@ class CutBody(httpx.AsyncByteStream):
 
 
 STARTED: list[dict[str, Any]] = [
-    {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": CLAUDE,
-                                          "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}},
+    {
+        "type": "message_start",
+        "message": {
+            "id": "m",
+            "type": "message",
+            "role": "assistant",
+            "model": CLAUDE,
+            "content": [],
+            "usage": {"input_tokens": 3, "output_tokens": 1},
+        },
+    },
     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
 ]
 
@@ -520,8 +546,17 @@ async def test_an_answer_over_the_cap_is_a_server_error(stream: bool) -> None:
 @pytest.mark.asyncio
 async def test_stream_without_end_is_incomplete() -> None:
     events: list[dict[str, Any]] = [
-        {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": CLAUDE,
-                                              "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}},
+        {
+            "type": "message_start",
+            "message": {
+                "id": "m",
+                "type": "message",
+                "role": "assistant",
+                "model": CLAUDE,
+                "content": [],
+                "usage": {"input_tokens": 3, "output_tokens": 1},
+            },
+        },
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
     ]
@@ -615,8 +650,9 @@ async def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> Asy
     when the adapter's connection goes away."""
 
     async def respond(request: web.Request) -> web.StreamResponse:
-        asked = httpx.Request(request.method, str(request.url), headers=list(request.headers.items()),
-                              content=await request.read())
+        asked = httpx.Request(
+            request.method, str(request.url), headers=list(request.headers.items()), content=await request.read()
+        )
         answer = handler(asked)
         headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         try:
@@ -650,26 +686,50 @@ async def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> Asy
 def claude_tool_answer(request: httpx.Request) -> httpx.Response:
     usage = {"input_tokens": 20, "output_tokens": 9}
     if not orjson.loads(request.content).get("stream"):
-        return httpx.Response(200, json={
-            "id": "msg_1", "type": "message", "role": "assistant", "model": CLAUDE,
-            "content": [
-                {"type": "text", "text": "Checking."},
-                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
-            ],
-            "stop_reason": "tool_use", "stop_sequence": None, "usage": usage,
-        })
+        return httpx.Response(
+            200,
+            json={
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": CLAUDE,
+                "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                ],
+                "stop_reason": "tool_use",
+                "stop_sequence": None,
+                "usage": usage,
+            },
+        )
     events: list[dict[str, Any]] = [
-        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": CLAUDE,
-                                              "content": [], "usage": {"input_tokens": 20, "output_tokens": 1}}},
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": CLAUDE,
+                "content": [],
+                "usage": {"input_tokens": 20, "output_tokens": 1},
+            },
+        },
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Checking."}},
         {"type": "content_block_stop", "index": 0},
-        {"type": "content_block_start", "index": 1,
-         "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
-        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}},
-        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}},
+        {
+            "type": "content_block_start",
+            "index": 1,
+            "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}},
+        },
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"city": '}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'}},
         {"type": "content_block_stop", "index": 1},
-        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 9}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": 9},
+        },
         {"type": "message_stop"},
     ]
     return httpx.Response(200, content=sse(events), headers=SSE)
@@ -731,7 +791,9 @@ async def test_gemini_both_ways() -> None:
         return gemini_answer(request)
 
     async with mock_client(handler) as local:
-        adapter = TranslatedAdapter(provider(f"gemini/{GEMINI_MODEL}", local.url + "/v1beta", api_key="gk"), local.clients)
+        adapter = TranslatedAdapter(
+            provider(f"gemini/{GEMINI_MODEL}", local.url + "/v1beta", api_key="gk"), local.clients
+        )
         result = await adapter.complete(body(max_tokens=50, temperature=0.1), LIMITS)
         request = seen[-1]
         assert request.url.path == f"/v1beta/models/{GEMINI_MODEL}:generateContent"
@@ -769,7 +831,9 @@ async def test_gemini_in_band_error() -> None:
     content = b"data: " + orjson.dumps({"candidates": [gemini_candidate("Hi")]}) + b"\r\n\r\n"
     content += b"data: " + orjson.dumps(error) + b"\r\n\r\n"
     async with mock_client(lambda request: httpx.Response(200, content=content, headers=SSE)) as local:
-        adapter = TranslatedAdapter(provider(f"gemini/{GEMINI_MODEL}", local.url + "/v1beta", api_key="gk"), local.clients)
+        adapter = TranslatedAdapter(
+            provider(f"gemini/{GEMINI_MODEL}", local.url + "/v1beta", api_key="gk"), local.clients
+        )
         with pytest.raises(ProviderError) as caught:
             await collect(adapter.stream(body(True), LIMITS))
     assert caught.value.failure is FailureClass.SERVER_ERROR
@@ -783,8 +847,12 @@ def summary(whole: dict[str, Any] | None, chunks: list[dict[str, Any]] | None) -
         calls = choice["message"].get("tool_calls") or []
         tools = [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
         usage = whole["usage"]
-        return {"content": choice["message"]["content"], "tools": tools, "finish": choice["finish_reason"],
-                "usage": (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])}
+        return {
+            "content": choice["message"]["content"],
+            "tools": tools,
+            "finish": choice["finish_reason"],
+            "usage": (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]),
+        }
     assert chunks is not None
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     merged: dict[int, list[str]] = {}
@@ -795,9 +863,12 @@ def summary(whole: dict[str, Any] | None, chunks: list[dict[str, Any]] | None) -
             entry[1] = call["function"].get("name") or entry[1]
             entry[2] += call["function"].get("arguments") or ""
     usage = next(c["usage"] for c in reversed(chunks) if c.get("usage"))
-    return {"content": "".join(d.get("content") or "" for d in deltas) or None,
-            "tools": [tuple(v) for _, v in sorted(merged.items())], "finish": finish_of(chunks)[-1],
-            "usage": (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"])}
+    return {
+        "content": "".join(d.get("content") or "" for d in deltas) or None,
+        "tools": [tuple(v) for _, v in sorted(merged.items())],
+        "finish": finish_of(chunks)[-1],
+        "usage": (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]),
+    }
 
 
 PARITY = [
@@ -847,4 +918,3 @@ async def test_other_providers_go_through_acompletion() -> None:
         adapter = TranslatedAdapter(provider("cohere_chat/command-r", local.url, api_key="k"), local.clients)
         assert "via=acompletion" in repr(adapter)
         await adapter.probe(LIMITS)  # no free check known: a no-op
-

@@ -45,9 +45,21 @@ class Supervisor:
         self.log = log
         with log.open("wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--workers", "2",
-                 "--log-level", "info"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                [
+                    sys.executable,
+                    "-m",
+                    "proxy.cli",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--workers",
+                    "2",
+                    "--log-level",
+                    "info",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
                 env={**os.environ, **(env or {})},
             )
 
@@ -105,13 +117,23 @@ def serving(tmp_path: Path, cloud: FakeOpenAI, **extra: object) -> Iterator[Supe
     """Two workers in front of `cloud` (a quota of `quota` requests a day; `extra` top-level config keys)."""
     port = free_port()
     config = tmp_path / "proxy.yaml"
-    config.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": GRACE_SECONDS,
-                   "reload_check_seconds": 0},
-        "providers": {"cloud": openai_provider(cloud.url, quota={"requests_per_day": extra.pop("quota", 1000)})},
-        "routes": {"default": ["cloud"]},
-        **extra,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "shutdown_grace_seconds": GRACE_SECONDS,
+                    "reload_check_seconds": 0,
+                },
+                "providers": {
+                    "cloud": openai_provider(cloud.url, quota={"requests_per_day": extra.pop("quota", 1000)})
+                },
+                "routes": {"default": ["cloud"]},
+                **extra,
+            }
+        )
+    )
     env = {} if "PROMETHEUS_MULTIPROC_DIR" not in os.environ else {"PROMETHEUS_MULTIPROC_DIR": ""}
     running = Supervisor(config, port, tmp_path / "proxy.log", env)
     seen: set[int] = set()
@@ -140,8 +162,11 @@ def ask(url: str) -> str:
 def requests_counted(text: str) -> float:
     for family in text_string_to_metric_families(text):
         if family.name == "fallback_proxy_requests":
-            return sum(s.value for s in family.samples
-                       if s.name == "fallback_proxy_requests_total" and s.labels["outcome"] == "ok")
+            return sum(
+                s.value
+                for s in family.samples
+                if s.name == "fallback_proxy_requests_total" and s.labels["outcome"] == "ok"
+            )
     return 0.0
 
 
@@ -151,8 +176,9 @@ def requests_of_each_worker(metrics_dir: str) -> dict[int, float]:
     for path in Path(metrics_dir).glob("counter_*.db"):
         pid = int(path.stem.removeprefix("counter_"))
         families = MultiProcessCollector.merge([str(path)], accumulate=False)  # type: ignore[no-untyped-call]
-        counted[pid] = sum(s.value for family in families for s in family.samples
-                           if s.name == "fallback_proxy_requests_total")
+        counted[pid] = sum(
+            s.value for family in families for s in family.samples if s.name == "fallback_proxy_requests_total"
+        )
     return counted
 
 
@@ -220,19 +246,26 @@ def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path, cloud: FakeOp
         taken.listen()
         port = taken.getsockname()[1]
         config = tmp_path / "proxy.yaml"
-        config.write_text(yaml.safe_dump({
-            "server": {"host": "127.0.0.1", "port": port},
-            "providers": {"cloud": openai_provider(cloud.url)},
-            "routes": {"default": ["cloud"]},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {"host": "127.0.0.1", "port": port},
+                    "providers": {"cloud": openai_provider(cloud.url)},
+                    "routes": {"default": ["cloud"]},
+                }
+            )
+        )
         done = subprocess.run(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--workers", "2"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
     assert done.returncode == 3, done.stderr
     assert "address already in use" in done.stderr.lower()
     assert "Traceback" not in done.stderr
-
 
 
 def test_workers_stop_when_the_supervisor_is_killed(supervisor: Supervisor) -> None:
@@ -271,6 +304,9 @@ def test_workers_share_one_quota_through_redis(tmp_path: Path, cloud: FakeOpenAI
     calls = [r for r in cloud.requests if r.path == "/v1/chat/completions"]
     assert len(calls) == 10  # the quota held across both workers
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    exhausted = sum(s.value for s in families["fallback_proxy_quota_exhausted"].samples
-                    if s.name == "fallback_proxy_quota_exhausted_total")
+    exhausted = sum(
+        s.value
+        for s in families["fallback_proxy_quota_exhausted"].samples
+        if s.name == "fallback_proxy_quota_exhausted_total"
+    )
     assert exhausted == 10

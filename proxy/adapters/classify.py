@@ -141,8 +141,14 @@ def _delivery(exc: BaseException) -> tuple[bool, bool]:
         return False, False
     if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return False, False
-    unanswered = isinstance(cause, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
-                            | httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
+    unanswered = isinstance(
+        cause,
+        aiohttp.ServerDisconnectedError
+        | aiohttp.ClientOSError
+        | httpx.RemoteProtocolError
+        | httpx.ReadError
+        | httpx.WriteError,
+    )
     return True, unanswered
 
 
@@ -248,9 +254,7 @@ def untranslatable(exc: BaseException) -> ProviderError:
     if error.failure in (FailureClass.AUTH_ERROR, FailureClass.CONTEXT_WINDOW_EXCEEDED):
         error.sent, error.unanswered = False, False
         return error
-    return ProviderError(
-        FailureClass.UNSUPPORTED, f"cannot translate the request: {error.message}"[:300], sent=False
-    )
+    return ProviderError(FailureClass.UNSUPPORTED, f"cannot translate the request: {error.message}"[:300], sent=False)
 
 
 def unreadable(exc: BaseException) -> ProviderError:

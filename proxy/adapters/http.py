@@ -31,8 +31,13 @@ class Fetched:
 
 
 async def fetch(
-    session: aiohttp.ClientSession, method: str, url: str | URL, *,
-    headers: dict[str, str] | aiohttp.typedefs.LooseHeaders, data: bytes | None, limits: Limits,
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str | URL,
+    *,
+    headers: dict[str, str] | aiohttp.typedefs.LooseHeaders,
+    data: bytes | None,
+    limits: Limits,
 ) -> Fetched:
     """Send one request and read its answer whole, under `limits`; a transport
     failure or a status of 400 and above is raised as a classified ProviderError."""
@@ -51,8 +56,7 @@ async def fetch(
 
 def attempt_timeout(limits: Limits) -> aiohttp.ClientTimeout:
     # `connect` also bounds the wait for a free connection of the pool.
-    return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect,
-                                 sock_read=limits.read)
+    return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect, sock_read=limits.read)
 
 
 def done_with(response: aiohttp.ClientResponse) -> None:
@@ -86,4 +90,6 @@ async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes
 
 
 def too_large(max_bytes: int) -> ProviderError:
-    return ProviderError(FailureClass.SERVER_ERROR, f"the answer is larger than limits.max_upstream_bytes ({max_bytes})")
+    return ProviderError(
+        FailureClass.SERVER_ERROR, f"the answer is larger than limits.max_upstream_bytes ({max_bytes})"
+    )

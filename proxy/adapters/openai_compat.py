@@ -71,8 +71,9 @@ class OpenAICompatAdapter:
         return orjson.dumps(upstream)
 
     async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
-        answer = await fetch(self._session, "POST", self._url, headers=self._headers,
-                             data=self._encode(body, False), limits=limits)
+        answer = await fetch(
+            self._session, "POST", self._url, headers=self._headers, data=self._encode(body, False), limits=limits
+        )
         return _completion(answer.content)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
@@ -87,8 +88,9 @@ class OpenAICompatAdapter:
         done = False
         try:
             if response.status >= 400:
-                raise classify.from_status(response.status, await read_capped(response, limits.max_bytes),
-                                           response.headers)
+                raise classify.from_status(
+                    response.status, await read_capped(response, limits.max_bytes), response.headers
+                )
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers ignore `stream: true` and answer one JSON body.
@@ -198,4 +200,6 @@ def _completion(content: bytes) -> Completion:
     if not isinstance(parsed, dict) or "error" in parsed or not isinstance(parsed.get("choices"), list):
         raise classify.from_stream_error(parsed)
     model = parsed.get("model")
-    return Completion(body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage")))
+    return Completion(
+        body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage"))
+    )

@@ -51,10 +51,29 @@ from proxy.config.source import _read_yaml, interpolate, redact_url
 from proxy.config.values import _Context, _section
 
 __all__ = [
-    "ALERT_FORMATS", "ALERT_KINDS", "CAPABILITIES", "CONFIG_PATH_VARIABLE", "EDGE_KEYS", "FAILURE_CLASSES",
-    "AlertSettings", "Config", "ConfigError", "HealthSettings", "LimitSettings", "ProviderConfig", "Quota",
-    "RedisSettings", "Route", "ServerConfig", "Timeouts", "WebhookSettings",
-    "default_config_path", "interpolate", "load_config", "parse_config", "redact_url",
+    "ALERT_FORMATS",
+    "ALERT_KINDS",
+    "CAPABILITIES",
+    "CONFIG_PATH_VARIABLE",
+    "EDGE_KEYS",
+    "FAILURE_CLASSES",
+    "AlertSettings",
+    "Config",
+    "ConfigError",
+    "HealthSettings",
+    "LimitSettings",
+    "ProviderConfig",
+    "Quota",
+    "RedisSettings",
+    "Route",
+    "ServerConfig",
+    "Timeouts",
+    "WebhookSettings",
+    "default_config_path",
+    "interpolate",
+    "load_config",
+    "parse_config",
+    "redact_url",
 ]
 
 
@@ -68,16 +87,13 @@ def default_config_path(environ: Mapping[str, str] | None = None) -> str | None:
     return (os.environ if environ is None else environ).get(CONFIG_PATH_VARIABLE) or None
 
 
-
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate the YAML file at ``path``; raise ConfigError."""
     source = os.fspath(path)
     return parse_config(_read_yaml(source), environ, source=source)
 
 
-def parse_config(
-    data: object, environ: Mapping[str, str] | None = None, source: str | None = None
-) -> Config:
+def parse_config(data: object, environ: Mapping[str, str] | None = None, source: str | None = None) -> Config:
     """Validate already-parsed YAML ``data``; raise ConfigError with every problem."""
     ctx = _Context(os.environ if environ is None else environ)
     top = _section(data, "", ctx, _TOP_KEYS)

@@ -9,9 +9,17 @@ from typing import Final
 
 FAILURE_CLASSES: Final[frozenset[str]] = frozenset(
     {
-        "timeout", "connection_error", "rate_limited", "server_error", "auth_error",
-        "context_window_exceeded", "content_filtered", "unhealthy", "quota_exhausted",
-        "unsupported", "policy",
+        "timeout",
+        "connection_error",
+        "rate_limited",
+        "server_error",
+        "auth_error",
+        "context_window_exceeded",
+        "content_filtered",
+        "unhealthy",
+        "quota_exhausted",
+        "unsupported",
+        "policy",
     }
 )
 EDGE_KEYS: Final[frozenset[str]] = FAILURE_CLASSES | {"default"}
@@ -130,10 +138,18 @@ class HealthSettings:
     slow_ttft_seconds: float = 10.0  # a provider whose time to first token averages above this is SLOW
 
 
-ALERT_KINDS: Final[frozenset[str]] = frozenset({
-    "failover", "breaker_open", "recovered", "quota_exhausted", "quota_fail_closed",
-    "store_down", "store_up", "config_reload_failed",
-})
+ALERT_KINDS: Final[frozenset[str]] = frozenset(
+    {
+        "failover",
+        "breaker_open",
+        "recovered",
+        "quota_exhausted",
+        "quota_fail_closed",
+        "store_down",
+        "store_up",
+        "config_reload_failed",
+    }
+)
 ALERT_FORMATS: Final[frozenset[str]] = frozenset({"json", "slack", "telegram"})
 
 

@@ -31,8 +31,19 @@ _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PROVIDER_KEYS: Final = frozenset(
     {
-        "model", "api_key", "api_base", "timeout", "quota", "context_window", "capabilities",
-        "local", "warmup", "probe", "system_prompt", "retries", "headers",
+        "model",
+        "api_key",
+        "api_base",
+        "timeout",
+        "quota",
+        "context_window",
+        "capabilities",
+        "local",
+        "warmup",
+        "probe",
+        "system_prompt",
+        "retries",
+        "headers",
     }
 )
 _TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
@@ -42,8 +53,17 @@ _DEFAULT_TIMEOUTS: Final = Timeouts()
 # litellm providers whose wire format is OpenAI's, so requests are relayed as is.
 _OPENAI_COMPATIBLE: Final = frozenset(
     {
-        "openai", "together_ai", "groq", "deepseek", "mistral", "fireworks_ai", "openrouter", "xai",
-        "hosted_vllm", "lm_studio", "llamafile",
+        "openai",
+        "together_ai",
+        "groq",
+        "deepseek",
+        "mistral",
+        "fireworks_ai",
+        "openrouter",
+        "xai",
+        "hosted_vllm",
+        "lm_studio",
+        "llamafile",
     }
 )
 _API_BASE_REQUIRED: Final = frozenset({"hosted_vllm", "llamafile"})
@@ -66,8 +86,20 @@ _DEFAULT_API_BASES: Final[Mapping[str, str]] = MappingProxyType(
 # Common litellm prefixes, only to catch typos such as "olama_chat/".
 _KNOWN_PREFIXES: Final = _OPENAI_COMPATIBLE | frozenset(
     {
-        "anthropic", "azure", "azure_ai", "bedrock", "cerebras", "cohere", "deepinfra", "gemini",
-        "huggingface", "ollama", "ollama_chat", "perplexity", "vertex_ai", "watsonx",
+        "anthropic",
+        "azure",
+        "azure_ai",
+        "bedrock",
+        "cerebras",
+        "cohere",
+        "deepinfra",
+        "gemini",
+        "huggingface",
+        "ollama",
+        "ollama_chat",
+        "perplexity",
+        "vertex_ai",
+        "watsonx",
     }
 )
 
@@ -80,9 +112,7 @@ class _Scope:
     routes: frozenset[str]
 
 
-def _parse_providers(
-    node: object, routes_node: object, ctx: _Context
-) -> tuple[dict[str, ProviderConfig], _Scope]:
+def _parse_providers(node: object, routes_node: object, ctx: _Context) -> tuple[dict[str, ProviderConfig], _Scope]:
     section = _section(node, "providers", ctx, None)
     if section == {}:
         ctx.error("providers", "at least one provider is required")
@@ -162,9 +192,7 @@ def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -
     if prefix in _API_BASE_REQUIRED:
         ctx.error(where, f"required for {prefix} models (the address of your server)")
     elif provider.local and prefix not in _LOCAL_BY_DEFAULT:
-        ctx.error(
-            where, "required for a local provider (the address of the server on your hardware)"
-        )
+        ctx.error(where, "required for a local provider (the address of the server on your hardware)")
     return _DEFAULT_API_BASES.get(prefix)
 
 
@@ -176,8 +204,7 @@ def _warn_about_model(prefix: str, upstream: str, path: str, ctx: _Context) -> N
         if tag in ("", "latest"):
             ctx.warn(
                 path,
-                f"tag not pinned ({upstream!r} resolves to :latest, which changes under you); "
-                f"write e.g. {base}:7b",
+                f"tag not pinned ({upstream!r} resolves to :latest, which changes under you); write e.g. {base}:7b",
             )
     elif upstream.endswith("-latest"):
         ctx.warn(path, f"{upstream!r} is an alias that moves to new snapshots; pin a dated one")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
@@ -24,9 +25,7 @@ from proxy.config.values import (
 )
 from proxy.routing import find_cycle, reachable
 
-_ROUTE_KEYS: Final = frozenset(
-    {"chain", "first", "on", "local_only", "continuation", "hedge_after_ms", "budget"}
-)
+_ROUTE_KEYS: Final = frozenset({"chain", "first", "on", "local_only", "continuation", "hedge_after_ms", "budget"})
 _Edges = dict[str, dict[str, str]]
 
 
@@ -74,9 +73,7 @@ def _parse_route(name: str, node: object, path: str, scope: _Scope, ctx: _Contex
     )
 
 
-def _route_shape(
-    m: Mapping[str, object], path: str, scope: _Scope, ctx: _Context
-) -> tuple[str, _Edges, str] | None:
+def _route_shape(m: Mapping[str, object], path: str, scope: _Scope, ctx: _Context) -> tuple[str, _Edges, str] | None:
     """``(first, edges, form)`` from a route mapping, or None after an error."""
     if "chain" in m and ("first" in m or "on" in m):
         ctx.error(path, "use either chain: or first:/on:, not both")
@@ -94,9 +91,7 @@ def _route_shape(
     return _graph(m, path, scope, ctx)
 
 
-def _chain(
-    items: list[object], path: str, scope: _Scope, ctx: _Context
-) -> tuple[str, _Edges] | None:
+def _chain(items: list[object], path: str, scope: _Scope, ctx: _Context) -> tuple[str, _Edges] | None:
     """A chain's first node and default edges, or None after an error (reported)."""
     if not items:
         ctx.error(path, "chain is empty")
@@ -112,12 +107,10 @@ def _chain(
             nodes.append(name)
     if len(ctx.errors) > errors:
         return None
-    return nodes[0], {node: {"default": target} for node, target in zip(nodes, nodes[1:])}
+    return nodes[0], {node: {"default": target} for node, target in itertools.pairwise(nodes)}
 
 
-def _graph(
-    m: Mapping[str, object], path: str, scope: _Scope, ctx: _Context
-) -> tuple[str, _Edges, str] | None:
+def _graph(m: Mapping[str, object], path: str, scope: _Scope, ctx: _Context) -> tuple[str, _Edges, str] | None:
     errors = len(ctx.errors)
     first = _reference(m["first"], f"{path}.first", scope, ctx)
     edges: _Edges = {}
@@ -165,9 +158,7 @@ def _freeze(edges: _Edges) -> Mapping[str, Mapping[str, str]]:
     return MappingProxyType({node: MappingProxyType(out) for node, out in edges.items()})
 
 
-def _route_is_sound(
-    route: Route, path: str, providers: Mapping[str, ProviderConfig], ctx: _Context
-) -> bool:
+def _route_is_sound(route: Route, path: str, providers: Mapping[str, ProviderConfig], ctx: _Context) -> bool:
     """Check the walk: no cycle, every edge source reachable, local_only kept."""
     errors = len(ctx.errors)
     cycle = find_cycle(route.first, route.edges)

@@ -36,19 +36,28 @@ from proxy.config.values import (
     _unknown,
 )
 
-_TOP_KEYS: Final = frozenset(
-    {"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes"}
-)
+_TOP_KEYS: Final = frozenset({"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes"})
 _SERVER_KEYS: Final = frozenset(
     {"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds", "reload_check_seconds", "workers"}
 )
 _DEFAULT_SERVER: Final = ServerConfig()
 
 
-_REDIS_KEYS: Final = ("url", "prefix", "timeout_ms", "breaker_seconds", "max_connections", "pool_wait_ms",
-               "breaker_timeouts")
+_REDIS_KEYS: Final = (
+    "url",
+    "prefix",
+    "timeout_ms",
+    "breaker_seconds",
+    "max_connections",
+    "pool_wait_ms",
+    "breaker_timeouts",
+)
 _HEALTH_KEYS: Final = (
-    "failure_threshold", "cooldown_seconds", "probe_interval_seconds", "probe_timeout_seconds", "slow_ttft_seconds",
+    "failure_threshold",
+    "cooldown_seconds",
+    "probe_interval_seconds",
+    "probe_timeout_seconds",
+    "slow_ttft_seconds",
 )
 
 
@@ -64,9 +73,13 @@ def _parse_redis(node: object, ctx: _Context) -> RedisSettings:
         prefix=_get(section, "prefix", "redis", ctx, _text, default.prefix),
         timeout=default.timeout if timeout_ms is None else timeout_ms / 1000,
         breaker_seconds=_get(section, "breaker_seconds", "redis", ctx, _positive_number, default.breaker_seconds),
-        max_connections=_get(section, "max_connections", "redis", ctx, _int_between(1, 10_000), default.max_connections),
+        max_connections=_get(
+            section, "max_connections", "redis", ctx, _int_between(1, 10_000), default.max_connections
+        ),
         pool_wait=default.pool_wait if pool_wait_ms is None else pool_wait_ms / 1000,
-        breaker_timeouts=_get(section, "breaker_timeouts", "redis", ctx, _int_between(1, 1000), default.breaker_timeouts),
+        breaker_timeouts=_get(
+            section, "breaker_timeouts", "redis", ctx, _int_between(1, 1000), default.breaker_timeouts
+        ),
     )
 
 
@@ -76,9 +89,7 @@ def _parse_health(node: object, ctx: _Context) -> HealthSettings:
     if section is None:
         return default
     return HealthSettings(
-        failure_threshold=_get(
-            section, "failure_threshold", "health", ctx, _positive_int, default.failure_threshold
-        ),
+        failure_threshold=_get(section, "failure_threshold", "health", ctx, _positive_int, default.failure_threshold),
         cooldown_seconds=_get(section, "cooldown_seconds", "health", ctx, _positive_number, default.cooldown_seconds),
         probe_interval_seconds=_get(
             section, "probe_interval_seconds", "health", ctx, _non_negative_number, default.probe_interval_seconds
@@ -100,8 +111,12 @@ def _parse_quotas(node: object, ctx: _Context) -> str:
 
 
 _LIMIT_KEYS: Final = (
-    "requests_per_minute", "concurrent_streams", "max_messages", "max_header_bytes",
-    "client_write_timeout_seconds", "max_upstream_bytes",
+    "requests_per_minute",
+    "concurrent_streams",
+    "max_messages",
+    "max_header_bytes",
+    "client_write_timeout_seconds",
+    "max_upstream_bytes",
 )
 
 
@@ -118,14 +133,15 @@ def _parse_limits(node: object, ctx: _Context) -> LimitSettings:
     if section is None:
         return d
     return LimitSettings(
-        requests_per_minute=_get(section, "requests_per_minute", "limits", ctx, _non_negative_int,
-                                 d.requests_per_minute),
-        concurrent_streams=_get(section, "concurrent_streams", "limits", ctx, _non_negative_int,
-                                d.concurrent_streams),
+        requests_per_minute=_get(
+            section, "requests_per_minute", "limits", ctx, _non_negative_int, d.requests_per_minute
+        ),
+        concurrent_streams=_get(section, "concurrent_streams", "limits", ctx, _non_negative_int, d.concurrent_streams),
         max_messages=_get(section, "max_messages", "limits", ctx, _positive_int, d.max_messages),
         max_header_bytes=_get(section, "max_header_bytes", "limits", ctx, _positive_int, d.max_header_bytes),
-        client_write_timeout_seconds=_get(section, "client_write_timeout_seconds", "limits", ctx,
-                                          _positive_number, d.client_write_timeout_seconds),
+        client_write_timeout_seconds=_get(
+            section, "client_write_timeout_seconds", "limits", ctx, _positive_number, d.client_write_timeout_seconds
+        ),
         max_upstream_bytes=_get(section, "max_upstream_bytes", "limits", ctx, _positive_int, d.max_upstream_bytes),
     )
 
@@ -137,7 +153,9 @@ def _parse_alerts(node: object, ctx: _Context) -> AlertSettings:
     section = _section(node, "alerts", ctx, ("webhooks", "dedupe_seconds"))
     if section is None:
         return AlertSettings()
-    hooks = [_parse_webhook(item, where, ctx) for where, item in _items(section.get("webhooks"), "alerts.webhooks", ctx)]
+    hooks = [
+        _parse_webhook(item, where, ctx) for where, item in _items(section.get("webhooks"), "alerts.webhooks", ctx)
+    ]
     return AlertSettings(
         webhooks=tuple(hook for hook in hooks if hook is not None),
         dedupe_seconds=_get(section, "dedupe_seconds", "alerts", ctx, _non_negative_number, 300.0),
@@ -166,8 +184,11 @@ def _parse_webhook(node: object, path: str, ctx: _Context) -> WebhookSettings | 
         ctx.error(path, "missing required key 'url'")
         return None
     return WebhookSettings(
-        url=url, format=fmt, events=frozenset(events) if m.get("events") is not None else ALERT_KINDS,
-        chat_id=chat_id, timeout=_get(m, "timeout", path, ctx, _positive_number, 5.0),
+        url=url,
+        format=fmt,
+        events=frozenset(events) if m.get("events") is not None else ALERT_KINDS,
+        chat_id=chat_id,
+        timeout=_get(m, "timeout", path, ctx, _positive_number, 5.0),
     )
 
 
@@ -215,9 +236,7 @@ def _parse_server(node: object, ctx: _Context) -> ServerConfig:
     return ServerConfig(
         host=_get(section, "host", "server", ctx, _text, default.host),
         port=_get(section, "port", "server", ctx, _int_between(0, 65535), default.port),
-        max_body_bytes=_get(
-            section, "max_body_bytes", "server", ctx, _positive_int, default.max_body_bytes
-        ),
+        max_body_bytes=_get(section, "max_body_bytes", "server", ctx, _positive_int, default.max_body_bytes),
         admin_key=_opt(section, "admin_key", "server", ctx, _client_key),
         shutdown_grace_seconds=_get(
             section, "shutdown_grace_seconds", "server", ctx, _positive_number, default.shutdown_grace_seconds
@@ -246,4 +265,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from collections.abc import Callable, Collection, Mapping
@@ -59,9 +60,7 @@ def _unknown(kind: str, name: str, choices: Collection[str]) -> str:
     return f"unknown {kind} {name!r}"
 
 
-def _section(
-    node: object, path: str, ctx: _Context, allowed: Collection[str] | None
-) -> dict[str, object] | None:
+def _section(node: object, path: str, ctx: _Context, allowed: Collection[str] | None) -> dict[str, object] | None:
     """``node`` as a mapping with string keys (null reads as empty), or None after an error.
 
     With ``allowed``, other keys are reported with a suggestion and left out.
@@ -117,9 +116,7 @@ def _convert(raw: object, path: str, ctx: _Context, convert: Callable[[object], 
         return None
 
 
-def _opt(
-    m: Mapping[str, object], key: str, path: str, ctx: _Context, convert: Callable[[object], T]
-) -> T | None:
+def _opt(m: Mapping[str, object], key: str, path: str, ctx: _Context, convert: Callable[[object], T]) -> T | None:
     return _convert(m.get(key), _join(path, key), ctx, convert)
 
 
@@ -169,10 +166,8 @@ def _number(value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         result = float(value)
     elif isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             result = float(value.strip())
-        except ValueError:
-            pass
     if result is None or not math.isfinite(result):
         raise _BadValue(f"expected a number, got {value!r}")
     return result
@@ -224,9 +219,7 @@ def _http_url(value: object) -> str:
 def _redis_url(value: object) -> str:
     url = _text(value)
     if urlsplit(url).scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
-        raise _BadValue(
-            f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {redact_url(url)!r}"
-        )
+        raise _BadValue(f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {redact_url(url)!r}")
     return url
 
 

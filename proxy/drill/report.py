@@ -147,8 +147,12 @@ def _summary(route: str, results: Sequence[Result], plan: Plan) -> RouteSummary:
     tried = {attempt.provider for result in results for attempt in result.attempts}
     answered = sum(result.answered for result in results)
     return RouteSummary(
-        route=route, answered=answered, total=len(results), providers=tuple(providers),
-        p50_ms=statistics.median(totals), max_ms=max(totals),
+        route=route,
+        answered=answered,
+        total=len(results),
+        providers=tuple(providers),
+        p50_ms=statistics.median(totals),
+        max_ms=max(totals),
         sla_held=sum(sla_held(result, plan.sla_ms) for result in results),
         all_disabled=answered == 0 and bool(tried) and tried <= set(plan.disabled),
     )
@@ -195,22 +199,29 @@ def render_text(report: Report) -> str:
     rows = [header, *(_row(result, plan.sla_ms) for result in report.results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     for row in rows:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
     lines += [f"    ^ {r.route} #{r.index}: {r.error}" for r in report.results if r.error]
     lines.append("")
     lines += [_summary_line(summary, plan.sla_ms) for summary in summarize(report.results, plan)]
     lines += leak_lines(report)
-    lines += [f"!!! could not switch {name!r} back on: do it by hand (POST /admin/providers/{name}/enable)"
-              for name in report.restore_failed]
+    lines += [
+        f"!!! could not switch {name!r} back on: do it by hand (POST /admin/providers/{name}/enable)"
+        for name in report.restore_failed
+    ]
     lines.append(_verdict(report))
     return "\n".join(lines)
 
 
 def _row(result: Result, sla_ms: int) -> tuple[str, ...]:
     return (
-        result.route, str(result.index), "stream" if result.stream else "plain",
-        "-" if result.status is None else str(result.status), result.provider or "-",
-        _ms(result.first_ms), _ms(result.total_ms), "ok" if sla_held(result, sla_ms) else "MISSED",
+        result.route,
+        str(result.index),
+        "stream" if result.stream else "plain",
+        "-" if result.status is None else str(result.status),
+        result.provider or "-",
+        _ms(result.first_ms),
+        _ms(result.total_ms),
+        "ok" if sla_held(result, sla_ms) else "MISSED",
         _attempts_text(result),
     )
 
@@ -240,13 +251,21 @@ def _verdict(report: Report) -> str:
 def render_json(report: Report) -> bytes:
     plan = report.plan
     document = {
-        "mode": report.mode, "target": report.target, "proxy": report.proxy,
-        "disabled": list(plan.disabled), "stream": plan.stream, "requests_per_route": plan.requests,
-        "sla_ms": plan.sla_ms, "prompt": plan.prompt, "notes": list(report.notes),
+        "mode": report.mode,
+        "target": report.target,
+        "proxy": report.proxy,
+        "disabled": list(plan.disabled),
+        "stream": plan.stream,
+        "requests_per_route": plan.requests,
+        "sla_ms": plan.sla_ms,
+        "prompt": plan.prompt,
+        "notes": list(report.notes),
         "requests": [_result_json(result, plan.sla_ms) for result in report.results],
         "routes": [_rounded(dataclasses.asdict(summary)) for summary in summarize(report.results, plan)],
-        "leaks": [{"route": r.route, "index": r.index, "provider": a.provider, "outcome": a.outcome}
-                  for r, a in leaks(report.results, plan.disabled)],
+        "leaks": [
+            {"route": r.route, "index": r.index, "provider": a.provider, "outcome": a.outcome}
+            for r, a in leaks(report.results, plan.disabled)
+        ],
         "restore_failed": list(report.restore_failed),
         "passed": exit_code(report) == EXIT_PASSED,
     }

@@ -52,12 +52,30 @@ async def ask(client: httpx.AsyncClient, route: str, index: int, plan: Plan) -> 
             else:
                 error = _body_problem(response.status_code, await response.aread())
     except httpx.HTTPError as exc:
-        return Result(route, index, plan.stream, None, None, (), first_byte, first_token, elapsed(),
-                      error=f"{type(exc).__name__}: {exc}")
+        return Result(
+            route,
+            index,
+            plan.stream,
+            None,
+            None,
+            (),
+            first_byte,
+            first_token,
+            elapsed(),
+            error=f"{type(exc).__name__}: {exc}",
+        )
     answered = response.status_code == 200 and error is None
     return Result(
-        route, index, plan.stream, response.status_code, response.headers.get("x-proxy-provider"),
-        attempts_of(response.headers, answered), first_byte, first_token, elapsed(), error,
+        route,
+        index,
+        plan.stream,
+        response.status_code,
+        response.headers.get("x-proxy-provider"),
+        attempts_of(response.headers, answered),
+        first_byte,
+        first_token,
+        elapsed(),
+        error,
         response.headers.get("x-request-id"),
     )
 
@@ -222,8 +240,9 @@ async def _prepare_switches(client: httpx.AsyncClient, remote: Remote, plan: Pla
 async def _admin(client: httpx.AsyncClient, remote: Remote, method: str, path: str) -> httpx.Response:
     headers = {"authorization": f"Bearer {remote.admin_key}"}
     try:
-        response = await client.request(method, path, headers=headers, json=None if method == "GET" else
-                                         {"reason": REASON}, timeout=ADMIN_TIMEOUT)
+        response = await client.request(
+            method, path, headers=headers, json=None if method == "GET" else {"reason": REASON}, timeout=ADMIN_TIMEOUT
+        )
     except httpx.HTTPError as exc:
         raise DrillError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
     if response.status_code == 404 and "admin_key" in response.text:
@@ -288,8 +307,9 @@ def run(plan: Plan, *, config_path: str | None, remote: Remote | None, as_json: 
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NOT_RUN
     except KeyboardInterrupt:
-        print("drill interrupted (what it switched off is back on, unless an error above says otherwise)",
-              file=sys.stderr)
+        print(
+            "drill interrupted (what it switched off is back on, unless an error above says otherwise)", file=sys.stderr
+        )
         return 130
     if as_json:
         sys.stdout.write(render_json(report).decode() + "\n")
@@ -306,6 +326,9 @@ async def _drill(plan: Plan, config_path: str | None, remote: Remote | None) -> 
     if config_path is None:
         raise DrillError("pass --config FILE (in-process) or --url URL (a running proxy)")
     config = load_config(config_path)
-    print(f"warning: in-process drill: requests go to the REAL providers in {config_path} (this costs tokens)",
-          file=sys.stderr, flush=True)
+    print(
+        f"warning: in-process drill: requests go to the REAL providers in {config_path} (this costs tokens)",
+        file=sys.stderr,
+        flush=True,
+    )
     return await drill_in_process(config, plan)

@@ -10,10 +10,10 @@ See :class:`Fault` for the fault kinds. ``fake.stop()`` closes the port (connect
 :class:`Blackhole` is a port whose connects hang (firewall dropping SYNs).
 """
 
+from ._anthropic import FakeAnthropic
 from ._blackhole import Blackhole
 from ._core import RequestRecord
 from ._fault import FAULT_KINDS, Fault
-from ._anthropic import FakeAnthropic
 from ._ollama import FakeOllama
 from ._openai import FakeOpenAI
 from ._server import FakeServer

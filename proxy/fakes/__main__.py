@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with kinds[args.provider](args.name, reply=args.reply, model=args.model, port=args.port) as fake:
         print(f"fake {args.provider} {fake.name!r} listening on {fake.url}", flush=True)
-        print(f"break it:  curl -X POST {fake.url}/_fault -d '{{\"kind\":\"status\",\"status\":503}}'", flush=True)
+        print(f'break it:  curl -X POST {fake.url}/_fault -d \'{{"kind":"status","status":503}}\'', flush=True)
         print(f"fix it:    curl -X DELETE {fake.url}/_fault", flush=True)
         try:
             threading.Event().wait()

@@ -20,18 +20,20 @@ _RATE_LIMIT_MESSAGE: Final = (
     "(https://docs.claude.com/en/api/rate-limits); see the response headers for current usage. "
     "Please reduce the prompt length or the maximum tokens requested, or try again later."
 )
-_ERRORS_BY_STATUS: Final = MappingProxyType({
-    400: ("invalid_request_error", "Invalid request"),
-    401: ("authentication_error", "invalid x-api-key"),
-    403: ("permission_error", "Your API key does not have permission to use the specified resource."),
-    404: ("not_found_error", "Not found"),
-    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
-    429: ("rate_limit_error", _RATE_LIMIT_MESSAGE),
-    500: ("api_error", "Internal server error"),
-    503: ("overloaded_error", "Overloaded"),
-    504: ("timeout_error", "Request timed out"),
-    529: ("overloaded_error", "Overloaded"),
-})
+_ERRORS_BY_STATUS: Final = MappingProxyType(
+    {
+        400: ("invalid_request_error", "Invalid request"),
+        401: ("authentication_error", "invalid x-api-key"),
+        403: ("permission_error", "Your API key does not have permission to use the specified resource."),
+        404: ("not_found_error", "Not found"),
+        413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
+        429: ("rate_limit_error", _RATE_LIMIT_MESSAGE),
+        500: ("api_error", "Internal server error"),
+        503: ("overloaded_error", "Overloaded"),
+        504: ("timeout_error", "Request timed out"),
+        529: ("overloaded_error", "Overloaded"),
+    }
+)
 
 
 def anthropic_error(status: int, type_: str, message: str, *, retry_after: float | None = None) -> JSONResponse:
@@ -57,7 +59,6 @@ class FakeAnthropic(FakeServer):
     """
 
     default_name = "anthropic"
-
 
     def _routes(self) -> list[BaseRoute]:
         checks = [self._check_auth, self._check_version]

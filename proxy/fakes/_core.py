@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import threading
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, NoReturn
 
 from starlette.requests import Request
@@ -69,7 +70,7 @@ def split_reply(reply: str, chunks: int | None) -> list[str]:
         return pieces
     count = max(1, chunks)
     bounds = [len(reply) * i // count for i in range(count + 1)]
-    return [reply[start:end] for start, end in zip(bounds, bounds[1:])]
+    return [reply[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def text_of(content: Any) -> str:

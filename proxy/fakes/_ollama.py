@@ -89,9 +89,7 @@ class FakeOllama(FakeServer):
     ) -> None:
         super().__init__(name, reply=reply, chunks=chunks, model=model or _DEFAULT_MODEL, port=port, api_key=api_key)
         self._model = model or _DEFAULT_MODEL
-        self._openai = OpenAIWire(
-            self._core, default_model=self._model, owned_by="library", known_models=[self._model]
-        )
+        self._openai = OpenAIWire(self._core, default_model=self._model, owned_by="library", known_models=[self._model])
 
     @property
     def model(self) -> str:
@@ -240,7 +238,10 @@ class FakeOllama(FakeServer):
         return {**head, "done": True, "done_reason": "stop", **_stats(prompt_tokens, count_words(self._core.reply))}
 
     def _plan(
-        self, piece_payload: Callable[[str], dict[str, Any]], prompt_tokens: int, final_extra: dict[str, Any] | None = None
+        self,
+        piece_payload: Callable[[str], dict[str, Any]],
+        prompt_tokens: int,
+        final_extra: dict[str, Any] | None = None,
     ) -> StreamPlan:
         created = _now()
         content = [

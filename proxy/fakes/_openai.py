@@ -269,5 +269,3 @@ class FakeOpenAI(FakeServer):
 
     def _not_found(self, request: Request) -> Response:
         return self._wire.not_found(request)
-
-

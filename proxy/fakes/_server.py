@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -54,10 +55,8 @@ class _ConnectionGuard:
             if transport is None:
                 raise  # not under uvicorn: let the server drop the connection its own way
             transport.close()  # flushes what was already written, then FIN: an incomplete response
-            try:
+            with contextlib.suppress(TimeoutError):  # the transport is closed either way; uvicorn will notice
                 await asyncio.wait_for(wait_disconnect(receive), timeout=1.0)
-            except TimeoutError:
-                pass  # the transport is closed either way; uvicorn will notice
 
 
 @dataclass

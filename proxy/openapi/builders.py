@@ -12,7 +12,7 @@ FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_ca
 _SSE_DESCRIPTION = (
     "With `stream: true`: server-sent events, `data: <ChatCompletionChunk JSON>` each. Headers are held until "
     "the first real token, so a failure before it falls back invisibly. A failure after it either continues on "
-    "the next provider or ends with one in-band `data: {\"error\": {...}}` event (the OpenAI error object). "
+    'the next provider or ends with one in-band `data: {"error": {...}}` event (the OpenAI error object). '
     "The stream always ends with `data: [DONE]`."
 )
 BEARER = "bearerAuth"

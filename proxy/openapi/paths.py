@@ -50,27 +50,39 @@ def chat_operation(operation_id: str) -> Schema:
     ]
     responses = {
         "200": response("the first provider that could answer did", chat_answer_content(), answer_headers()),
-        "400": error_response("bad JSON, a missing or malformed field, or a provider's 400 passed back as is",
-                              chat_error_headers()),
-        "401": error_response("missing or wrong bearer key (code `invalid_api_key`)",
-                              chat_error_headers("www-authenticate")),
-        "404": error_response("unknown `model` (code `model_not_found`, listing routes and providers)",
-                              chat_error_headers()),
-        "413": error_response("the body is over `server.max_body_bytes` (code `request_too_large`)",
-                              chat_error_headers()),
+        "400": error_response(
+            "bad JSON, a missing or malformed field, or a provider's 400 passed back as is", chat_error_headers()
+        ),
+        "401": error_response(
+            "missing or wrong bearer key (code `invalid_api_key`)", chat_error_headers("www-authenticate")
+        ),
+        "404": error_response(
+            "unknown `model` (code `model_not_found`, listing routes and providers)", chat_error_headers()
+        ),
+        "413": error_response(
+            "the body is over `server.max_body_bytes` (code `request_too_large`)", chat_error_headers()
+        ),
         "422": error_response("a provider's 422 (not about context) passed back as is", chat_error_headers()),
-        "429": error_response("this client key is over `limits.requests_per_minute` or `limits.concurrent_streams` "
-                              "(`rate_limit_error`, code `rate_limit_exceeded`)", chat_error_headers("retry-after")),
-        "431": error_response("the request's headers are over `limits.max_header_bytes` "
-                              "(code `request_header_fields_too_large`)", chat_error_headers()),
-        "4XX": error_response("another plain client error from a provider, passed back as is (no fallback)",
-                              chat_error_headers()),
-        "503": error_response("every candidate failed (code `all_providers_failed`, naming each and why)",
-                              chat_error_headers()),
+        "429": error_response(
+            "this client key is over `limits.requests_per_minute` or `limits.concurrent_streams` "
+            "(`rate_limit_error`, code `rate_limit_exceeded`)",
+            chat_error_headers("retry-after"),
+        ),
+        "431": error_response(
+            "the request's headers are over `limits.max_header_bytes` (code `request_header_fields_too_large`)",
+            chat_error_headers(),
+        ),
+        "4XX": error_response(
+            "another plain client error from a provider, passed back as is (no fallback)", chat_error_headers()
+        ),
+        "503": error_response(
+            "every candidate failed (code `all_providers_failed`, naming each and why)", chat_error_headers()
+        ),
     }
     summary = "Create a chat completion, falling back along the route's graph"
-    return operation(operation_id, summary, "chat", responses, security=[{BEARER: []}], parameters=parameters,
-                     body=body)
+    return operation(
+        operation_id, summary, "chat", responses, security=[{BEARER: []}], parameters=parameters, body=body
+    )
 
 
 def chat_answer_content() -> Schema:
@@ -150,8 +162,15 @@ def admin_switch_operation(action: str) -> Schema:
         note = "optional; a body that is not this JSON object is ignored (the reason is then `drill`)"
         body = {"required": False, "description": note, "content": json_content(ref("DisableRequest"))}
     summary = f"{action.capitalize()} a provider (drills); the health state machine keeps running"
-    return operation(f"admin{action.capitalize()}Provider", summary, "admin", _admin_responses(ok),
-                     security=[{ADMIN_BEARER: []}], parameters=parameters, body=body)
+    return operation(
+        f"admin{action.capitalize()}Provider",
+        summary,
+        "admin",
+        _admin_responses(ok),
+        security=[{ADMIN_BEARER: []}],
+        parameters=parameters,
+        body=body,
+    )
 
 
 def admin_reload_operation() -> Schema:

@@ -27,8 +27,10 @@ def _header_docs() -> dict[str, tuple[str, Schema]]:
             "absent when the first choice answered",
             string(),
         ),
-        "x-proxy-trimmed": ("oldest messages dropped to fit the answering provider's context window",
-                            integer(minimum=1)),
+        "x-proxy-trimmed": (
+            "oldest messages dropped to fit the answering provider's context window",
+            integer(minimum=1),
+        ),
         "x-request-id": ("the request's id (the client's `x-request-id` when printable, else generated)", string()),
         "www-authenticate": ("`Bearer`", string()),
         "retry-after": ("seconds until this client may send again", integer(minimum=0)),
@@ -48,15 +50,21 @@ def header_set(*names: str, required: tuple[str, ...] = ()) -> Schema:
 def answer_headers() -> Schema:
     """The `x-proxy-*` headers on every proxied answer, streaming or not."""
     return header_set(
-        "x-proxy-route", "x-proxy-provider", "x-proxy-attempts", "x-proxy-fallbacks", "x-proxy-trimmed",
-        "x-request-id", required=("x-proxy-route", "x-proxy-provider", "x-proxy-attempts", "x-request-id"),
+        "x-proxy-route",
+        "x-proxy-provider",
+        "x-proxy-attempts",
+        "x-proxy-fallbacks",
+        "x-proxy-trimmed",
+        "x-request-id",
+        required=("x-proxy-route", "x-proxy-provider", "x-proxy-attempts", "x-request-id"),
     )
 
 
 def chat_error_headers(*more: str) -> Schema:
     """On a chat error: the request id always; the route headers once `model` resolved."""
-    return header_set("x-request-id", "x-proxy-route", "x-proxy-attempts", "x-proxy-fallbacks", *more,
-                      required=("x-request-id",))
+    return header_set(
+        "x-request-id", "x-proxy-route", "x-proxy-attempts", "x-proxy-fallbacks", *more, required=("x-request-id",)
+    )
 
 
 def error_response(description: str, headers: Schema | None = None) -> Schema:

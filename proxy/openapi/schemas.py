@@ -61,8 +61,9 @@ def chat_request_schema() -> Schema:
     schema = obj(
         {
             "model": string("a route name or one provider's name (that provider alone, no fallback)", minLength=1),
-            "messages": array(ref("Message"), minItems=1,
-                              description="at most `limits.max_messages` (2000 unless configured)"),
+            "messages": array(
+                ref("Message"), minItems=1, description="at most `limits.max_messages` (2000 unless configured)"
+            ),
             "stream": nullable(boolean("answer as server-sent events")),
             "stream_options": nullable(obj({"include_usage": boolean("send a last chunk with usage")})),
             **_sampling_properties(),
@@ -156,14 +157,17 @@ def content_part_schema() -> Schema:
     image = obj(
         {
             "type": const("image_url"),
-            "image_url": obj({"url": string("https URL or data: URL"), "detail": enum(("auto", "low", "high"))},
-                             ("url",)),
+            "image_url": obj(
+                {"url": string("https URL or data: URL"), "detail": enum(("auto", "low", "high"))}, ("url",)
+            ),
         },
         ("type", "image_url"),
     )
     audio = obj(
-        {"type": const("input_audio"), "input_audio": obj({"data": string(), "format": enum(("wav", "mp3"))},
-                                                           ("data", "format"))},
+        {
+            "type": const("input_audio"),
+            "input_audio": obj({"data": string(), "format": enum(("wav", "mp3"))}, ("data", "format")),
+        },
         ("type", "input_audio"),
     )
     file = obj(

@@ -22,7 +22,12 @@ PUBSUB_HEADROOM = 4  # pool connections beyond max_connections, for health_updat
 
 
 def open_client(
-    url: str, *, timeout: float, connect_timeout: float, max_connections: int, pool_wait: float,
+    url: str,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    max_connections: int,
+    pool_wait: float,
 ) -> tuple[Redis, Sentinel | None]:
     """A client for `url` (and the Sentinel it asks, if any). Query parameters of
     a plain URL are passed to redis-py and win over these."""
@@ -31,9 +36,11 @@ def open_client(
     from redis.maint_notifications import MaintNotificationsConfig
 
     options: dict[str, Any] = {
-        "socket_timeout": timeout, "socket_connect_timeout": connect_timeout,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect_timeout,
         "retry": _no_retry(),
-        "health_check_interval": 0, "decode_responses": True,
+        "health_check_interval": 0,
+        "decode_responses": True,
         "max_connections": max_connections + PUBSUB_HEADROOM,
         # redis-py 8 leaves its stale-connection check off while maintenance
         # notifications are "auto": after a Redis restart every pooled
@@ -43,16 +50,22 @@ def open_client(
     }
     if url.partition("://")[0].lower() in SENTINEL_SCHEMES:
         parsed = parse_sentinel_url(url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             list(parsed.hosts),
             sentinel_kwargs={
-                "socket_timeout": timeout, "socket_connect_timeout": connect_timeout,
-                "retry": _no_retry(), "password": parsed.sentinel_password,
+                "socket_timeout": timeout,
+                "socket_connect_timeout": connect_timeout,
+                "retry": _no_retry(),
+                "password": parsed.sentinel_password,
             },
         )
         client = sentinel.master_for(
-            parsed.service, db=parsed.db, username=parsed.username, password=parsed.password,
-            ssl=parsed.ssl, **options,
+            parsed.service,
+            db=parsed.db,
+            username=parsed.username,
+            password=parsed.password,
+            ssl=parsed.ssl,
+            **options,
         )
         return client, sentinel
     # Calls are bounded by the store's own semaphore; pub/sub subscribers

@@ -64,14 +64,20 @@ class MemoryStore:
         return counter
 
     async def admit(
-        self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
-        tokens_estimate: int, ttl_seconds: int, call_id: str = "",
+        self,
+        provider: str,
+        day: str,
+        *,
+        requests_limit: int | None,
+        tokens_limit: int | None,
+        tokens_estimate: int,
+        ttl_seconds: int,
+        call_id: str = "",
     ) -> Admission:
         check_quota_args(tokens_estimate, ttl_seconds)
         counter = self._counter(provider, day)
         used = (counter.requests, counter.tokens) if counter else (0, 0)
-        if not admits(*used, requests_limit=requests_limit, tokens_limit=tokens_limit,
-                      tokens_estimate=tokens_estimate):
+        if not admits(*used, requests_limit=requests_limit, tokens_limit=tokens_limit, tokens_estimate=tokens_estimate):
             return Admission(False, *used)
         counter = counter or self._create(provider, day, ttl_seconds)
         counter.requests += 1
@@ -81,7 +87,13 @@ class MemoryStore:
         return Admission(True, counter.requests, counter.tokens)
 
     async def settle(
-        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int,
+        self,
+        provider: str,
+        day: str,
+        *,
+        requests_delta: int,
+        tokens_delta: int,
+        ttl_seconds: int,
         call_id: str = "",
     ) -> None:
         counter = self._counter(provider, day)
@@ -137,8 +149,15 @@ class MemoryStore:
         return value
 
     async def acquire_lease(
-        self, name: str, member: str, *, limit: int, ttl_seconds: float, count: str | None = None,
-        count_limit: int = 0, count_ttl_seconds: float = 60.0,
+        self,
+        name: str,
+        member: str,
+        *,
+        limit: int,
+        ttl_seconds: float,
+        count: str | None = None,
+        count_limit: int = 0,
+        count_ttl_seconds: float = 60.0,
     ) -> Lease:
         counted = None if count is None else await self.count(count, 1, count_ttl_seconds)
         now = self._clock()
@@ -179,4 +198,3 @@ class MemoryStore:
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(None)
-

@@ -82,8 +82,9 @@ class ReplayQueue:
             self._items.popleft()
             dropped = 1
             if self.dropped == 0 or (self.dropped + 1) % 1000 == 0:
-                log.warning("store: replay queue full (%d): %d queued writes dropped so far",
-                            self._limit, self.dropped + 1)
+                log.warning(
+                    "store: replay queue full (%d): %d queued writes dropped so far", self._limit, self.dropped + 1
+                )
         self._items.append(Pending(operation, run))
         self._changed(dropped=dropped)
         if self._replayer is None or self._replayer.done():

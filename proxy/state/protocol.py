@@ -83,8 +83,15 @@ class StateStore(Protocol):
     kind: str  # "redis" or "memory"
 
     async def admit(
-        self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
-        tokens_estimate: int, ttl_seconds: int, call_id: str = "",
+        self,
+        provider: str,
+        day: str,
+        *,
+        requests_limit: int | None,
+        tokens_limit: int | None,
+        tokens_estimate: int,
+        ttl_seconds: int,
+        call_id: str = "",
     ) -> Admission:
         """Atomically: reject (changing nothing) if one more request or `tokens_estimate`
         more tokens would exceed a limit (None: unlimited); else count them, and
@@ -93,7 +100,13 @@ class StateStore(Protocol):
         ...
 
     async def settle(
-        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int,
+        self,
+        provider: str,
+        day: str,
+        *,
+        requests_delta: int,
+        tokens_delta: int,
+        ttl_seconds: int,
         call_id: str = "",
     ) -> None:
         """Adjust counters after a call (tokens_delta = actual - estimate; a refund is
@@ -130,8 +143,15 @@ class StateStore(Protocol):
         ...
 
     async def acquire_lease(
-        self, name: str, member: str, *, limit: int, ttl_seconds: float, count: str | None = None,
-        count_limit: int = 0, count_ttl_seconds: float = 60.0,
+        self,
+        name: str,
+        member: str,
+        *,
+        limit: int,
+        ttl_seconds: float,
+        count: str | None = None,
+        count_limit: int = 0,
+        count_ttl_seconds: float = 60.0,
     ) -> Lease:
         """Atomically: forget the leases of `name` that expired; if fewer than `limit`
         (0: no limit) remain, add `member` for `ttl_seconds`. With `count` (a counter
@@ -160,8 +180,13 @@ class StateStore(Protocol):
 
 # Pure decisions, shared by both stores (the Lua scripts in `scripts` mirror them).
 
+
 def admits(
-    requests_used: int, tokens_used: int, *, requests_limit: int | None, tokens_limit: int | None,
+    requests_used: int,
+    tokens_used: int,
+    *,
+    requests_limit: int | None,
+    tokens_limit: int | None,
     tokens_estimate: int,
 ) -> bool:
     if requests_limit is not None and requests_used + 1 > requests_limit:
@@ -200,4 +225,3 @@ def check_quota_args(tokens_estimate: int, ttl_seconds: int) -> None:
         raise ValueError(f"tokens_estimate must be >= 0, got {tokens_estimate}")
     if ttl_seconds <= 0:
         raise ValueError(f"ttl_seconds must be > 0, got {ttl_seconds}")
-

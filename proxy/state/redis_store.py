@@ -67,11 +67,21 @@ class RedisStore:
     kind: str = "redis"
 
     def __init__(
-        self, client: Redis, *, target: str, prefix: str = "fp", timeout: float = 0.05,
-        breaker_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
-        max_connections: int = 64, hard_timeout: float | None = None, pool_wait: float = 0.5,
-        breaker_timeouts: int = 3, pending_limit: int = PENDING_LIMIT,
-        pubsub_ping_seconds: float = 5.0, sentinel: Sentinel | None = None,
+        self,
+        client: Redis,
+        *,
+        target: str,
+        prefix: str = "fp",
+        timeout: float = 0.05,
+        breaker_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_connections: int = 64,
+        hard_timeout: float | None = None,
+        pool_wait: float = 0.5,
+        breaker_timeouts: int = 3,
+        pending_limit: int = PENDING_LIMIT,
+        pubsub_ping_seconds: float = 5.0,
+        sentinel: Sentinel | None = None,
     ) -> None:
         self._client = client
         self._sentinel = sentinel
@@ -98,29 +108,53 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "fp", timeout: float = 0.05, connect_timeout: float = 0.2,
-        breaker_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic,
-        max_connections: int = 64, hard_timeout: float | None = None, pool_wait: float = 0.5,
-        breaker_timeouts: int = 3, pending_limit: int = PENDING_LIMIT, pubsub_ping_seconds: float = 5.0,
+        cls,
+        url: str,
+        *,
+        prefix: str = "fp",
+        timeout: float = 0.05,
+        connect_timeout: float = 0.2,
+        breaker_seconds: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_connections: int = 64,
+        hard_timeout: float | None = None,
+        pool_wait: float = 0.5,
+        breaker_timeouts: int = 3,
+        pending_limit: int = PENDING_LIMIT,
+        pubsub_ping_seconds: float = 5.0,
     ) -> RedisStore:
         """`redis://`, `rediss://`, `unix://` or `redis+sentinel://`. Connects lazily:
         an unreachable server shows up as StoreUnavailable on the first call.
         Query parameters of a plain URL are passed to redis-py and win over these."""
         client, sentinel = open_client(
-            url, timeout=timeout, connect_timeout=connect_timeout, max_connections=max_connections,
+            url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            max_connections=max_connections,
             pool_wait=pool_wait,
         )
         return cls(
-            client, target=describe_target(url), prefix=prefix, timeout=timeout,
-            breaker_seconds=breaker_seconds, clock=clock, max_connections=max_connections,
-            hard_timeout=hard_timeout, pool_wait=pool_wait, breaker_timeouts=breaker_timeouts,
-            pending_limit=pending_limit, pubsub_ping_seconds=pubsub_ping_seconds, sentinel=sentinel,
+            client,
+            target=describe_target(url),
+            prefix=prefix,
+            timeout=timeout,
+            breaker_seconds=breaker_seconds,
+            clock=clock,
+            max_connections=max_connections,
+            hard_timeout=hard_timeout,
+            pool_wait=pool_wait,
+            breaker_timeouts=breaker_timeouts,
+            pending_limit=pending_limit,
+            pubsub_ping_seconds=pubsub_ping_seconds,
+            sentinel=sentinel,
         )
 
     def __repr__(self) -> str:
         state = "open" if self.breaker_open else "closed"
-        return (f"<RedisStore {self.target} prefix={self.keys.prefix!r} breaker={state} failures={self.failures}"
-                f" pending={len(self._pending)}>")
+        return (
+            f"<RedisStore {self.target} prefix={self.keys.prefix!r} breaker={state} failures={self.failures}"
+            f" pending={len(self._pending)}>"
+        )
 
     @property
     def breaker_open(self) -> bool:
@@ -204,19 +238,27 @@ class RedisStore:
         return result
 
     async def admit(
-        self, provider: str, day: str, *, requests_limit: int | None, tokens_limit: int | None,
-        tokens_estimate: int, ttl_seconds: int, call_id: str = "",
+        self,
+        provider: str,
+        day: str,
+        *,
+        requests_limit: int | None,
+        tokens_limit: int | None,
+        tokens_estimate: int,
+        ttl_seconds: int,
+        call_id: str = "",
     ) -> Admission:
         check_quota_args(tokens_estimate, ttl_seconds)
         args: list[int | str] = [
             -1 if requests_limit is None else requests_limit,
-            -1 if tokens_limit is None else tokens_limit, tokens_estimate, ttl_seconds, call_id,
+            -1 if tokens_limit is None else tokens_limit,
+            tokens_estimate,
+            ttl_seconds,
+            call_id,
         ]
         key = self.keys.quota(provider, day)
         try:
-            admitted, requests, tokens = await self._call(
-                "admit", lambda: self._admit(keys=[key], args=args)
-            )
+            admitted, requests, tokens = await self._call("admit", lambda: self._admit(keys=[key], args=args))
         except (StoreUnavailable, asyncio.CancelledError) as exc:
             if call_id and getattr(exc, "maybe_applied", True):
                 # The admission may have counted: give it back if (and only if) it did.
@@ -226,7 +268,13 @@ class RedisStore:
         return Admission(bool(admitted), int(requests), int(tokens))
 
     async def settle(
-        self, provider: str, day: str, *, requests_delta: int, tokens_delta: int, ttl_seconds: int,
+        self,
+        provider: str,
+        day: str,
+        *,
+        requests_delta: int,
+        tokens_delta: int,
+        ttl_seconds: int,
         call_id: str = "",
     ) -> None:
         check_quota_args(0, ttl_seconds)
@@ -285,7 +333,7 @@ class RedisStore:
                     yield update
         finally:
             self._pubsubs.discard(pubsub)
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     async def _messages(self, pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
         """Every pub/sub message until `aclose`; PINGs a silent channel, because a
@@ -315,7 +363,7 @@ class RedisStore:
             await pubsub.subscribe(self.keys.channel)
             await pubsub.get_message(timeout=self.timeout)  # the subscribe confirmation
         except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
             raise
         return pubsub
 
@@ -351,8 +399,15 @@ class RedisStore:
         return await self._call("count", add)
 
     async def acquire_lease(
-        self, name: str, member: str, *, limit: int, ttl_seconds: float, count: str | None = None,
-        count_limit: int = 0, count_ttl_seconds: float = 60.0,
+        self,
+        name: str,
+        member: str,
+        *,
+        limit: int,
+        ttl_seconds: float,
+        count: str | None = None,
+        count_limit: int = 0,
+        count_ttl_seconds: float = 60.0,
     ) -> Lease:
         keys = [self.keys.lease(name)]
         args: list[str | int] = [member, limit, max(1, round(ttl_seconds * 1000))]
@@ -390,7 +445,7 @@ class RedisStore:
         await self._pending.close(flush_seconds)
         self._closed = True
         for pubsub in list(self._pubsubs):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
         await self._client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()

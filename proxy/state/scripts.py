@@ -110,4 +110,3 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return {1, redis.call('ZCARD', KEYS[1]), counted}
 """
-

@@ -52,8 +52,12 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     if unknown:
         raise ValueError(f"sentinel URL: unsupported query parameter(s) {sorted(unknown)}")
     return SentinelURL(
-        hosts=hosts, service=parts[0], db=int(parts[1]) if len(parts) == 2 else 0,
-        ssl=SENTINEL_SCHEMES[scheme.lower()], username=username, password=password or None,
+        hosts=hosts,
+        service=parts[0],
+        db=int(parts[1]) if len(parts) == 2 else 0,
+        ssl=SENTINEL_SCHEMES[scheme.lower()],
+        username=username,
+        password=password or None,
         sentinel_password=params.get("sentinel_password", [None])[-1] or None,
     )
 
@@ -76,4 +80,3 @@ def describe_target(url: str) -> str:
     scheme, _, rest = url.partition("://")
     netloc, slash, path = rest.partition("/")
     return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path.partition('?')[0]}"
-

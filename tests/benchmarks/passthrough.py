@@ -40,11 +40,14 @@ def build_app(upstream: str) -> Starlette:
         assert session is not None
         body = await request.body()
         upstream = await session.request(
-            request.method, base + request.url.path, data=body if body else None,
+            request.method,
+            base + request.url.path,
+            data=body if body else None,
             headers={"content-type": "application/json"},
         )
         content_type = upstream.headers.get("content-type", "application/json")
         if content_type.startswith("text/event-stream"):
+
             async def chunks() -> AsyncIterator[bytes]:
                 try:
                     async for data in upstream.content.iter_any():
@@ -71,8 +74,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9200)
     args = parser.parse_args()
     uvicorn.run(
-        build_app(args.upstream), host=args.host, port=args.port, loop="uvloop", http="httptools", ws="none",
-        lifespan="on", log_level="warning", access_log=False, server_header=False,
+        build_app(args.upstream),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        ws="none",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        server_header=False,
     )
 
 

@@ -73,8 +73,9 @@ def summarize(raw: Path, top: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.profile_proxy",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks.profile_proxy", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--kind", choices=["openai", "anthropic"], default="openai")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -90,9 +91,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     upstream = start_upstream(out)
     proxy = str(Path(sys.executable).parent / "fallback-proxy")
-    system = System(f"fp-{args.kind}", f"fallback-proxy ({args.kind})", args.kind, "default",
-                    command=[proxy, "serve", "--config", str(out / f"fallback-proxy-{args.kind}.yaml"),
-                             "--port", "{port}"])
+    system = System(
+        f"fp-{args.kind}",
+        f"fallback-proxy ({args.kind})",
+        args.kind,
+        "default",
+        command=[proxy, "serve", "--config", str(out / f"fallback-proxy-{args.kind}.yaml"), "--port", "{port}"],
+    )
     try:
         process, port, _ = start(system, out, upstream.port)
         try:
@@ -105,9 +110,22 @@ def main() -> int:
                 load = threading.Thread(target=wrk, args=(system, port, stream, args.seconds + 2, out))
                 before = cpu_seconds(process.pid)
                 load.start()
-                command = [args.py_spy, "record", "--pid", str(process.pid), "--rate", str(args.rate),
-                           "--duration", str(args.seconds), "--function", "--format", "raw", "--output", str(raw),
-                           "--nonblocking"]
+                command = [
+                    args.py_spy,
+                    "record",
+                    "--pid",
+                    str(process.pid),
+                    "--rate",
+                    str(args.rate),
+                    "--duration",
+                    str(args.seconds),
+                    "--function",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                    "--nonblocking",
+                ]
                 if args.native:
                     command.append("--native")
                 subprocess.run(command, check=True, capture_output=True)

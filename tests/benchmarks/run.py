@@ -29,14 +29,15 @@ Only ratios measured in one run mean anything: the machine is noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
 import math
 import os
 import platform
-import shutil
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -93,14 +94,18 @@ class Settings:
     def from_args(cls, args: argparse.Namespace) -> Settings:
         venv: Path | None = None if args.no_litellm else Path(args.litellm_venv)
         if venv is not None and not (venv / "bin" / "litellm").exists():
-            print(f"note: no LiteLLM proxy at {venv}/bin/litellm (tests/benchmarks/setup_litellm_venv.sh); "
-                  "its rows are skipped", file=sys.stderr)
+            print(
+                f"note: no LiteLLM proxy at {venv}/bin/litellm (tests/benchmarks/setup_litellm_venv.sh); "
+                "its rows are skipped",
+                file=sys.stderr,
+            )
             venv = None
         workers_row = not args.no_workers
         if args.quick:
             return cls(1, 2.0, 0.0, 1.0, 1, venv, fallback_rows=False, workers_row=workers_row)
-        return cls(args.rounds, args.duration, 1.0, args.latency_duration, 3, venv, fallback_rows=True,
-                   workers_row=workers_row)
+        return cls(
+            args.rounds, args.duration, 1.0, args.latency_duration, 3, venv, fallback_rows=True, workers_row=workers_row
+        )
 
 
 # --- the systems under test ---------------------------------------------------------------
@@ -162,7 +167,7 @@ def litellm_config(upstream: int, kind: str) -> str:
         f"      api_key: sk-bench\n      api_base: http://127.0.0.1:{upstream}/v1\n"
         for name in ("bench", "bench-b")
     )
-    fallbacks = "router_settings:\n  fallbacks: [{\"bench\": [\"bench-b\"]}]\n" if kind == "fallback" else ""
+    fallbacks = 'router_settings:\n  fallbacks: [{"bench": ["bench-b"]}]\n' if kind == "fallback" else ""
     return "model_list:\n" + models + fallbacks
 
 
@@ -171,11 +176,23 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
     proxy = str(Path(python).parent / "fallback-proxy")
     systems = [
         System("direct", "direct to upstream (OpenAI)", "openai", OPENAI_MODEL),
-        System("direct-anthropic", "direct to upstream (Anthropic)", "anthropic", ANTHROPIC_MODEL,
-               path="/v1/messages"),
-        System("aiohttp", "aiohttp pass-through (floor)", "openai", OPENAI_MODEL,
-               command=[python, "-m", "tests.benchmarks.passthrough", "--upstream", f"http://127.0.0.1:{upstream}",
-                        "--port", "{port}"], ready_repeats=settings.ready_repeats),
+        System("direct-anthropic", "direct to upstream (Anthropic)", "anthropic", ANTHROPIC_MODEL, path="/v1/messages"),
+        System(
+            "aiohttp",
+            "aiohttp pass-through (floor)",
+            "openai",
+            OPENAI_MODEL,
+            command=[
+                python,
+                "-m",
+                "tests.benchmarks.passthrough",
+                "--upstream",
+                f"http://127.0.0.1:{upstream}",
+                "--port",
+                "{port}",
+            ],
+            ready_repeats=settings.ready_repeats,
+        ),
     ]
     kinds = [("openai", "fallback-proxy (OpenAI path)")]
     if settings.fallback_rows:
@@ -183,20 +200,30 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
     kinds.append(("anthropic", "fallback-proxy (Anthropic, translated)"))
     for kind, label in kinds:
         config = workdir / f"fallback-proxy-{kind}.yaml"
-        systems.append(System(
-            f"fp-{kind}", label, "anthropic" if kind == "anthropic" else "openai", "default",
-            command=[proxy, "serve", "--config", str(config), "--port", "{port}"],
-            litellm_inside=kind == "anthropic",
-            # the start-to-ready target is for configs without litellm providers; one spawn is enough here
-            ready_repeats=1 if kind == "anthropic" else settings.ready_repeats,
-        ))
+        systems.append(
+            System(
+                f"fp-{kind}",
+                label,
+                "anthropic" if kind == "anthropic" else "openai",
+                "default",
+                command=[proxy, "serve", "--config", str(config), "--port", "{port}"],
+                litellm_inside=kind == "anthropic",
+                # the start-to-ready target is for configs without litellm providers; one spawn is enough here
+                ready_repeats=1 if kind == "anthropic" else settings.ready_repeats,
+            )
+        )
     if settings.workers_row:
         config = workdir / "fallback-proxy-openai-2w.yaml"
-        systems.append(System(
-            "fp-openai-2w", f"fallback-proxy (OpenAI path, 2 workers, cores {BOTH_CORES})", "openai", "default",
-            command=[proxy, "serve", "--config", str(config), "--port", "{port}", "--workers", "2"],
-            cores=BOTH_CORES,
-        ))
+        systems.append(
+            System(
+                "fp-openai-2w",
+                f"fallback-proxy (OpenAI path, 2 workers, cores {BOTH_CORES})",
+                "openai",
+                "default",
+                command=[proxy, "serve", "--config", str(config), "--port", "{port}", "--workers", "2"],
+                cores=BOTH_CORES,
+            )
+        )
     if settings.litellm_venv is not None:
         rows = [("openai", "LiteLLM proxy (OpenAI)", "bench")]
         if settings.fallback_rows:
@@ -205,11 +232,23 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
         for kind, label, model in rows:
             config = workdir / f"litellm-{kind}.yaml"
             config.write_text(litellm_config(upstream, kind))
-            systems.append(System(
-                f"litellm-{kind}", label, "anthropic" if kind == "anthropic" else "openai", model,
-                command=[str(settings.litellm_venv / "bin" / "litellm"), "--config", str(config), "--port", "{port}"],
-                env=LITELLM_ENV, litellm_inside=True,
-            ))
+            systems.append(
+                System(
+                    f"litellm-{kind}",
+                    label,
+                    "anthropic" if kind == "anthropic" else "openai",
+                    model,
+                    command=[
+                        str(settings.litellm_venv / "bin" / "litellm"),
+                        "--config",
+                        str(config),
+                        "--port",
+                        "{port}",
+                    ],
+                    env=LITELLM_ENV,
+                    litellm_inside=True,
+                )
+            )
     return systems
 
 
@@ -230,8 +269,13 @@ class Process:
         self.log = log
         self.started = time.perf_counter()
         self.popen = subprocess.Popen(
-            ["taskset", "-c", str(core), *command], cwd=REPO, env={**os.environ, **(env or {})},
-            stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            ["taskset", "-c", str(core), *command],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @property
@@ -263,10 +307,8 @@ def process_tree(pid: int) -> list[int]:
         current = queue.pop()
         pids.append(current)
         for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
+            with contextlib.suppress(OSError):
                 queue.extend(int(child) for child in (task / "children").read_text().split())
-            except OSError:
-                pass
     return pids
 
 
@@ -358,8 +400,12 @@ class Connection:
                 raise ConnectionError("the server closed the connection")
             exchange.parser.feed_data(data)
         ended = time.perf_counter_ns()
-        return (exchange.parser.get_status_code(), exchange.first_body_ns - started, ended - started,
-                b"".join(exchange.body))
+        return (
+            exchange.parser.get_status_code(),
+            exchange.first_body_ns - started,
+            ended - started,
+            b"".join(exchange.body),
+        )
 
 
 def raw_request(system: System, port: int, payload: bytes) -> bytes:
@@ -423,8 +469,13 @@ class LatencySamples:
     def summary(self) -> Latency | None:
         if not self.totals:
             return None
-        return Latency(percentile(self.totals, 50), percentile(self.totals, 99), percentile(self.firsts, 50),
-                       percentile(self.firsts, 99), len(self.totals))
+        return Latency(
+            percentile(self.totals, 50),
+            percentile(self.totals, 99),
+            percentile(self.firsts, 50),
+            percentile(self.firsts, 99),
+            len(self.totals),
+        )
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -461,15 +512,32 @@ def wrk(system: System, port: int, stream: bool, seconds: float, workdir: Path) 
     body_file = workdir / f"body-{system.key}-{'stream' if stream else 'plain'}.json"
     body_file.write_bytes(body(system, stream))
     command = [
-        "taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
-        "--timeout", "10s", "-s", str(LUA), "-H", "anthropic-version: 2023-06-01",
+        "taskset",
+        "-c",
+        str(LOAD_CORE),
+        "wrk",
+        "-t1",
+        f"-c{CONNECTIONS}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        "-H",
+        "anthropic-version: 2023-06-01",
         f"http://127.0.0.1:{port}{system.path}",
     ]
-    done = subprocess.run(command, env={**os.environ, "WRK_BODY_FILE": str(body_file)}, capture_output=True,
-                          text=True, timeout=seconds + 60, check=False)
+    done = subprocess.run(
+        command,
+        env={**os.environ, "WRK_BODY_FILE": str(body_file)},
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
     for line in done.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            result: dict[str, Any] = json.loads(line[len("BENCH_JSON "):])
+            result: dict[str, Any] = json.loads(line[len("BENCH_JSON ") :])
             return result
     raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
 
@@ -515,8 +583,16 @@ class Load:
         return None if cpu is None or not self.wall else 100 * cpu / self.wall
 
 
-def measure_load(system: System, port: int, stream: bool, seconds: float, workdir: Path,
-                 sut: Process | None, upstream: Process, into: Load) -> None:
+def measure_load(
+    system: System,
+    port: int,
+    stream: bool,
+    seconds: float,
+    workdir: Path,
+    sut: Process | None,
+    upstream: Process,
+    into: Load,
+) -> None:
     sut_before = cpu_seconds(sut.pid) if sut else 0.0
     upstream_before = cpu_seconds(upstream.pid)
     busy_before, steal_before = machine_cpu()
@@ -533,8 +609,9 @@ def measure_load(system: System, port: int, stream: bool, seconds: float, workdi
     duration = result["duration_us"] / 1e6
     into.requests += requests
     into.good += good
-    into.errors += sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
-                                           "timeout_errors"))
+    into.errors += sum(
+        result[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeout_errors")
+    )
     into.seconds += duration
     into.wall += wall
     if sut_cpu is not None:
@@ -592,8 +669,9 @@ def start(system: System, workdir: Path, upstream_port: int) -> tuple[Process, i
     return process, port, ready
 
 
-def launch(system: System, settings: Settings, workdir: Path, upstream_port: int,
-           say: Callable[[str], None]) -> Running:
+def launch(
+    system: System, settings: Settings, workdir: Path, upstream_port: int, say: Callable[[str], None]
+) -> Running:
     """Start a system (after the extra start-to-ready spawns), check its answers, warm it up."""
     result = Result(system.key, system.label, system.wire, system.litellm_inside)
     running = Running(system, result, None, upstream_port)
@@ -623,20 +701,22 @@ def fail(running: Running, exc: Exception, say: Callable[[str], None]) -> None:
         running.process.stop()
 
 
-def measure_round(running: Running, settings: Settings, workdir: Path, upstream: Process,
-                  say: Callable[[str], None]) -> None:
+def measure_round(
+    running: Running, settings: Settings, workdir: Path, upstream: Process, say: Callable[[str], None]
+) -> None:
     system, result, port = running.system, running.result, running.port
     try:
         measure_latency(system, port, False, settings.latency_seconds, result.latency_samples)
         measure_latency(system, port, True, settings.latency_seconds, result.stream_samples)
         measure_load(system, port, False, settings.load_seconds, workdir, running.process, upstream, result.plain)
-        measure_load(system, port, True, settings.load_seconds, workdir, running.process, upstream,
-                     result.streams)
+        measure_load(system, port, True, settings.load_seconds, workdir, running.process, upstream, result.streams)
     except Exception as exc:
         fail(running, exc, say)
         return
-    say(f"  {system.label}: {result.plain.rounds_rps[-1]:,.0f} req/s, {result.streams.rounds_rps[-1]:,.0f} "
-        f"streams/s; c=1 p50 {percentile(result.latency_samples.totals, 50):.3f} ms")
+    say(
+        f"  {system.label}: {result.plain.rounds_rps[-1]:,.0f} req/s, {result.streams.rounds_rps[-1]:,.0f} "
+        f"streams/s; c=1 p50 {percentile(result.latency_samples.totals, 50):.3f} ms"
+    )
 
 
 def finish(running: Running) -> Result:
@@ -675,55 +755,71 @@ def added(result: Result, base: Result | None, attr: str, pick: str) -> float | 
 
 def table(results: Sequence[Result]) -> str:
     base = baselines(results)
-    head = ("| system | req/s (c=32) | streams/s (c=32) | p50 ms (c=1) | p99 ms (c=1) | added p50 ms | added p99 ms "
-            "| stream TTFB p50 ms | stream p50 ms | CPU ms/req | CPU ms/stream | RSS MB | start-to-ready s |")
+    head = (
+        "| system | req/s (c=32) | streams/s (c=32) | p50 ms (c=1) | p99 ms (c=1) | added p50 ms | added p99 ms "
+        "| stream TTFB p50 ms | stream p50 ms | CPU ms/req | CPU ms/stream | RSS MB | start-to-ready s |"
+    )
     rows = [head, "|" + " --- |" * 13]
     for r in results:
         if r.error:
             rows.append(f"| {r.label} | failed: {r.error.splitlines()[0][:100]} |" + " |" * 11)
             continue
         b = base.get(r.wire)
-        rows.append("| " + " | ".join([
-            r.label,
-            _fmt(r.plain.rps if r.plain.good else None, 0),
-            _fmt(r.streams.rps if r.streams.good else None, 0),
-            _fmt(r.latency.p50_ms if r.latency else None, 3),
-            _fmt(r.latency.p99_ms if r.latency else None, 3),
-            _fmt(added(r, b, "latency", "p50_ms"), 3),
-            _fmt(added(r, b, "latency", "p99_ms"), 3),
-            _fmt(r.stream_latency.first_byte_p50_ms if r.stream_latency else None, 3),
-            _fmt(r.stream_latency.p50_ms if r.stream_latency else None, 3),
-            _fmt(r.plain.cpu_ms_per_request, 3),
-            _fmt(r.streams.cpu_ms_per_request, 3),
-            _fmt(r.rss_mb, 1),
-            _fmt(r.ready_s, 2),
-        ]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    r.label,
+                    _fmt(r.plain.rps if r.plain.good else None, 0),
+                    _fmt(r.streams.rps if r.streams.good else None, 0),
+                    _fmt(r.latency.p50_ms if r.latency else None, 3),
+                    _fmt(r.latency.p99_ms if r.latency else None, 3),
+                    _fmt(added(r, b, "latency", "p50_ms"), 3),
+                    _fmt(added(r, b, "latency", "p99_ms"), 3),
+                    _fmt(r.stream_latency.first_byte_p50_ms if r.stream_latency else None, 3),
+                    _fmt(r.stream_latency.p50_ms if r.stream_latency else None, 3),
+                    _fmt(r.plain.cpu_ms_per_request, 3),
+                    _fmt(r.streams.cpu_ms_per_request, 3),
+                    _fmt(r.rss_mb, 1),
+                    _fmt(r.ready_s, 2),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(rows)
 
 
 def diagnostics(results: Sequence[Result]) -> str:
-    rows = ["| system | SUT CPU % (plain / stream) | upstream CPU % | foreign CPU % | steal % "
-            "| req/s per round | streams/s per round | wrk errors | c=1 samples | stream TTFB p99 ms "
-            "| stream p99 ms | start-to-ready runs s |",
-            "|" + " --- |" * 12]
+    rows = [
+        "| system | SUT CPU % (plain / stream) | upstream CPU % | foreign CPU % | steal % "
+        "| req/s per round | streams/s per round | wrk errors | c=1 samples | stream TTFB p99 ms "
+        "| stream p99 ms | start-to-ready runs s |",
+        "|" + " --- |" * 12,
+    ]
     for r in results:
         if r.error or r.latency is None or r.stream_latency is None:
             continue
         p, s = r.plain, r.streams
-        rows.append("| " + " | ".join([
-            r.label,
-            f"{_fmt(p.pct(p.sut_cpu), 0)} / {_fmt(s.pct(s.sut_cpu), 0)}",
-            f"{_fmt(p.pct(p.upstream_cpu), 0)} / {_fmt(s.pct(s.upstream_cpu), 0)}",
-            f"{_fmt(p.pct(p.foreign_cpu), 0)} / {_fmt(s.pct(s.foreign_cpu), 0)}",
-            f"{_fmt(p.pct(p.steal), 1)} / {_fmt(s.pct(s.steal), 1)}",
-            ", ".join(f"{x:,.0f}" for x in p.rounds_rps),
-            ", ".join(f"{x:,.0f}" for x in s.rounds_rps),
-            f"{p.errors} / {s.errors}",
-            f"{r.latency.samples:,} / {r.stream_latency.samples:,}",
-            _fmt(r.stream_latency.first_byte_p99_ms, 3),
-            _fmt(r.stream_latency.p99_ms, 3),
-            ", ".join(f"{x:.2f}" for x in r.ready_all_s) or "—",
-        ]) + " |")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    r.label,
+                    f"{_fmt(p.pct(p.sut_cpu), 0)} / {_fmt(s.pct(s.sut_cpu), 0)}",
+                    f"{_fmt(p.pct(p.upstream_cpu), 0)} / {_fmt(s.pct(s.upstream_cpu), 0)}",
+                    f"{_fmt(p.pct(p.foreign_cpu), 0)} / {_fmt(s.pct(s.foreign_cpu), 0)}",
+                    f"{_fmt(p.pct(p.steal), 1)} / {_fmt(s.pct(s.steal), 1)}",
+                    ", ".join(f"{x:,.0f}" for x in p.rounds_rps),
+                    ", ".join(f"{x:,.0f}" for x in s.rounds_rps),
+                    f"{p.errors} / {s.errors}",
+                    f"{r.latency.samples:,} / {r.stream_latency.samples:,}",
+                    _fmt(r.stream_latency.first_byte_p99_ms, 3),
+                    _fmt(r.stream_latency.p99_ms, 3),
+                    ", ".join(f"{x:.2f}" for x in r.ready_all_s) or "—",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -771,29 +867,72 @@ def targets(results: Sequence[Result]) -> list[Target]:
         return added(r, base.get(r.wire), "latency", pick) if r else None
 
     out = [
-        Target("throughput vs LiteLLM proxy, OpenAI path, non-stream", ratio("fp-openai", "litellm-openai", "plain"),
-               20, True, "×"),
-        Target("throughput vs LiteLLM proxy, OpenAI path, stream", ratio("fp-openai", "litellm-openai", "streams"),
-               20, True, "×"),
-        Target("throughput vs LiteLLM proxy, with fallbacks (chain vs fallback list), non-stream",
-               ratio("fp-chain", "litellm-fallback", "plain"), 20, True, "×"),
-        Target("throughput vs LiteLLM proxy, with fallbacks (chain vs fallback list), stream",
-               ratio("fp-chain", "litellm-fallback", "streams"), 20, True, "×"),
-        Target("throughput vs LiteLLM proxy, Anthropic path, non-stream",
-               ratio("fp-anthropic", "litellm-anthropic", "plain"), 5, True, "×"),
-        Target("throughput vs LiteLLM proxy, Anthropic path, stream",
-               ratio("fp-anthropic", "litellm-anthropic", "streams"), 5, True, "×"),
-        Target("throughput vs aiohttp pass-through, non-stream", ratio("fp-openai", "aiohttp", "plain"), 0.5, True,
-               "×"),
+        Target(
+            "throughput vs LiteLLM proxy, OpenAI path, non-stream",
+            ratio("fp-openai", "litellm-openai", "plain"),
+            20,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs LiteLLM proxy, OpenAI path, stream",
+            ratio("fp-openai", "litellm-openai", "streams"),
+            20,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs LiteLLM proxy, with fallbacks (chain vs fallback list), non-stream",
+            ratio("fp-chain", "litellm-fallback", "plain"),
+            20,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs LiteLLM proxy, with fallbacks (chain vs fallback list), stream",
+            ratio("fp-chain", "litellm-fallback", "streams"),
+            20,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs LiteLLM proxy, Anthropic path, non-stream",
+            ratio("fp-anthropic", "litellm-anthropic", "plain"),
+            5,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs LiteLLM proxy, Anthropic path, stream",
+            ratio("fp-anthropic", "litellm-anthropic", "streams"),
+            5,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs aiohttp pass-through, non-stream", ratio("fp-openai", "aiohttp", "plain"), 0.5, True, "×"
+        ),
         Target("throughput vs aiohttp pass-through, stream", ratio("fp-openai", "aiohttp", "streams"), 0.6, True, "×"),
-        Target("CPU per non-stream request (OpenAI path)",
-               attr("fp-openai", lambda r: r.plain.cpu_ms_per_request), 1.0, False, " ms"),
-        Target("CPU per 22-chunk stream (OpenAI path)",
-               attr("fp-openai", lambda r: r.streams.cpu_ms_per_request), 1.5, False, " ms"),
-        Target("added latency over direct at c=1, p50 (OpenAI path)", added_ms("fp-openai", "p50_ms"), 1.0, False,
-               " ms"),
-        Target("added latency over direct at c=1, p99 (OpenAI path)", added_ms("fp-openai", "p99_ms"), 3.0, False,
-               " ms"),
+        Target(
+            "CPU per non-stream request (OpenAI path)",
+            attr("fp-openai", lambda r: r.plain.cpu_ms_per_request),
+            1.0,
+            False,
+            " ms",
+        ),
+        Target(
+            "CPU per 22-chunk stream (OpenAI path)",
+            attr("fp-openai", lambda r: r.streams.cpu_ms_per_request),
+            1.5,
+            False,
+            " ms",
+        ),
+        Target(
+            "added latency over direct at c=1, p50 (OpenAI path)", added_ms("fp-openai", "p50_ms"), 1.0, False, " ms"
+        ),
+        Target(
+            "added latency over direct at c=1, p99 (OpenAI path)", added_ms("fp-openai", "p99_ms"), 3.0, False, " ms"
+        ),
         Target("RSS without litellm providers", attr("fp-openai", lambda r: r.rss_mb), 100, False, " MB"),
         Target("RSS with litellm providers (Anthropic)", attr("fp-anthropic", lambda r: r.rss_mb), 250, False, " MB"),
         Target("start-to-ready without litellm providers", attr("fp-openai", lambda r: r.ready_s), 1.5, False, " s"),
@@ -807,8 +946,10 @@ def scaling(results: Sequence[Result]) -> tuple[float | None, float | None]:
     one, two = found.get("fp-openai"), found.get("fp-openai-2w")
     if one is None or two is None:
         return None, None
-    return (two.plain.rps / one.plain.rps if one.plain.rps else None,
-            two.streams.rps / one.streams.rps if one.streams.rps else None)
+    return (
+        two.plain.rps / one.plain.rps if one.plain.rps else None,
+        two.streams.rps / one.streams.rps if one.streams.rps else None,
+    )
 
 
 def _cores(load: Load) -> str:
@@ -828,27 +969,35 @@ def info_lines(results: Sequence[Result]) -> list[str]:
     plain_x, stream_x = scaling(results)
     if plain_x is not None or stream_x is not None:
         one, two = found["fp-openai"], found["fp-openai-2w"]
-        lines.append(f"- scaling, 2 workers on cores {BOTH_CORES} / 1 worker on core {SUT_CORE} (OpenAI path): "
-                     f"{_fmt(plain_x)}× req/s, {_fmt(stream_x)}× streams/s; cores the proxy got (plain / stream): "
-                     f"1 worker {_cores(one.plain)} / {_cores(one.streams)}, 2 workers {_cores(two.plain)} / "
-                     f"{_cores(two.streams)}; req/s per core got: 1 worker {_per_core(one.plain)}, 2 workers "
-                     f"{_per_core(two.plain)} (the second worker shares core {LOAD_CORE} with the upstream and wrk, "
-                     "and with whatever else runs on the machine: see foreign CPU)")
+        lines.append(
+            f"- scaling, 2 workers on cores {BOTH_CORES} / 1 worker on core {SUT_CORE} (OpenAI path): "
+            f"{_fmt(plain_x)}× req/s, {_fmt(stream_x)}× streams/s; cores the proxy got (plain / stream): "
+            f"1 worker {_cores(one.plain)} / {_cores(one.streams)}, 2 workers {_cores(two.plain)} / "
+            f"{_cores(two.streams)}; req/s per core got: 1 worker {_per_core(one.plain)}, 2 workers "
+            f"{_per_core(two.plain)} (the second worker shares core {LOAD_CORE} with the upstream and wrk, "
+            "and with whatever else runs on the machine: see foreign CPU)"
+        )
     fp_a = found.get("fp-anthropic")
     if fp_a and fp_a.plain and fp_a.streams:
-        lines.append(f"- Anthropic path CPU: {_fmt(fp_a.plain.cpu_ms_per_request, 3)} ms/request, "
-                     f"{_fmt(fp_a.streams.cpu_ms_per_request, 3)} ms/stream; start-to-ready {_fmt(fp_a.ready_s)} s")
+        lines.append(
+            f"- Anthropic path CPU: {_fmt(fp_a.plain.cpu_ms_per_request, 3)} ms/request, "
+            f"{_fmt(fp_a.streams.cpu_ms_per_request, 3)} ms/stream; start-to-ready {_fmt(fp_a.ready_s)} s"
+        )
     base = baselines(results)
     if fp_a:
-        lines.append(f"- Anthropic path added latency at c=1: p50 {_fmt(added(fp_a, base['anthropic'], 'latency', 'p50_ms'), 3)}"
-                     f" ms, p99 {_fmt(added(fp_a, base['anthropic'], 'latency', 'p99_ms'), 3)} ms")
+        lines.append(
+            f"- Anthropic path added latency at c=1: p50 {_fmt(added(fp_a, base['anthropic'], 'latency', 'p50_ms'), 3)}"
+            f" ms, p99 {_fmt(added(fp_a, base['anthropic'], 'latency', 'p99_ms'), 3)} ms"
+        )
     for key in ("fp-openai", "fp-anthropic"):
         r = found.get(key)
         b = base.get(r.wire) if r else None
         if r and b:
-            lines.append(f"- {r.label}: added stream TTFB p50 "
-                         f"{_fmt(added(r, b, 'stream_latency', 'first_byte_p50_ms'), 3)} ms, added full-stream p50 "
-                         f"{_fmt(added(r, b, 'stream_latency', 'p50_ms'), 3)} ms")
+            lines.append(
+                f"- {r.label}: added stream TTFB p50 "
+                f"{_fmt(added(r, b, 'stream_latency', 'first_byte_p50_ms'), 3)} ms, added full-stream p50 "
+                f"{_fmt(added(r, b, 'stream_latency', 'p50_ms'), 3)} ms"
+            )
     return lines
 
 
@@ -899,28 +1048,47 @@ def report(results: Sequence[Result], settings: Settings, command: str, litellm_
 def litellm_version(venv: Path | None) -> str | None:
     if venv is None:
         return None
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; "
-                           "print(m.version('litellm'))"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return f"litellm[proxy] {done.stdout.strip()} ({venv})" if done.returncode == 0 else None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="~1.5 minutes: one short round, no warm-up, no fallback rows")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="measure every system this many times, in turn, and sum (default 2)")
-    parser.add_argument("--duration", type=float, default=4.0,
-                        help="seconds per wrk measurement per round (whole seconds; default 4)")
-    parser.add_argument("--latency-duration", type=float, default=1.5,
-                        help="seconds per concurrency-1 measurement per round (default 1.5)")
-    parser.add_argument("--litellm-venv", default=str(DEFAULT_LITELLM_VENV),
-                        help=f"venv with the LiteLLM proxy (default {DEFAULT_LITELLM_VENV})")
+    parser.add_argument(
+        "--quick", action="store_true", help="~1.5 minutes: one short round, no warm-up, no fallback rows"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="measure every system this many times, in turn, and sum (default 2)"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=4.0, help="seconds per wrk measurement per round (whole seconds; default 4)"
+    )
+    parser.add_argument(
+        "--latency-duration",
+        type=float,
+        default=1.5,
+        help="seconds per concurrency-1 measurement per round (default 1.5)",
+    )
+    parser.add_argument(
+        "--litellm-venv",
+        default=str(DEFAULT_LITELLM_VENV),
+        help=f"venv with the LiteLLM proxy (default {DEFAULT_LITELLM_VENV})",
+    )
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM proxy rows")
-    parser.add_argument("--no-workers", action="store_true",
-                        help="skip the `serve --workers 2` row (both cores) and its scaling ratio")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-2w, "
-                             "fp-chain, fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)")
+    parser.add_argument(
+        "--no-workers", action="store_true", help="skip the `serve --workers 2` row (both cores) and its scaling ratio"
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-2w, "
+        "fp-chain, fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)",
+    )
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
@@ -943,8 +1111,9 @@ class Upstream:
 
 def start_upstream(workdir: Path) -> Upstream:
     port = free_port()
-    process = Process([sys.executable, "-m", "tests.benchmarks.upstream", "--port", str(port)], LOAD_CORE,
-                      workdir / "upstream.log")
+    process = Process(
+        [sys.executable, "-m", "tests.benchmarks.upstream", "--port", str(port)], LOAD_CORE, workdir / "upstream.log"
+    )
     try:
         wait_ready(process, port, timeout=30)
     except BaseException:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -50,26 +51,38 @@ def _sse(data: Any, event: str | None = None) -> bytes:
 
 
 def openai_completion(model: str) -> bytes:
-    return _json({
-        "id": "chatcmpl-bench0000000000000000000000",
-        "object": "chat.completion",
-        "created": CREATED,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": REPLY.strip(), "refusal": None},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }],
-        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": CONTENT_CHUNKS,
-                  "total_tokens": PROMPT_TOKENS + CONTENT_CHUNKS},
-        "system_fingerprint": "fp_bench",
-    })
+    return _json(
+        {
+            "id": "chatcmpl-bench0000000000000000000000",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": REPLY.strip(), "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": CONTENT_CHUNKS,
+                "total_tokens": PROMPT_TOKENS + CONTENT_CHUNKS,
+            },
+            "system_fingerprint": "fp_bench",
+        }
+    )
 
 
 def openai_stream(model: str, include_usage: bool) -> list[bytes]:
-    base = {"id": "chatcmpl-bench0000000000000000000000", "object": "chat.completion.chunk", "created": CREATED,
-            "model": model, "system_fingerprint": "fp_bench"}
+    base = {
+        "id": "chatcmpl-bench0000000000000000000000",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": model,
+        "system_fingerprint": "fp_bench",
+    }
     extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -80,62 +93,105 @@ def openai_stream(model: str, include_usage: bool) -> list[bytes]:
     events += [chunk({"content": PIECE}) for _ in range(CONTENT_CHUNKS)]
     events.append(chunk({}, "stop"))
     if include_usage:
-        usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": CONTENT_CHUNKS,
-                 "total_tokens": PROMPT_TOKENS + CONTENT_CHUNKS}
+        usage = {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": CONTENT_CHUNKS,
+            "total_tokens": PROMPT_TOKENS + CONTENT_CHUNKS,
+        }
         events.append(_sse({**base, "choices": [], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     return events
 
 
 def anthropic_message(model: str) -> bytes:
-    return _json({
-        "id": "msg_01bench000000000000000000",
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [{"type": "text", "text": REPLY.strip()}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": CONTENT_CHUNKS},
-    })
+    return _json(
+        {
+            "id": "msg_01bench000000000000000000",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": REPLY.strip()}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": CONTENT_CHUNKS},
+        }
+    )
 
 
 def anthropic_stream(model: str) -> list[bytes]:
-    start = {"type": "message_start", "message": {
-        "id": "msg_01bench000000000000000000", "type": "message", "role": "assistant", "model": model,
-        "content": [], "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1}}}
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_01bench000000000000000000",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1},
+        },
+    }
     events = [
         _sse(start, "message_start"),
-        _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-             "content_block_start"),
+        _sse(
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            "content_block_start",
+        ),
         _sse({"type": "ping"}, "ping"),
     ]
     events += [
-        _sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": PIECE}},
-             "content_block_delta")
+        _sse(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": PIECE}},
+            "content_block_delta",
+        )
         for _ in range(CONTENT_CHUNKS)
     ]
     events += [
         _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-        _sse({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-              "usage": {"output_tokens": CONTENT_CHUNKS}}, "message_delta"),
+        _sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": CONTENT_CHUNKS},
+            },
+            "message_delta",
+        ),
         _sse({"type": "message_stop"}, "message_stop"),
     ]
     return events
 
 
-MODELS = _json({"object": "list", "data": [
-    {"id": "gpt-4o-mini", "object": "model", "created": CREATED, "owned_by": "bench"},
-    {"id": "claude-sonnet-4-5-20250929", "type": "model", "object": "model", "created": CREATED,
-     "display_name": "claude", "created_at": "2025-09-29T00:00:00Z", "owned_by": "bench"},
-], "has_more": False})
+MODELS = _json(
+    {
+        "object": "list",
+        "data": [
+            {"id": "gpt-4o-mini", "object": "model", "created": CREATED, "owned_by": "bench"},
+            {
+                "id": "claude-sonnet-4-5-20250929",
+                "type": "model",
+                "object": "model",
+                "created": CREATED,
+                "display_name": "claude",
+                "created_at": "2025-09-29T00:00:00Z",
+                "owned_by": "bench",
+            },
+        ],
+        "has_more": False,
+    }
+)
 
 
 def _response(status: str, content_type: bytes, body: bytes) -> bytes:
     return (
-        b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: " + content_type
-        + b"\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
     )
 
 
@@ -143,8 +199,12 @@ STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
     b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
 )
-NOT_FOUND = _response("404 Not Found", b"application/json", b'{"error":{"message":"not found","type":"invalid_request_error"}}')
-BAD_REQUEST = _response("400 Bad Request", b"application/json", b'{"error":{"message":"bad json","type":"invalid_request_error"}}')
+NOT_FOUND = _response(
+    "404 Not Found", b"application/json", b'{"error":{"message":"not found","type":"invalid_request_error"}}'
+)
+BAD_REQUEST = _response(
+    "400 Bad Request", b"application/json", b'{"error":{"message":"bad json","type":"invalid_request_error"}}'
+)
 
 
 def _framed(events: list[bytes]) -> list[bytes]:
@@ -172,7 +232,7 @@ ANSWERS = Answers()
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "url", "body", "loop")
+    __slots__ = ("body", "loop", "parser", "transport", "url")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -228,8 +288,9 @@ class UpstreamProtocol(asyncio.Protocol):
             if stream:
                 self._stream(ANSWERS.get("as", model, False, lambda: _framed(anthropic_stream(model))))
             else:
-                body = ANSWERS.get("a", model, False, lambda: _response("200 OK", b"application/json",
-                                                                         anthropic_message(model)))
+                body = ANSWERS.get(
+                    "a", model, False, lambda: _response("200 OK", b"application/json", anthropic_message(model))
+                )
                 transport.write(body)
             return
         if stream:
@@ -237,8 +298,11 @@ class UpstreamProtocol(asyncio.Protocol):
             usage = isinstance(options, dict) and options.get("include_usage") is True
             self._stream(ANSWERS.get("os", model, usage, lambda: _framed(openai_stream(model, usage))))
         else:
-            transport.write(ANSWERS.get("o", model, False, lambda: _response("200 OK", b"application/json",
-                                                                               openai_completion(model))))
+            transport.write(
+                ANSWERS.get(
+                    "o", model, False, lambda: _response("200 OK", b"application/json", openai_completion(model))
+                )
+            )
 
     def _stream(self, frames: list[bytes]) -> None:
         assert self.transport is not None
@@ -273,10 +337,8 @@ def main() -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         runner(serve(args.host, args.port))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

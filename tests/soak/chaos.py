@@ -35,8 +35,11 @@ def draw_fault(rng: random.Random) -> dict[str, Any]:
             fault["retry_after"] = 1
         return fault
     if kind == "slow":
-        return {"kind": "slow", "first_token_delay": round(rng.uniform(0, 1.5), 2),
-                "token_delay": round(rng.uniform(0.02, 0.3), 3)}
+        return {
+            "kind": "slow",
+            "first_token_delay": round(rng.uniform(0, 1.5), 2),
+            "token_delay": round(rng.uniform(0.02, 0.3), 3),
+        }
     if kind in ("die_midstream", "stream_error"):
         return {"kind": kind, "after_chunks": rng.randint(0, 8)}
     return {"kind": kind}
@@ -46,7 +49,7 @@ async def flap(urls: dict[str, str], end: float, rng: random.Random, changes: Co
     """Every second, each flapping provider gets a new random fault (or keeps its own)."""
     async with httpx.AsyncClient(timeout=5) as http:
         while time.monotonic() < end:
-            for name, url in urls.items():
+            for url in urls.values():
                 if rng.random() < 0.6:
                     fault = draw_fault(rng)
                     try:
@@ -83,7 +86,7 @@ class RedisTimeline:
         return lags
 
     def unavailable_seconds(self) -> float:
-        pairs = zip(self.store_ok, self.store_ok[1:])
+        pairs = zip(self.store_ok, self.store_ok[1:], strict=False)
         return sum(b[0] - a[0] for a, b in pairs if not a[1])
 
 
@@ -103,7 +106,12 @@ async def watch_store(url: str, start: float, timeline: RedisTimeline) -> None:
 
 
 async def kill_redis(
-    redis: DurableRedis, start: float, end: float, kills: int, rng: random.Random, log: list[str],
+    redis: DurableRedis,
+    start: float,
+    end: float,
+    kills: int,
+    rng: random.Random,
+    log: list[str],
     timeline: RedisTimeline,
 ) -> None:
     """SIGKILL Redis `kills` times, spread over the run, each down for 2-5 s,

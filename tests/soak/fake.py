@@ -5,6 +5,7 @@ completions it received, the ground truth the soak compares the quota counters w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 
 from starlette.requests import Request
@@ -27,8 +28,9 @@ class CountingFake(FakeOpenAI):
     async def _stats(self, request: Request) -> Response:
         chats = [r for r in self.requests if r.method == "POST" and r.path == CHAT_PATH]
         # The usage each answer reports (prompt words + reply words), had it been completed.
-        tokens = sum(prompt_words(r.body.get("messages")) + count_words(self.reply) for r in chats
-                     if isinstance(r.body, dict))
+        tokens = sum(
+            prompt_words(r.body.get("messages")) + count_words(self.reply) for r in chats if isinstance(r.body, dict)
+        )
         return JSONResponse({"name": self.name, "chat": len(chats), "tokens": tokens, "all": self.request_count})
 
 
@@ -40,10 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     with CountingFake(args.name, reply=args.reply, port=args.port) as fake:
         print(f"fake {fake.name!r} listening on {fake.url}", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":

@@ -146,8 +146,9 @@ async def one_request(http: httpx.AsyncClient, route: str, stream: bool, prompt:
             result.written = time.time()
 
     extensions = {"trace": trace}
-    async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers,
-                           extensions=extensions) as response:
+    async with http.stream(
+        "POST", "/v1/chat/completions", json=body, headers=headers, extensions=extensions
+    ) as response:
         result.status, result.headers = response.status_code, time.monotonic()
         if response.status_code != 200:
             return await _error_result(response, result)
@@ -173,7 +174,11 @@ async def one_request(http: httpx.AsyncClient, route: str, stream: bool, prompt:
 
 
 async def client_loop(
-    connect: Callable[[], httpx.AsyncClient], number: int, end: float, deadline: float, rng: random.Random,
+    connect: Callable[[], httpx.AsyncClient],
+    number: int,
+    end: float,
+    deadline: float,
+    rng: random.Random,
     results: list[Result],
 ) -> None:
     """One user: its own client, requests one after another until `end`, each of
@@ -190,8 +195,16 @@ async def _requests(
     while time.monotonic() < end:
         _, route, stream = rng.choices(MIX, weights)[0]
         prompt = f"soak client {number} request {sent}: " + "tell me something. " * rng.randint(1, 20)
-        result = Result(route, stream, "violation", "", 0.0, request_id=f"soak-{number}-{sent}",
-                        at=time.monotonic(), sent=time.time())
+        result = Result(
+            route,
+            stream,
+            "violation",
+            "",
+            0.0,
+            request_id=f"soak-{number}-{sent}",
+            at=time.monotonic(),
+            sent=time.time(),
+        )
         try:
             async with asyncio.timeout(deadline):
                 await one_request(http, route, stream, prompt, result)

@@ -77,8 +77,9 @@ def start_fake(name: str, port: int, reply: str, logs: Path) -> Child:
 def start_proxy(config: Path, port: int, logs: Path) -> Child:
     exe = shutil.which("fallback-proxy", path=str(Path(sys.executable).parent))
     command = [exe] if exe else [sys.executable, "-m", "proxy.cli"]
-    return Child([*command, "serve", "--config", str(config), "--port", str(port), "--log-level", "info"],
-                 logs / "proxy.log")
+    return Child(
+        [*command, "serve", "--config", str(config), "--port", str(port), "--log-level", "info"], logs / "proxy.log"
+    )
 
 
 def wait_http(url: str, child: Child, timeout: float = 30.0) -> None:
@@ -116,12 +117,20 @@ class Sample:
         cpu = "    "
         if previous is not None and self.t > previous.t:
             cpu = f"{100 * (self.cpu_seconds - previous.cpu_seconds) / (self.t - previous.t):3.0f}%"
-        return f"{self.t:7.1f}s  {self.label:<9} cpu {cpu}  rss {self.rss_mb:6.1f} MB  fds {self.fds:4d}  " \
-               f"threads {self.threads:2d}  sockets: {peers}"
+        return (
+            f"{self.t:7.1f}s  {self.label:<9} cpu {cpu}  rss {self.rss_mb:6.1f} MB  fds {self.fds:4d}  "
+            f"threads {self.threads:2d}  sockets: {peers}"
+        )
 
 
 def sample(
-    pid: int, t: float, label: str, *, own_port: int, upstream_ports: set[int], redis_port: int,
+    pid: int,
+    t: float,
+    label: str,
+    *,
+    own_port: int,
+    upstream_ports: set[int],
+    redis_port: int,
     peers: dict[str, str] | None = None,
 ) -> Sample:
     """The process now. `peers` remembers each socket's peer across samples, so that

@@ -80,8 +80,15 @@ class Run:
     def sample(self, label: str) -> Sample:
         assert self.proxy is not None
         ports = {int(u.rsplit(":", 1)[1]) for u in self.fake_urls.values()}
-        taken = sample(self.proxy.pid, time.monotonic() - self.started, label, own_port=self.proxy_port,
-                       upstream_ports=ports, redis_port=self.redis.port, peers=self.peers)
+        taken = sample(
+            self.proxy.pid,
+            time.monotonic() - self.started,
+            label,
+            own_port=self.proxy_port,
+            upstream_ports=ports,
+            redis_port=self.redis.port,
+            peers=self.peers,
+        )
         self.samples.append(taken)
         return taken
 
@@ -90,16 +97,25 @@ def proxy_config(run: Run, small_quota: int) -> dict[str, Any]:
     timeout = {"connect": 1, "first_token": 3, "idle": 2, "total": 20}
 
     def provider(name: str, **extra: Any) -> dict[str, Any]:
-        return {"model": f"openai/soak-{name}", "api_key": "sk-upstream", "api_base": run.fake_urls[name] + "/v1",
-                "timeout": timeout, **extra}
+        return {
+            "model": f"openai/soak-{name}",
+            "api_key": "sk-upstream",
+            "api_base": run.fake_urls[name] + "/v1",
+            "timeout": timeout,
+            **extra,
+        }
 
     return {
         "redis": {"url": run.redis.url},
         "auth": {"keys": [CLIENT_KEY]},
         "server": {"admin_key": ADMIN_KEY, "shutdown_grace_seconds": 10, "reload_check_seconds": 0},
         "limits": {"concurrent_streams": 100_000},
-        "health": {"failure_threshold": 3, "cooldown_seconds": 5, "probe_interval_seconds": 2,
-                   "probe_timeout_seconds": 1},
+        "health": {
+            "failure_threshold": 3,
+            "cooldown_seconds": 5,
+            "probe_interval_seconds": 2,
+            "probe_timeout_seconds": 1,
+        },
         "providers": {
             "flaky-a": provider("flaky-a", retries=1),
             "flaky-b": provider("flaky-b"),
@@ -111,9 +127,11 @@ def proxy_config(run: Run, small_quota: int) -> dict[str, Any]:
         "routes": {
             "default": {"chain": ["flaky-a", "flaky-b", "small", "anchor"], "budget": ROUTE_BUDGET},
             "hedged": {"chain": ["flaky-b", "small", "anchor"], "hedge_after_ms": 400, "budget": ROUTE_BUDGET},
-            "edges": {"first": "flaky-a", "budget": ROUTE_BUDGET,
-                      "on": {"flaky-a": {"rate_limited": "anchor", "default": "small"},
-                             "small": {"default": "anchor"}}},
+            "edges": {
+                "first": "flaky-a",
+                "budget": ROUTE_BUDGET,
+                "on": {"flaky-a": {"rate_limited": "anchor", "default": "small"}, "small": {"default": "anchor"}},
+            },
         },
     }
 
@@ -152,18 +170,30 @@ async def drive(run: Run) -> None:
     def connect() -> httpx.AsyncClient:
         # One client (one keep-alive connection) per simulated user: a pool shared by
         # hundreds of streams queues requests in httpcore for seconds before they are sent.
-        return httpx.AsyncClient(base_url=run.url, headers=headers, verify=tls,
-                                 timeout=httpx.Timeout(args.deadline * 2, connect=5))
+        return httpx.AsyncClient(
+            base_url=run.url, headers=headers, verify=tls, timeout=httpx.Timeout(args.deadline * 2, connect=5)
+        )
 
     clients = [
         asyncio.create_task(client_loop(connect, n, end, args.deadline, random.Random(rng.random()), run.results))
         for n in range(args.clients)
     ]
-    flapper = asyncio.create_task(chaos.flap(
-        {name: run.fake_urls[name] for name in FLAPPING}, end, random.Random(rng.random()), run.fault_changes))
-    killer = asyncio.create_task(chaos.kill_redis(
-        run.redis, run.started, end, args.redis_kills, random.Random(rng.random()), run.chaos_log,
-        run.redis_timeline))
+    flapper = asyncio.create_task(
+        chaos.flap(
+            {name: run.fake_urls[name] for name in FLAPPING}, end, random.Random(rng.random()), run.fault_changes
+        )
+    )
+    killer = asyncio.create_task(
+        chaos.kill_redis(
+            run.redis,
+            run.started,
+            end,
+            args.redis_kills,
+            random.Random(rng.random()),
+            run.chaos_log,
+            run.redis_timeline,
+        )
+    )
     async with asyncio.timeout(args.minutes * 60 + args.deadline + 30):
         await asyncio.gather(*clients, flapper, killer)
     sampler.cancel()
@@ -249,8 +279,10 @@ def read_log(run: Run) -> dict[str, Any]:
     for line in lines:
         if line.startswith('{"event":"request"'):
             record = json.loads(line)
-            outcomes[record["request_id"]] = (record["ts"] - record["total_ms"] / 1000,
-                                              f"{record['status']} {record['outcome']} after {record['total_ms']:.0f} ms")
+            outcomes[record["request_id"]] = (
+                record["ts"] - record["total_ms"] / 1000,
+                f"{record['status']} {record['outcome']} after {record['total_ms']:.0f} ms",
+            )
     return {
         "requests": events.pop("request", 0),
         "outcomes": outcomes,
@@ -283,14 +315,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=2.0, help="how long the clients send (default 2)")
     parser.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
     parser.add_argument("--deadline", type=float, default=30.0, help="client-side deadline per request, s")
-    parser.add_argument("--quiet", type=float, default=40.0,
-                        help="quiet period before the last sample, s (default 40: idle upstream "
-                             "keep-alive connections expire after 30 s)")
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=40.0,
+        help="quiet period before the last sample, s (default 40: idle upstream "
+        "keep-alive connections expire after 30 s)",
+    )
     parser.add_argument("--redis-kills", type=int, default=3, help="times Redis is SIGKILLed (default 3)")
-    parser.add_argument("--small-quota", type=int, default=0,
-                        help="requests_per_day of the small quota'd provider (default: clients x minutes, at least 20)")
-    parser.add_argument("--max-rss-growth-mb", type=float, default=64.0,
-                        help="RSS growth allowed from 10 s into the load to the end (default 64 MB)")
+    parser.add_argument(
+        "--small-quota",
+        type=int,
+        default=0,
+        help="requests_per_day of the small quota'd provider (default: clients x minutes, at least 20)",
+    )
+    parser.add_argument(
+        "--max-rss-growth-mb",
+        type=float,
+        default=64.0,
+        help="RSS growth allowed from 10 s into the load to the end (default 64 MB)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where logs go (default: a new temp dir)")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.minutes <= 0 or args.minutes > 60:

@@ -32,7 +32,9 @@ class _Acompletion:
         self._errors = _translation_errors(litellm)
         self._handler = _pooled_handler(client)
 
-    def _kwargs(self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    def _kwargs(
+        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
+    ) -> dict[str, Any]:
         named, extras = orjson.loads(orjson.dumps(params))  # litellm edits what it is given
         provider = self._provider
         return {
@@ -61,7 +63,9 @@ class _Acompletion:
             raise classify.from_litellm(exc) from exc
         out: dict[str, Any] = answer.model_dump()
         model = out.get("model") if isinstance(out.get("model"), str) else self._provider.upstream_model
-        return Completion(body=orjson.dumps(out, default=_json_default), model=str(model), usage=Usage.from_openai(out.get("usage")))
+        return Completion(
+            body=orjson.dumps(out, default=_json_default), model=str(model), usage=Usage.from_openai(out.get("usage"))
+        )
 
     async def stream(
         self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
@@ -122,8 +126,14 @@ def _pooled_handler(client: httpx.AsyncClient) -> Any:
         ) -> httpx.Response:
             request_data, request_content = http._prepare_request_data_and_content(data, content)
             request = client.build_request(
-                "POST", url, data=request_data, json=json, params=params, headers=headers,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT, files=files,
+                "POST",
+                url,
+                data=request_data,
+                json=json,
+                params=params,
+                headers=headers,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                files=files,
                 content=request_content,
             )
             response = await client.send(request, stream=stream)

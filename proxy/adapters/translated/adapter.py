@@ -43,7 +43,7 @@ from proxy.litellm_import import load_litellm
 class _Framer:
     """The payloads of a stream, block by block: each SSE event's `data`, or each NDJSON line."""
 
-    __slots__ = ("_sse", "_buffer", "_data")
+    __slots__ = ("_buffer", "_data", "_sse")
 
     def __init__(self, framing: str) -> None:
         self._sse = framing == "sse"
@@ -265,8 +265,15 @@ class TranslatedAdapter:
                 data = {**data, **extra_body}
             content = orjson.dumps(data, default=_json_default)
             return _Call(
-                url=url, headers=headers, content=content, messages=messages, optional_params=optional_params,
-                litellm_params=litellm_params, data=data, json_mode=json_mode, include_usage=include_usage,
+                url=url,
+                headers=headers,
+                content=content,
+                messages=messages,
+                optional_params=optional_params,
+                litellm_params=litellm_params,
+                data=data,
+                json_mode=json_mode,
+                include_usage=include_usage,
                 log=_Log(named),
             )
 
@@ -276,8 +283,9 @@ class TranslatedAdapter:
             raise classify.untranslatable(exc) from exc
 
     async def _post(self, call: _Call, limits: Limits) -> aiohttp.ClientResponse:
-        return await self._session.post(call.url, data=call.content, headers=call.headers,
-                                        timeout=attempt_timeout(limits))
+        return await self._session.post(
+            call.url, data=call.content, headers=call.headers, timeout=attempt_timeout(limits)
+        )
 
     def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
         try:
@@ -292,4 +300,6 @@ class TranslatedAdapter:
         out: dict[str, Any] = answer.model_dump()
         model = dialect.served_model(answer, parsed)
         out["model"] = model
-        return Completion(body=orjson.dumps(out, default=_json_default), model=model, usage=Usage.from_openai(out.get("usage")))
+        return Completion(
+            body=orjson.dumps(out, default=_json_default), model=model, usage=Usage.from_openai(out.get("usage"))
+        )

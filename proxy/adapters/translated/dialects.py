@@ -186,7 +186,10 @@ class _Ollama(_Dialect):
             stream=stream,
         )
         data = self.config.transform_request(
-            model=self.model, messages=messages, optional_params=optional_params, litellm_params=litellm_params,
+            model=self.model,
+            messages=messages,
+            optional_params=optional_params,
+            litellm_params=litellm_params,
             headers=headers,
         )
         headers.setdefault("content-type", "application/json")

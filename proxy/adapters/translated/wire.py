@@ -24,14 +24,43 @@ _TRANSPORT_ERRORS: Final = (*TRANSPORT_ERRORS, httpx.HTTPError)
 # The OpenAI parameters litellm's `completion()` hands to `get_optional_params`
 # by name; any other body key is a provider-specific extra, unless litellm
 # reserves it (api_key, api_base, metadata, ...): those are never forwarded.
-_OPENAI_ARGS: Final = frozenset({
-    "functions", "function_call", "temperature", "top_p", "n", "stream", "stream_options", "stop",
-    "max_tokens", "max_completion_tokens", "modalities", "prediction", "audio", "presence_penalty",
-    "frequency_penalty", "logit_bias", "user", "response_format", "seed", "tools", "tool_choice",
-    "logprobs", "top_logprobs", "parallel_tool_calls", "reasoning_effort", "verbosity", "thinking",
-    "web_search_options", "include_server_side_tool_invocations", "safety_identifier", "service_tier",
-    "store", "prompt_cache_key",
-})
+_OPENAI_ARGS: Final = frozenset(
+    {
+        "functions",
+        "function_call",
+        "temperature",
+        "top_p",
+        "n",
+        "stream",
+        "stream_options",
+        "stop",
+        "max_tokens",
+        "max_completion_tokens",
+        "modalities",
+        "prediction",
+        "audio",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "response_format",
+        "seed",
+        "tools",
+        "tool_choice",
+        "logprobs",
+        "top_logprobs",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "verbosity",
+        "thinking",
+        "web_search_options",
+        "include_server_side_tool_invocations",
+        "safety_identifier",
+        "service_tier",
+        "store",
+        "prompt_cache_key",
+    }
+)
 _PARAMS_CACHE_SIZE: Final = 256
 _GEMINI_BASE: Final = "https://generativelanguage.googleapis.com/v1beta"
 _ANTHROPIC_BASE: Final = "https://api.anthropic.com"
@@ -64,7 +93,7 @@ def _malformed(what: str, data: bytes) -> ProviderError:
 class _Log:
     """The slice of litellm's logging object that its transformations touch."""
 
-    __slots__ = ("optional_params", "model_call_details")
+    __slots__ = ("model_call_details", "optional_params")
 
     def __init__(self, optional_params: dict[str, Any]) -> None:
         self.optional_params = optional_params  # the client's OpenAI params, as litellm logs them
