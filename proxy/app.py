@@ -31,16 +31,15 @@ from proxy.admin import AdminHandlers
 from proxy.alerts import Alerter, Webhook
 from proxy.background import Background
 from proxy.config import Config, ConfigError, RedisSettings, load_config
-from proxy.dispatch import StreamSession
 from proxy.errors import ModelNotFound, ProviderError, ProxyError, error_body
 from proxy.intake import authenticate, check_headers, parse_chat_request, read_body
 from proxy.limits import Ticket, client_id
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
 from proxy.openapi import openapi_spec
-from proxy.relay import SSEResponse, client_stream
 from proxy.runtime import Runtime, build_in_thread, restart_needed
 from proxy.shaping import needs_of
 from proxy.state import MemoryStore, RedisStore, StateStore, StoreUnavailable
+from proxy.stream import ChatEncoder, Encoder, SSEResponse, StreamSession
 
 log = logging.getLogger("fallback_proxy")
 
@@ -409,9 +408,10 @@ class Handlers:
             record.stream = payload.get("stream") is True
             needs = needs_of(payload, request.headers.get("x-proxy-local-only"))
             if record.stream:
-                session = await runtime.dispatcher.open_stream(route, payload, needs, record)
+                session = StreamSession(runtime.dispatcher, route, payload, needs, record)
+                await session.open()
                 stream_ticket, ticket = ticket, None  # the stream gives it back when it ends
-                return self._stream_response(runtime, session, record, stream_ticket)
+                return self._stream_response(runtime, session, record, stream_ticket, ChatEncoder())
             completion = await runtime.dispatcher.complete(route, payload, needs, record)
         except ProxyError as exc:
             record.status = exc.status_code
@@ -425,7 +425,7 @@ class Handlers:
         return json_response(completion.body, headers=record.headers())
 
     def _stream_response(
-        self, runtime: Runtime, session: StreamSession, record: RequestRecord, ticket: Ticket | None
+        self, runtime: Runtime, session: StreamSession, record: RequestRecord, ticket: Ticket | None, encoder: Encoder
     ) -> Response:
         def on_end(outcome: str, failure: ProviderError | None) -> None:
             record.outcome = outcome
@@ -435,9 +435,14 @@ class Handlers:
                 runtime.dispatcher.background.spawn(runtime.limits.leave(ticket))
 
         response: SSEResponse
-        body = client_stream(session, on_end, lambda: response.cut_reason)
-        write_timeout = runtime.config.limits.client_write_timeout_seconds
-        response = SSEResponse(body, headers={**SSE_HEADERS, **record.headers()}, write_timeout=write_timeout)
+        body = session.serve(encoder, on_end, lambda: response.cut_reason)
+        response = SSEResponse(
+            body,
+            headers={**SSE_HEADERS, **record.headers()},
+            shutdown=encoder.shutting_down(),
+            final=encoder.final,
+            write_timeout=runtime.config.limits.client_write_timeout_seconds,
+        )
         return response
 
     async def models(self, request: Request) -> Response:

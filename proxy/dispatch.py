@@ -1,10 +1,13 @@
 """The attempt loop: walk a route's graph, call each provider under its
-deadlines, retry within the route's budget, follow the edge for each failure.
+deadlines, retry fast transient failures within the route's budget, follow the
+edge for each failure, and try breaker-skipped nodes as a last resort.
 
-Non-streaming requests end with a `Completion`. Streaming requests end with a
-`StreamStart`: the chunks held back until the first real token, plus the
-rest of the upstream stream; the caller (app + relay) sends headers only then,
-so any failure before the first token is invisible to the client.
+Every call is streamed upstream. `complete` (a non-stream client) reads each
+provider's stream whole and assembles the body, so the first-token and idle
+deadlines bound it as they bound streams, and a provider that fails half-way
+is replaced before the client has seen a byte. `open_stream` walks to a first
+token and hands the live stream to its `StreamSession` (`proxy.stream`), which
+owns it from there and asks here again for whoever continues it.
 """
 
 from __future__ import annotations
@@ -13,145 +16,36 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters.base import Adapter, Chunk, Completion, Limits, Usage
+from proxy.adapters.base import Adapter, Completion, Limits, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
-from proxy.deadline import Deadline
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
 from proxy.health import Decision, Health, HealthBoard
 from proxy.observe import Metrics, RequestRecord
 from proxy.quota import QuotaGate, Reservation, maybe_received, never_sent
 from proxy.routing import Walk, next_node
 from proxy.shaping import Needs, Shaper, eligibility
+from proxy.stream.assemble import Assembler
+from proxy.stream.live import LiveStream, first_token
+from proxy.stream.splice import INSTRUCTION, continuation_body
 
 T = TypeVar("T")
 Call = Callable[[Adapter, ProviderConfig, dict[str, Any], float], Awaitable[T]]
 
-RETRYABLE = frozenset(
-    {FailureClass.TIMEOUT, FailureClass.CONNECTION_ERROR, FailureClass.RATE_LIMITED, FailureClass.SERVER_ERROR}
-)
-BACKOFF_BASE = 0.25
-BACKOFF_CAP = 4.0
-
-
-@dataclass(slots=True)
-class StreamStart:
-    """A stream whose first token has arrived."""
-
-    head: list[Chunk]
-    rest: AsyncIterator[Chunk]
-    provider: ProviderConfig
-    deadline: float  # loop time by which the whole stream must end
-    reservation: Reservation | None = None
-    hide_usage: bool = False  # usage was asked for the quota, not by the client
-    _reads: Deadline | None = field(default=None, repr=False)  # one timer for every read's deadline
-    _more: bool = field(default=False, repr=False)  # the last chunk had more of its upstream read behind it
-
-    async def next_chunk(self) -> Chunk | None:
-        """The next chunk within the idle and total deadlines; None at the end."""
-        if self._more:  # the rest of an upstream read: no wait on the network, nothing to guard
-            try:
-                chunk = await self.rest.__anext__()
-            except StopAsyncIteration:
-                return None
-            except ProviderError as exc:
-                exc.provider = self.provider.name
-                raise
-            self._more = chunk.more
-            return chunk
-        reads = self._reads
-        if reads is None:
-            reads = self._reads = Deadline()
-        reads.enter(min(reads.now() + self.provider.timeout.idle, self.deadline))
-        try:
-            chunk_or_end = await anext(self.rest, None)
-            self._more = chunk_or_end is not None and chunk_or_end.more
-            return chunk_or_end
-        except asyncio.CancelledError:
-            if not reads.expired():
-                raise
-            raise ProviderError(
-                FailureClass.TIMEOUT, "stream stalled past the idle or total timeout", provider=self.provider.name
-            ) from None
-        except ProviderError as exc:
-            exc.provider = self.provider.name
-            raise
-        finally:
-            reads.leave()
-
-    async def close(self) -> None:
-        if self._reads is not None:
-            self._reads.close()
-        await _close(self.rest)
-
-
-CONTINUE_INSTRUCTION = (
-    "Your previous message was cut off. Continue it exactly where it stops: do not repeat any of it, "
-    "do not start over and do not comment on the interruption."
-)
-
-
-def continuation_body(body: dict[str, Any], partial: str) -> dict[str, Any]:
-    """Ask the next provider to go on with a partial answer."""
-    messages = [
-        *body["messages"],
-        {"role": "assistant", "content": partial},
-        {"role": "user", "content": CONTINUE_INSTRUCTION},
-    ]
-    return {**body, "messages": messages}
-
-
-class StreamSession:
-    """One client stream, answered by one provider, or by several when a
-    provider fails after its first token and the next one continues."""
-
-    def __init__(
-        self,
-        dispatcher: Dispatcher,
-        route: Route,
-        body: dict[str, Any],
-        needs: Needs,
-        record: RequestRecord,
-        walk: Walk,
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.route = route
-        self.body = body
-        self.needs = needs
-        self.record = record
-        self.walk = walk
-        self.start: StreamStart
-        self.providers: list[str] = []  # who answered: the first, then any that continued
-
-    @property
-    def continued(self) -> list[str]:
-        return self.providers[1:]
-
-    async def continue_after(self, failure: ProviderError, partial: str) -> StreamStart | None:
-        """The stream's provider failed after `partial`: the next provider on the
-        graph continues it, or None when continuation is off or no one can."""
-        failed = self.start
-        self.dispatcher.stream_ended(failed, None, failure)
-        if not self.route.continuation or not partial:
-            return None
-        self.walk.follow(failure.failure.value)
-        try:
-            self.start = await self.dispatcher._open(self, continuation_body(self.body, partial))
-        except (AllProvidersFailed, UpstreamClientError):
-            return None
-        self.dispatcher.metrics.continuations.labels(
-            self.route.name, failed.provider.name, self.start.provider.name, failure.failure.value
-        ).inc()
-        return self.start
-
-    def ended(self, failure: ProviderError | None) -> None:
-        self.dispatcher.stream_ended(self.start, self.record.usage, failure)
+# Fast, transient failures worth a retry on the same provider. A timeout is
+# silence: the next node is tried at once rather than waiting out the same
+# deadline again.
+RETRYABLE: Final = frozenset({FailureClass.CONNECTION_ERROR, FailureClass.RATE_LIMITED, FailureClass.SERVER_ERROR})
+SHORT_RETRY_AFTER: Final = 5.0  # a 429 asking to wait longer than this goes to the next node instead
+BACKOFF_BASE: Final = 0.25
+BACKOFF_CAP: Final = 4.0
+LAST_RESORT: Final = "last resort: every other node failed, so this breaker-skipped one was tried anyway"
 
 
 def backoff(attempt: int, retry_after: float | None, rng: Callable[[], float]) -> float:
@@ -196,15 +90,21 @@ class Dispatcher:
         self._rng = rng
 
     async def complete(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> Completion:
+        """A non-stream answer: each provider's stream read whole under its deadlines
+        (or, for `stream_upstream: false`, one plain call under its total deadline)."""
+        max_bytes = self.config.limits.max_upstream_bytes
+
         async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> Completion:
-            limits = _limits(provider, deadline, self.config.limits.max_upstream_bytes)
+            if provider.stream_upstream:
+                return await _collect(adapter, provider, body, deadline, max_bytes)
+            limits = _limits(provider, deadline, max_bytes)
             try:
                 async with asyncio.timeout_at(deadline):
                     return await adapter.complete(body, limits)
             except TimeoutError:
                 raise ProviderError(FailureClass.TIMEOUT, f"no answer within {provider.timeout.total:g}s") from None
 
-        answered = await self._walk(route, body, needs, record, call)
+        answered = await self._walk(route, body, needs, record, call, Walk(route))
         completion = answered.result
         self.health.success(answered.provider.name)
         if answered.reservation is not None:
@@ -214,39 +114,44 @@ class Dispatcher:
         return completion
 
     async def open_stream(
-        self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord
-    ) -> StreamSession:
-        session = StreamSession(self, route, body, needs, record, Walk(route))
-        session.start = await self._open(session, body)
-        record.ttft_ms = record.elapsed_ms()
-        return session
+        self,
+        route: Route,
+        body: dict[str, Any],
+        needs: Needs,
+        record: RequestRecord,
+        walk: Walk,
+        *,
+        continue_from: tuple[str, int] | None = None,
+    ) -> LiveStream:
+        """Walk on from `walk.current` to a provider's first token. With
+        `continue_from` (the text the client has, and about how many tokens it
+        took), each provider is asked to continue it in the form it takes; a
+        provider that refuses that request is passed over, never the client's error."""
+        max_bytes = self.config.limits.max_upstream_bytes
 
-    async def _open(self, session: StreamSession, body: dict[str, Any]) -> StreamStart:
-        async def call(
-            adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float
-        ) -> StreamStart:
-            return await _first_token(
-                adapter, provider, _for_stream(provider, body), deadline, self.config.limits.max_upstream_bytes
-            )
+        async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> LiveStream:
+            if continue_from is None:
+                return await first_token(adapter, provider, _for_stream(provider, body), deadline, max_bytes)
+            return await _continue_on(adapter, provider, body, continue_from, deadline, max_bytes)
 
         started = time.perf_counter()
-        answered = await self._walk(session.route, body, session.needs, session.record, call, session.walk)
-        start = answered.result
-        start.reservation = answered.reservation
-        start.hide_usage = not _wants_usage(body)
-        session.providers.append(answered.provider.name)
+        answered = await self._walk(route, body, needs, record, call, walk)
+        live = answered.result
+        live.reservation = answered.reservation
+        live.hide_usage = not _wants_usage(body)
         self.health.success(answered.provider.name, ttft=time.perf_counter() - started)
-        for chunk in start.head:
-            session.record.model = chunk.model or session.record.model
-        return start
+        for chunk in live.head:
+            record.model = chunk.model or record.model
+        return live
 
-    def stream_ended(self, start: StreamStart, usage: Usage | None, failure: ProviderError | None) -> None:
+    def stream_ended(self, live: LiveStream, usage: Usage | None, failure: ProviderError | None) -> None:
         """Account for one provider's stream once it is over: a failure after the
         first token counts against its health; usage settles its quota."""
         if failure is not None:
-            self.health.failure(start.provider.name, failure.failure, failure.retry_after)
-        if start.reservation is not None:
-            self.background.spawn(self.quota.settle(start.reservation, usage, None))
+            self.health.failure(live.provider.name, failure.failure, failure.retry_after)
+        if live.reservation is not None:
+            reservation, live.reservation = live.reservation, None
+            self.background.spawn(self.quota.settle(reservation, usage, None))
 
     async def _walk(
         self,
@@ -255,11 +160,11 @@ class Dispatcher:
         needs: Needs,
         record: RequestRecord,
         call: Call[T],
-        walk: Walk | None = None,
+        walk: Walk,
     ) -> Answered[T]:
         loop = asyncio.get_running_loop()
         walk_deadline = loop.time() + route.budget if route.budget else math.inf
-        walk = walk or Walk(route)
+        skipped: list[str] = []  # passed over for an open breaker: the last resort
         while (node := walk.current) is not None:
             provider = self.config.providers[node]
             if walk.can_defer and self.health.view(node).state is Health.SLOW:
@@ -275,15 +180,53 @@ class Dispatcher:
                 node = walk.current or node  # a hedge, when one was started, is the node that failed last
                 exc.provider = node
                 record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
-                if exc.failure is FailureClass.CLIENT_ERROR:
+                if _returned_to_client(route, node, exc):
                     raise UpstreamClientError(exc) from exc
+                if exc.failure is FailureClass.UNHEALTHY and not self.health.view(node).disabled:
+                    skipped.append(node)
                 walk.follow(exc.failure.value)
             else:
-                record.attempt(node, "ok", (loop.time() - started) * 1000)
-                record.provider = node
-                record.trimmed = answered.trimmed
-                return answered
+                return self._answered(record, node, answered, loop.time() - started)
+        for node in skipped:
+            answered_late = await self._last_resort(node, route, body, needs, record, call, walk_deadline)
+            if answered_late is not None:
+                return answered_late
         raise AllProvidersFailed(route.name, record.attempts, local_only=route.local_only or needs.local_only)
+
+    def _answered(self, record: RequestRecord, node: str, answered: Answered[T], seconds: float) -> Answered[T]:
+        record.attempt(node, "ok", seconds * 1000)
+        record.provider = node
+        record.trimmed = answered.trimmed
+        return answered
+
+    async def _last_resort(
+        self,
+        node: str,
+        route: Route,
+        body: dict[str, Any],
+        needs: Needs,
+        record: RequestRecord,
+        call: Call[T],
+        walk_deadline: float,
+    ) -> Answered[T] | None:
+        """Nothing answered and `node` was skipped for its open breaker: try it
+        anyway, as a half-open trial, while the route's budget lasts."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= walk_deadline or self.health.view(node).disabled:
+            return None
+        started = loop.time()
+        record.last_resort = node
+        try:
+            answered = await self._visit(
+                self.config.providers[node], route, body, needs, call, walk_deadline, trial=True
+            )
+        except ProviderError as exc:
+            exc.provider = node
+            record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, f"{LAST_RESORT}; {exc.message}")
+            if exc.failure is FailureClass.CLIENT_ERROR:
+                raise UpstreamClientError(exc) from exc
+            return None
+        return self._answered(record, node, answered, loop.time() - started)
 
     async def _hedged(
         self,
@@ -352,7 +295,7 @@ class Dispatcher:
             answered = await task
         except (asyncio.CancelledError, ProviderError):
             return  # _attempt already settled what it had reserved
-        if isinstance(answered.result, StreamStart):
+        if isinstance(answered.result, LiveStream):
             await answered.result.close()
         self.background.spawn(self.quota.settle(answered.reservation, None, FailureClass.CONNECTION_ERROR))
 
@@ -364,13 +307,16 @@ class Dispatcher:
         needs: Needs,
         call: Call[T],
         walk_deadline: float,
+        *,
+        trial: bool = False,
     ) -> Answered[T]:
         """One node of the walk: skip it (policy, capability, breaker, context,
-        quota) or call it with the request shaped for it."""
+        quota) or call it with the request shaped for it. `trial`: call it
+        whatever its breaker says (a last resort)."""
         skip = eligibility(provider, route, needs)
         if skip is not None:
             raise skip
-        if self.health.decide(provider.name) is Decision.SKIP:
+        if not trial and self.health.decide(provider.name) is Decision.SKIP:
             health = self.health.view(provider.name)
             raise ProviderError(FailureClass.UNHEALTHY, f"breaker open ({health.reason}); not called")
         shaped = await self.shaper.shape(provider, body)
@@ -406,7 +352,7 @@ class Dispatcher:
             except ProviderError as exc:
                 uncertain = exc.message if maybe_received(exc) else None
                 self._unreserve(reservation, exc.failure, sent=not never_sent(exc), uncertain=uncertain)
-                if retry >= provider.retries or exc.failure not in RETRYABLE:
+                if retry >= provider.retries or not _retryable(exc):
                     raise
                 failed = exc
             except asyncio.CancelledError:  # lost a hedge race, or the client went away
@@ -432,15 +378,35 @@ class Dispatcher:
         await self.background.drain(timeout=2.0)
 
 
+def _retryable(error: ProviderError) -> bool:
+    """A fast, transient failure: a 429 only when it asks for a short wait."""
+    if error.failure not in RETRYABLE:
+        return False
+    return error.failure is not FailureClass.RATE_LIMITED or (error.retry_after or 0.0) <= SHORT_RETRY_AFTER
+
+
+def _returned_to_client(route: Route, node: str, error: ProviderError) -> bool:
+    """A plain client error would fail anywhere; a content filter's refusal goes
+    back too, unless the route opts in to falling back on it (an explicit
+    `content_filtered` edge, or `fallback_on_content_filter`)."""
+    if error.failure is FailureClass.CLIENT_ERROR:
+        return True
+    if error.failure is not FailureClass.CONTENT_FILTERED or route.fallback_on_content_filter:
+        return False
+    return FailureClass.CONTENT_FILTERED.value not in route.edges.get(node, {})
+
+
 def _wants_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def _for_stream(provider: ProviderConfig, body: dict[str, Any]) -> dict[str, Any]:
-    """A token quota needs the real usage of streams too: ask for it (the
-    relay hides the usage chunk from a client that did not)."""
-    if provider.quota is None or provider.quota.tokens_per_day is None or _wants_usage(body):
+def _for_stream(provider: ProviderConfig, body: dict[str, Any], *, usage: bool = False) -> dict[str, Any]:
+    """A token quota needs the real usage of streams too, and so does a body
+    assembled for a non-stream client: ask for it (the session hides the usage
+    chunk from a stream client that did not)."""
+    wanted = usage or (provider.quota is not None and provider.quota.tokens_per_day is not None)
+    if not wanted or _wants_usage(body):
         return body
     options = body.get("stream_options")
     return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
@@ -451,42 +417,44 @@ def _limits(provider: ProviderConfig, deadline: float, max_bytes: int) -> Limits
     return Limits(connect=min(provider.timeout.connect, remaining), read=remaining, max_bytes=max_bytes)
 
 
-async def _first_token(
+async def _collect(
     adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float, max_bytes: int
-) -> StreamStart:
-    """Open a stream and hold its chunks until the first real token (or a clean
-    empty end); any failure before that is the provider's and stays invisible."""
-    loop = asyncio.get_running_loop()
-    first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
-    limits = Limits(
-        connect=min(provider.timeout.connect, first_deadline - loop.time()),
-        read=provider.timeout.idle,
-        max_bytes=max_bytes,
-    )
-    stream = adapter.stream(body, limits)
-    head: list[Chunk] = []
-    started = False
-    first = Deadline()  # as `asyncio.timeout_at`, for a fraction of its cost
+) -> Completion:
+    """A provider's whole answer, streamed under its first-token, idle and total deadlines."""
+    asked = {key: value for key, value in body.items() if key != "stream_options"}
+    live = await first_token(adapter, provider, _for_stream(provider, asked, usage=True), deadline, max_bytes)
+    assembler = Assembler()
     try:
-        first.enter(first_deadline)
-        while (chunk := await anext(stream, None)) is not None:
-            head.append(chunk)
-            if chunk.has_content or chunk.finish_reason is not None:
-                break
-        started = True
-    except asyncio.CancelledError:
-        if not first.expired():
-            raise
-        raise ProviderError(FailureClass.TIMEOUT, f"no first token within {provider.timeout.first_token:g}s") from None
+        for chunk in live.take_head():
+            assembler.add(chunk)
+        while (chunk_or_end := await live.next_chunk()) is not None:
+            assembler.add(chunk_or_end)
     finally:
-        first.close()
-        if not started:  # failed, timed out or cancelled: close the upstream now
-            await _close(stream)
-    more = bool(head) and head[-1].more
-    return StreamStart(head=head, rest=stream, provider=provider, deadline=deadline, _more=more)
+        await live.close()
+    return assembler.completion()
 
 
-async def _close(stream: AsyncIterator[Chunk]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
+async def _continue_on(
+    adapter: Adapter,
+    provider: ProviderConfig,
+    body: dict[str, Any],
+    continue_from: tuple[str, int],
+    deadline: float,
+    max_bytes: int,
+) -> LiveStream:
+    """Ask `provider` for the rest of the answer, in the form it takes. A refused
+    prefill is asked again as an instruction; a refused instruction passes the
+    provider over (`unsupported`): the client's request was fine the first time."""
+    sent, produced = continue_from
+    form = provider.continue_with
+    for attempt_form in dict.fromkeys((form, INSTRUCTION)):
+        asked = _for_stream(provider, continuation_body(body, sent, attempt_form, produced))
+        try:
+            return await first_token(adapter, provider, asked, deadline, max_bytes)
+        except ProviderError as exc:
+            if exc.failure is not FailureClass.CLIENT_ERROR:
+                raise
+            refused = exc
+    raise ProviderError(
+        FailureClass.UNSUPPORTED, f"refused the request to continue the answer: {refused.message}", sent=True
+    ) from refused

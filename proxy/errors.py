@@ -19,7 +19,8 @@ Two families, drawn once here:
 
 A `ProviderError` whose class is `client_error` is not fallback-worthy: the
 request would fail everywhere, so the upstream's answer goes back to the client
-unchanged in meaning (`UpstreamClientError` renders it).
+unchanged in meaning (`UpstreamClientError` renders it). So does a
+`content_filtered` refusal, unless the route opts in to falling back on it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class FailureClass(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     SERVER_ERROR = "server_error"
     AUTH_ERROR = "auth_error"
+    MISCONFIGURED = "misconfigured"  # the provider's own configuration is wrong (never the client's 400)
     CONTEXT_WINDOW_EXCEEDED = "context_window_exceeded"
     CONTENT_FILTERED = "content_filtered"
     # Skip reasons: decided before any network call.

@@ -69,6 +69,7 @@ COUNTED = frozenset(
         FailureClass.CONNECTION_ERROR,
         FailureClass.SERVER_ERROR,
         FailureClass.AUTH_ERROR,
+        FailureClass.MISCONFIGURED,
         FailureClass.RATE_LIMITED,
     }
 )
@@ -162,6 +163,9 @@ def after_failure(
         return _opened(
             health, now + settings.cooldown_seconds, failures, now, "auth_error: the provider rejected our key"
         )
+    if failure is FailureClass.MISCONFIGURED:
+        reason = "misconfigured: the provider's own configuration is wrong (see the log)"
+        return _opened(health, now + settings.cooldown_seconds, failures, now, reason)
     if failure is FailureClass.RATE_LIMITED and retry_after:
         return _opened(health, now + retry_after, failures, now, f"rate_limited: retry after {retry_after:g}s")
     if health.breaker is Breaker.HALF_OPEN or failures >= settings.failure_threshold:
@@ -180,6 +184,31 @@ def _opened(health: ProviderHealth, retry_at: float, failures: int, now: float, 
         reason=reason,
         updated=now,
     )
+
+
+# A probe answered with one of these says "this endpoint does not exist here",
+# not "this provider is down": probing it stops; real traffic still tells.
+PROBE_UNSUPPORTED_STATUSES = frozenset({404, 405, 501})
+# Failures of a probe that say the provider itself is unwell.
+PROBE_COUNTED = frozenset(
+    {FailureClass.TIMEOUT, FailureClass.CONNECTION_ERROR, FailureClass.SERVER_ERROR, FailureClass.AUTH_ERROR}
+)
+
+
+class ProbeVerdict(enum.Enum):
+    COUNTS = "counts"  # against the provider's health
+    IGNORED = "ignored"  # a refusal that says nothing of its health (a 400, a 429), or one real traffic outranks
+    UNSUPPORTED = "unsupported"  # the probe endpoint does not exist there: stop probing
+
+
+def probe_verdict(error: ProviderError, answered_recently: bool) -> ProbeVerdict:
+    """What a failed probe means for a provider's health. A provider that has
+    just answered a real request is healthy whatever its probe says."""
+    if error.status_code in PROBE_UNSUPPORTED_STATUSES:
+        return ProbeVerdict.UNSUPPORTED
+    if error.failure not in PROBE_COUNTED or answered_recently:
+        return ProbeVerdict.IGNORED
+    return ProbeVerdict.COUNTS
 
 
 def after_probe_success(health: ProviderHealth, now: float) -> ProviderHealth:
@@ -221,7 +250,8 @@ class HealthBoard:
         self.clock = clock
         self.replica = uuid.uuid4().hex[:8]
         self._health = {name: ProviderHealth() for name in providers}
-        self._providers = providers
+        self._answered: dict[str, float] = {}  # when each provider last answered a real request (clock time)
+        self.unprobed: dict[str, str] = {}  # providers whose probe endpoint does not exist: why
         self.background = Background()
 
     def view(self, provider: str) -> ProviderHealth:
@@ -259,7 +289,9 @@ class HealthBoard:
                 self._health[provider] = health
 
     def success(self, provider: str, ttft: float | None = None) -> None:
-        self._set(provider, after_success(self._health[provider], self.settings, self.clock(), ttft))
+        now = self.clock()
+        self._answered[provider] = now
+        self._set(provider, after_success(self._health[provider], self.settings, now, ttft))
 
     def failure(self, provider: str, failure: FailureClass, retry_after: float | None = None) -> None:
         health = self._health[provider]
@@ -336,7 +368,7 @@ class HealthBoard:
             await asyncio.sleep(interval)
 
     async def probe_once(self, provider: str, probe: Callable[[], Awaitable[None]]) -> None:
-        if not await self._probe_lock(provider):
+        if provider in self.unprobed or not await self._probe_lock(provider):
             return
         started = time.perf_counter()
         try:
@@ -344,14 +376,29 @@ class HealthBoard:
                 await probe()
         except ProviderError as exc:
             self.events.probe(provider, exc.failure.value)
-            self.failure(provider, exc.failure, exc.retry_after)
+            self._probe_failed(provider, exc)
         except TimeoutError:
             self.events.probe(provider, FailureClass.TIMEOUT.value)
-            self.failure(provider, FailureClass.TIMEOUT)
+            self._probe_failed(provider, ProviderError(FailureClass.TIMEOUT, "the probe timed out"))
         else:
             self.events.probe(provider, "ok")
             log.debug("probe %s ok in %.1f ms", provider, (time.perf_counter() - started) * 1000)
             self._set(provider, after_probe_success(self._health[provider], self.clock()))
+
+    def _probe_failed(self, provider: str, error: ProviderError) -> None:
+        answered = self._answered.get(provider)
+        recently = answered is not None and self.clock() - answered < self.settings.probe_interval_seconds
+        verdict = probe_verdict(error, recently)
+        if verdict is ProbeVerdict.UNSUPPORTED:
+            self.unprobed[provider] = f"the probe endpoint answered {error.status_code}: probing is off"
+            log.warning(
+                "provider %s: the probe endpoint answered HTTP %s, so it is not probed; "
+                "its health follows real requests only",
+                provider,
+                error.status_code,
+            )
+        elif verdict is ProbeVerdict.COUNTS:
+            self.failure(provider, error.failure, error.retry_after)
 
     async def _probe_lock(self, provider: str) -> bool:
         try:

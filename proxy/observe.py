@@ -17,8 +17,8 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from proxy.adapters.base import Usage
-from proxy.errors import Attempt
+from proxy.adapters.base import AdapterHooks, Usage
+from proxy.errors import Attempt, FailureClass
 
 if TYPE_CHECKING:
     from proxy.alerts import Alerter
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 request_log = logging.getLogger("fallback_proxy.request")
 event_log = logging.getLogger("fallback_proxy.events")
 
+# Attempts that cost no network call.
+SKIP_OUTCOMES = frozenset(failure.value for failure in FailureClass if failure.is_skip)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -50,6 +52,7 @@ class RequestRecord:
     interrupted: str | None = None  # failure class of a provider that failed after the first token
     trimmed: int = 0  # oldest messages dropped to fit the answering provider's context window
     continued: list[str] = field(default_factory=list)  # providers that continued the stream mid-way
+    last_resort: str | None = None  # a breaker-skipped provider tried once every other node had failed
 
     def attempt(self, provider: str, outcome: str, ms: float, detail: str = "") -> None:
         self.attempts.append(Attempt(provider, outcome, ms, detail))
@@ -59,8 +62,12 @@ class RequestRecord:
         return [a for a in self.attempts if a.outcome != "ok"]
 
     def headers(self) -> dict[str, str]:
-        """The `x-proxy-*` headers of the contract."""
-        headers = {"x-proxy-route": self.route, "x-proxy-attempts": str(len(self.attempts))}
+        """The `x-proxy-*` headers of the contract: `x-proxy-attempts` counts the
+        providers called, `x-proxy-skips` those passed over without a call."""
+        skips = sum(1 for a in self.attempts if a.outcome in SKIP_OUTCOMES)
+        headers = {"x-proxy-route": self.route, "x-proxy-attempts": str(len(self.attempts) - skips)}
+        if skips:
+            headers["x-proxy-skips"] = str(skips)
         if self.provider:
             headers["x-proxy-provider"] = self.provider
         fallbacks = self.fallbacks
@@ -68,6 +75,8 @@ class RequestRecord:
             headers["x-proxy-fallbacks"] = ",".join(f"{a.provider}={a.outcome}" for a in fallbacks)
         if self.trimmed:
             headers["x-proxy-trimmed"] = str(self.trimmed)
+        if self.last_resort:
+            headers["x-proxy-last-resort"] = self.last_resort
         headers["x-request-id"] = self.request_id
         return headers
 
@@ -95,6 +104,7 @@ class RequestRecord:
             "interrupted": self.interrupted,
             "trimmed": self.trimmed,
             "continued_by": self.continued or None,
+            "last_resort": self.last_resort,
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
             "total_ms": round(total_ms, 1),
             "tokens": None
@@ -198,6 +208,12 @@ class Metrics:
         self.recoveries = Counter(
             "fallback_proxy_recoveries",
             "Times a provider came back (its breaker closed).",
+            ["provider"],
+            registry=own,
+        )
+        self.malformed = Counter(
+            "fallback_proxy_malformed_chunks",
+            "Upstream stream events that could not be read and were skipped (the stream went on).",
             ["provider"],
             registry=own,
         )
@@ -389,7 +405,7 @@ def event(kind: str, level: int = logging.INFO, **fields: object) -> None:
         event_log.log(level, orjson.dumps({"event": kind, "ts": round(time.time(), 3), **fields}).decode())
 
 
-class OperatorEvents:
+class OperatorEvents(AdapterHooks):
     """Health and quota events, as metrics and event log lines."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -424,6 +440,11 @@ class OperatorEvents:
 
     def probe(self, provider: str, outcome: str) -> None:
         self.metrics.probes.labels(provider, outcome).inc()
+
+    def malformed(self, provider: str, payload: bytes) -> None:
+        """`AdapterHooks.malformed`: an unreadable stream event was skipped."""
+        self.metrics.malformed.labels(provider).inc()
+        event("malformed_chunk", logging.WARNING, provider=provider, payload=payload[:200].decode("utf-8", "replace"))
 
     def store_error(self, operation: str, error: StoreUnavailable) -> None:
         self.metrics.store_errors.labels(operation).inc()

@@ -61,7 +61,7 @@ class Runtime:
     @classmethod
     def build(cls, config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents) -> Runtime:
         """Build the adapters (litellm is imported here when a provider needs it: seconds)."""
-        adapters = {name: make_adapter(provider, clients) for name, provider in config.providers.items()}
+        adapters = {name: make_adapter(provider, clients, events) for name, provider in config.providers.items()}
         return cls(config, adapters, store, events, events.metrics)
 
     async def start(self, *, warm_up: bool = True) -> None:

@@ -2,10 +2,13 @@
 
 * `needs_of` reads what a request needs (images, tools, privacy) once.
 * `eligibility` says, without I/O, why a provider must be passed over for it
-  (`policy`: not local for private work; `unsupported`: lacks vision/tools).
+  (`policy`: not local for private work; `unsupported`: lacks vision, tools or
+  structured outputs, or its wire format cannot give what the request asks for:
+  several choices (`n`) or logprobs through a translation that drops them).
 * `Shaper.shape` rewrites the request for one provider: its `system_prompt`
   replaces the client's ("mini mode"), and when the prompt does not fit its
-  `context_window` (leaving room for `max_tokens`) the oldest turns are dropped
+  `context_window` (leaving room for `max_tokens`, or a quarter of the window
+  when the request sets none) the oldest turns are dropped
   until it does; if it cannot fit, the provider is skipped with
   `context_window_exceeded`.
 """
@@ -24,6 +27,7 @@ from proxy.errors import FailureClass, ProviderError
 from proxy.litellm_import import load_litellm
 
 DEFAULT_COMPLETION_RESERVE = 512
+RESERVE_SHARE = 4  # without max_tokens, at most 1/RESERVE_SHARE of a window is kept for the answer
 PER_MESSAGE_OVERHEAD = 8  # role and framing tokens, generous
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -35,14 +39,22 @@ class Needs:
     vision: bool = False
     tools: bool = False
     local_only: bool = False
+    json_schema: bool = False  # structured outputs
+    choices: int = 1  # n
+    logprobs: bool = False
 
 
 def needs_of(body: dict[str, Any], local_only_header: str | None) -> Needs:
     tools = bool(body.get("tools") or body.get("functions"))
+    response_format = body.get("response_format")
+    n = body.get("n")
     return Needs(
         vision=any(_has_image(m) for m in body.get("messages", ())),
         tools=tools or body.get("tool_choice") not in (None, "none"),
         local_only=(local_only_header or "").strip().lower() in _TRUE,
+        json_schema=isinstance(response_format, dict) and response_format.get("type") == "json_schema",
+        choices=n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1,
+        logprobs=body.get("logprobs") is True or bool(body.get("top_logprobs")),
     )
 
 
@@ -57,13 +69,21 @@ def eligibility(provider: ProviderConfig, route: Route, needs: Needs) -> Provide
     """Why this provider must not be called for this request (no I/O), or None."""
     if (route.local_only or needs.local_only) and not provider.local:
         return ProviderError(FailureClass.POLICY, "not a local provider; private work stays on this machine")
+    if not provider.openai_compatible and (needs.choices > 1 or needs.logprobs):
+        asked = f"n={needs.choices}" if needs.choices > 1 else "logprobs"
+        return ProviderError(
+            FailureClass.UNSUPPORTED, f"the request asks for {asked}, which this provider's wire format cannot give"
+        )
     capabilities = provider.capabilities
     if capabilities is None:
         return None
-    if needs.vision and "vision" not in capabilities:
-        return ProviderError(FailureClass.UNSUPPORTED, "the request has images; this provider lacks vision")
-    if needs.tools and "tools" not in capabilities:
-        return ProviderError(FailureClass.UNSUPPORTED, "the request uses tools; this provider lacks tools")
+    for need, capability, what in (
+        (needs.vision, "vision", "has images"),
+        (needs.tools, "tools", "uses tools"),
+        (needs.json_schema, "json_schema", "asks for a JSON schema (structured outputs)"),
+    ):
+        if need and capability not in capabilities:
+            return ProviderError(FailureClass.UNSUPPORTED, f"the request {what}; this provider lacks {capability}")
     return None
 
 
@@ -79,9 +99,13 @@ def with_system_prompt(messages: Sequence[dict[str, Any]], prompt: str) -> list[
     return [{"role": "system", "content": prompt}, *rest]
 
 
-def completion_reserve(body: dict[str, Any]) -> int:
+def completion_reserve(body: dict[str, Any], window: int) -> int:
+    """Tokens kept for the answer: what the request allows it, else at most a
+    quarter of the window (512 in a large one)."""
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    return limit if isinstance(limit, int) and limit > 0 else DEFAULT_COMPLETION_RESERVE
+    if isinstance(limit, int) and limit > 0:
+        return limit
+    return min(DEFAULT_COMPLETION_RESERVE, window // RESERVE_SHARE)
 
 
 def upper_bound(messages: Sequence[dict[str, Any]]) -> int:
@@ -129,7 +153,7 @@ class Shaper:
             messages = with_system_prompt(messages, provider.system_prompt)
         trimmed = 0
         if provider.context_window is not None:
-            budget = provider.context_window - completion_reserve(body)
+            budget = provider.context_window - completion_reserve(body, provider.context_window)
             while upper_bound(messages) > budget and await self._count(provider.model, messages) > budget:
                 shorter = drop_oldest_turn(messages)
                 if shorter is None:

@@ -171,3 +171,15 @@ def test_in_stream_errors_are_server_errors() -> None:
     error = classify.from_stream_error(overloaded)
     assert error.failure is FailureClass.SERVER_ERROR and "Overloaded" in error.message
     assert classify.incomplete_stream().failure is FailureClass.SERVER_ERROR
+
+
+@pytest.mark.litellm
+@pytest.mark.asyncio
+async def test_litellms_complaint_about_a_providers_own_config_is_misconfigured_not_the_clients() -> None:
+    import litellm
+
+    with pytest.raises(litellm.BadRequestError) as caught:  # a model string litellm cannot place
+        await litellm.acompletion(model="no-such-provider/x", messages=[{"role": "user", "content": "q"}], api_key="k")
+    error = classify.from_litellm(caught.value)
+    assert error.failure is FailureClass.MISCONFIGURED and not error.sent
+    assert classify.untranslatable(caught.value).failure is FailureClass.MISCONFIGURED

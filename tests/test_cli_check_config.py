@@ -163,3 +163,16 @@ def test_runs_as_a_program(command: list[str]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "coding: openai-4o -> local-qwen  (rate_limited: openai-4o -> claude;" in done.stdout
+
+
+def test_a_typo_in_a_provider_prefix_fails_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(
+        tmp_path,
+        "providers:\n"
+        "  claude: {model: anthropc/claude-sonnet-4-5-20250929, api_key: k}\n"
+        "  local: {model: ollama_chat/qwen2.5:7b, local: true}\n"
+        "routes:\n  default: [claude, local]\n",
+    )
+    assert main(["check-config", path]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: providers.claude.model: unknown provider prefix 'anthropc' (did you mean 'anthropic'?)"

@@ -53,7 +53,8 @@ def with_routes(routes: str) -> str:
 def test_edge_keys_are_the_failure_classes_and_default() -> None:
     assert FAILURE_CLASSES | {"default"} == EDGE_KEYS
     assert "rate_limited" in FAILURE_CLASSES and "policy" in FAILURE_CLASSES
-    assert {"vision", "tools"} == CAPABILITIES
+    assert {"vision", "tools", "json_schema"} == CAPABILITIES
+    assert "misconfigured" in FAILURE_CLASSES
 
 
 # --- interpolation -----------------------------------------------------------------
@@ -222,7 +223,10 @@ def test_minimal_config_has_defaults(tmp_path: Path) -> None:
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
     assert config.server.max_body_bytes == 10 * 1024 * 1024 and config.server.admin_key is None
     provider = config.providers["a"]
-    assert (provider.retries, provider.probe, provider.capabilities, dict(provider.headers)) == (0, True, None, {})
+    assert (provider.retries, provider.probe, dict(provider.headers)) == (0, True, {})
+    assert (provider.stream_upstream, provider.continue_with) == (True, "instruction")
+    # Not declared: what litellm's model map knows of the model.
+    assert provider.capabilities == {"vision", "tools", "json_schema"}
 
 
 def test_setting_only_total_caps_the_other_timeouts(tmp_path: Path) -> None:
@@ -677,10 +681,6 @@ def test_given_api_base_wins_and_loses_its_trailing_slash(tmp_path: Path) -> Non
             "anthropic/claude-3-5-sonnet-latest",
             "providers.p.model: 'claude-3-5-sonnet-latest' is an alias that moves to new snapshots; pin a dated one",
         ),
-        (
-            "olama_chat/qwen2.5:7b",
-            "providers.p.model: unknown litellm provider 'olama_chat' (did you mean 'ollama_chat'?)",
-        ),
     ],
 )
 def test_unpinned_models_warn(tmp_path: Path, model: str, warning: str) -> None:
@@ -698,6 +698,56 @@ def test_unpinned_models_warn(tmp_path: Path, model: str, warning: str) -> None:
 )
 def test_pinned_models_do_not_warn(tmp_path: Path, model: str) -> None:
     assert load(tmp_path, f"providers:\n  p: {{model: '{model}'}}\n").warnings == ()
+
+
+def test_an_unknown_provider_prefix_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, "providers:\n  p: {model: 'anthropc/claude-sonnet-4-5-20250929'}\n")
+    assert caught.value.problems == (
+        "providers.p.model: unknown provider prefix 'anthropc' (did you mean 'anthropic'?)",
+    )
+
+
+def test_the_prefix_list_is_litellms() -> None:
+    from litellm.types.utils import LlmProviders
+
+    from proxy.config.litellm_providers import LITELLM_PROVIDERS
+
+    assert {provider.value for provider in LlmProviders} == LITELLM_PROVIDERS
+
+
+def test_capabilities_declared_win_over_the_model_map(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "providers:\n"
+        "  a: {model: openai/gpt-4o-2024-08-06, capabilities: [tools]}\n"
+        "  b: {model: openai/my-own-model, api_base: 'http://127.0.0.1:9/v1'}\n"
+        "  c: {model: groq/llama-3.3-70b-versatile}\n",
+    )
+    assert config.providers["a"].capabilities == {"tools"}
+    assert config.providers["b"].capabilities is None  # unknown to the map: nothing restricted
+    assert config.providers["c"].capabilities == {"vision", "tools"}  # the map: no structured outputs
+
+
+def test_continuation_forms(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "providers:\n"
+        "  a: {model: anthropic/claude-sonnet-4-5-20250929}\n"
+        "  b: {model: hosted_vllm/qwen, api_base: 'http://127.0.0.1:9/v1', continue_with: vllm}\n",
+    )
+    assert (config.providers["a"].continue_with, config.providers["b"].continue_with) == ("prefill", "vllm")
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, "providers:\n  a: {model: openai/gpt-4o-2024-08-06, continue_with: prefil}\n")
+    assert caught.value.problems == ("providers.a.continue_with: unknown form 'prefil' (did you mean 'prefill'?)",)
+
+
+def test_a_context_window_too_small_to_be_useful_is_flagged(tmp_path: Path) -> None:
+    config = load(tmp_path, "providers:\n  p: {model: 'ollama_chat/qwen2.5:0.5b', context_window: 300}\n")
+    assert config.warnings == (
+        "providers.p.context_window: 300 tokens leave little room for a prompt and an answer "
+        "(a request without max_tokens reserves a quarter of the window, 75 tokens, for the answer)",
+    )
 
 
 def test_open_proxy_on_a_public_interface_warns(tmp_path: Path) -> None:

@@ -14,12 +14,14 @@ from proxy.health import (
     Decision,
     Health,
     HealthBoard,
+    ProbeVerdict,
     ProviderHealth,
     after_failure,
     after_probe_success,
     after_success,
     begin_trial,
     decide,
+    probe_verdict,
 )
 from proxy.observe import Metrics, OperatorEvents
 from proxy.state import MemoryStore
@@ -164,4 +166,70 @@ async def test_probes_detect_failure_and_recovery() -> None:
     assert b.decide("p") is Decision.TRIAL
     b.success("p")
     assert b.view("p").state is Health.HEALTHY
+    await b.aclose()
+
+
+def test_a_misconfigured_provider_opens_at_once() -> None:
+    health = fail(HEALTHY, 10, FailureClass.MISCONFIGURED)
+    assert (health.state, health.breaker) == (Health.OFFLINE, Breaker.OPEN)
+
+
+@pytest.mark.parametrize(
+    ("error", "recently", "verdict"),
+    [
+        (ProviderError(FailureClass.SERVER_ERROR, "HTTP 404", status_code=404), False, ProbeVerdict.UNSUPPORTED),
+        (ProviderError(FailureClass.CLIENT_ERROR, "HTTP 405", status_code=405), False, ProbeVerdict.UNSUPPORTED),
+        (ProviderError(FailureClass.SERVER_ERROR, "HTTP 501", status_code=501), False, ProbeVerdict.UNSUPPORTED),
+        (ProviderError(FailureClass.SERVER_ERROR, "HTTP 503", status_code=503), False, ProbeVerdict.COUNTS),
+        (ProviderError(FailureClass.CONNECTION_ERROR, "refused"), False, ProbeVerdict.COUNTS),
+        (ProviderError(FailureClass.AUTH_ERROR, "HTTP 401", status_code=401), False, ProbeVerdict.COUNTS),
+        (ProviderError(FailureClass.RATE_LIMITED, "HTTP 429", status_code=429), False, ProbeVerdict.IGNORED),
+        (ProviderError(FailureClass.CLIENT_ERROR, "HTTP 400", status_code=400), False, ProbeVerdict.IGNORED),
+        (ProviderError(FailureClass.CONNECTION_ERROR, "refused"), True, ProbeVerdict.IGNORED),
+    ],
+)
+def test_what_a_failed_probe_means(error: ProviderError, recently: bool, verdict: ProbeVerdict) -> None:
+    assert probe_verdict(error, recently) is verdict
+
+
+@pytest.mark.asyncio
+async def test_a_probe_endpoint_that_does_not_exist_turns_probing_off_not_the_provider() -> None:
+    clock = [1000.0]
+    b = board(MemoryStore(clock=lambda: clock[0]), clock)
+    calls = [0]
+
+    async def probe() -> None:
+        calls[0] += 1
+        raise ProviderError(FailureClass.SERVER_ERROR, "HTTP 404: Not Found", status_code=404)
+
+    for _ in range(5):
+        await b.probe_once("p", probe)
+        clock[0] += 10
+    assert calls[0] == 1 and "404" in b.unprobed["p"]
+    assert b.view("p").state is Health.HEALTHY and b.decide("p") is Decision.CALL
+    await b.aclose()
+
+
+@pytest.mark.asyncio
+async def test_real_traffic_outranks_a_probe() -> None:
+    clock = [1000.0]
+    b = board(MemoryStore(clock=lambda: clock[0]), clock)
+
+    calls = [0]
+
+    async def probe() -> None:
+        calls[0] += 1
+        raise ProviderError(FailureClass.TIMEOUT, "the probe timed out")
+
+    for _ in range(5):
+        clock[0] += 9.5  # past the probe lock of the last round
+        b.success("p")  # a request answered just now
+        clock[0] += 0.2
+        await b.probe_once("p", probe)
+    assert calls[0] == 5 and b.view("p").state is Health.HEALTHY
+    clock[0] += 60  # no traffic since: the probes count again
+    for _ in range(3):
+        await b.probe_once("p", probe)
+        clock[0] += 10
+    assert b.view("p").breaker is Breaker.OPEN
     await b.aclose()

@@ -80,6 +80,7 @@ def test_the_log_line_goes_straight_to_the_cli_stream(
         "interrupted",
         "trimmed",
         "continued_by",
+        "last_resort",
         "ttft_ms",
         "total_ms",
         "tokens",

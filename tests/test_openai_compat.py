@@ -196,9 +196,21 @@ async def test_a_last_event_without_its_blank_line_still_counts() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_json_answer_to_a_stream_request_is_a_server_error() -> None:
+async def test_a_whole_answer_to_a_stream_request_is_read_as_its_stream() -> None:
     async def ignores_stream(request: web.Request) -> web.StreamResponse:
         return web.Response(body=completion_bytes("whole"), content_type="application/json")
+
+    async with upstream(ignores_stream) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))
+    assert error is None
+    assert [(c.text, c.finish_reason) for c in chunks if c.has_content or c.finish_reason] == [("whole", "stop")]
+    assert len(chunks) == 1 and not chunks[0].more
+
+
+@pytest.mark.asyncio
+async def test_a_json_answer_that_is_no_completion_is_a_server_error() -> None:
+    async def ignores_stream(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b'{"status": "busy"}', content_type="application/json")
 
     async with upstream(ignores_stream) as url, open_session() as session:
         chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))

@@ -11,8 +11,8 @@ import pytest
 from proxy.adapters.base import Chunk
 from proxy.config import ProviderConfig, parse_config
 from proxy.deadline import Deadline
-from proxy.dispatch import StreamStart, _first_token
 from proxy.errors import FailureClass, ProviderError
+from proxy.stream import LiveStream, first_token
 
 pytestmark = pytest.mark.asyncio
 
@@ -56,12 +56,12 @@ class Upstream:
             self.closed = True
 
 
-def start_of(upstream: Upstream, idle: float, total: float = 60) -> StreamStart:
+def start_of(upstream: Upstream, idle: float, total: float = 60) -> LiveStream:
     loop = asyncio.get_running_loop()
-    return StreamStart(head=[], rest=upstream.stream(), provider=provider(idle, total), deadline=loop.time() + total)
+    return LiveStream(head=[], rest=upstream.stream(), provider=provider(idle, total), deadline=loop.time() + total)
 
 
-async def read_all(start: StreamStart) -> list[str]:
+async def read_all(start: LiveStream) -> list[str]:
     texts = []
     while (next_chunk := await start.next_chunk()) is not None:
         texts.append(next_chunk.text)
@@ -189,7 +189,7 @@ class OneRead:
 
 async def test_a_failure_in_the_rest_of_a_read_is_the_providers() -> None:
     loop = asyncio.get_running_loop()
-    start = StreamStart(
+    start = LiveStream(
         head=[], rest=OneRead(["a", "b"], fail=True).stream(), provider=provider(idle=1), deadline=loop.time() + 60
     )
     with pytest.raises(ProviderError) as caught:
@@ -200,7 +200,7 @@ async def test_a_failure_in_the_rest_of_a_read_is_the_providers() -> None:
 
 async def test_the_read_after_a_reads_last_chunk_is_guarded_again() -> None:
     loop = asyncio.get_running_loop()
-    start = StreamStart(
+    start = LiveStream(
         head=[], rest=OneRead(["a", "b", "c"], stall=5).stream(), provider=provider(idle=0.2), deadline=loop.time() + 60
     )
     began = loop.time()
@@ -229,7 +229,7 @@ async def test_no_first_token_in_time_is_the_providers_timeout_and_closes_the_up
     silent, loop = Silent(), asyncio.get_running_loop()
     began = loop.time()
     with pytest.raises(ProviderError) as caught:
-        await _first_token(silent, provider(idle=5, first_token=0.1), {}, began + 60, 1 << 20)  # type: ignore[arg-type]
+        await first_token(silent, provider(idle=5, first_token=0.1), {}, began + 60, 1 << 20)  # type: ignore[arg-type]
     assert caught.value.failure is FailureClass.TIMEOUT and "no first token within 0.1s" in caught.value.message
     assert 0.1 <= loop.time() - began < 1.0 and silent.closed
 
@@ -237,7 +237,7 @@ async def test_no_first_token_in_time_is_the_providers_timeout_and_closes_the_up
 async def test_a_cancelled_wait_for_the_first_token_stays_a_cancellation() -> None:
     silent = Silent()
     waiting = asyncio.create_task(
-        _first_token(silent, provider(idle=5), {}, asyncio.get_running_loop().time() + 60, 1 << 20)  # type: ignore[arg-type]
+        first_token(silent, provider(idle=5), {}, asyncio.get_running_loop().time() + 60, 1 << 20)  # type: ignore[arg-type]
     )
     await asyncio.sleep(0.05)
     waiting.cancel()

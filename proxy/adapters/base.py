@@ -90,14 +90,22 @@ class Chunk:
     text: str = ""  # the first choice's content delta
     tool_calls: bool = False  # carries tool-call deltas (a stream that cannot be continued as text)
     # Another chunk of the same upstream read follows at once (no wait on the
-    # network, so no read deadline guards it): the relay sends them to the
+    # network, so no read deadline guards it): the stream sends them to the
     # client as one write.
     more: bool = False
+    data: dict[str, Any] | None = None  # the parsed chunk, when the adapter had it at hand
 
     @classmethod
     def from_dict(cls, chunk: dict[str, Any]) -> Chunk:
         """Build from an OpenAI chunk dict (translated providers)."""
         return describe(orjson.dumps(chunk), chunk)
+
+    def parsed(self) -> dict[str, Any]:
+        """The chunk as a dict (parsed once, then kept)."""
+        data = self.data
+        if data is None:
+            data = self.data = orjson.loads(self.payload)
+        return data
 
 
 def describe(payload: bytes, chunk: dict[str, Any]) -> Chunk:
@@ -131,7 +139,16 @@ def describe(payload: bytes, chunk: dict[str, Any]) -> Chunk:
         model=model if isinstance(model, str) else None,
         text=text,
         tool_calls=tool_calls,
+        data=chunk,
     )
+
+
+class AdapterHooks:
+    """What adapters tell the rest of the proxy about while they read; no-op here
+    (`observe.OperatorEvents` counts and logs)."""
+
+    def malformed(self, provider: str, payload: bytes) -> None:
+        """A stream event that could not be read was skipped; the stream goes on."""
 
 
 class Adapter(Protocol):

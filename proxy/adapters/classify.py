@@ -35,6 +35,15 @@ _CONTEXT_HINTS = (
     "reduce the length",
 )
 _FILTER_HINTS = ("content_filter", "content_policy", "content policy", "safety system", "responsibleai")
+# What litellm says, before any call, when a provider's own configuration is wrong.
+_MISCONFIGURED_HINTS = (
+    "llm provider not provided",
+    "unmapped llm provider",
+    "api_base is required",
+    "missing api_base",
+    "api base is required",
+    "invalid model name passed in",
+)
 
 
 def from_status(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> ProviderError:
@@ -219,7 +228,11 @@ _LITELLM_CLASSES = {
 
 def from_litellm(exc: BaseException) -> ProviderError:
     """Classify an exception raised inside litellm's translation code, by its class
-    name and status so that litellm is never imported here."""
+    name and status so that litellm is never imported here. A complaint about the
+    provider's own configuration (no provider for the model string, no api_base)
+    is `misconfigured`: never sent, and never the client's error."""
+    if _misconfigured(exc):
+        return ProviderError(FailureClass.MISCONFIGURED, f"{type(exc).__name__}: {exc}"[:300], sent=False)
     for klass in type(exc).__mro__:
         failure = _LITELLM_CLASSES.get(klass.__name__)
         if failure is not None:
@@ -245,13 +258,18 @@ def from_litellm(exc: BaseException) -> ProviderError:
     )
 
 
+def _misconfigured(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(hint in text for hint in _MISCONFIGURED_HINTS)
+
+
 def untranslatable(exc: BaseException) -> ProviderError:
     """litellm could not put the request into the provider's format, before any
     network call. A missing key is still about our key (`auth_error`); any other
     refusal means this provider cannot take this request while another may:
     `unsupported`, which costs the provider no health. Either way nothing was sent."""
     error = from_litellm(exc)
-    if error.failure in (FailureClass.AUTH_ERROR, FailureClass.CONTEXT_WINDOW_EXCEEDED):
+    if error.failure in (FailureClass.AUTH_ERROR, FailureClass.CONTEXT_WINDOW_EXCEEDED, FailureClass.MISCONFIGURED):
         error.sent, error.unanswered = False, False
         return error
     return ProviderError(FailureClass.UNSUPPORTED, f"cannot translate the request: {error.message}"[:300], sent=False)

@@ -3,7 +3,10 @@
 OpenAI, Together, Groq, vLLM, Ollama's `/v1`, LM Studio and friends. The
 request is re-encoded only to put the upstream model name in; answers are
 passed through as the upstream's bytes, parsed once with orjson to learn
-what the relay needs (content seen, finish, usage) and never re-encoded.
+what the stream needs (content seen, finish, usage) and never re-encoded. A
+stream event that cannot be read is skipped (and counted), not a failure; a
+server that ignores `stream: true` and answers one JSON body is read as a
+stream of that one answer.
 
 This is the hot path: it calls aiohttp directly (no httpx layer), and a
 stream goes from socket bytes to `Chunk`s in one generator.
@@ -21,7 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Completion, Limits, Usage, describe
+from proxy.adapters.base import AdapterHooks, Chunk, Completion, Limits, Usage, describe
 from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
@@ -33,7 +36,7 @@ from proxy.adapters.http import (
 )
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
-from proxy.relay import SSEDecoder
+from proxy.sse import Event, SSEDecoder
 
 # How long and how much to read after `[DONE]` to reach the end of the body.
 _DRAIN_SECONDS: Final = 1.0
@@ -43,11 +46,14 @@ _DRAIN_BYTES: Final = 65536
 class OpenAICompatAdapter:
     """Adapter for OpenAI-compatible upstreams over the app's pooled aiohttp session."""
 
-    def __init__(self, provider: ProviderConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, provider: ProviderConfig, session: aiohttp.ClientSession, hooks: AdapterHooks | None = None
+    ) -> None:
         if not provider.api_base:
             raise ValueError(f"provider {provider.name!r} needs an api_base")
         self.provider = provider
         self._session = session
+        self._hooks = hooks or AdapterHooks()
         base = provider.api_base.rstrip("/")
         self._url = URL(base + "/chat/completions")
         self._models_url = URL(base + "/models")
@@ -94,11 +100,9 @@ class OpenAICompatAdapter:
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers ignore `stream: true` and answer one JSON body.
-                head = await read_capped(response, limits.max_bytes)
-                raise ProviderError(
-                    FailureClass.SERVER_ERROR,
-                    f"asked for a stream, got {content_type or 'no content type'}: {head[:120]!r}",
-                )
+                for chunk in _chunks_of_answer(await read_capped(response, limits.max_bytes), content_type):
+                    yield chunk
+                return
             decoder = SSEDecoder()
             content = response.content
             max_bytes = limits.max_bytes
@@ -108,26 +112,21 @@ class OpenAICompatAdapter:
                 size += len(data)
                 if size > max_bytes:
                     raise too_large(max_bytes)
-                events = decoder.feed(data)
-                last = len(events) - 1
-                for index, (_event, payload) in enumerate(events):
-                    if payload == b"[DONE]":
-                        done = True
-                        return
-                    chunk = _chunk(payload)
-                    chunk.more = index < last  # the rest of this read follows: one write to the client
+                chunks, done, failed = self._chunks(decoder.feed(data))
+                for chunk in chunks:
                     finished = finished or chunk.finish_reason is not None
                     yield chunk
-            events = decoder.flush()
-            last = len(events) - 1
-            for index, (_event, payload) in enumerate(events):
-                if payload == b"[DONE]":
+                if failed is not None:
+                    raise failed
+                if done:
                     return
-                chunk = _chunk(payload)
-                chunk.more = index < last
+            chunks, done, failed = self._chunks(decoder.flush())
+            for chunk in chunks:
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
-            if not finished:
+            if failed is not None:
+                raise failed
+            if not (finished or done):
                 raise classify.incomplete_stream()
         except TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
@@ -136,6 +135,28 @@ class OpenAICompatAdapter:
                 self._finish_later(response)
             else:
                 done_with(response)
+
+    def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, ProviderError | None]:
+        """The chunks of one upstream read, each but the last marked `more` (they go
+        to the client as one write; the last too when `[DONE]` follows it in the
+        same read); whether `[DONE]` was among them; and an in-band error that
+        came after them (raised once they are out)."""
+        chunks: list[Chunk] = []
+        for _event, payload in events:
+            if payload == b"[DONE]":
+                _mark_more(chunks, last=True)
+                return chunks, True, None
+            try:
+                chunk = _chunk(payload)
+            except ProviderError as exc:
+                _mark_more(chunks)
+                return chunks, False, exc
+            if chunk is None:
+                self._hooks.malformed(self.provider.name, payload)
+            else:
+                chunks.append(chunk)
+        _mark_more(chunks)
+        return chunks, False, None
 
     def _finish_later(self, response: aiohttp.ClientResponse) -> None:
         """After `[DONE]` the body's own end (the chunked terminator) is usually a
@@ -180,16 +201,57 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
         done_with(response)
 
 
-def _chunk(payload: bytes) -> Chunk:
+def _mark_more(chunks: list[Chunk], *, last: bool = False) -> None:
+    for chunk in chunks if last else chunks[:-1]:
+        chunk.more = True
+
+
+def _chunk(payload: bytes) -> Chunk | None:
+    """One event's chunk; None when it cannot be read (skipped); an in-band error raises."""
     try:
         parsed = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {payload[:120]!r}") from exc
+    except orjson.JSONDecodeError:
+        return None
     if not isinstance(parsed, dict):
-        raise ProviderError(FailureClass.SERVER_ERROR, f"malformed stream event: {payload[:120]!r}")
+        return None
     if "error" in parsed:
         raise classify.from_stream_error(parsed)
     return describe(payload, parsed)
+
+
+def _chunks_of_answer(content: bytes, content_type: str) -> list[Chunk]:
+    """A whole `chat.completion` given where a stream was asked for, as the chunks
+    of a stream: one per choice with its message, then the usage."""
+    try:
+        parsed = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+        raise ProviderError(
+            FailureClass.SERVER_ERROR,
+            f"asked for a stream, got {content_type or 'no content type'}: {content[:120]!r}",
+        )
+    if "error" in parsed:
+        raise classify.from_stream_error(parsed)
+    envelope = {key: parsed.get(key) for key in ("id", "created", "model", "system_fingerprint") if key in parsed}
+    envelope["object"] = "chat.completion.chunk"
+    chunks = []
+    for choice in parsed["choices"]:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        delta = {k: v for k, v in message.items() if v is not None} if isinstance(message, dict) else {}
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls) if isinstance(call, dict)]
+        part = {"index": choice.get("index", 0), "delta": delta, "finish_reason": choice.get("finish_reason")}
+        if choice.get("logprobs") is not None:
+            part["logprobs"] = choice["logprobs"]
+        chunks.append(Chunk.from_dict({**envelope, "choices": [part]}))
+    if isinstance(parsed.get("usage"), dict):
+        chunks.append(Chunk.from_dict({**envelope, "choices": [], "usage": parsed["usage"]}))
+    _mark_more(chunks)
+    return chunks
 
 
 def _completion(content: bytes) -> Completion:

@@ -14,6 +14,7 @@ FAILURE_CLASSES: Final[frozenset[str]] = frozenset(
         "rate_limited",
         "server_error",
         "auth_error",
+        "misconfigured",
         "context_window_exceeded",
         "content_filtered",
         "unhealthy",
@@ -23,7 +24,10 @@ FAILURE_CLASSES: Final[frozenset[str]] = frozenset(
     }
 )
 EDGE_KEYS: Final[frozenset[str]] = FAILURE_CLASSES | {"default"}
-CAPABILITIES: Final[frozenset[str]] = frozenset({"vision", "tools"})
+# What a request may need of a provider; `json_schema`: structured outputs (response_format json_schema).
+CAPABILITIES: Final[frozenset[str]] = frozenset({"vision", "tools", "json_schema"})
+# How a provider is asked to continue another's partial answer (see proxy.stream.splice).
+CONTINUE_FORMS: Final[frozenset[str]] = frozenset({"prefill", "instruction", "vllm"})
 
 
 class ConfigError(Exception):
@@ -77,6 +81,10 @@ class ProviderConfig:
     retries: int = 0
     headers: Mapping[str, str] = field(default_factory=_no_headers)
     probe: bool = True  # active health probes allowed
+    # Non-stream requests are streamed upstream (so first_token and idle bound them)
+    # and assembled; False keeps plain non-stream calls for a server that cannot stream.
+    stream_upstream: bool = True
+    continue_with: str = "instruction"  # how it is asked to continue a partial answer: a CONTINUE_FORMS value
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,7 @@ class Route:
     local_only: bool = False
     form: str = "chain"  # "chain" | "graph" | "provider"
     continuation: bool = True
+    fallback_on_content_filter: bool = False  # a content filter's refusal goes to the next node, not the client
     hedge_after_ms: int | None = None
     budget: float | None = None  # seconds for the whole walk
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
 
-from proxy.config.model import CAPABILITIES, ProviderConfig, Quota, Timeouts
+from proxy.config.litellm_providers import LITELLM_PROVIDERS
+from proxy.config.model import CAPABILITIES, CONTINUE_FORMS, ProviderConfig, Quota, Timeouts
+from proxy.config.model_info import known_capabilities
 from proxy.config.values import (
     _boolean,
     _Context,
@@ -41,6 +42,8 @@ _PROVIDER_KEYS: Final = frozenset(
         "local",
         "warmup",
         "probe",
+        "stream_upstream",
+        "continue_with",
         "system_prompt",
         "retries",
         "headers",
@@ -83,25 +86,10 @@ _DEFAULT_API_BASES: Final[Mapping[str, str]] = MappingProxyType(
         "ollama_chat": "http://localhost:11434",
     }
 )
-# Common litellm prefixes, only to catch typos such as "olama_chat/".
-_KNOWN_PREFIXES: Final = _OPENAI_COMPATIBLE | frozenset(
-    {
-        "anthropic",
-        "azure",
-        "azure_ai",
-        "bedrock",
-        "cerebras",
-        "cohere",
-        "deepinfra",
-        "gemini",
-        "huggingface",
-        "ollama",
-        "ollama_chat",
-        "perplexity",
-        "vertex_ai",
-        "watsonx",
-    }
-)
+# Wire formats that take a partial answer as a trailing assistant message (a prefill).
+_PREFILL_BY_DEFAULT: Final = frozenset({"anthropic"})
+# Below this, a context window leaves too little room for a prompt and an answer.
+_USEFUL_CONTEXT_WINDOW: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +151,8 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         retries=_get(m, "retries", path, ctx, _int_between(0, 5), 0),
         headers=_parse_headers(m.get("headers"), f"{path}.headers", ctx),
         probe=_get(m, "probe", path, ctx, _boolean, True),
+        stream_upstream=_get(m, "stream_upstream", path, ctx, _boolean, True),
+        continue_with=_opt(m, "continue_with", path, ctx, _text) or "",
     )
     return None if model is None else _with_target(provider, path, ctx)
 
@@ -175,14 +165,38 @@ def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> Provider
     if not prefix or not upstream:
         ctx.error(f"{path}.model", "expected 'provider/model', e.g. openai/gpt-4o-2024-08-06")
         return None
+    if prefix not in LITELLM_PROVIDERS:
+        ctx.error(f"{path}.model", _unknown("provider prefix", prefix, LITELLM_PROVIDERS))
+        return None
     _warn_about_model(prefix, upstream, f"{path}.model", ctx)
+    _check_context_window(provider, path, ctx)
     return replace(
         provider,
         litellm_provider=prefix,
         upstream_model=upstream,
         openai_compatible=prefix in _OPENAI_COMPATIBLE,
         api_base=_api_base(provider, prefix, path, ctx),
+        capabilities=known_capabilities(prefix, upstream) if provider.capabilities is None else provider.capabilities,
+        continue_with=_continue_with(provider, prefix, path, ctx),
     )
+
+
+def _continue_with(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -> str:
+    if not provider.continue_with:
+        return "prefill" if prefix in _PREFILL_BY_DEFAULT else "instruction"
+    if provider.continue_with not in CONTINUE_FORMS:
+        ctx.error(f"{path}.continue_with", _unknown("form", provider.continue_with, CONTINUE_FORMS))
+    return provider.continue_with
+
+
+def _check_context_window(provider: ProviderConfig, path: str, ctx: _Context) -> None:
+    window = provider.context_window
+    if window is not None and window < _USEFUL_CONTEXT_WINDOW:
+        ctx.warn(
+            f"{path}.context_window",
+            f"{window} tokens leave little room for a prompt and an answer "
+            f"(a request without max_tokens reserves a quarter of the window, {window // 4} tokens, for the answer)",
+        )
 
 
 def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -> str | None:
@@ -208,8 +222,6 @@ def _warn_about_model(prefix: str, upstream: str, path: str, ctx: _Context) -> N
             )
     elif upstream.endswith("-latest"):
         ctx.warn(path, f"{upstream!r} is an alias that moves to new snapshots; pin a dated one")
-    if prefix not in _KNOWN_PREFIXES and difflib.get_close_matches(prefix, _KNOWN_PREFIXES, n=1):
-        ctx.warn(path, _unknown("litellm provider", prefix, _KNOWN_PREFIXES))
 
 
 def _parse_timeouts(node: object, path: str, ctx: _Context) -> Timeouts:

@@ -25,7 +25,9 @@ from proxy.config.values import (
 )
 from proxy.routing import find_cycle, reachable
 
-_ROUTE_KEYS: Final = frozenset({"chain", "first", "on", "local_only", "continuation", "hedge_after_ms", "budget"})
+_ROUTE_KEYS: Final = frozenset(
+    {"chain", "first", "on", "local_only", "continuation", "fallback_on_content_filter", "hedge_after_ms", "budget"}
+)
 _Edges = dict[str, dict[str, str]]
 
 
@@ -68,6 +70,7 @@ def _parse_route(name: str, node: object, path: str, scope: _Scope, ctx: _Contex
         form=form,
         local_only=_get(m, "local_only", path, ctx, _boolean, False),
         continuation=_get(m, "continuation", path, ctx, _boolean, True),
+        fallback_on_content_filter=_get(m, "fallback_on_content_filter", path, ctx, _boolean, False),
         hedge_after_ms=_opt(m, "hedge_after_ms", path, ctx, _positive_int),
         budget=_opt(m, "budget", path, ctx, _positive_number),
     )

@@ -30,7 +30,7 @@ from proxy.drill.report import (
     render_json,
     render_text,
 )
-from proxy.relay import SSEDecoder
+from proxy.sse import SSEDecoder
 
 # --- one request ------------------------------------------------------------------------
 

@@ -120,6 +120,11 @@ class FakeAnthropic(FakeServer):
         invalid = self._validate(body)
         if invalid is not None:
             return invalid
+        if not self._core.begin(body["messages"]):
+            refusal = (
+                "This model does not support assistant message prefill. The conversation must end with a user message."
+            )
+            return anthropic_error(400, "invalid_request_error", refusal)
         stream = bool(body.get("stream"))
         fault, error = await self._core.open_answer(request, stream, self._fault_error)
         if error is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import json
 import re
@@ -73,6 +74,39 @@ def split_reply(reply: str, chunks: int | None) -> list[str]:
     return [reply[start:end] for start, end in itertools.pairwise(bounds)]
 
 
+CONTINUATIONS = ("continue", "restart", "restart_different", "reject_prefill")
+MALFORMED_EVENT = b'data: {"id": "chatcmpl-broken", "choices": [{"delta": {"content": "cut\n\n'
+
+
+def continuation_of(messages: Any) -> tuple[str, bool] | None:
+    """`(partial answer, as a prefill)` when `messages` ask to continue a cut answer, else None."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return None
+    last = messages[-1]
+    if last.get("role") == "assistant":
+        return text_of(last.get("content")), True
+    asks = last.get("role") == "user" and "continue" in text_of(last.get("content")).lower()
+    if asks and len(messages) >= 2 and messages[-2].get("role") == "assistant":
+        return text_of(messages[-2].get("content")), False
+    return None
+
+
+def continued_reply(reply: str, partial: str, how: str) -> str:
+    """What a model gives when asked to continue `partial` (`how`: a CONTINUATIONS value).
+    `continue`: the rest of its reply after the partial (the whole reply when the
+    partial is not its own); `restart`: the whole reply again; `restart_different`:
+    the reply started over, the same first two words, then other words."""
+    if how == "continue":
+        for cut in (partial, partial.rstrip()):
+            if cut and reply.startswith(cut):
+                return reply[len(cut) :]
+        return reply
+    if how == "restart_different":
+        words = reply.split(" ")
+        return " ".join([*words[:2], *(f"other-{word}" for word in words[2:])])
+    return reply
+
+
 def text_of(content: Any) -> str:
     """The plain text of a message ``content`` (a string or a list of typed parts)."""
     if isinstance(content, str):
@@ -128,7 +162,9 @@ class FakeCore:
 
     def __init__(self, *, name: str, reply: str, chunks: int | None, model: str | None, api_key: str | None) -> None:
         self.name = name
-        self.reply = reply
+        self.base_reply = reply
+        self.continuation = "restart"  # how it answers a request to continue a cut answer: a CONTINUATIONS value
+        self._answer: contextvars.ContextVar[str | None] = contextvars.ContextVar(f"answer-{name}", default=None)
         self.chunks = chunks
         self.model = model
         self.api_key = api_key
@@ -170,6 +206,28 @@ class FakeCore:
         return body, valid
 
     # -- answers ---------------------------------------------------------------------------------
+
+    @property
+    def reply(self) -> str:
+        """The text of the answer being given (set per request by `begin`), else the fake's reply."""
+        answer = self._answer.get()
+        return self.base_reply if answer is None else answer
+
+    def begin(self, messages: Any) -> bool:
+        """Decide what this request is answered with, as a model would: a request to
+        continue a cut answer (a trailing assistant message, a prefill; or an
+        assistant message then a user message asking to continue) gets what
+        `continuation` says. False when the request must be refused (a prefill,
+        under ``reject_prefill``)."""
+        cut = continuation_of(messages)
+        text = self.base_reply
+        if cut is not None:
+            partial, prefill = cut
+            if prefill and self.continuation == "reject_prefill":
+                return False
+            text = continued_reply(self.base_reply, partial, self.continuation)
+        self._answer.set(text)
+        return True
 
     def pieces(self) -> list[str]:
         return split_reply(self.reply, self.chunks)
@@ -231,6 +289,11 @@ class FakeCore:
             await asyncio.gather(*waiters, return_exceptions=True)
         raise AbortConnection
 
+    async def stall(self) -> NoReturn:
+        """Stop sending with the connection left open, until the server stops."""
+        await self._stop_event().wait()
+        raise AbortConnection
+
     async def open_answer(
         self, request: Request, stream: bool, fault_error: Callable[[Fault], Response]
     ) -> tuple[Fault, Response | None]:
@@ -254,21 +317,27 @@ class FakeCore:
             await self.pause(fault.first_token_delay)
         if not stream and fault.kind == "die_midstream":
             raise AbortConnection
+        if not stream and fault.kind == "stall":
+            await self.hang(request)
 
     async def stream(self, fault: Fault, plan: StreamPlan) -> AsyncIterator[bytes]:
         """Yield ``plan`` with ``fault`` applied (slow pacing, in-band error, or abrupt death)."""
         for event in plan.preamble:
             yield event
-        broken = fault.kind in ("stream_error", "die_midstream")
+        broken = fault.kind in ("stream_error", "die_midstream", "stall")
         content = plan.content[: fault.after_chunks] if broken else plan.content
         for index, chunk in enumerate(content):
             if fault.kind == "slow":
                 await self.pause(fault.first_token_delay if index == 0 else fault.token_delay)
+            if fault.kind == "malformed" and index == fault.after_chunks:
+                yield MALFORMED_EVENT
             yield chunk
         if fault.kind == "stream_error":
             yield plan.error_event
             return
         if fault.kind == "die_midstream":
             raise AbortConnection
+        if fault.kind == "stall":
+            await self.stall()
         for event in plan.epilogue:
             yield event

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-FAULT_KINDS: Final = ("none", "hang", "slow", "status", "stream_error", "die_midstream")
+FAULT_KINDS: Final = ("none", "hang", "slow", "status", "stream_error", "die_midstream", "stall", "malformed")
 _INT_FIELDS: Final = frozenset({"status", "after_chunks"})
 _FLOAT_FIELDS: Final = frozenset({"first_token_delay", "token_delay"})
 
@@ -29,6 +29,10 @@ class Fault:
         event; non-stream requests get a 500.
       * ``die_midstream``: stream ``after_chunks`` content chunks, then close the connection without
         finishing the response; non-stream requests see the connection closed without a response.
+      * ``stall``: stream ``after_chunks`` content chunks, then send nothing more with the connection
+        left open (until the client goes away or the fake stops).
+      * ``malformed``: stream ``after_chunks`` content chunks, then one event that is not JSON, then
+        the rest of the answer as usual.
 
     "Connection refused" is not a fault kind: ``fake.stop()`` closes the port. A TCP-level black
     hole (connects that hang) is the separate :class:`~proxy.fakes.Blackhole` server.

@@ -195,6 +195,8 @@ class FakeOllama(FakeServer):
         messages = body.get("messages")
         if not messages:
             return await self._load(request, body, {"message": {"role": "assistant", "content": ""}})
+        if not self._core.begin(messages):
+            return JSONResponse({"error": "the last message must not be from the assistant"}, status_code=400)
         fault, error = await self._core.open_answer(request, stream, self._fault_error)
         if error is not None:
             return error

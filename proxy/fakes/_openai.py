@@ -20,6 +20,7 @@ _CONTEXT_ERROR: Final = (
     "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens. "
     "Please reduce the length of the messages."
 )
+_PREFILL_REFUSED: Final = "The final message must have role 'user' or 'tool'; an assistant prefill is not supported."
 _QUOTA_ERROR: Final = (
     "You exceeded your current quota, please check your plan and billing details. For more information on "
     "this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
@@ -158,6 +159,8 @@ class OpenAIWire:
         invalid = self._validate(body)
         if invalid is not None:
             return invalid
+        if not self._core.begin(body["messages"]):
+            return openai_error(400, _PREFILL_REFUSED, param="messages")
         stream = bool(body.get("stream"))
         fault, error = await self._core.open_answer(request, stream, self.fault_error)
         if error is not None:

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._core import AbortConnection, FakeCore, RequestRecord, wait_disconnect
+from ._core import CONTINUATIONS, AbortConnection, FakeCore, RequestRecord, wait_disconnect
 from ._fault import Fault
 
 _START_TIMEOUT: Final = 10.0
@@ -120,7 +120,18 @@ class FakeServer:
 
     @property
     def reply(self) -> str:
-        return self._core.reply
+        return self._core.base_reply
+
+    @property
+    def continuation(self) -> str:
+        """How it answers a request to continue a cut answer (see `continued_reply`)."""
+        return self._core.continuation
+
+    @continuation.setter
+    def continuation(self, how: str) -> None:
+        if how not in CONTINUATIONS:
+            raise ValueError(f"unknown continuation {how!r}; expected one of {', '.join(CONTINUATIONS)}")
+        self._core.continuation = how
 
     @property
     def port(self) -> int:

@@ -13,7 +13,7 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Completion, HttpClients, Limits, Usage
+from proxy.adapters.base import AdapterHooks, Chunk, Completion, HttpClients, Limits, Usage
 from proxy.adapters.http import (
     attempt_timeout,
     done_with,
@@ -27,6 +27,7 @@ from proxy.adapters.translated.wire import (
     _OPENAI_ARGS,
     _PARAMS_CACHE_SIZE,
     _TRANSPORT_ERRORS,
+    MalformedEvent,
     _Call,
     _json_default,
     _Log,
@@ -85,9 +86,10 @@ class TranslatedAdapter:
     Gemini, and through `acompletion` any other), over the app's pooled clients:
     the aiohttp session for the dialects, the httpx client for `acompletion`."""
 
-    def __init__(self, provider: ProviderConfig, clients: HttpClients) -> None:
+    def __init__(self, provider: ProviderConfig, clients: HttpClients, hooks: AdapterHooks | None = None) -> None:
         self.provider = provider
         self._session = clients.session
+        self._hooks = hooks or AdapterHooks()
         litellm = load_litellm()
         self._errors = _translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
@@ -145,11 +147,11 @@ class TranslatedAdapter:
                     if size > max_bytes:
                         raise too_large(max_bytes)
                     for data in framer.feed(block):
-                        piece: _Piece | None = self._reading(parser.feed, data)
+                        piece = self._piece(parser, data)
                         if piece is not None and (out := writer.chunk(piece)) is not None:
                             yield out
                 for data in framer.flush():
-                    piece = self._reading(parser.feed, data)
+                    piece = self._piece(parser, data)
                     if piece is not None and (out := writer.chunk(piece)) is not None:
                         yield out
             except _TRANSPORT_ERRORS:
@@ -197,6 +199,15 @@ class TranslatedAdapter:
         return (await fetch(self._session, method, url, headers=headers, data=data, limits=limits)).content
 
     # -- translation ---------------------------------------------------------------------------
+
+    def _piece(self, parser: _Parser, data: bytes) -> _Piece | None:
+        """One payload's piece of the answer; an unreadable payload is skipped (and told)."""
+        try:
+            piece: _Piece | None = self._reading(parser.feed, data)
+        except MalformedEvent:
+            self._hooks.malformed(self.provider.name, data)
+            return None
+        return piece
 
     def _reading(self, step: Any, *args: Any) -> Any:
         """Run one litellm step that reads the upstream's answer; what it raises leaves classified."""

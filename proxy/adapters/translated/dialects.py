@@ -11,7 +11,6 @@ from typing import Any, Final
 import httpx
 import orjson
 
-from proxy.adapters import classify
 from proxy.adapters.translated.wire import (
     _ANTHROPIC_BASE,
     _GEMINI_BASE,
@@ -23,6 +22,7 @@ from proxy.adapters.translated.wire import (
     _piece_of,
 )
 from proxy.config import ProviderConfig
+from proxy.errors import FailureClass, ProviderError
 
 
 class _Dialect:
@@ -227,7 +227,7 @@ class _Ollama(_Dialect):
         }
         if wanted not in names:
             message = f"model '{wanted}' not pulled on {self.base} (ollama pull {wanted})"
-            raise classify.from_status(404, orjson.dumps({"error": message}))
+            raise ProviderError(FailureClass.SERVER_ERROR, message)
 
 
 class _OllamaParser(_Parser):

@@ -173,14 +173,19 @@ class _Parser:
         raise NotImplementedError
 
 
+class MalformedEvent(Exception):
+    """A stream payload that is not a JSON object: skipped, the stream goes on."""
+
+
 def _event(data: bytes) -> dict[str, Any]:
-    """One stream payload as a JSON object; an in-band error raises classified."""
+    """One stream payload as a JSON object; an in-band error raises classified,
+    an unreadable one `MalformedEvent`."""
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise _malformed("stream event", data) from exc
+        raise MalformedEvent from exc
     if not isinstance(event, dict):
-        raise _malformed("stream event", data)
+        raise MalformedEvent
     if "error" in event:
         raise classify.from_stream_error(event)
     return event

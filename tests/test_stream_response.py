@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.relay import DONE, SSEResponse
+from proxy.sse import DONE
+from proxy.stream import ChatEncoder, SSEResponse
 
 pytestmark = pytest.mark.asyncio
 
@@ -57,6 +58,11 @@ class Source:
             self.closed = True
 
 
+def sse_response(chunks: AsyncGenerator[bytes, None], write_timeout: float = 30.0) -> SSEResponse:
+    encoder = ChatEncoder()
+    return SSEResponse(chunks, {}, shutdown=encoder.shutting_down(), final=encoder.final, write_timeout=write_timeout)
+
+
 async def started(response: SSEResponse, client: Client) -> asyncio.Task[None]:
     task = asyncio.create_task(response(SCOPE, client.receive, client.send))
     await asyncio.wait_for(client.body_sent.wait(), 2)
@@ -66,7 +72,7 @@ async def started(response: SSEResponse, client: Client) -> asyncio.Task[None]:
 
 async def test_a_response_cancelled_by_the_server_ends_in_band_and_returns() -> None:
     source, client = Source(), Client()
-    response = SSEResponse(source.chunks(), {})
+    response = sse_response(source.chunks())
     task = await started(response, client)
     task.cancel()  # what uvicorn does when the shutdown grace period is over
     await asyncio.wait_for(task, 2)  # ended on its own terms: not cancelled
@@ -81,7 +87,7 @@ async def test_a_response_cancelled_by_the_server_ends_in_band_and_returns() -> 
 
 async def test_a_response_cancelled_while_its_send_is_blocked_still_ends_in_band() -> None:
     source, client = Source(), Client(block_after=1)
-    response = SSEResponse(source.chunks(), {})
+    response = sse_response(source.chunks())
     task = await started(response, client)
     task.cancel()
     await asyncio.wait_for(task, 2)
@@ -91,7 +97,7 @@ async def test_a_response_cancelled_while_its_send_is_blocked_still_ends_in_band
 
 async def test_a_client_that_goes_away_gets_nothing_more() -> None:
     source, client = Source(), Client()
-    response = SSEResponse(source.chunks(), {})
+    response = sse_response(source.chunks())
     task = await started(response, client)
     client.gone.set()
     await asyncio.wait_for(task, 2)
@@ -102,7 +108,7 @@ async def test_a_client_that_goes_away_gets_nothing_more() -> None:
 
 async def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout() -> None:
     source, client = Source(), Client(block_after=1)
-    response = SSEResponse(source.chunks(), {}, write_timeout=0.2)
+    response = sse_response(source.chunks(), write_timeout=0.2)
     loop = asyncio.get_running_loop()
     began = loop.time()
     task = asyncio.create_task(response(SCOPE, client.receive, client.send))
@@ -120,7 +126,7 @@ async def test_a_stream_that_ends_sends_done_as_the_end_of_its_last_write() -> N
         yield DONE
 
     client = Client()
-    await asyncio.wait_for(SSEResponse(chunks(), {})(SCOPE, client.receive, client.send), 2)
+    await asyncio.wait_for(sse_response(chunks())(SCOPE, client.receive, client.send), 2)
     assert client.bodies == [(b'data: {"n":1}\n\n', True), (DONE, False)]
 
 
@@ -130,7 +136,7 @@ async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
         raise KeyError("a bug")
 
     client = Client()
-    response = SSEResponse(buggy(), {})
+    response = sse_response(buggy())
     with pytest.raises(KeyError):
         await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
     assert response.cut_reason == "internal_error"

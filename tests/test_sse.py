@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.relay import SSEDecoder
+from proxy.sse import SSEDecoder
 
 STREAM = (
     b'event: message_start\r\ndata: {"a": 1}\r\n\r\n'

@@ -1,0 +1,160 @@
+"""A streamed answer assembled into the body OpenAI sends for `stream: false`.
+
+Non-stream requests are sent upstream as streams, so the first-token and idle
+deadlines bound them too; the client still gets one `chat.completion`: every
+choice of `n`, content, refusal, tool calls (joined by index), logprobs,
+finish reasons, usage, `system_fingerprint` and `service_tier`. Pure: fed
+parsed chunks in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.adapters.base import Chunk, Completion, Usage
+
+
+@dataclass(slots=True)
+class _Choice:
+    index: int
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    function_call: dict[str, str] | None = None
+    logprobs: dict[str, list[Any]] | None = None
+    finish_reason: str | None = None
+    seen_content: bool = False
+
+    def add(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            self._delta(delta)
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict):
+            merged = self.logprobs if self.logprobs is not None else {}
+            for key in ("content", "refusal"):
+                items = logprobs.get(key)
+                if isinstance(items, list):
+                    merged.setdefault(key, []).extend(items)
+            self.logprobs = merged
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            self.finish_reason = reason
+
+    def _delta(self, delta: dict[str, Any]) -> None:
+        content = delta.get("content")
+        if isinstance(content, str):
+            self.content.append(content)
+            self.seen_content = True
+        for key, parts in (("reasoning_content", self.reasoning), ("refusal", self.refusal)):
+            value = delta.get(key)
+            if isinstance(value, str):
+                parts.append(value)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                if isinstance(call, dict):
+                    self._tool_call(call)
+        function_call = delta.get("function_call")
+        if isinstance(function_call, dict):
+            joined = self.function_call if self.function_call is not None else {"name": "", "arguments": ""}
+            for key in ("name", "arguments"):
+                piece = function_call.get(key)
+                if isinstance(piece, str):
+                    joined[key] += piece
+            self.function_call = joined
+
+    def _tool_call(self, call: dict[str, Any]) -> None:
+        index = call.get("index")
+        slot = index if isinstance(index, int) else len(self.tool_calls)
+        joined = self.tool_calls.setdefault(slot, {"id": "", "type": "function", "name": "", "arguments": ""})
+        if isinstance(call.get("id"), str) and call["id"]:
+            joined["id"] = call["id"]
+        if isinstance(call.get("type"), str):
+            joined["type"] = call["type"]
+        function = call.get("function")
+        if isinstance(function, dict):
+            for key in ("name", "arguments"):
+                piece = function.get(key)
+                if isinstance(piece, str):
+                    joined[key] += piece
+
+    def message(self) -> dict[str, Any]:
+        calls = [
+            {"id": c["id"], "type": c["type"], "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for _, c in sorted(self.tool_calls.items())
+        ]
+        content = (
+            "".join(self.content) if self.seen_content or not (calls or self.function_call or self.refusal) else None
+        )
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content,
+            "refusal": "".join(self.refusal) if self.refusal else None,
+        }
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if calls:
+            message["tool_calls"] = calls
+        if self.function_call is not None:
+            message["function_call"] = self.function_call
+        return message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "message": self.message(),
+            "logprobs": self.logprobs,
+            "finish_reason": self.finish_reason or "stop",
+        }
+
+
+class Assembler:
+    """Feed it a stream's chunks in order; `completion()` is the whole answer."""
+
+    __slots__ = ("_choices", "_envelope", "_usage", "model")
+
+    def __init__(self) -> None:
+        self._choices: dict[int, _Choice] = {}
+        self._envelope: dict[str, Any] = {}
+        self._usage: dict[str, Any] | None = None
+        self.model = ""
+
+    def add(self, chunk: Chunk) -> None:
+        data = chunk.parsed()
+        if not self._envelope:
+            self._envelope = {key: data.get(key) for key in ("id", "created")}
+        for key in ("model", "system_fingerprint", "service_tier"):
+            value = data.get(key)
+            if value is not None:
+                self._envelope[key] = value
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        for choice in data.get("choices") or ():
+            if isinstance(choice, dict):
+                index = choice.get("index")
+                slot = index if isinstance(index, int) else 0
+                self._choices.setdefault(slot, _Choice(slot)).add(choice)
+
+    def completion(self) -> Completion:
+        envelope = self._envelope
+        model = envelope.get("model")
+        self.model = model if isinstance(model, str) else ""
+        body: dict[str, Any] = {
+            "id": envelope.get("id") or "chatcmpl-fallback-proxy",
+            "object": "chat.completion",
+            "created": envelope.get("created") or 0,
+            "model": self.model,
+            "choices": [choice.to_dict() for _, choice in sorted(self._choices.items())],
+        }
+        if self._usage is not None:
+            body["usage"] = self._usage
+        for key in ("system_fingerprint", "service_tier"):
+            if key in envelope:
+                body[key] = envelope[key]
+        return Completion(body=orjson.dumps(body), model=self.model, usage=Usage.from_openai(self._usage))

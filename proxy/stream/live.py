@@ -1,0 +1,117 @@
+"""One provider's live stream: held until its first real token, then read
+chunk by chunk under the idle and total deadlines.
+
+`first_token` opens a stream and holds its chunks until the first one that
+carries content (or a clean empty end), so any failure before it is the
+provider's and invisible to the client. `LiveStream.next_chunk` bounds every
+later read; one `Deadline` timer serves every read of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from proxy.adapters.base import Adapter, Chunk, Limits
+from proxy.config import ProviderConfig
+from proxy.deadline import Deadline
+from proxy.errors import FailureClass, ProviderError
+from proxy.quota import Reservation
+
+
+@dataclass(slots=True)
+class LiveStream:
+    """A provider's stream whose first token has arrived."""
+
+    head: list[Chunk]
+    rest: AsyncIterator[Chunk]
+    provider: ProviderConfig
+    deadline: float  # loop time by which the whole stream must end
+    reservation: Reservation | None = None
+    hide_usage: bool = False  # usage was asked for the quota, not by the client
+    _reads: Deadline | None = field(default=None, repr=False)  # one timer for every read's deadline
+    _more: bool = field(default=False, repr=False)  # the last chunk had more of its upstream read behind it
+
+    def take_head(self) -> list[Chunk]:
+        """The chunks held back until the first token (once)."""
+        head, self.head = self.head, []
+        return head
+
+    async def next_chunk(self) -> Chunk | None:
+        """The next chunk within the idle and total deadlines; None at the end."""
+        if self._more:  # the rest of an upstream read: no wait on the network, nothing to guard
+            try:
+                chunk = await self.rest.__anext__()
+            except StopAsyncIteration:
+                return None
+            except ProviderError as exc:
+                exc.provider = self.provider.name
+                raise
+            self._more = chunk.more
+            return chunk
+        reads = self._reads
+        if reads is None:
+            reads = self._reads = Deadline()
+        reads.enter(min(reads.now() + self.provider.timeout.idle, self.deadline))
+        try:
+            chunk_or_end = await anext(self.rest, None)
+            self._more = chunk_or_end is not None and chunk_or_end.more
+            return chunk_or_end
+        except asyncio.CancelledError:
+            if not reads.expired():
+                raise
+            raise ProviderError(
+                FailureClass.TIMEOUT, "the stream stalled past the idle or total timeout", provider=self.provider.name
+            ) from None
+        except ProviderError as exc:
+            exc.provider = self.provider.name
+            raise
+        finally:
+            reads.leave()
+
+    async def close(self) -> None:
+        if self._reads is not None:
+            self._reads.close()
+        await close_stream(self.rest)
+
+
+async def first_token(
+    adapter: Adapter, provider: ProviderConfig, body: dict[str, object], deadline: float, max_bytes: int
+) -> LiveStream:
+    """Open a stream and hold its chunks until the first real token (or a clean
+    empty end); any failure before that is the provider's and stays invisible."""
+    loop = asyncio.get_running_loop()
+    first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
+    limits = Limits(
+        connect=min(provider.timeout.connect, first_deadline - loop.time()),
+        read=provider.timeout.idle,
+        max_bytes=max_bytes,
+    )
+    stream = adapter.stream(body, limits)
+    head: list[Chunk] = []
+    started = False
+    first = Deadline()  # as `asyncio.timeout_at`, for a fraction of its cost
+    try:
+        first.enter(first_deadline)
+        while (chunk := await anext(stream, None)) is not None:
+            head.append(chunk)
+            if chunk.has_content or chunk.finish_reason is not None:
+                break
+        started = True
+    except asyncio.CancelledError:
+        if not first.expired():
+            raise
+        raise ProviderError(FailureClass.TIMEOUT, f"no first token within {provider.timeout.first_token:g}s") from None
+    finally:
+        first.close()
+        if not started:  # failed, timed out or cancelled: close the upstream now
+            await close_stream(stream)
+    more = bool(head) and head[-1].more
+    return LiveStream(head=head, rest=stream, provider=provider, deadline=deadline, _more=more)
+
+
+async def close_stream(stream: AsyncIterator[Chunk]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
