@@ -61,9 +61,16 @@ app.kubernetes.io/component: redis
 {{- default (include "fallback-proxy.fullname" .) .Values.existingSecret }}
 {{- end }}
 
-{{/* The routing config exactly as it goes into the ConfigMap. */}}
+{{/* The routing config exactly as it goes into the ConfigMap: .Values.routing,
+with `cluster: true` in its redis section when redis.cluster is on. */}}
 {{- define "fallback-proxy.routingConfig" -}}
-{{- toYaml .Values.routing }}
+{{- $routing := deepCopy .Values.routing }}
+{{- if .Values.redis.cluster }}
+{{- $redis := deepCopy (default dict (get $routing "redis")) }}
+{{- $_ := set $redis "cluster" true }}
+{{- $_ := set $routing "redis" $redis }}
+{{- end }}
+{{- toYaml $routing }}
 {{- end }}
 
 {{/* REDIS_URL for the pods: the in-chart Redis, redis.url, or "" (then the Secret's, if any). */}}
@@ -106,4 +113,64 @@ app.kubernetes.io/component: redis
 {{- else }}
 {{- .Values.replicaCount | int }}
 {{- end }}
+{{- end }}
+
+{{/* The most proxy processes there may be: pods (the HPA's maximum) times workers per pod. */}}
+{{- define "fallback-proxy.maxProcesses" -}}
+{{- $pods := ternary (.Values.autoscaling.maxReplicas | int) (.Values.replicaCount | int) (.Values.autoscaling.enabled | default false) }}
+{{- $workers := get (default dict .Values.routing.server) "workers" | default 1 | int }}
+{{- mul $pods $workers }}
+{{- end }}
+
+{{/* Why the pods share state in Redis, or "" when nothing says they do. */}}
+{{- define "fallback-proxy.sharedStateSource" -}}
+{{- $routingUrl := get (default dict .Values.routing.redis) "url" | default "" | toString }}
+{{- if .Values.redis.enabled }}in-chart Redis
+{{- else if .Values.redis.url }}redis.url
+{{- else if .Values.redis.urlInSecret }}REDIS_URL in the Secret
+{{- else if and (not .Values.existingSecret) (get (default dict .Values.secrets) "REDIS_URL") }}secrets.REDIS_URL
+{{- else if and $routingUrl (not (hasPrefix "${REDIS_URL" $routingUrl)) }}routing.redis.url
+{{- end }}
+{{- end }}
+
+{{/* Refuse values that would deploy something that cannot work as configured. */}}
+{{- define "fallback-proxy.validate" -}}
+{{- $processes := include "fallback-proxy.maxProcesses" . | int }}
+{{- if and (gt $processes 1) (not (include "fallback-proxy.sharedStateSource" .)) (not .Values.allowPerPodState) }}
+{{- $what := printf "routing.server.workers %d" $processes }}
+{{- $who := "worker" }}
+{{- if .Values.autoscaling.enabled }}
+{{- $what = printf "autoscaling (up to %d pods)" (.Values.autoscaling.maxReplicas | int) }}
+{{- $who = "pod" }}
+{{- else if gt (.Values.replicaCount | int) 1 }}
+{{- $what = printf "replicaCount %d" (.Values.replicaCount | int) }}
+{{- $who = "pod" }}
+{{- end }}
+{{- fail (printf "%s and no Redis: each %s would enforce quotas and limits on its own (its own health state, breakers, daily quota counters and client rate limits: a daily quota of 1000 would admit 1000 per %s). Set redis.url (an external Redis, Sentinel or Cluster), redis.urlInSecret=true (existingSecret holds REDIS_URL), secrets.REDIS_URL, or redis.enabled=true (a small in-chart Redis); or allowPerPodState=true to accept per-%s state." $what $who $who $who) }}
+{{- end }}
+{{- if and .Values.redis.cluster .Values.redis.enabled }}
+{{- fail "redis.cluster needs a Redis Cluster: the in-chart Redis (redis.enabled) is a single node. Point redis.url (or REDIS_URL) at the cluster's seed nodes." }}
+{{- end }}
+{{- if and .Values.redis.cluster (hasPrefix "redis+sentinel" (.Values.redis.url | toString)) }}
+{{- fail "redis.cluster and a redis+sentinel:// URL: Sentinel watches a single master, a cluster has none. Use one or the other." }}
+{{- end }}
+{{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
+{{- fail "httpRoute.enabled needs httpRoute.parentRefs: the Gateway (and listener) the route attaches to." }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
+{{- fail "ingress.enabled needs at least one entry in ingress.hosts." }}
+{{- end }}
+{{- end }}
+
+{{/* topologySpreadConstraints, templated, each given the proxy pods' selector when it names none. */}}
+{{- define "fallback-proxy.topologySpreadConstraints" -}}
+{{- $selector := include "fallback-proxy.selectorLabels" . | fromYaml }}
+{{- $constraints := list }}
+{{- range (tpl (toYaml .Values.topologySpreadConstraints) . | fromYamlArray) }}
+{{- if not (hasKey . "labelSelector") }}
+{{- $_ := set . "labelSelector" (dict "matchLabels" $selector) }}
+{{- end }}
+{{- $constraints = append $constraints . }}
+{{- end }}
+{{- toYaml $constraints }}
 {{- end }}
