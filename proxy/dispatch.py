@@ -274,7 +274,7 @@ class Dispatcher:
             except ProviderError as exc:
                 node = walk.current or node  # a hedge, when one was started, is the node that failed last
                 exc.provider = node
-                record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
+                record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message, exc.cause)
                 if exc.failure is FailureClass.CLIENT_ERROR:
                     raise UpstreamClientError(exc) from exc
                 walk.follow(exc.failure.value)
@@ -336,7 +336,9 @@ class Dispatcher:
                     failures[node] = error
                     if node == primary:
                         error.provider = node
-                        record.attempt(node, error.failure.value, (loop.time() - started) * 1000, error.message)
+                        record.attempt(
+                            node, error.failure.value, (loop.time() - started) * 1000, error.message, error.cause
+                        )
             # Both failed: the walk goes on from the hedge, with the hedge's failure.
             raise failures[hedge]
         finally:
@@ -404,7 +406,7 @@ class Dispatcher:
             try:
                 return await call(adapter, provider, body, deadline), reservation
             except ProviderError as exc:
-                uncertain = exc.message if maybe_received(exc) else None
+                uncertain = (exc.cause or exc.message) if maybe_received(exc) else None
                 self._unreserve(reservation, exc.failure, sent=not never_sent(exc), uncertain=uncertain)
                 if retry >= provider.retries or exc.failure not in RETRYABLE:
                     raise
