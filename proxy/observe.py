@@ -152,32 +152,45 @@ class RecentFailovers:
     """The last `size` failovers and each provider's last error, in this process.
 
     Fed by `Observer.finish` only for requests that had a failure, so a clean
-    request costs nothing here; bounded, so a storm of failovers costs a fixed
+    request costs nothing here, and then only an append of the finished record
+    (no longer changed by anyone) and of its failed attempts: the status page's
+    views are built when it asks. Bounded, so a storm of failovers costs a fixed
     amount of memory."""
 
     def __init__(self, size: int = 50) -> None:
-        self.ring: deque[Failover] = deque(maxlen=size)
-        self.last_errors: dict[str, LastError] = {}
+        self._ring: deque[tuple[float, RequestRecord]] = deque(maxlen=size)
+        self._last: dict[str, tuple[float, Attempt]] = {}
 
     def add(self, record: RequestRecord, now: float) -> None:
-        failed = tuple(a for a in record.attempts if a.outcome != "ok")
         interruption = record.interruption
-        if interruption is None and all(a.outcome == "client_error" for a in failed):
+        if interruption is None and all(a.outcome in _ANSWERED_OR_CLIENTS for a in record.attempts):
             return  # the client's own error, passed back: not a failover
-        answered_by = record.provider if record.status < 400 else None
-        self.ring.append(
-            Failover(
-                now, record.request_id, record.route, failed, answered_by, record.status, record.outcome, interruption
-            )
-        )
-        for attempt in (*failed, *((interruption,) if interruption is not None else ())):
+        self._ring.append((now, record))
+        for attempt in record.attempts:
             if attempt.outcome not in NOT_PROVIDER_ERRORS:
-                self.last_errors[attempt.provider] = LastError(now, attempt.outcome, attempt.detail)
+                self._last[attempt.provider] = (now, attempt)
+        if interruption is not None:
+            self._last[interruption.provider] = (now, interruption)
 
     def latest(self, count: int | None = None) -> list[Failover]:
         """The most recent first."""
-        items = list(reversed(self.ring))
+        items = [_failover(now, record) for now, record in reversed(self._ring)]
         return items if count is None else items[:count]
+
+    @property
+    def last_errors(self) -> dict[str, LastError]:
+        return {name: LastError(now, a.outcome, a.detail) for name, (now, a) in self._last.items()}
+
+
+_ANSWERED_OR_CLIENTS = frozenset({"ok", "client_error"})
+
+
+def _failover(now: float, record: RequestRecord) -> Failover:
+    failed = tuple(a for a in record.attempts if a.outcome != "ok")
+    answered_by = record.provider if record.status < 400 else None
+    return Failover(
+        now, record.request_id, record.route, failed, answered_by, record.status, record.outcome, record.interruption
+    )
 
 
 GaugeMode = Literal["livemostrecent", "livesum"]
