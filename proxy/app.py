@@ -157,7 +157,7 @@ class ProxyState:
         new = await build_in_thread(config, self.clients, self.store, self.events)
         new.health.adopt(old.health.snapshot())
         await new.start(warm_up=True)
-        self.runtime, self.config_hash, self.rejected_hash = new, _file_hash(source), ""
+        self.runtime, self.config_hash, self.rejected_hash = new, digest, ""  # an edit since: seen next check
         self.loops.spawn(old.retire())
         self.metrics.reloads.labels("ok").inc()
         restart = restart_needed(old.config, config)
