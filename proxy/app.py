@@ -31,7 +31,7 @@ from proxy.admin import AdminHandlers
 from proxy.alerts import Alerter, Webhook
 from proxy.background import Background
 from proxy.config import Config, ConfigError, RedisSettings, load_config
-from proxy.errors import ModelNotFound, ProviderError, ProxyError, error_body
+from proxy.errors import Attempt, ModelNotFound, ProviderError, ProxyError, error_body
 from proxy.intake import authenticate, check_headers, parse_chat_request, read_body
 from proxy.limits import Ticket, client_id
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
@@ -102,6 +102,7 @@ class ProxyState:
         self.alerts: Alerter | None = None
         self.runtime: Runtime | None = None
         self.config_hash = ""
+        self.rejected_hash = ""  # the file content last rejected: the watch does not try it again
         self.loops = Background()
         self._reload_lock = asyncio.Lock()
         self.ready = False
@@ -142,9 +143,11 @@ class ProxyState:
         assert old is not None and self.clients is not None and self.store is not None
         if source is None:
             return {"reloaded": False, "problems": ["this config was not loaded from a file"]}
+        digest = await asyncio.to_thread(_file_hash, source)
         try:
             config = await asyncio.to_thread(load_config, source)
         except ConfigError as exc:
+            self.rejected_hash = digest
             self.metrics.reloads.labels("rejected").inc()
             event("config_reload_failed", logging.ERROR, source=source, trigger=trigger, problems=list(exc.problems))
             if self.alerts is not None:
@@ -153,7 +156,7 @@ class ProxyState:
         new = await build_in_thread(config, self.clients, self.store, self.events)
         new.health.adopt(old.health.snapshot())
         await new.start(warm_up=True)
-        self.runtime, self.config_hash = new, _file_hash(source)
+        self.runtime, self.config_hash, self.rejected_hash = new, digest, ""  # an edit since: seen next check
         self.loops.spawn(old.retire())
         self.metrics.reloads.labels("ok").inc()
         restart = restart_needed(old.config, config)
@@ -176,11 +179,13 @@ class ProxyState:
 
     async def _watch(self, source: str, every: float) -> None:
         """Reload when the file's content changes (a ConfigMap update swaps a
-        symlink, so the content is compared, not the inode)."""
+        symlink, so the content is compared, not the inode). A content that was
+        rejected is not tried again until it changes: one log line, one alert and
+        one `rejected` count per bad edit, not one per check."""
         while True:
             await asyncio.sleep(every)
             digest = await asyncio.to_thread(_file_hash, source)
-            if digest and digest != self.config_hash:
+            if digest and digest not in (self.config_hash, self.rejected_hash):
                 await self.reload("file changed")
 
     def on_sighup(self) -> None:
@@ -268,6 +273,7 @@ def create_app(
         HttpRoute("/readyz", handlers.readyz, methods=["GET"]),
         HttpRoute("/metrics", handlers.metrics, methods=["GET"]),
         HttpRoute("/openapi.json", handlers.openapi, methods=["GET"]),
+        HttpRoute("/status", admin.status_page, methods=["GET"]),
         *admin.routes(),
     ]
     app = ProxyApp(
@@ -429,6 +435,10 @@ class Handlers:
     ) -> Response:
         def on_end(outcome: str, failure: ProviderError | None) -> None:
             record.outcome = outcome
+            if failure is not None:  # a provider failed after its first token: say who and why in the log
+                record.interruption = Attempt(
+                    failure.provider, failure.failure.value, 0.0, failure.message, failure.cause
+                )
             record.continued = session.continued
             self.state.observer.finish(record)
             if ticket is not None and ticket.lease is not None:  # without a lease there is nothing to give back

@@ -8,6 +8,7 @@ subcommand (``serve``, ``demo``, ``drill``) is one more entry there.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
@@ -32,6 +33,8 @@ EXIT_OK: Final = 0
 EXIT_CONFIG: Final = 2  # the config is invalid (argparse also exits 2 on bad usage)
 EXIT_WORKERS: Final = 3  # a worker process could not start (`serve --workers N`)
 WORKERS_VARIABLE: Final = "FALLBACK_PROXY_WORKERS"
+LOG_FORMAT_VARIABLE: Final = "FALLBACK_PROXY_LOG_FORMAT"
+LOG_FORMATS: Final = ("text", "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,17 +52,56 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fallback-proxy",
         description=("An OpenAI-compatible proxy that keeps LLM answers flowing when a provider fails."),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    _log_format_argument(parser, default=None)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         subparser = subparsers.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(subparser)
+        _log_format_argument(subparser, default=argparse.SUPPRESS)  # after the subcommand too
     return parser
+
+
+def _log_format_argument(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=default,
+        help=f"log lines on stderr as readable text or JSON (default: ${LOG_FORMAT_VARIABLE}, else text when "
+        "stderr is a terminal and JSON when it is not)",
+    )
+
+
+def package_version() -> str:
+    """The installed distribution's version (from its metadata, the one place it is set)."""
+    try:
+        return importlib.metadata.version("fallback-proxy")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the subcommand named in ``argv`` (default: the process's); return the exit code."""
     args = build_parser().parse_args(argv)
+    try:
+        args.log_format = log_format(args.log_format, os.environ.get(LOG_FORMAT_VARIABLE), sys.stderr.isatty())
+    except ValueError as exc:
+        print(f"error: ${LOG_FORMAT_VARIABLE}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return COMMANDS[args.command].run(args)
+
+
+def log_format(flag: str | None, environment: str | None, terminal: bool) -> str:
+    """`--log-format`, else `$FALLBACK_PROXY_LOG_FORMAT`, else text for a terminal
+    and JSON for anything else (a file, a pipe, a container's log collector)."""
+    if flag is not None:
+        return flag
+    chosen = (environment or "").strip().lower()
+    if not chosen:
+        return "text" if terminal else "json"
+    if chosen not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {environment!r}")
+    return chosen
 
 
 # --- check-config ----------------------------------------------------------------
@@ -259,11 +301,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         print(f"error: ${WORKERS_VARIABLE}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     for warning in config.warnings:
         logging.getLogger("fallback_proxy").warning("config: %s", warning)
     if workers > 1:
-        started = serve_workers(config, workers=workers, log_level=args.log_level, host=args.host, port=args.port)
+        started = serve_workers(
+            config,
+            workers=workers,
+            log_level=args.log_level,
+            host=args.host,
+            port=args.port,
+            log_format=args.log_format,
+        )
         return EXIT_OK if started else EXIT_WORKERS
     build_server(config, host=args.host, port=args.port).run()
     return EXIT_OK
@@ -287,7 +336,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo as demo
     from proxy.observe import configure_logging
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     return demo(port=args.port, check=args.check)
 
 

@@ -6,18 +6,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
 import uvicorn
 
-from proxy.config import Config, parse_config
-from proxy.fakes import FakeOllama, FakeOpenAI
+from proxy.config import Config, Timeouts, parse_config
+from proxy.fakes import FakeOllama, FakeOpenAI, Fault
 from proxy.server import bound_port, build_server
 
 CLOUD_REPLY = "Hello from the cloud (a fake OpenAI server)."
 LOCAL_REPLY = "Hello from the local model (a fake Ollama daemon)."
+CLOUD_TIMEOUTS = Timeouts(connect=2, first_token=5, total=30)
+
+
+def fault_note(fault: Fault, timeouts: Timeouts = CLOUD_TIMEOUTS) -> str:
+    """What the proxy will do about a fault of the fake cloud, in a sentence."""
+    first = f"{timeouts.first_token:g}"
+    waits = f"the proxy waits up to {first}s for the first token (streamed or not), then falls back to the local model"
+    kind = fault.kind
+    if kind == "hang":
+        return f"the fake cloud now hangs (accepts requests, never answers): {waits}..."
+    if kind == "slow":
+        delay = f"{fault.first_token_delay:g}s"
+        if fault.first_token_delay > timeouts.first_token:
+            return f"the fake cloud now takes {delay} to its first token: {waits}..."
+        return f"the fake cloud is now slow ({delay} to its first token, {fault.token_delay:g}s between tokens)"
+    if kind == "status":
+        return f"the fake cloud now answers HTTP {fault.status}: the proxy falls back to the local model at once"
+    if kind in ("die_midstream", "stream_error", "stall"):
+        how = {"die_midstream": "cuts its connection", "stream_error": "sends an error event", "stall": "stalls"}[kind]
+        return (
+            f"the fake cloud now {how} after {fault.after_chunks} chunks: a stream is continued by the local "
+            "model from where it stopped"
+        )
+    return "the fake cloud answers normally again"
+
+
+async def announce_faults(cloud: FakeOpenAI, say: Callable[[str], None], every: float = 0.2) -> None:
+    """Say on the console what each fault set on the fake cloud will do, so a
+    fault that makes the proxy wait does not look like a hung demo."""
+    seen = cloud.fault
+    while True:
+        await asyncio.sleep(every)
+        fault = cloud.fault
+        if fault != seen:
+            say(f"-> {fault_note(fault)}")
+            seen = fault
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def demo_config(cloud_url: str, local_url: str, port: int) -> Config:
@@ -29,7 +72,11 @@ def demo_config(cloud_url: str, local_url: str, port: int) -> Config:
                     "model": "openai/gpt-4o-mini-2024-07-18",
                     "api_base": cloud_url + "/v1",
                     "api_key": "demo-cloud-key",
-                    "timeout": {"connect": 2, "first_token": 5, "total": 30},
+                    "timeout": {
+                        "connect": CLOUD_TIMEOUTS.connect,
+                        "first_token": CLOUD_TIMEOUTS.first_token,
+                        "total": CLOUD_TIMEOUTS.total,
+                    },
                 },
                 "local": {
                     "model": "ollama_chat/qwen2.5:7b",
@@ -48,13 +95,17 @@ def demo_config(cloud_url: str, local_url: str, port: int) -> Config:
     )
 
 
-def instructions(proxy: str, cloud: str, local: str) -> str:
+def instructions(proxy: str, cloud: str, local: str, python: str | None = None) -> str:
+    """The text the demo prints. Step 3 runs this very interpreter (`python`,
+    default `sys.executable`): a fresh shell's `python` may lack the venv (and
+    so the `openai` package)."""
     ask = (
         f"curl -s {proxy}/v1/chat/completions -H 'content-type: application/json' "
         """-d '{"model":"default","messages":[{"role":"user","content":"Hello!"}]}'"""
     )
     sdk = (
-        'python -c "from openai import OpenAI; '
+        f"{shlex.quote(python or sys.executable)} "
+        '-c "from openai import OpenAI; '
         f"c = OpenAI(base_url='{proxy}/v1', api_key='none'); "
         "s = c.chat.completions.create(model='default', stream=True, "
         "messages=[{'role': 'user', 'content': 'Hello!'}]); "
@@ -78,7 +129,8 @@ fallback-proxy demo: the proxy is listening on {proxy}
    {sdk}
 
 Put the cloud back with: curl -s -X DELETE {cloud}/_fault
-Other faults: {{"kind":"hang"}}, {{"kind":"slow","first_token_delay":20}}, {{"kind":"die_midstream"}}.
+Other faults: {{"kind":"hang"}}, {{"kind":"slow","first_token_delay":20}}, {{"kind":"die_midstream"}}
+(this console says what each one will do when you set it).
 Press Ctrl-C to stop.
 """
 
@@ -141,8 +193,12 @@ async def _serve(server: uvicorn.Server, cloud: FakeOpenAI, local_url: str, chec
     proxy = f"http://127.0.0.1:{bound_port(server)}"
     if not check:
         print(instructions(proxy, cloud.url, local_url), flush=True)
+        announcer = asyncio.create_task(announce_faults(cloud, _say))
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        announcer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await announcer
         return 0
     problems = await selftest(proxy, cloud)
     server.should_exit = True

@@ -179,7 +179,7 @@ class Dispatcher:
             except ProviderError as exc:
                 node = walk.current or node  # a hedge, when one was started, is the node that failed last
                 exc.provider = node
-                record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
+                record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message, exc.cause)
                 if _returned_to_client(route, node, exc):
                     raise UpstreamClientError(exc) from exc
                 if exc.failure is FailureClass.UNHEALTHY and not self.health.view(node).disabled:
@@ -222,7 +222,8 @@ class Dispatcher:
             )
         except ProviderError as exc:
             exc.provider = node
-            record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, f"{LAST_RESORT}; {exc.message}")
+            detail = f"{LAST_RESORT}; {exc.message}"
+            record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, detail, exc.cause)
             if exc.failure is FailureClass.CLIENT_ERROR:
                 raise UpstreamClientError(exc) from exc
             return None
@@ -279,7 +280,9 @@ class Dispatcher:
                     failures[node] = error
                     if node == primary:
                         error.provider = node
-                        record.attempt(node, error.failure.value, (loop.time() - started) * 1000, error.message)
+                        record.attempt(
+                            node, error.failure.value, (loop.time() - started) * 1000, error.message, error.cause
+                        )
             # Both failed: the walk goes on from the hedge, with the hedge's failure.
             raise failures[hedge]
         finally:
@@ -350,7 +353,7 @@ class Dispatcher:
             try:
                 return await call(adapter, provider, body, deadline), reservation
             except ProviderError as exc:
-                uncertain = exc.message if maybe_received(exc) else None
+                uncertain = (exc.cause or exc.message) if maybe_received(exc) else None
                 self._unreserve(reservation, exc.failure, sent=not never_sent(exc), uncertain=uncertain)
                 if retry >= provider.retries or not _retryable(exc):
                     raise

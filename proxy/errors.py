@@ -15,7 +15,9 @@ Two families, drawn once here:
     ProviderError                   one upstream attempt failed; `.failure` is its class
                                     (a FailureClass) and decides which graph edge to follow;
                                     `.sent` and `.unanswered` say whether it may have reached
-                                    the upstream (the quota refunds only calls never sent).
+                                    the upstream (the quota refunds only calls never sent);
+                                    `.message` is plain words for clients (in-band errors,
+                                    503s), `.cause` the technical detail for the log line.
 
 A `ProviderError` whose class is `client_error` is not fallback-worthy: the
 request would fail everywhere, so the upstream's answer goes back to the client
@@ -163,7 +165,11 @@ class ProviderError(Exception):
     not be made, or the request body could not be written); by default a failed
     call may have reached the upstream. `unanswered` is True when the exchange
     broke with no answer at all (the server went away, a reset): nobody can tell
-    whether the upstream received the call. Both are decided by `classify`."""
+    whether the upstream received the call. Both are decided by `classify`.
+
+    `message` names the failure in plain words, for clients (the in-band error
+    of a stream, the 503's listing); `cause` keeps what the operator needs to
+    dig (the exception class and its text) and goes only to the log line."""
 
     def __init__(
         self,
@@ -176,10 +182,12 @@ class ProviderError(Exception):
         provider: str = "",
         sent: bool = True,
         unanswered: bool = False,
+        cause: str = "",
     ) -> None:
         super().__init__(message)
         self.failure = failure
         self.message = message
+        self.cause = cause
         self.status_code = status_code
         self.retry_after = retry_after
         self.body = body
@@ -217,13 +225,14 @@ def _is_openai_error(body: bytes) -> bool:
 class Attempt:
     """The outcome of one provider on the walk: answered, failed or skipped."""
 
-    __slots__ = ("detail", "ms", "outcome", "provider")
+    __slots__ = ("cause", "detail", "ms", "outcome", "provider")
 
-    def __init__(self, provider: str, outcome: str, ms: float, detail: str = "") -> None:
+    def __init__(self, provider: str, outcome: str, ms: float, detail: str = "", cause: str = "") -> None:
         self.provider = provider
         self.outcome = outcome  # "ok" or a FailureClass value
         self.ms = ms
-        self.detail = detail
+        self.detail = detail  # plain words: may reach the client (the 503's listing)
+        self.cause = cause  # the technical detail (exception class and text): the log line only
 
     def __repr__(self) -> str:
         return f"Attempt({self.provider}={self.outcome}, {self.ms:.1f}ms)"

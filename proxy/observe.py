@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Literal, TextIO, TypeVar
 
@@ -19,6 +20,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.adapters.base import AdapterHooks, Usage
 from proxy.errors import Attempt, FailureClass
+from proxy.logtext import TextLogHandler
 
 if TYPE_CHECKING:
     from proxy.alerts import Alerter
@@ -53,9 +55,10 @@ class RequestRecord:
     trimmed: int = 0  # oldest messages dropped to fit the answering provider's context window
     continued: list[str] = field(default_factory=list)  # providers that continued the stream mid-way
     last_resort: str | None = None  # a breaker-skipped provider tried once every other node had failed
+    interruption: Attempt | None = None  # the last provider that failed after the first token, and why
 
-    def attempt(self, provider: str, outcome: str, ms: float, detail: str = "") -> None:
-        self.attempts.append(Attempt(provider, outcome, ms, detail))
+    def attempt(self, provider: str, outcome: str, ms: float, detail: str = "", cause: str = "") -> None:
+        self.attempts.append(Attempt(provider, outcome, ms, detail, cause))
 
     @property
     def fallbacks(self) -> list[Attempt]:
@@ -96,11 +99,7 @@ class RequestRecord:
             "outcome": self.outcome,
             "provider": self.provider,
             "model": self.model,
-            "attempts": [
-                {"provider": a.provider, "outcome": a.outcome, "ms": round(a.ms, 1)}
-                | ({"detail": a.detail} if a.detail and a.outcome != "ok" else {})
-                for a in self.attempts
-            ],
+            "attempts": [_attempt_fields(a) for a in self.attempts],
             "interrupted": self.interrupted,
             "trimmed": self.trimmed,
             "continued_by": self.continued or None,
@@ -111,7 +110,97 @@ class RequestRecord:
             if self.usage is None
             else {"prompt": self.usage.prompt_tokens, "completion": self.usage.completion_tokens},
         }
+        if self.interruption is not None:
+            line["interruption"] = _attempt_fields(self.interruption, timed=False)
         return orjson.dumps(line)
+
+
+def _attempt_fields(attempt: Attempt, *, timed: bool = True) -> dict[str, object]:
+    """An attempt in the log line: the plain words a client saw (`detail`) and,
+    for the operator, the technical `cause` (the exception class and text)."""
+    fields: dict[str, object] = {"provider": attempt.provider, "outcome": attempt.outcome}
+    if timed:
+        fields["ms"] = round(attempt.ms, 1)
+    if attempt.outcome != "ok":
+        if attempt.detail:
+            fields["detail"] = attempt.detail
+        if attempt.cause:
+            fields["cause"] = attempt.cause
+    return fields
+
+
+NOT_PROVIDER_ERRORS = frozenset({"ok", "client_error", "unhealthy", "quota_exhausted", "unsupported", "policy"})
+"""Outcomes that say nothing against the provider: an answer, the client's own
+error, and the skips decided without a call."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """A request whose first choice did not answer it (or whose stream another
+    provider had to continue): one row of the status page's recent failovers."""
+
+    at: float  # wall-clock time the request ended
+    request_id: str
+    route: str
+    failed: tuple[Attempt, ...]  # the attempts that failed or were skipped, in order
+    answered_by: str | None  # None: nobody answered (an error status)
+    status: int
+    outcome: str  # the request's: "ok", "stream_interrupted", "client_disconnected", ...
+    interruption: Attempt | None = None  # a provider that failed after its first token
+
+
+@dataclass(frozen=True, slots=True)
+class LastError:
+    """The most recent failure of a provider seen by this process."""
+
+    at: float
+    outcome: str
+    detail: str
+
+
+class RecentFailovers:
+    """The last `size` failovers and each provider's last error, in this process.
+
+    Fed by `Observer.finish` only for requests that had a failure, so a clean
+    request costs nothing here, and then only an append of the finished record
+    (no longer changed by anyone) and of its failed attempts: the status page's
+    views are built when it asks. Bounded, so a storm of failovers costs a fixed
+    amount of memory."""
+
+    def __init__(self, size: int = 50) -> None:
+        self._ring: deque[tuple[float, RequestRecord]] = deque(maxlen=size)
+        self._last: dict[str, tuple[float, Attempt]] = {}
+
+    def add(self, record: RequestRecord, now: float) -> None:
+        interruption = record.interruption
+        if interruption is None and all(a.outcome in _ANSWERED_OR_CLIENTS for a in record.attempts):
+            return  # the client's own error, passed back: not a failover
+        self._ring.append((now, record))
+        for attempt in record.attempts:
+            if attempt.outcome not in NOT_PROVIDER_ERRORS:
+                self._last[attempt.provider] = (now, attempt)
+        if interruption is not None:
+            self._last[interruption.provider] = (now, interruption)
+
+    def latest(self, count: int | None = None) -> list[Failover]:
+        """The most recent first."""
+        items = [_failover(now, record) for now, record in reversed(self._ring)]
+        return items if count is None else items[:count]
+
+    @property
+    def last_errors(self) -> dict[str, LastError]:
+        return {name: LastError(now, a.outcome, a.detail) for name, (now, a) in self._last.items()}
+
+
+_ANSWERED_OR_CLIENTS = frozenset({"ok", "client_error"})
+
+
+def _failover(now: float, record: RequestRecord) -> Failover:
+    failed = tuple(a for a in record.attempts if a.outcome != "ok")
+    answered_by = record.provider if record.status < 400 else None
+    return Failover(
+        now, record.request_id, record.route, failed, answered_by, record.status, record.outcome, record.interruption
+    )
 
 
 GaugeMode = Literal["livemostrecent", "livesum"]
@@ -331,6 +420,7 @@ class Observer:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.alerts: Alerter | None = None
+        self.recent = RecentFailovers()
         self._requests = Children(metrics.requests)
         self._latency = Children(metrics.latency)
         self._attempts = Children(metrics.attempts)
@@ -358,6 +448,8 @@ class Observer:
             if record.usage is not None:
                 self._tokens(provider, "prompt").inc(record.usage.prompt_tokens)
                 self._tokens(provider, "completion").inc(record.usage.completion_tokens)
+        if first_fallback is not None or record.interruption is not None:
+            self.recent.add(record, time.time())
         if request_log.isEnabledFor(logging.INFO):
             write_line(request_log, record.log_line(total_ms))
         if self.alerts is not None and provider and first_fallback is not None:
@@ -540,9 +632,10 @@ class JsonLogHandler(logging.StreamHandler[TextIO]):
             self.release()
 
 
-def configure_logging(level: str = "info") -> None:
-    """Send every log line to stderr as JSON (for the CLI; tests use caplog)."""
-    handler = JsonLogHandler()
+def configure_logging(level: str = "info", log_format: str = "json") -> None:
+    """Send every log line to stderr, as JSON or as readable text (for the CLI;
+    tests use caplog)."""
+    handler: logging.Handler = TextLogHandler() if log_format == "text" else JsonLogHandler()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -92,12 +92,13 @@ class WorkerApp:
     config_path: str
     log_level: str
     supervisor: int  # its pid
+    log_format: str = "json"
 
     def __call__(self) -> Starlette:
         from proxy.observe import configure_logging
 
         _stop_with(self.supervisor)
-        configure_logging(self.log_level)
+        configure_logging(self.log_level, self.log_format)
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:  # the file changed since the supervisor checked it
@@ -176,7 +177,13 @@ class Supervisor(Multiprocess):
 
 
 def serve_workers(
-    config: Config, *, workers: int, log_level: str, host: str | None = None, port: int | None = None
+    config: Config,
+    *,
+    workers: int,
+    log_level: str,
+    host: str | None = None,
+    port: int | None = None,
+    log_format: str = "json",
 ) -> bool:
     """Serve `config` (loaded from its file) with `workers` processes until SIGTERM or
     SIGINT; False when a worker could not start (the supervisor then stops them all)."""
@@ -190,7 +197,7 @@ def serve_workers(
         )
     with _metrics_dir() as metrics_dir:
         uv_config = _uvicorn_config(
-            WorkerApp(config.source, log_level, os.getpid()),
+            WorkerApp(config.source, log_level, os.getpid(), log_format),
             config,
             host=host,
             port=port,

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 import yaml
 
 from proxy.config import load_config
@@ -137,3 +138,56 @@ def test_status_and_metrics_show_the_writes_waiting_for_the_store(
     metrics = httpx.get(proxy.url + "/metrics").text
     assert "\nfallback_proxy_store_pending 1.0\n" in metrics
     assert "\nfallback_proxy_store_dropped_total 0.0\n" in metrics
+
+
+def _rejected(proxy: ServedApp) -> float:
+    for line in httpx.get(proxy.url + "/metrics").text.splitlines():
+        if line.startswith('fallback_proxy_config_reloads_total{outcome="rejected"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.02)
+
+
+def test_an_invalid_file_left_in_place_is_rejected_once_per_change(
+    serve: Callable[..., ServedApp],
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "config.yaml"
+    good = yaml.safe_dump(config_data(cloud, backup))  # checked every 0.1 s
+    path.write_text(good)
+    proxy = serve(load_config(path, environ={}))
+
+    def failures() -> list[str]:
+        return [r.getMessage() for r in caplog.records if '"event":"config_reload_failed"' in r.getMessage()]
+
+    path.write_text("routes: {default: [nobody]}\n")
+    _wait_for(lambda: _rejected(proxy) == 1)
+    time.sleep(1.0)  # ten more checks of the same bad content: nothing new
+    assert _rejected(proxy) == 1 and len(failures()) == 1
+    assert answer(proxy).headers["x-proxy-provider"] == "cloud"  # the old config keeps serving
+
+    path.write_text("routes: {default: [somebody]}\n")  # another bad edit: rejected once more
+    _wait_for(lambda: _rejected(proxy) == 2)
+    time.sleep(1.0)
+    assert _rejected(proxy) == 2 and len(failures()) == 2 and "somebody" in failures()[-1]
+
+    explicit = httpx.post(proxy.url + "/admin/reload", headers=ADMIN)  # asked for: always tried, always answered
+    assert explicit.status_code == 422 and any("somebody" in p for p in explicit.json()["problems"])
+    time.sleep(0.5)
+    assert _rejected(proxy) == 3  # the explicit one; the watch still leaves this content alone
+
+    path.write_text(yaml.safe_dump(config_data(cloud, backup, routes={"default": ["backup"]})))
+    _wait_for(lambda: answer(proxy).headers["x-proxy-provider"] == "backup")
+    path.write_text("routes: {default: [nobody]}\n")  # the first bad content again, after a good one
+    _wait_for(lambda: _rejected(proxy) == 4)
+    time.sleep(0.5)
+    assert _rejected(proxy) == 4

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.adapters import classify
 from proxy.errors import FailureClass
+from proxy.litellm_import import load_litellm
 
 
 def openai_error(message: str, code: str | None = None) -> bytes:
@@ -176,10 +177,91 @@ def test_in_stream_errors_are_server_errors() -> None:
 @pytest.mark.litellm
 @pytest.mark.asyncio
 async def test_litellms_complaint_about_a_providers_own_config_is_misconfigured_not_the_clients() -> None:
-    import litellm
+    litellm = load_litellm()  # offline: no fetch of the model map
 
     with pytest.raises(litellm.BadRequestError) as caught:  # a model string litellm cannot place
         await litellm.acompletion(model="no-such-provider/x", messages=[{"role": "user", "content": "q"}], api_key="k")
     error = classify.from_litellm(caught.value)
     assert error.failure is FailureClass.MISCONFIGURED and not error.sent
     assert classify.untranslatable(caught.value).failure is FailureClass.MISCONFIGURED
+
+
+_CUT = aiohttp.ClientPayloadError(
+    "Response payload is not completed: <TransferEncodingError: 400, message='Not enough data to satisfy transfer "
+    "length header.'>"
+)
+
+
+@pytest.mark.parametrize(
+    ("exc", "words"),
+    [
+        (_CUT, "the provider's connection broke mid-answer"),
+        (aiohttp.ServerDisconnectedError(), "the provider closed the connection without answering"),
+        (
+            aiohttp.ClientOSError(104, "Connection reset by peer"),
+            "the connection to the provider failed (connection reset by peer)",
+        ),
+        (REFUSED, "could not connect to the provider (connection refused)"),
+        (
+            _connector(aiohttp.ClientConnectorDNSError, OSError(-2, "Name or service not known")),
+            "could not connect to the provider (its host name did not resolve)",
+        ),
+        (
+            _connector(aiohttp.ClientConnectorSSLError, OSError(1, "TLS handshake failed")),
+            "could not connect to the provider (the TLS handshake failed)",
+        ),
+        (aiohttp.ConnectionTimeoutError("connect"), "could not connect to the provider in time"),
+        (aiohttp.SocketTimeoutError("read"), "the provider did not answer in time"),
+        (UNWRITTEN, "could not send the request to the provider"),
+        (httpx.ConnectError("refused"), "could not connect to the provider"),
+        (httpx.ReadTimeout("slow read"), "the provider did not answer in time"),
+        (
+            httpx.RemoteProtocolError("peer closed connection without sending complete message body"),
+            "the provider's connection broke mid-answer",
+        ),
+        (httpx.ReadError("reset"), "the connection to the provider broke"),
+        (TimeoutError(), "the provider did not answer in time"),
+        (_wrapped(httpx.ConnectTimeout("x"), REFUSED), "could not connect to the provider (connection refused)"),
+        (OSError(113, "No route to host"), "the connection to the provider failed (no route to host)"),
+        (RuntimeError("something odd"), "the connection to the provider failed"),
+    ],
+)
+def test_transport_failures_in_plain_words_with_the_exception_kept_for_the_log(exc: Exception, words: str) -> None:
+    error = classify.from_exception(exc)
+    assert error.message == words
+    assert error.cause.startswith(type(exc).__name__)
+    assert "Error" not in error.message and "<" not in error.message
+
+
+def test_the_cause_follows_the_chain_on_one_line() -> None:
+    error = classify.from_exception(_wrapped(httpx.ConnectTimeout("x"), REFUSED))
+    assert error.cause.startswith("ConnectTimeout: x <- ClientConnectorError: Cannot connect to host 127.0.0.1:1")
+    assert "\n" not in classify.describe_exception(ValueError("two\nlines"))
+
+
+def test_litellm_failures_in_plain_words() -> None:
+    class RateLimitError(Exception):
+        status_code = 429
+
+    class BadRequestError(Exception):
+        status_code = 400
+
+    class APIConnectionError(Exception):
+        pass
+
+    limited = classify.from_litellm(
+        RateLimitError('litellm.RateLimitError: AnthropicException - {"error": "slow down"}')
+    )
+    assert limited.message == 'the provider is rate limiting our requests: {"error": "slow down"}'
+    assert limited.cause.startswith("RateLimitError: litellm.RateLimitError: AnthropicException")
+    client = classify.from_litellm(BadRequestError("litellm.BadRequestError: OllamaException - temperature is bad"))
+    assert (client.failure, client.message) == (FailureClass.CLIENT_ERROR, "temperature is bad")
+    cut = classify.from_litellm(_wrapped(APIConnectionError("litellm.APIConnectionError: boom"), httpx.ReadError("x")))
+    assert cut.message == "the connection to the provider broke" and "APIConnectionError" in cut.cause
+    unsupported = classify.untranslatable(BadRequestError("litellm.BadRequestError: tools are not supported"))
+    assert unsupported.message == "cannot put the request into this provider's format: tools are not supported"
+    assert (
+        classify.incomplete_stream().message == "the provider's stream ended without a finish: the answer is incomplete"
+    )
+    unreadable = classify.unreadable(ValueError("Expecting value: line 1 column 1"))
+    assert unreadable.message == "the provider's answer could not be read" and "ValueError" in unreadable.cause

@@ -709,11 +709,10 @@ def test_an_unknown_provider_prefix_is_an_error_naming_the_key(tmp_path: Path) -
 
 
 def test_the_prefix_list_is_litellms() -> None:
-    from litellm.types.utils import LlmProviders
-
     from proxy.config.litellm_providers import LITELLM_PROVIDERS
+    from proxy.litellm_import import load_litellm
 
-    assert {provider.value for provider in LlmProviders} == LITELLM_PROVIDERS
+    assert {provider.value for provider in load_litellm().LlmProviders} == LITELLM_PROVIDERS
 
 
 def test_capabilities_declared_win_over_the_model_map(tmp_path: Path) -> None:

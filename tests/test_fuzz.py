@@ -243,6 +243,11 @@ def _is_reload_outcome(body: bytes) -> bool:
     return isinstance(parsed, dict) and parsed.get("reloaded") is False and isinstance(parsed.get("problems"), list)
 
 
+def _is_admin(path: str) -> bool:
+    """Behind the admin key: `/admin/...`, and the status page."""
+    return path.startswith("/admin/") or path == "/status"
+
+
 def is_chat(path: str) -> bool:
     return path in ("/v1/chat/completions", "/chat/completions")
 
@@ -266,7 +271,7 @@ def response_problems(
         return []
     if status >= 500 and not _documented_5xx(path, status, body):
         return [f"{where}: a server error from the proxy itself: {body[:300]!r}"]
-    needs_key = is_chat(path) or path.startswith("/admin/")
+    needs_key = is_chat(path) or _is_admin(path)
     if needs_key and not authorized and status not in (401, 431):  # headers are measured before the key
         return [f"{where}: a request without the right key was not refused with 401"]
     if status >= 400:
@@ -813,7 +818,7 @@ def tweak_case(case: Any, data: st.DataObject) -> bool:
     headers = dict(case.headers or {})
     if data.draw(st.integers(0, 9), label="auth") < 8:
         headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
-        headers["Authorization"] = f"Bearer {ADMIN_KEY if path.startswith('/admin/') else API_KEY}"
+        headers["Authorization"] = f"Bearer {ADMIN_KEY if _is_admin(path) else API_KEY}"
     case.headers = headers
     if isinstance(case.body, dict) and isinstance(case.body.get("model"), str) and data.draw(st.booleans()):
         case.body["model"] = data.draw(st.sampled_from(MODELS), label="model")
@@ -824,7 +829,7 @@ def tweak_case(case: Any, data: st.DataObject) -> bool:
 
 
 def _carries_key(path: str, headers: dict[str, Any]) -> bool:
-    key = ADMIN_KEY if path.startswith("/admin/") else API_KEY
+    key = ADMIN_KEY if _is_admin(path) else API_KEY
     values = [str(value) for name, value in headers.items() if name.lower() == "authorization"]
     scheme, _, token = values[-1].partition(" ") if values else ("", "", "")
     return scheme.lower() == "bearer" and token.strip() == key

@@ -228,6 +228,11 @@ def test_the_admin_endpoints(spec: dict[str, Any]) -> None:
             if path.startswith("/admin/"):
                 assert op["security"] == [{"adminBearerAuth": []}]
                 assert {"200", "401", "404"} <= set(op["responses"])
+            elif path == "/status":  # the HTML page: the admin key as HTTP Basic password (or bearer)
+                assert op["security"] == [{"adminBasicAuth": []}, {"adminBearerAuth": []}]
+                assert {"200", "401", "404"} <= set(op["responses"])
+                assert op["responses"]["200"]["content"].keys() == {"text/html"}
+                assert op["responses"]["401"]["headers"]["www-authenticate"]["required"] is True
             elif not path.endswith("chat/completions"):
                 assert op["security"] == []
     disable = spec["paths"]["/admin/providers/{name}/disable"]["post"]
@@ -293,6 +298,12 @@ def test_real_answers_match_their_schemas(proxy: str, http: httpx.Client, spec: 
 
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
     assert_valid(spec, "AdminStatus", http.get(proxy + "/admin/status", headers=admin).json())
+    assert_valid(spec, "AdminProviders", http.get(proxy + "/admin/providers", headers=admin).json())
+    basic = httpx.BasicAuth("ops", ADMIN_KEY)
+    assert http.get(proxy + "/status", auth=basic).headers["content-type"].startswith("text/html")
+    refused = http.get(proxy + "/status")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic ")
+    assert_valid(spec, "ErrorBody", refused.json())
     switched = http.post(proxy + "/admin/providers/cloud/disable", json={"reason": "drill"}, headers=admin)
     assert_valid(spec, "ProviderSwitch", switched.json())
     assert_valid(spec, "ProviderSwitch", http.post(proxy + "/admin/providers/cloud/enable", headers=admin).json())

@@ -8,13 +8,18 @@ errors and litellm exceptions. Everything here is pure: it inspects and returns.
 Besides the failure class, a transport failure says whether the call may have
 reached the upstream (`ProviderError.sent`, `.unanswered`): the quota refunds
 only a call that provably never left.
+
+A foreign exception's class and text (`ClientPayloadError: Response payload is
+not completed: <TransferEncodingError…>`) mean something to an operator, not to
+a client: `ProviderError.message` names the failure in plain words, and
+`ProviderError.cause` keeps the exception for the log line.
 """
 
 from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -132,9 +137,78 @@ def from_exception(exc: BaseException) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
     failure = _transport_failure(exc)
-    text = str(exc) or type(exc).__name__
     sent, unanswered = _delivery(exc)
-    return ProviderError(failure, f"{type(exc).__name__}: {text}"[:300], sent=sent, unanswered=unanswered)
+    return ProviderError(
+        failure, plain_words(exc, failure), sent=sent, unanswered=unanswered, cause=describe_exception(exc)
+    )
+
+
+def describe_exception(exc: BaseException) -> str:
+    """The exception as an operator reads it: class and text, then its causes."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 3:
+        text = " ".join(str(seen).split())
+        parts.append(f"{type(seen).__name__}: {text}" if text else type(seen).__name__)
+        seen = seen.__cause__
+    return " <- ".join(parts)[:500]
+
+
+def plain_words(exc: BaseException, failure: FailureClass) -> str:
+    """What went wrong with the exchange, in words a client understands."""
+    cause = _transport_cause(exc) or exc
+    for kinds, words in _PLAIN_WORDS:
+        if isinstance(cause, kinds):
+            return words(cause)
+    if failure is FailureClass.TIMEOUT:
+        return "the provider did not answer in time"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"the connection to the provider failed ({cause.strerror.lower()})"
+    return "the connection to the provider failed"
+
+
+def _connect_words(exc: BaseException) -> str:
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "could not connect to the provider (its host name did not resolve)"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "could not connect to the provider (the TLS handshake failed)"
+    if isinstance(os_error, ConnectionRefusedError):
+        return "could not connect to the provider (connection refused)"
+    return "could not connect to the provider"
+
+
+def _os_words(exc: BaseException) -> str:
+    if "Can not write request body" in str(exc):
+        return "could not send the request to the provider"
+    strerror = getattr(exc, "strerror", None)
+    if isinstance(strerror, str) and strerror:
+        return f"the connection to the provider failed ({strerror.lower()})"
+    return "the connection to the provider failed"
+
+
+def _fixed(words: str) -> Callable[[BaseException], str]:
+    return lambda _exc: words
+
+
+# Most specific first: several aiohttp classes derive from one another.
+_PLAIN_WORDS: tuple[
+    tuple[type[BaseException] | tuple[type[BaseException], ...], Callable[[BaseException], str]], ...
+] = (
+    (aiohttp.ClientPayloadError, _fixed("the provider's connection broke mid-answer")),
+    (aiohttp.ServerDisconnectedError, _fixed("the provider closed the connection without answering")),
+    (
+        (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout, httpx.PoolTimeout),
+        _fixed("could not connect to the provider in time"),
+    ),
+    ((aiohttp.ServerTimeoutError, httpx.TimeoutException, TimeoutError), _fixed("the provider did not answer in time")),
+    (aiohttp.ClientConnectorError, _connect_words),
+    (httpx.ConnectError, _fixed("could not connect to the provider")),
+    (httpx.RemoteProtocolError, _fixed("the provider's connection broke mid-answer")),
+    (aiohttp.ClientOSError, _os_words),
+    ((httpx.ReadError, httpx.WriteError), _fixed("the connection to the provider broke")),
+    (aiohttp.ClientResponseError, _fixed("the provider's answer could not be read")),
+)
 
 
 def _delivery(exc: BaseException) -> tuple[bool, bool]:
@@ -206,7 +280,11 @@ def from_stream_error(error: Any) -> ProviderError:
 
 
 def incomplete_stream() -> ProviderError:
-    return ProviderError(FailureClass.SERVER_ERROR, "stream ended without a finish (no finish_reason or [DONE])")
+    return ProviderError(
+        FailureClass.SERVER_ERROR,
+        "the provider's stream ended without a finish: the answer is incomplete",
+        cause="no finish_reason and no [DONE]",
+    )
 
 
 _LITELLM_CLASSES = {
@@ -232,7 +310,12 @@ def from_litellm(exc: BaseException) -> ProviderError:
     provider's own configuration (no provider for the model string, no api_base)
     is `misconfigured`: never sent, and never the client's error."""
     if _misconfigured(exc):
-        return ProviderError(FailureClass.MISCONFIGURED, f"{type(exc).__name__}: {exc}"[:300], sent=False)
+        return ProviderError(
+            FailureClass.MISCONFIGURED,
+            f"the provider's configuration is wrong: {provider_reason(exc)}"[:300],
+            sent=False,
+            cause=describe_exception(exc),
+        )
     for klass in type(exc).__mro__:
         failure = _LITELLM_CLASSES.get(klass.__name__)
         if failure is not None:
@@ -251,16 +334,51 @@ def from_litellm(exc: BaseException) -> ProviderError:
     sent, unanswered = _delivery(exc)
     return ProviderError(
         failure,
-        f"{type(exc).__name__}: {exc}"[:300],
+        _litellm_words(exc, failure),
         status_code=status if isinstance(status, int) else None,
         sent=sent,
         unanswered=unanswered and not isinstance(status, int),
+        cause=describe_exception(exc),
     )
 
 
 def _misconfigured(exc: BaseException) -> bool:
     text = str(exc).lower()
     return any(hint in text for hint in _MISCONFIGURED_HINTS)
+
+
+_CLASS_WORDS = {
+    FailureClass.CONTEXT_WINDOW_EXCEEDED: "the prompt is too long for the provider's context window",
+    FailureClass.CONTENT_FILTERED: "the provider's content filter refused the request",
+    FailureClass.RATE_LIMITED: "the provider is rate limiting our requests",
+    FailureClass.AUTH_ERROR: "the provider rejected our key",
+    FailureClass.SERVER_ERROR: "the provider failed to answer",
+}
+
+
+def _litellm_words(exc: BaseException, failure: FailureClass) -> str:
+    """Plain words for a litellm exception. A client error keeps the provider's
+    own reason (the client must fix its request), without litellm's prefixes."""
+    if failure in (FailureClass.TIMEOUT, FailureClass.CONNECTION_ERROR):
+        return plain_words(exc, failure)
+    reason = provider_reason(exc)
+    if failure is FailureClass.CLIENT_ERROR:
+        return reason or "the provider refused the request"
+    words = _CLASS_WORDS.get(failure, "the provider failed to answer")
+    return f"{words}: {reason}"[:300] if reason else words
+
+
+def provider_reason(exc: BaseException) -> str:
+    """The provider's own words inside a litellm exception's text, without
+    litellm's `litellm.RateLimitError: AnthropicException - ` prefixes."""
+    text = str(exc).strip()
+    head, sep, rest = text.partition(": ")
+    if sep and head.rsplit(".", 1)[-1] == type(exc).__name__:
+        text = rest
+    head, sep, rest = text.partition(" - ")
+    if sep and head.endswith("Exception") and " " not in head:
+        text = rest
+    return text.strip()[:300]
 
 
 def untranslatable(exc: BaseException) -> ProviderError:
@@ -272,7 +390,12 @@ def untranslatable(exc: BaseException) -> ProviderError:
     if error.failure in (FailureClass.AUTH_ERROR, FailureClass.CONTEXT_WINDOW_EXCEEDED, FailureClass.MISCONFIGURED):
         error.sent, error.unanswered = False, False
         return error
-    return ProviderError(FailureClass.UNSUPPORTED, f"cannot translate the request: {error.message}"[:300], sent=False)
+    return ProviderError(
+        FailureClass.UNSUPPORTED,
+        f"cannot put the request into this provider's format: {provider_reason(exc)}"[:300],
+        sent=False,
+        cause=error.cause,
+    )
 
 
 def unreadable(exc: BaseException) -> ProviderError:
@@ -282,4 +405,4 @@ def unreadable(exc: BaseException) -> ProviderError:
     error = from_litellm(exc)
     if error.failure not in (FailureClass.CLIENT_ERROR, FailureClass.CONNECTION_ERROR):
         return error
-    return ProviderError(FailureClass.SERVER_ERROR, f"unreadable answer: {error.message}"[:300])
+    return ProviderError(FailureClass.SERVER_ERROR, "the provider's answer could not be read", cause=error.cause)

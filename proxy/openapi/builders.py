@@ -17,6 +17,7 @@ _SSE_DESCRIPTION = (
 )
 BEARER = "bearerAuth"
 ADMIN_BEARER = "adminBearerAuth"
+ADMIN_BASIC = "adminBasicAuth"
 
 
 # -- small builders ---------------------------------------------------------------------

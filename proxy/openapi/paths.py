@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from proxy.openapi.builders import (
     _SSE_DESCRIPTION,
+    ADMIN_BASIC,
     ADMIN_BEARER,
     BEARER,
     Schema,
@@ -36,6 +37,8 @@ def _paths() -> dict[str, Schema]:
         "/metrics": {"get": metrics_operation()},
         "/openapi.json": {"get": openapi_operation()},
         "/admin/status": {"get": admin_status_operation()},
+        "/admin/providers": {"get": admin_providers_operation()},
+        "/status": {"get": status_page_operation()},
         "/admin/providers/{name}/disable": {"post": admin_switch_operation("disable")},
         "/admin/providers/{name}/enable": {"post": admin_switch_operation("enable")},
         "/admin/reload": {"post": admin_reload_operation()},
@@ -152,6 +155,42 @@ def _admin_responses(ok: Schema) -> Schema:
 def admin_status_operation() -> Schema:
     responses = _admin_responses(response("health, breaker and quota per provider", json_content(ref("AdminStatus"))))
     return operation("adminStatus", "Health and quota state", "admin", responses, security=[{ADMIN_BEARER: []}])
+
+
+def admin_providers_operation() -> Schema:
+    ok = response(
+        "per provider: health state, breaker, last error, quota used and left today, disabled",
+        json_content(ref("AdminProviders")),
+    )
+    summary = "Each provider's health, breaker, last error and quota today"
+    return operation("adminProviders", summary, "admin", _admin_responses(ok), security=[{ADMIN_BEARER: []}])
+
+
+def status_page_operation() -> Schema:
+    html = {"text/html": {"schema": {"type": "string", "description": "an HTML page; no scripts"}}}
+    challenge = {
+        "www-authenticate": {
+            "description": '`Basic realm="fallback-proxy status", charset="UTF-8"` (a browser then asks for '
+            "the admin key), or `Bearer` when a wrong bearer key was sent",
+            "required": True,
+            "schema": string(),
+        }
+    }
+    refresh = {
+        "name": "refresh",
+        "in": "query",
+        "required": False,
+        "description": "seconds between automatic reloads of the page (default 5; 0: none; at most 3600)",
+        "schema": integer(minimum=0),
+    }
+    responses = {
+        "200": response("every route's graph, each provider's health, quota and last error, recent failovers", html),
+        "401": error_response("no or a wrong admin key (code `invalid_api_key`)", challenge),
+        "404": ref("AdminOff", "responses"),
+    }
+    summary = "The status page for operators (HTML, reloads itself)"
+    security: list[Schema] = [{ADMIN_BASIC: []}, {ADMIN_BEARER: []}]
+    return operation("statusPage", summary, "admin", responses, security=security, parameters=[refresh])
 
 
 def admin_switch_operation(action: str) -> Schema:

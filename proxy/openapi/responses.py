@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from proxy.openapi.builders import (
+    ADMIN_BASIC,
     ADMIN_BEARER,
     BEARER,
     Schema,
@@ -91,4 +92,9 @@ def _security_schemes() -> dict[str, Schema]:
             "description": "one of `auth.keys`; when no keys are configured the proxy is open",
         },
         ADMIN_BEARER: {"type": "http", "scheme": "bearer", "description": "`server.admin_key`"},
+        ADMIN_BASIC: {
+            "type": "http",
+            "scheme": "basic",
+            "description": "any user name, `server.admin_key` as the password (a browser asks for them)",
+        },
     }

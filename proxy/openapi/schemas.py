@@ -37,6 +37,7 @@ def _schemas() -> dict[str, Schema]:
         "Health": obj({"status": const("ok")}, ("status",)),
         "Ready": ready_schema(),
         "AdminStatus": admin_status_schema(),
+        "AdminProviders": admin_providers_schema(),
         "DisableRequest": obj({"reason": string("why, for the logs (first 200 characters kept)")}),
         "ProviderSwitch": provider_switch_schema(),
         "ReloadOutcome": reload_outcome_schema(),
@@ -302,6 +303,47 @@ def admin_status_schema() -> Schema:
             "providers": {"type": "object", "additionalProperties": provider},
         },
         ("config", "store", "store_queue", "providers"),
+    )
+
+
+def admin_providers_schema() -> Schema:
+    usage = obj(
+        {"used": integer(minimum=0), "limit": nullable(integer()), "left": nullable(integer(minimum=0))},
+        ("used", "limit", "left"),
+    )
+    quota = obj(
+        {
+            "day": string("the quota day (in `quotas.timezone`)"),
+            "requests": usage,
+            "tokens": usage,
+            "error": string("the state store could not answer"),
+        },
+        ("day",),
+    )
+    last_error = obj(
+        {
+            "at": number("Unix time"),
+            "outcome": string("the failure class"),
+            "detail": string("what went wrong, in plain words"),
+        },
+        ("at", "outcome", "detail"),
+    )
+    provider = obj(
+        {
+            "state": enum(("healthy", "slow", "degraded", "offline")),
+            "breaker": enum(("closed", "open", "half_open")),
+            "reason": nullable(string("why the state is not healthy")),
+            "disabled": boolean("switched off by an operator"),
+            "local": boolean(),
+            "ttft_s": nullable(number("smoothed time to first token")),
+            "last_error": nullable({**last_error, "description": "the last failure this process saw"}),
+            "quota": nullable({**quota, "description": "null: the provider has no quota"}),
+        },
+        ("state", "breaker", "reason", "disabled", "local", "ttft_s", "last_error", "quota"),
+    )
+    return obj(
+        {"store": string("memory or redis"), "providers": {"type": "object", "additionalProperties": provider}},
+        ("store", "providers"),
     )
 
 
