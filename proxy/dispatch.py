@@ -25,7 +25,7 @@ from proxy.config import Config, ProviderConfig, Route
 from proxy.deadline import Deadline
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
 from proxy.health import Decision, Health, HealthBoard
-from proxy.observe import Metrics, RequestRecord
+from proxy.observe import Metrics, RequestRecord, StreamHooks
 from proxy.quota import QuotaGate, Reservation, maybe_received, never_sent
 from proxy.routing import Walk, next_node
 from proxy.shaping import Needs, Shaper, eligibility
@@ -50,6 +50,7 @@ class StreamStart:
     deadline: float  # loop time by which the whole stream must end
     reservation: Reservation | None = None
     hide_usage: bool = False  # usage was asked for the quota, not by the client
+    trace: StreamHooks | None = None  # telemetry hook: the attempt's span, ended with the stream
     _reads: Deadline | None = field(default=None, repr=False)  # one timer for every read's deadline
     _more: bool = field(default=False, repr=False)  # the last chunk had more of its upstream read behind it
 
@@ -141,6 +142,8 @@ class StreamSession:
         if not self.route.continuation or not partial:
             return None
         self.walk.follow(failure.failure.value)
+        if self.record.trace is not None:  # telemetry hook
+            self.record.trace.on_continuation(failed.provider.name, failure)
         try:
             self.start = await self.dispatcher._open(self, continuation_body(self.body, partial))
         except (AllProvidersFailed, UpstreamClientError):
@@ -243,6 +246,8 @@ class Dispatcher:
     def stream_ended(self, start: StreamStart, usage: Usage | None, failure: ProviderError | None) -> None:
         """Account for one provider's stream once it is over: a failure after the
         first token counts against its health; usage settles its quota."""
+        if start.trace is not None:  # telemetry hook: the attempt's span ends
+            start.trace.on_stream_end(usage, failure)
         if failure is not None:
             self.health.failure(start.provider.name, failure.failure, failure.retry_after)
         if start.reservation is not None:
@@ -260,6 +265,8 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         walk_deadline = loop.time() + route.budget if route.budget else math.inf
         walk = walk or Walk(route)
+        if record.trace is not None:  # telemetry hook: each provider call becomes an attempt span
+            call = record.trace.traced(call)
         while (node := walk.current) is not None:
             provider = self.config.providers[node]
             if walk.can_defer and self.health.view(node).state is Health.SLOW:
@@ -275,6 +282,8 @@ class Dispatcher:
                 node = walk.current or node  # a hedge, when one was started, is the node that failed last
                 exc.provider = node
                 record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message)
+                if record.trace is not None:  # telemetry hook: skips and the fallback reason
+                    record.trace.on_visit_failed(node, exc)
                 if exc.failure is FailureClass.CLIENT_ERROR:
                     raise UpstreamClientError(exc) from exc
                 walk.follow(exc.failure.value)
@@ -353,6 +362,8 @@ class Dispatcher:
         except (asyncio.CancelledError, ProviderError):
             return  # _attempt already settled what it had reserved
         if isinstance(answered.result, StreamStart):
+            if answered.result.trace is not None:  # telemetry hook: the hedge that lost
+                answered.result.trace.on_stream_end(None, None)
             await answered.result.close()
         self.background.spawn(self.quota.settle(answered.reservation, None, FailureClass.CONNECTION_ERROR))
 
