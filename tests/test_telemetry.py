@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from proxy.config import parse_config
-from proxy.fakes import FakeOpenAI
+from proxy.fakes import FakeAnthropic, FakeOpenAI
 from tests.conftest import ServedApp, openai_provider
 from tests.otlp_receiver import CLIENT, SERVER, STATUS_ERROR, Exported, HangingCollector, OtlpReceiver
 
@@ -341,7 +341,7 @@ def test_with_traces_off_nothing_of_opentelemetry_is_loaded() -> None:
     script = f"""
 import sys, httpx
 from proxy.app import create_app
-from proxy.fakes import FakeOpenAI
+from proxy.fakes import FakeAnthropic, FakeOpenAI
 from tests.conftest import ServedApp, build_config, openai_provider
 with FakeOpenAI("cloud") as cloud:
     served = ServedApp(create_app(build_config(
@@ -359,3 +359,47 @@ print(sorted(m for m in sys.modules if m.startswith("opentelemetry") or m == "pr
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_hedge_race_shows_the_cancelled_call_and_the_one_that_won(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, receiver: OtlpReceiver
+) -> None:
+    config = two_providers(cloud, backup, receiver.url)
+    config["routes"] = {"default": {"chain": ["cloud", "backup"], "hedge_after_ms": 100}}
+    proxy = serve(config)
+    cloud.set_fault("slow", first_token_delay=5)
+    with sdk(proxy) as client:
+        answer = client.chat.completions.create(model="default", messages=MESSAGES)
+    assert answer.choices[0].message.content == "Hello from backup."
+
+    request, [primary, hedge] = tree(receiver, clients=2)
+    assert primary.parent_span_id == hedge.parent_span_id == request.span_id
+    assert primary.attributes["fallback_proxy.provider"] == "cloud"
+    assert primary.attributes["fallback_proxy.outcome"] == "cancelled"  # the hedge answered first
+    assert "error.type" not in primary.attributes
+    assert hedge.attributes["fallback_proxy.outcome"] == "ok"
+    assert primary.end <= request.end and hedge.start - primary.start >= 100e6
+    assert request.attributes["fallback_proxy.fallbacks"] == ("cloud=timeout",)
+
+
+@pytest.mark.litellm
+def test_a_translated_provider_gets_the_trace_context_too(
+    serve: Callable[..., ServedApp], receiver: OtlpReceiver
+) -> None:
+    with FakeAnthropic("claude", api_key="sk-ant-test", model="claude-sonnet-4-5-20250929") as claude:
+        provider = {"model": "anthropic/claude-sonnet-4-5-20250929", "api_key": "sk-ant-test", "api_base": claude.url}
+        proxy = serve(traced_config({"claude": provider}, ["claude"], endpoint=receiver.url))
+        with sdk(proxy) as client:
+            client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=20)
+            stream = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=20, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        spans = receiver.wait_for(lambda s: [x.kind for x in s].count(SERVER) == 2)
+        attempts = sorted((s for s in spans if s.kind == CLIENT), key=lambda s: s.start)
+        sent = [r.headers["traceparent"] for r in claude.requests if r.path.endswith("/messages")]
+    assert sent == [f"00-{CLIENT_TRACE}-{a.span_id}-01" for a in attempts]
+    for attempt in attempts:
+        assert attempt.attributes["gen_ai.provider.name"] == "anthropic"
+        assert attempt.attributes["gen_ai.request.model"] == "claude-sonnet-4-5-20250929"
+        assert attempt.attributes["gen_ai.usage.output_tokens"] > 0
+        assert attempt.attributes["fallback_proxy.outcome"] == "ok"
+    assert_no_content(receiver, "Hello from claude")
