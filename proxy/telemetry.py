@@ -118,14 +118,18 @@ class Tracing:
     ) -> RequestSpan:
         """The request's span, a child of the client's `traceparent` when it sent one."""
         parent = self.propagator.extract(headers)
-        attributes: Attributes = {
-            "gen_ai.operation.name": operation,
-            "http.request.method": "POST",
-            "url.path": path,
-            "fallback_proxy.request_id": record.request_id,
-        }
-        span = self.tracer.start_span(operation, context=parent, kind=SpanKind.SERVER, attributes=attributes)
-        return RequestSpan(self, span, operation)
+        span = self.tracer.start_span(operation, context=parent, kind=SpanKind.SERVER)
+        request = RequestSpan(self, span, operation)
+        if request.recording:
+            request.attributes.update(
+                {
+                    "gen_ai.operation.name": operation,
+                    "http.request.method": "POST",
+                    "url.path": path,
+                    "fallback_proxy.request_id": record.request_id,
+                }
+            )
+        return request
 
     def provider_attributes(self, provider: ProviderConfig) -> Attributes:
         """What every attempt on `provider` carries, worked out once per provider."""
@@ -167,13 +171,15 @@ class Tracing:
 
 class RequestSpan:
     """One request's SERVER span and what its attempts need to know (the
-    `RequestHooks` of `proxy.observe`)."""
+    `RequestHooks` of `proxy.observe`). Attributes are gathered in a dict and
+    set once, as the span ends: the SDK checks each one on every call."""
 
     __slots__ = (
         "_calls",
         "_continuing",
         "_fallback",
         "_parameters",
+        "attributes",
         "context",
         "operation",
         "recording",
@@ -191,6 +197,7 @@ class RequestSpan:
         self._fallback: tuple[str, str] | None = None  # the node the walk left last, and why
         self._continuing = False
         self._parameters = False
+        self.attributes: Attributes = {}
 
     def traced(self, call: AttemptCall[T]) -> AttemptCall[T]:
         async def traced_call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> T:
@@ -214,10 +221,11 @@ class RequestSpan:
         self._calls[provider.name] = retry + 1
         if not self.recording:
             return {}
-        attributes = {**self.tracing.provider_attributes(provider), **_parameters(body)}
+        parameters = _parameters(body)
+        attributes = {**self.tracing.provider_attributes(provider), **parameters}
         if not self._parameters:  # the request span shows the parameters asked for, once
             self._parameters = True
-            self.span.set_attributes(_parameters(body))
+            self.attributes.update(parameters)
         attributes["fallback_proxy.retry"] = retry
         if self._fallback is not None and self._fallback[0] != provider.name:
             attributes["fallback_proxy.fallback_from"], attributes["fallback_proxy.fallback_reason"] = self._fallback
@@ -255,7 +263,7 @@ class RequestSpan:
         if self.recording:
             if record.route != "-":
                 span.update_name(f"{self.operation} {record.route}")
-            span.set_attributes(_outcome(record))
+            span.set_attributes({**self.attributes, **_outcome(record)})
             if record.status >= 500 or record.outcome in _INTERRUPTED:
                 span.set_status(Status(StatusCode.ERROR))
         span.end()
@@ -265,7 +273,18 @@ class AttemptSpan:
     """One call to one provider: a CLIENT span, ended with the answer, the
     failure, or (for a stream) the end of the stream (`StreamHooks`)."""
 
-    __slots__ = ("complete", "ended", "finish_reasons", "headers", "model", "recording", "span", "started", "usage")
+    __slots__ = (
+        "attributes",
+        "complete",
+        "ended",
+        "finish_reasons",
+        "headers",
+        "model",
+        "recording",
+        "span",
+        "started",
+        "usage",
+    )
 
     def __init__(self, request: RequestSpan, provider: ProviderConfig, body: dict[str, Any]) -> None:
         tracing = request.tracing
@@ -274,9 +293,7 @@ class AttemptSpan:
             f"{request.operation} {provider.upstream_model}", context=request.context, kind=SpanKind.CLIENT
         )
         self.recording = self.span.is_recording()
-        attributes = request.attempt_attributes(provider, body)
-        if attributes:
-            self.span.set_attributes(attributes)
+        self.attributes = request.attempt_attributes(provider, body)  # set once, as the span ends
         self.headers = tracing.headers_for(self.span)  # sent even when not sampled: the upstream sees the flag
         self.ended = False
         self.complete = False  # a stream read to its end
@@ -289,7 +306,8 @@ class AttemptSpan:
         if isinstance(result, StreamStart):
             if self.recording:
                 ttft_ms = round((time.perf_counter() - self.started) * 1000, 1)
-                self.span.set_attributes({"fallback_proxy.time_to_first_token_ms": ttft_ms, **_response_id(result)})
+                self.attributes["fallback_proxy.time_to_first_token_ms"] = ttft_ms
+                self.attributes.update(_response_id(result))
             for chunk in result.head:
                 self._note(chunk)
             result.rest = self._watch(result.rest)
@@ -298,14 +316,13 @@ class AttemptSpan:
         if isinstance(result, Completion):
             self.usage, self.model = result.usage, result.model or None
             if self.recording:
-                self.span.set_attributes(_completion_facts(result.body))
+                self.attributes.update(_completion_facts(result.body))
         self._end("ok")
 
     def failed(self, error: BaseException) -> None:
         if isinstance(error, ProviderError):
-            status = {"http.response.status_code": error.status_code} if error.status_code else {}
-            if self.recording and status:
-                self.span.set_attributes(status)
+            if error.status_code:
+                self.attributes["http.response.status_code"] = error.status_code
             self._end(error.failure.value, error.failure.value)
         elif isinstance(error, asyncio.CancelledError):
             self._end("cancelled")  # a hedge lost, or the client went away
@@ -347,7 +364,8 @@ class AttemptSpan:
         self.ended = True
         span = self.span
         if self.recording:
-            attributes: Attributes = {"fallback_proxy.outcome": outcome}
+            attributes = self.attributes
+            attributes["fallback_proxy.outcome"] = outcome
             if self.model:
                 attributes["gen_ai.response.model"] = self.model
             if self.finish_reasons:
