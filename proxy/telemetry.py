@@ -222,7 +222,11 @@ class RequestSpan:
         if not self.recording:
             return {}
         parameters = _parameters(body)
-        attributes = {**self.tracing.provider_attributes(provider), **parameters}
+        attributes = {
+            "gen_ai.operation.name": self.operation,
+            **self.tracing.provider_attributes(provider),
+            **parameters,
+        }
         if not self._parameters:  # the request span shows the parameters asked for, once
             self._parameters = True
             self.attributes.update(parameters)
@@ -415,7 +419,6 @@ def _outcome(record: RequestRecord) -> Attributes:
 
 def _provider_attributes(provider: ProviderConfig) -> Attributes:
     attributes: Attributes = {
-        "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": _GEN_AI_PROVIDERS.get(provider.litellm_provider, provider.litellm_provider),
         "gen_ai.request.model": provider.upstream_model,
         "fallback_proxy.provider": provider.name,

@@ -403,3 +403,20 @@ def test_a_translated_provider_gets_the_trace_context_too(
         assert attempt.attributes["gen_ai.usage.output_tokens"] > 0
         assert attempt.attributes["fallback_proxy.outcome"] == "ok"
     assert_no_content(receiver, "Hello from claude")
+
+
+def test_a_retry_is_an_attempt_of_its_own(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, receiver: OtlpReceiver
+) -> None:
+    provider = openai_provider(cloud.url, retries=1)
+    proxy = serve(traced_config({"cloud": provider}, ["cloud"], endpoint=receiver.url))
+    cloud.set_fault("status", status=503, times=1)
+    with sdk(proxy) as client:
+        client.chat.completions.create(model="default", messages=MESSAGES)
+
+    request, [first, retry] = tree(receiver, clients=2)
+    assert (first.attributes["fallback_proxy.retry"], first.attributes["error.type"]) == (0, "server_error")
+    assert (retry.attributes["fallback_proxy.retry"], retry.attributes["fallback_proxy.outcome"]) == (1, "ok")
+    assert "fallback_proxy.fallback_reason" not in retry.attributes  # the same provider, not a fallback
+    assert request.attributes["fallback_proxy.attempts"] == 1  # one visit of the route's graph
+    assert sent_traceparent(cloud) == f"00-{CLIENT_TRACE}-{retry.span_id}-01"
