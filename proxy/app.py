@@ -12,7 +12,7 @@ import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
@@ -30,7 +30,7 @@ from proxy.adapters import HttpClients
 from proxy.admin import AdminHandlers
 from proxy.alerts import Alerter, Webhook
 from proxy.background import Background
-from proxy.config import Config, ConfigError, RedisSettings, load_config
+from proxy.config import Config, ConfigError, RedisSettings, TelemetrySettings, load_config
 from proxy.errors import Attempt, ModelNotFound, ProviderError, ProxyError, error_body
 from proxy.intake import authenticate, check_headers, parse_chat_request, read_body
 from proxy.limits import Ticket, client_id
@@ -40,6 +40,9 @@ from proxy.runtime import Runtime, build_in_thread, restart_needed
 from proxy.shaping import needs_of
 from proxy.state import MemoryStore, RedisStore, StateStore, StoreUnavailable
 from proxy.stream import ChatEncoder, Encoder, SSEResponse, StreamSession
+
+if TYPE_CHECKING:
+    from proxy.telemetry import Tracing
 
 log = logging.getLogger("fallback_proxy")
 
@@ -88,6 +91,16 @@ def open_store(settings: RedisSettings) -> StateStore:
     )
 
 
+def start_tracing(settings: TelemetrySettings) -> Tracing | None:
+    """The OpenTelemetry tracer when traces are on; OpenTelemetry is imported
+    only then (off, nothing of it is loaded)."""
+    if not settings.enabled:
+        return None
+    from proxy.telemetry import Tracing
+
+    return Tracing(settings)
+
+
 class ProxyState:
     """What outlives a config reload (metrics, the HTTP clients, the store) and
     the current `Runtime`, swapped atomically by `reload`."""
@@ -100,6 +113,7 @@ class ProxyState:
         self.store = store
         self.clients: HttpClients | None = None
         self.alerts: Alerter | None = None
+        self.tracing: Tracing | None = None  # built at start: its export thread belongs to the serving process
         self.runtime: Runtime | None = None
         self.config_hash = ""
         self.rejected_hash = ""  # the file content last rejected: the watch does not try it again
@@ -116,6 +130,7 @@ class ProxyState:
         store = self.store = self.store or open_store(config.redis)
         client = httpx.AsyncClient(transport=transport or default_transport(), follow_redirects=False)
         self.clients = HttpClients(session=open_session(), client=client)
+        self.tracing = start_tracing(config.telemetry)
         self.alerts = _alerter(config, client, self.metrics)
         if self.alerts is not None:
             await self.alerts.start()
@@ -203,6 +218,8 @@ class ProxyState:
             await self.clients.client.aclose()
         if self.store is not None:
             await self.store.aclose()
+        if self.tracing is not None:  # last: the spans of what stopped above are exported too
+            await self.tracing.aclose()
 
 
 def _file_hash(path: str | None) -> str:
@@ -397,6 +414,8 @@ class Handlers:
         assert runtime is not None
         config = runtime.config
         record = RequestRecord(request_id=_request_id(request), route="-", stream=False)
+        if state.tracing is not None:  # telemetry hook: the request span, continuing the client's trace
+            record.trace = state.tracing.on_request_start(request.headers, request.scope["path"], record)
         ticket: Ticket | None = None
         try:
             check_headers(request, config.limits.max_header_bytes)

@@ -147,6 +147,9 @@ class Dispatcher:
     def stream_ended(self, live: LiveStream, usage: Usage | None, failure: ProviderError | None) -> None:
         """Account for one provider's stream once it is over: a failure after the
         first token counts against its health; usage settles its quota."""
+        if live.trace is not None:
+            trace, live.trace = live.trace, None
+            trace.on_stream_end(usage, failure)
         if failure is not None:
             self.health.failure(live.provider.name, failure.failure, failure.retry_after)
         if live.reservation is not None:
@@ -165,6 +168,8 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         walk_deadline = loop.time() + route.budget if route.budget else math.inf
         skipped: list[str] = []  # passed over for an open breaker: the last resort
+        if record.trace is not None:  # each provider call becomes an attempt span
+            call = record.trace.traced(call)
         while (node := walk.current) is not None:
             provider = self.config.providers[node]
             if walk.can_defer and self.health.view(node).state is Health.SLOW:
@@ -180,6 +185,8 @@ class Dispatcher:
                 node = walk.current or node  # a hedge, when one was started, is the node that failed last
                 exc.provider = node
                 record.attempt(node, exc.failure.value, (loop.time() - started) * 1000, exc.message, exc.cause)
+                if record.trace is not None:  # skips and the fallback reason
+                    record.trace.on_visit_failed(node, exc)
                 if _returned_to_client(route, node, exc):
                     raise UpstreamClientError(exc) from exc
                 if exc.failure is FailureClass.UNHEALTHY and not self.health.view(node).disabled:
@@ -300,6 +307,8 @@ class Dispatcher:
             return  # _attempt already settled what it had reserved
         if isinstance(answered.result, LiveStream):
             await answered.result.close()
+            if answered.result.trace is not None:  # the hedge that lost: its span ends
+                answered.result.trace.on_stream_end(None, None)
         self.background.spawn(self.quota.settle(answered.reservation, None, FailureClass.CONNECTION_ERROR))
 
     async def _visit(

@@ -11,18 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Literal, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TextIO, TypeVar
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.adapters.base import AdapterHooks, Usage
-from proxy.errors import Attempt, FailureClass
+from proxy.errors import Attempt, FailureClass, ProviderError
 from proxy.logtext import TextLogHandler
 
 if TYPE_CHECKING:
+    from proxy.adapters.base import Adapter
     from proxy.alerts import Alerter
     from proxy.config import ProviderConfig
     from proxy.health import ProviderHealth
@@ -33,6 +35,45 @@ event_log = logging.getLogger("fallback_proxy.events")
 
 # Attempts that cost no network call.
 SKIP_OUTCOMES = frozenset(failure.value for failure in FailureClass if failure.is_skip)
+T = TypeVar("T")
+AttemptCall = Callable[["Adapter", "ProviderConfig", dict[str, Any], float], Awaitable[T]]
+"""One call to one provider, as the dispatcher makes it: adapter, provider, body, deadline."""
+
+
+class RequestHooks(Protocol):
+    """What one request tells whoever traces it, as it goes (aiohttp's
+    `TraceConfig` callbacks, per request). `proxy.telemetry` implements it with
+    OpenTelemetry spans. `RequestRecord.trace` is None when nothing traces: the
+    core's whole cost is then a None check at each hook."""
+
+    def traced(self, call: AttemptCall[T]) -> AttemptCall[T]:
+        """`call` with each provider call (retries included) wrapped in an attempt:
+        started once the quota admitted it, ended with its answer or failure (a
+        stream's attempt ends with the stream: `StreamHooks`)."""
+        ...
+
+    def on_visit_failed(self, provider: str, error: ProviderError) -> None:
+        """A node of the walk failed or was skipped (a skip makes no call); the
+        walk follows the edge for `error.failure` next."""
+        ...
+
+    def on_continuation(self, provider: str, failure: ProviderError) -> None:
+        """`provider` failed after its first token; the next provider is asked to continue the stream."""
+        ...
+
+    def on_request_end(self, record: RequestRecord) -> None:
+        """The request is over (answered, refused or its stream ended): `record` says how."""
+        ...
+
+
+class StreamHooks(Protocol):
+    """The attempt of a stream that reached its first token: ends with that stream."""
+
+    def on_stream_end(self, usage: Usage | None, failure: ProviderError | None) -> None:
+        """The provider's stream is over: `failure` when it broke, None when it ended or was closed."""
+        ...
+
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -56,6 +97,7 @@ class RequestRecord:
     continued: list[str] = field(default_factory=list)  # providers that continued the stream mid-way
     last_resort: str | None = None  # a breaker-skipped provider tried once every other node had failed
     interruption: Attempt | None = None  # the last provider that failed after the first token, and why
+    trace: RequestHooks | None = field(default=None, repr=False)  # the request's trace, when traces are on
 
     def attempt(self, provider: str, outcome: str, ms: float, detail: str = "", cause: str = "") -> None:
         self.attempts.append(Attempt(provider, outcome, ms, detail, cause))
@@ -450,6 +492,8 @@ class Observer:
                 self._tokens(provider, "completion").inc(record.usage.completion_tokens)
         if first_fallback is not None or record.interruption is not None:
             self.recent.add(record, time.time())
+        if record.trace is not None:  # telemetry hook: the request span ends
+            record.trace.on_request_end(record)
         if request_log.isEnabledFor(logging.INFO):
             write_line(request_log, record.log_line(total_ms))
         if self.alerts is not None and provider and first_fallback is not None:

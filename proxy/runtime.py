@@ -112,6 +112,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("redis")
     if old.alerts != new.alerts:
         changed.append("alerts")
+    if old.telemetry != new.telemetry:
+        changed.append("telemetry")
     return changed
 
 

@@ -17,15 +17,28 @@ connect timeout to its own connections.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
 import httpx
 import orjson
 
 from proxy.config import ProviderConfig
+
+# The W3C trace context (`traceparent`, `tracestate`) of the provider call being
+# made, for the upstream request: set around each call by `proxy.telemetry` (in
+# the calling task's own context, so a hedge's call has its own), None while
+# traces are off. A context variable, so that no adapter's API carries it.
+UPSTREAM_TRACE: Final[ContextVar[Mapping[str, str] | None]] = ContextVar("fallback_proxy_upstream_trace", default=None)
+
+
+def with_trace(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """`headers` plus the current call's trace context, if any (a copy then)."""
+    trace = UPSTREAM_TRACE.get()
+    return headers if trace is None else {**headers, **trace}
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, Limits, Usage, describe
+from proxy.adapters.base import AdapterHooks, Chunk, Completion, Limits, Usage, describe, with_trace
 from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
@@ -78,7 +78,12 @@ class OpenAICompatAdapter:
 
     async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
         answer = await fetch(
-            self._session, "POST", self._url, headers=self._headers, data=self._encode(body, False), limits=limits
+            self._session,
+            "POST",
+            self._url,
+            headers=with_trace(self._headers),
+            data=self._encode(body, False),
+            limits=limits,
         )
         return _completion(answer.content)
 
@@ -87,7 +92,10 @@ class OpenAICompatAdapter:
         early closes the upstream connection (never pooled mid-body)."""
         try:
             response = await self._session.post(
-                self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=attempt_timeout(limits)
+                self._url,
+                data=self._encode(body, True),
+                headers=with_trace(self._stream_headers),
+                timeout=attempt_timeout(limits),
             )
         except TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc

@@ -31,6 +31,7 @@ from proxy.config.model import (
     RedisSettings,
     Route,
     ServerConfig,
+    TelemetrySettings,
     Timeouts,
     WebhookSettings,
 )
@@ -48,6 +49,7 @@ from proxy.config.sections import (
     _warn_if_open,
 )
 from proxy.config.source import _read_yaml, interpolate, redact_url
+from proxy.config.telemetry import TELEMETRY_VARIABLES, _parse_telemetry
 from proxy.config.values import _Context, _section
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "CONFIG_PATH_VARIABLE",
     "EDGE_KEYS",
     "FAILURE_CLASSES",
+    "TELEMETRY_VARIABLES",
     "AlertSettings",
     "Config",
     "ConfigError",
@@ -67,6 +70,7 @@ __all__ = [
     "RedisSettings",
     "Route",
     "ServerConfig",
+    "TelemetrySettings",
     "Timeouts",
     "WebhookSettings",
     "default_config_path",
@@ -106,6 +110,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None, source:
     limits = _parse_limits(top.get("limits"), ctx)
     auth_keys = _parse_auth(top.get("auth"), ctx)
     server = _parse_server(top.get("server"), ctx)
+    telemetry = _parse_telemetry(top.get("telemetry"), ctx)
     providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx)
     routes = _parse_routes(top.get("routes"), providers, scope, ctx)
     _warn_if_open(auth_keys, server, ctx)
@@ -121,6 +126,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None, source:
         limits=limits,
         auth_keys=auth_keys,
         server=server,
+        telemetry=telemetry,
         source=source,
         warnings=tuple(ctx.warnings),
     )

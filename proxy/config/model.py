@@ -179,6 +179,41 @@ class AlertSettings:
     dedupe_seconds: float = 300.0
 
 
+SAMPLERS: Final[frozenset[str]] = frozenset(
+    {
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    }
+)
+COMPRESSIONS: Final[frozenset[str]] = frozenset({"none", "gzip", "deflate"})
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """OpenTelemetry traces, exported over OTLP/HTTP (protobuf) in the background.
+    Off unless an endpoint is configured; `endpoint` is the full traces URL."""
+
+    enabled: bool = False
+    endpoint: str = "http://localhost:4318/v1/traces"
+    headers: Mapping[str, str] = field(default_factory=_no_headers, repr=False)  # may carry a token
+    service_name: str = "fallback-proxy"
+    resource_attributes: Mapping[str, str] = field(default_factory=_no_headers)
+    sampler: str = "parentbased_always_on"
+    sampler_arg: float = 1.0  # the ratio of the *traceidratio samplers
+    timeout: float = 10.0  # seconds for one export (the exporter's own retries included)
+    compression: str = "none"
+    certificate: str | None = None  # CA bundle for an https endpoint
+    client_key: str | None = None
+    client_certificate: str | None = None
+    max_queue_size: int = 2048  # ended spans waiting for export; past this, new spans are dropped
+    max_export_batch_size: int = 512
+    schedule_delay: float = 5.0  # seconds between exports
+
+
 _NO_EDGES: Final[Mapping[str, Mapping[str, str]]] = MappingProxyType({})
 
 
@@ -193,6 +228,7 @@ class Config:
     quota_timezone: str = "UTC"  # the day of daily quotas starts at midnight here
     alerts: AlertSettings = AlertSettings()
     limits: LimitSettings = LimitSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
     source: str | None = None
     warnings: tuple[str, ...] = ()
 

@@ -36,7 +36,9 @@ from proxy.config.values import (
     _unknown,
 )
 
-_TOP_KEYS: Final = frozenset({"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes"})
+_TOP_KEYS: Final = frozenset(
+    {"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes", "telemetry"}
+)
 _SERVER_KEYS: Final = frozenset(
     {"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds", "reload_check_seconds", "workers"}
 )

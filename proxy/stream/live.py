@@ -17,6 +17,7 @@ from proxy.adapters.base import Adapter, Chunk, Limits
 from proxy.config import ProviderConfig
 from proxy.deadline import Deadline
 from proxy.errors import FailureClass, ProviderError
+from proxy.observe import StreamHooks
 from proxy.quota import Reservation
 
 
@@ -30,6 +31,7 @@ class LiveStream:
     deadline: float  # loop time by which the whole stream must end
     reservation: Reservation | None = None
     hide_usage: bool = False  # usage was asked for the quota, not by the client
+    trace: StreamHooks | None = None  # the attempt's span, when traces are on: it ends with the stream
     _reads: Deadline | None = field(default=None, repr=False)  # one timer for every read's deadline
     _more: bool = field(default=False, repr=False)  # the last chunk had more of its upstream read behind it
 

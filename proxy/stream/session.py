@@ -171,6 +171,8 @@ class StreamSession:
             return None
         failed = self.providers[-1]
         self.walk.follow(failure.failure.value)
+        if self.record.trace is not None:
+            self.record.trace.on_continuation(failed, failure)
         try:
             live = await self.dispatcher.open_stream(
                 self.route, self.body, self.needs, self.record, self.walk, continue_from=(sent.text, sent.chunks)

@@ -23,6 +23,10 @@ same upstream, the same request bodies and the same measurements:
 * RSS: VmRSS of the system's processes after the run;
 * start-to-ready: spawn to the first 200 on GET /v1/models.
 
+The row "tracing on" is the OpenAI path with OpenTelemetry traces exported to
+the upstream's OTLP/HTTP sink, every request sampled: its CPU ms per request
+against the plain OpenAI row is what traces cost.
+
 Only ratios measured in one run mean anything: the machine is noisy.
 """
 
@@ -152,7 +156,11 @@ def fallback_proxy_config(port: int, upstream: int, kind: str) -> str:
             for name in ("bench", "bench-b")
         )
         route = "[bench, bench-b]" if kind == "chain" else "[bench]"
-    return f"server:\n  host: 127.0.0.1\n  port: {port}\nproviders:\n{providers}routes:\n  default: {route}\n"
+    # Traces on: every request sampled (the default sampler), exported to the upstream's OTLP sink.
+    telemetry = f"telemetry:\n  endpoint: http://127.0.0.1:{upstream}\n" if kind == "openai-otel" else ""
+    return (
+        f"server:\n  host: 127.0.0.1\n  port: {port}\nproviders:\n{providers}routes:\n  default: {route}\n" + telemetry
+    )
 
 
 def litellm_config(upstream: int, kind: str) -> str:
@@ -194,7 +202,7 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
             ready_repeats=settings.ready_repeats,
         ),
     ]
-    kinds = [("openai", "fallback-proxy (OpenAI path)")]
+    kinds = [("openai", "fallback-proxy (OpenAI path)"), ("openai-otel", "fallback-proxy (OpenAI path, tracing on)")]
     if settings.fallback_rows:
         kinds.append(("chain", "fallback-proxy (OpenAI, 2-provider chain)"))
     kinds.append(("anthropic", "fallback-proxy (Anthropic, translated)"))
@@ -209,7 +217,7 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
                 command=[proxy, "serve", "--config", str(config), "--port", "{port}"],
                 litellm_inside=kind == "anthropic",
                 # the start-to-ready target is for configs without litellm providers; one spawn is enough here
-                ready_repeats=1 if kind == "anthropic" else settings.ready_repeats,
+                ready_repeats=1 if kind in ("anthropic", "openai-otel") else settings.ready_repeats,
             )
         )
     if settings.workers_row:
@@ -983,6 +991,13 @@ def info_lines(results: Sequence[Result]) -> list[str]:
             f"- Anthropic path CPU: {_fmt(fp_a.plain.cpu_ms_per_request, 3)} ms/request, "
             f"{_fmt(fp_a.streams.cpu_ms_per_request, 3)} ms/stream; start-to-ready {_fmt(fp_a.ready_s)} s"
         )
+    off, on = found.get("fp-openai"), found.get("fp-openai-otel")
+    if off and on:
+        lines.append(
+            f"- tracing on (every request sampled, exported over OTLP/HTTP), CPU per request: "
+            f"{_fmt(on.plain.cpu_ms_per_request, 3)} ms vs {_fmt(off.plain.cpu_ms_per_request, 3)} ms off; per "
+            f"stream {_fmt(on.streams.cpu_ms_per_request, 3)} ms vs {_fmt(off.streams.cpu_ms_per_request, 3)} ms off"
+        )
     base = baselines(results)
     if fp_a:
         lines.append(
@@ -1086,8 +1101,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-2w, "
-        "fp-chain, fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)",
+        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-otel, "
+        "fp-openai-2w, fp-chain, fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)",
     )
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON to this file")

@@ -11,7 +11,9 @@ Serves, over HTTP/1.1 keep-alive, with answers built once and cached:
 * ``POST /v1/messages`` (Anthropic Messages): a ``message``, or the Anthropic
   event stream (message_start, content_block_start, ping, 20 text deltas,
   content_block_stop, message_delta, message_stop);
-* ``GET /v1/models``.
+* ``GET /v1/models``;
+* ``POST /v1/traces``: an OTLP/HTTP trace sink (answers an empty
+  ``ExportTraceServiceResponse``), for the row with traces on.
 
 Streams are sent in chunked transfer encoding, one chunk per event, each event
 its own ``write`` with a turn of the event loop in between: a token-by-token
@@ -202,6 +204,7 @@ STREAM_HEAD = (
 NOT_FOUND = _response(
     "404 Not Found", b"application/json", b'{"error":{"message":"not found","type":"invalid_request_error"}}'
 )
+TRACES_ACCEPTED = _response("200 OK", b"application/x-protobuf", b"")  # an empty ExportTraceServiceResponse
 BAD_REQUEST = _response(
     "400 Bad Request", b"application/json", b'{"error":{"message":"bad json","type":"invalid_request_error"}}'
 )
@@ -273,6 +276,9 @@ class UpstreamProtocol(asyncio.Protocol):
         method = self.parser.get_method()
         if method == b"GET" and path in (b"/v1/models", b"/models"):
             transport.write(_response("200 OK", b"application/json", MODELS))
+            return
+        if method == b"POST" and path == b"/v1/traces":
+            transport.write(TRACES_ACCEPTED)
             return
         if method != b"POST" or path not in (b"/v1/chat/completions", b"/chat/completions", b"/v1/messages"):
             transport.write(NOT_FOUND)

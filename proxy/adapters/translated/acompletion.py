@@ -11,7 +11,7 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Completion, Limits, Usage
+from proxy.adapters.base import Chunk, Completion, Limits, Usage, with_trace
 from proxy.adapters.translated.wire import (
     _TRANSPORT_ERRORS,
     _json_default,
@@ -44,7 +44,7 @@ class _Acompletion:
             "messages": orjson.loads(orjson.dumps(body.get("messages") or [])),
             "api_base": provider.api_base,
             "api_key": provider.api_key,
-            "extra_headers": dict(provider.headers) or None,
+            "extra_headers": dict(with_trace(provider.headers)) or None,
             "client": self._handler,
             "timeout": _timeout(limits),
             "drop_params": True,

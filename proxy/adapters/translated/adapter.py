@@ -13,7 +13,7 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, HttpClients, Limits, Usage
+from proxy.adapters.base import AdapterHooks, Chunk, Completion, HttpClients, Limits, Usage, with_trace
 from proxy.adapters.http import (
     attempt_timeout,
     done_with,
@@ -113,7 +113,8 @@ class TranslatedAdapter:
             assert self._fallback is not None
             return await self._fallback.complete(self._split(body), body, limits)
         call = self._prepare(self._dialect, body, stream=False)
-        answer = await fetch(self._session, "POST", call.url, headers=call.headers, data=call.content, limits=limits)
+        headers = with_trace(call.headers)
+        answer = await fetch(self._session, "POST", call.url, headers=headers, data=call.content, limits=limits)
         # litellm reads a whole answer from an httpx response: one is built, no I/O.
         raw = httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.content)
         return self._completion(self._dialect, call, raw)
@@ -295,7 +296,7 @@ class TranslatedAdapter:
 
     async def _post(self, call: _Call, limits: Limits) -> aiohttp.ClientResponse:
         return await self._session.post(
-            call.url, data=call.content, headers=call.headers, timeout=attempt_timeout(limits)
+            call.url, data=call.content, headers=with_trace(call.headers), timeout=attempt_timeout(limits)
         )
 
     def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
