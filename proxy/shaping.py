@@ -2,7 +2,8 @@
 
 * `needs_of` reads what a request needs (images, tools, privacy) once.
 * `eligibility` says, without I/O, why a provider must be passed over for it
-  (`policy`: not local for private work; `unsupported`: lacks vision/tools).
+  (`policy`: not local for private work; `unsupported`: lacks vision/tools, or
+  for embeddings: another vector space, or token arrays it cannot read).
 * `Shaper.shape` rewrites the request for one provider: its `system_prompt`
   replaces the client's ("mini mode"), and when the prompt does not fit its
   `context_window` (leaving room for `max_tokens`) the oldest turns are dropped
@@ -35,6 +36,10 @@ class Needs:
     vision: bool = False
     tools: bool = False
     local_only: bool = False
+    # Embeddings: the vector space every answer must come from (the route's first
+    # provider's), and whether `input` is token ids (only the OpenAI format takes them).
+    embedding_space: str | None = None
+    token_input: bool = False
 
 
 def needs_of(body: dict[str, Any], local_only_header: str | None) -> Needs:
@@ -57,6 +62,8 @@ def eligibility(provider: ProviderConfig, route: Route, needs: Needs) -> Provide
     """Why this provider must not be called for this request (no I/O), or None."""
     if (route.local_only or needs.local_only) and not provider.local:
         return ProviderError(FailureClass.POLICY, "not a local provider; private work stays on this machine")
+    if needs.embedding_space is not None:
+        return embedding_eligibility(provider, needs)
     capabilities = provider.capabilities
     if capabilities is None:
         return None
@@ -64,6 +71,20 @@ def eligibility(provider: ProviderConfig, route: Route, needs: Needs) -> Provide
         return ProviderError(FailureClass.UNSUPPORTED, "the request has images; this provider lacks vision")
     if needs.tools and "tools" not in capabilities:
         return ProviderError(FailureClass.UNSUPPORTED, "the request uses tools; this provider lacks tools")
+    return None
+
+
+def embedding_eligibility(provider: ProviderConfig, needs: Needs) -> ProviderError | None:
+    """Vectors from two spaces cannot be compared: a provider of another space is
+    never a fallback for embeddings, whatever the route says."""
+    if provider.space != needs.embedding_space:
+        return ProviderError(
+            FailureClass.UNSUPPORTED,
+            f"embedding space '{provider.space}' is not the route's '{needs.embedding_space}'; "
+            "vectors of different spaces are never mixed",
+        )
+    if needs.token_input and not provider.openai_compatible:
+        return ProviderError(FailureClass.UNSUPPORTED, "token-array input needs an OpenAI-format provider")
     return None
 
 
@@ -124,7 +145,9 @@ class Shaper:
         self._count = count
 
     async def shape(self, provider: ProviderConfig, body: dict[str, Any]) -> Shaped:
-        messages: list[dict[str, Any]] = body["messages"]
+        messages: list[dict[str, Any]] | None = body.get("messages")
+        if messages is None:  # not a chat request (embeddings): nothing to shape
+            return Shaped(body)
         if provider.system_prompt is not None:
             messages = with_system_prompt(messages, provider.system_prompt)
         trimmed = 0

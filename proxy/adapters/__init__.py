@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from proxy.adapters.base import Adapter, Chunk, Completion, HttpClients, Limits, Usage
+from proxy.adapters.base import Adapter, Chunk, Completion, Embeddings, HttpClients, Limits, Usage
 from proxy.config import ProviderConfig
 
-__all__ = ["Adapter", "Chunk", "Completion", "HttpClients", "Limits", "Usage", "make_adapter"]
+__all__ = ["Adapter", "Chunk", "Completion", "Embeddings", "HttpClients", "Limits", "Usage", "make_adapter"]
 
 
 def make_adapter(provider: ProviderConfig, clients: HttpClients) -> Adapter:

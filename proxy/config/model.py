@@ -77,6 +77,13 @@ class ProviderConfig:
     retries: int = 0
     headers: Mapping[str, str] = field(default_factory=_no_headers)
     probe: bool = True  # active health probes allowed
+    embedding_space: str | None = None  # embeddings fall back only within one space (None: the model string)
+
+    @property
+    def space(self) -> str:
+        """The vector space of this provider's embeddings: two providers in one
+        space give interchangeable vectors for the same input."""
+        return self.embedding_space or self.model
 
 
 @dataclass(frozen=True, slots=True)

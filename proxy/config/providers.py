@@ -44,6 +44,7 @@ _PROVIDER_KEYS: Final = frozenset(
         "system_prompt",
         "retries",
         "headers",
+        "embedding_space",
     }
 )
 _TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
@@ -163,6 +164,7 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         retries=_get(m, "retries", path, ctx, _int_between(0, 5), 0),
         headers=_parse_headers(m.get("headers"), f"{path}.headers", ctx),
         probe=_get(m, "probe", path, ctx, _boolean, True),
+        embedding_space=_opt(m, "embedding_space", path, ctx, _text),
     )
     return None if model is None else _with_target(provider, path, ctx)
 
