@@ -51,6 +51,8 @@ _OWN_FIELDS: Final = frozenset(
         "parallel_tool_calls",
         "top_logprobs",
         "prompt_cache_retention",
+        "prompt_cache_options",
+        "context_management",
         *_STATEFUL,
         *_ONLY_FALSE,
     }
