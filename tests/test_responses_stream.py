@@ -33,10 +33,14 @@ def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extr
 TEXT = [chunk({"role": "assistant", "content": ""}), *(chunk({"content": p}) for p in ["Hel", "lo ", "there."])]
 CALLS = [
     chunk({"role": "assistant", "content": "Let me check."}),
-    chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}),
+    chunk(
+        {"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}]}
+    ),
     chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]}),
     chunk({"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}),
-    chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}),
+    chunk(
+        {"tool_calls": [{"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}
+    ),
     chunk({}, "tool_calls"),
 ]
 USAGE = chunk(None, usage={"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11})
@@ -170,7 +174,7 @@ def test_failure_after_the_first_event_is_response_failed(replay: Callable[[byte
     assert failed.output[0].status == "incomplete" and failed.output[0].content[0].text == "Hel"
     with replay(data).responses.stream(model="default", input="hi") as sdk_stream:
         assert [e.type for e in sdk_stream][-1] == "response.failed"
-        with pytest.raises(RuntimeError, match="response.completed"):
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
             sdk_stream.get_final_response()
 
 
