@@ -16,6 +16,7 @@ import pytest
 from openai.types import CreateEmbeddingResponse
 
 from proxy.adapters.base import Embeddings, Usage
+from proxy.config import ConfigError, parse_config
 from proxy.embeddings import answer_body, to_base64
 from proxy.fakes import FakeGemini, FakeOllama, FakeOpenAI
 from proxy.fakes._core import fake_vector
@@ -237,3 +238,22 @@ def test_openai_provider_metrics_by_endpoint(
     assert 'fallback_proxy_endpoint_requests_total{endpoint="embeddings",outcome="ok",route="default"} 1.0' in text
     assert 'fallback_proxy_endpoint_requests_total{endpoint="chat",outcome="ok",route="default"} 1.0' in text
     assert 'fallback_proxy_requests_total{outcome="ok",provider="cloud",route="default"} 2.0' in text
+
+
+def test_embedding_space_config() -> None:
+    config = parse_config(
+        {
+            "providers": {
+                "a": {"model": "openai/text-embedding-3-small", "api_key": "k", "embedding_space": "te3s"},
+                "b": {"model": "openai/text-embedding-3-small", "api_key": "k"},
+            },
+            "routes": {"r": ["a", "b"]},
+        },
+        environ={},
+    )
+    assert config.providers["a"].space == "te3s" and config.providers["b"].space == "openai/text-embedding-3-small"
+    with pytest.raises(ConfigError, match=r"providers\.a\.embedding_space: expected a string"):
+        parse_config(
+            {"providers": {"a": {"model": "openai/x", "api_key": "k", "embedding_space": 3}}, "routes": {"r": ["a"]}},
+            environ={},
+        )
