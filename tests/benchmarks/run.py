@@ -1119,7 +1119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         default=None,
         help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-2w, "
-        "fp-chain, fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)",
+        "fp-chain, fp-anthropic, fp-responses, litellm-openai, litellm-fallback, litellm-anthropic)",
     )
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON to this file")
