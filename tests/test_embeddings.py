@@ -36,15 +36,27 @@ def third() -> Iterator[FakeOpenAI]:
         yield fake
 
 
-def sdk(proxy: ServedApp, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
+@pytest.fixture
+def sdk() -> Iterator[Callable[[ServedApp], openai.OpenAI]]:
+    """`sdk(proxy)`: an SDK client of the proxy, closed after the test."""
+    clients: list[openai.OpenAI] = []
+
+    def make(proxy: ServedApp) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 def close(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(a, b, strict=True))
 
 
-def test_sdk_default_base64_round_trip(serve: Callable[..., ServedApp], cloud: FakeOpenAI) -> None:
+def test_sdk_default_base64_round_trip(
+    sdk: Callable[[ServedApp], openai.OpenAI], serve: Callable[..., ServedApp], cloud: FakeOpenAI
+) -> None:
     """The SDK asks for base64 and decodes it itself: the vectors are the provider's."""
     proxy = serve({"providers": {"cloud": embedder(cloud.url)}, "routes": {"embed": ["cloud"]}})
     raw = sdk(proxy).embeddings.with_raw_response.create(model="embed", input=["hello world", "bye"])
@@ -61,7 +73,9 @@ def test_sdk_default_base64_round_trip(serve: Callable[..., ServedApp], cloud: F
 
 
 @pytest.mark.parametrize("floats_only", [False, True], ids=["relayed", "converted"])
-def test_formats_and_dimensions(serve: Callable[..., ServedApp], floats_only: bool) -> None:
+def test_formats_and_dimensions(
+    sdk: Callable[[ServedApp], openai.OpenAI], serve: Callable[..., ServedApp], floats_only: bool
+) -> None:
     """float and base64, `dimensions` and token arrays; a server that only answers full-length
     floats (Ollama's /v1) is converted: base64 encoded, shortened and scaled to unit length."""
     with FakeOllama("local", model="nomic-embed-text:v1.5") as local, FakeOpenAI("cloud") as cloud:
@@ -86,7 +100,11 @@ def test_formats_and_dimensions(serve: Callable[..., ServedApp], floats_only: bo
 
 
 def test_fallback_within_one_space(
-    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, third: FakeOpenAI
+    sdk: Callable[[ServedApp], openai.OpenAI],
+    serve: Callable[..., ServedApp],
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
+    third: FakeOpenAI,
 ) -> None:
     """The route goes cloud -> other (another model) -> backup (cloud's model): when cloud
     fails, `other` is skipped without a call, naming both spaces, and backup answers."""
@@ -114,7 +132,11 @@ def test_fallback_within_one_space(
 
 
 def test_no_provider_left_in_the_space_is_a_503_saying_so(
-    serve: Callable[..., ServedApp], cloud: FakeOpenAI, third: FakeOpenAI, caplog: pytest.LogCaptureFixture
+    sdk: Callable[[ServedApp], openai.OpenAI],
+    serve: Callable[..., ServedApp],
+    cloud: FakeOpenAI,
+    third: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = {
         "providers": {"cloud": embedder(cloud.url), "other": embedder(third.url, "text-embedding-3-large")},
@@ -153,7 +175,9 @@ def test_bad_input_is_a_400(serve: Callable[..., ServedApp], cloud: FakeOpenAI, 
     assert cloud.request_count == 0
 
 
-def test_quota_counts_embedding_tokens(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI) -> None:
+def test_quota_counts_embedding_tokens(
+    sdk: Callable[[ServedApp], openai.OpenAI], serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
     """`tokens_per_day` is spent by the input's real tokens (the provider's usage):
     12 words a call (estimated 16 before it), 35 a day: the third call goes to the next provider."""
     quota = {"tokens_per_day": 35}
@@ -184,7 +208,7 @@ def test_answer_body_converts_only_what_needs_it() -> None:
 
 
 @pytest.mark.litellm
-def test_ollama_native_api_embed(serve: Callable[..., ServedApp]) -> None:
+def test_ollama_native_api_embed(sdk: Callable[[ServedApp], openai.OpenAI], serve: Callable[..., ServedApp]) -> None:
     """`ollama/` providers speak `/api/embed` through litellm's Ollama embedding functions."""
     with FakeOllama("local", model="nomic-embed-text:v1.5") as local:
         provider = {"model": "ollama/nomic-embed-text:v1.5", "api_base": local.url, "timeout": FAST}
@@ -198,7 +222,9 @@ def test_ollama_native_api_embed(serve: Callable[..., ServedApp]) -> None:
 
 
 @pytest.mark.litellm
-def test_gemini_batch_embed_contents_with_fallback(serve: Callable[..., ServedApp]) -> None:
+def test_gemini_batch_embed_contents_with_fallback(
+    sdk: Callable[[ServedApp], openai.OpenAI], serve: Callable[..., ServedApp]
+) -> None:
     """`gemini/` providers speak `batchEmbedContents` (litellm's transformation); the first
     Gemini fails, the second (same model: same space) answers; a token-array input is not
     sent to either (Gemini reads text only)."""
@@ -229,7 +255,7 @@ def test_gemini_batch_embed_contents_with_fallback(serve: Callable[..., ServedAp
 
 
 def test_openai_provider_metrics_by_endpoint(
-    serve: Callable[..., ServedApp], cloud: FakeOpenAI, http: httpx.Client
+    sdk: Callable[[ServedApp], openai.OpenAI], serve: Callable[..., ServedApp], cloud: FakeOpenAI, http: httpx.Client
 ) -> None:
     proxy = serve({"providers": {"cloud": openai_provider(cloud.url)}, "routes": {"default": ["cloud"]}})
     sdk(proxy).embeddings.create(model="default", input="a")

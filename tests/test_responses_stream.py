@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
@@ -71,17 +71,21 @@ def events_of(data: bytes) -> list[Any]:
 
 
 @pytest.fixture
-def replay(serve_asgi: Callable[[Any], ServedApp]) -> Callable[[bytes], openai.OpenAI]:
+def replay(serve_asgi: Callable[[Any], ServedApp]) -> Iterator[Callable[[bytes], openai.OpenAI]]:
     """A server whose `/v1/responses` answers the given bytes as an event stream."""
+    clients: list[openai.OpenAI] = []
 
     def start(data: bytes) -> openai.OpenAI:
         async def answer(request: Request) -> HttpResponse:
             return HttpResponse(data, media_type="text/event-stream")
 
         served = serve_asgi(Starlette(routes=[Route("/v1/responses", answer, methods=["POST"])]))
-        return openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+        clients.append(openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0))
+        return clients[-1]
 
-    return start
+    yield start
+    for client in clients:
+        client.close()
 
 
 def test_text_stream_through_the_sdk(replay: Callable[[bytes], openai.OpenAI]) -> None:
