@@ -30,12 +30,21 @@ from proxy.adapters import HttpClients
 from proxy.admin import AdminHandlers
 from proxy.alerts import Alerter, Webhook
 from proxy.background import Background
-from proxy.config import Config, ConfigError, RedisSettings, TelemetrySettings, load_config
-from proxy.errors import Attempt, ModelNotFound, ProviderError, ProxyError, error_body
-from proxy.intake import authenticate, check_headers, parse_chat_request, read_body
+from proxy.config import Config, ConfigError, RedisSettings, Route, TelemetrySettings, load_config
+from proxy.embeddings import answer_body, embedding_needs, in_space
+from proxy.errors import AllProvidersFailed, Attempt, ModelNotFound, ProviderError, ProxyError, error_body
+from proxy.intake import (
+    authenticate,
+    check_headers,
+    parse_chat_request,
+    parse_embeddings_request,
+    parse_json_object,
+    read_body,
+)
 from proxy.limits import Ticket, client_id
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
 from proxy.openapi import openapi_spec
+from proxy.responses import ResponsesEncoder, ResponsesStream, from_completion, translate
 from proxy.runtime import Runtime, build_in_thread, restart_needed
 from proxy.shaping import needs_of
 from proxy.state import MemoryStore, RedisStore, StateStore, StoreUnavailable
@@ -284,6 +293,8 @@ def create_app(
     routes = [
         HttpRoute("/v1/chat/completions", handlers.chat_completions, methods=["POST"]),
         HttpRoute("/chat/completions", handlers.chat_completions, methods=["POST"]),
+        HttpRoute("/v1/responses", handlers.responses, methods=["POST"]),
+        HttpRoute("/v1/embeddings", handlers.embeddings, methods=["POST"]),
         HttpRoute("/v1/models", handlers.models, methods=["GET"]),
         HttpRoute("/v1/models/{model:path}", handlers.model, methods=["GET"]),
         HttpRoute("/healthz", handlers.healthz, methods=["GET"]),
@@ -468,19 +479,110 @@ class Handlers:
         response = SSEResponse(
             body,
             headers={**SSE_HEADERS, **record.headers()},
-            shutdown=encoder.shutting_down(),
+            shutdown=encoder.shutting_down,
             final=encoder.final,
             write_timeout=runtime.config.limits.client_write_timeout_seconds,
         )
         return response
 
+    async def embeddings(self, request: Request) -> Response:
+        """`POST /v1/embeddings`: the checks, walk, headers and accounting of chat,
+        within the vector space of the route's first provider."""
+        runtime = self.state.runtime
+        assert runtime is not None
+        record = RequestRecord(request_id=_request_id(request), route="-", stream=False, endpoint="embeddings")
+        self._trace(request, record, "embeddings")
+        ticket: Ticket | None = None
+        try:
+            payload = parse_embeddings_request(await self._admitted_body(request, runtime))
+            ticket = await runtime.limits.enter(client_id(request.headers.get("authorization")), False)
+            route = _route(runtime, payload["model"], record)
+            needs = embedding_needs(runtime.config, route, payload, request.headers.get("x-proxy-local-only"))
+            try:
+                answer = await runtime.dispatcher.embed(route, payload, needs, record)
+            except AllProvidersFailed as exc:
+                raise in_space(exc, needs.embedding_space or "", route.name) from exc
+            content = answer_body(answer, payload)
+        except ProxyError as exc:
+            return self._refused(record, exc)
+        finally:
+            if ticket is not None:
+                await runtime.limits.leave(ticket)
+        self.state.observer.finish(record)
+        return json_response(content, headers=record.headers())
+
+    async def responses(self, request: Request) -> Response:
+        """`POST /v1/responses`: translated to a chat request for the same walk, the
+        answer translated back into a `Response` (or its event stream)."""
+        runtime = self.state.runtime
+        assert runtime is not None
+        record = RequestRecord(request_id=_request_id(request), route="-", stream=False, endpoint="responses")
+        self._trace(request, record, "chat")  # GenAI conventions: a Responses call is a chat operation
+        ticket: Ticket | None = None
+        try:
+            payload = parse_json_object(await self._admitted_body(request, runtime), "Responses request")
+            chat, echo = translate(payload)
+            record.stream = payload.get("stream") is True
+            ticket = await runtime.limits.enter(client_id(request.headers.get("authorization")), record.stream)
+            route = _route(runtime, payload["model"], record)
+            needs = needs_of(chat, request.headers.get("x-proxy-local-only"))
+            if record.stream:
+                chat["stream"] = True
+                chat["stream_options"] = {"include_usage": True}
+                session = StreamSession(runtime.dispatcher, route, chat, needs, record)
+                await session.open()
+                stream_ticket, ticket = ticket, None  # the stream gives it back when it ends
+                encoder = ResponsesEncoder(ResponsesStream(echo, record.model or payload["model"]))
+                return self._stream_response(runtime, session, record, stream_ticket, encoder)
+            completion = await runtime.dispatcher.complete(route, chat, needs, record)
+            content = orjson.dumps(from_completion(orjson.loads(completion.body), echo))
+        except ProxyError as exc:
+            return self._refused(record, exc)
+        finally:
+            if ticket is not None:
+                await runtime.limits.leave(ticket)
+        self.state.observer.finish(record)
+        return json_response(content, headers=record.headers())
+
+    def _trace(self, request: Request, record: RequestRecord, operation: str) -> None:
+        """The request's span, when traces are on."""
+        tracing = self.state.tracing
+        if tracing is not None:
+            record.trace = tracing.on_request_start(request.headers, request.scope["path"], record, operation)
+
+    async def _admitted_body(self, request: Request, runtime: Runtime) -> bytes:
+        """The body of a request whose headers and key are fine (else a 431 or 401)."""
+        config = runtime.config
+        check_headers(request, config.limits.max_header_bytes)
+        authenticate(request, runtime.key_digests)
+        return await read_body(request, config.server.max_body_bytes)
+
+    def _refused(self, record: RequestRecord, exc: ProxyError) -> Response:
+        record.status = exc.status_code
+        record.outcome = exc.code or exc.error_type
+        self.state.observer.finish(record)
+        return error_response(exc, record.headers() if record.route != "-" else {"x-request-id": record.request_id})
+
+    def _key_refused(self, request: Request) -> Response | None:
+        """A 401 for a `/v1` read without a valid key (when `auth.keys` is set)."""
+        runtime = self.state.runtime
+        try:
+            authenticate(request, runtime.key_digests if runtime is not None else ())
+        except ProxyError as exc:
+            return error_response(exc)
+        return None
+
     async def models(self, request: Request) -> Response:
+        if (refused := self._key_refused(request)) is not None:
+            return refused
         config = self.state.config
         data = [_model_entry(name, "route") for name in config.routes]
         data += [_model_entry(name, "provider") for name in config.providers]
         return json_response(orjson.dumps({"object": "list", "data": data}))
 
     async def model(self, request: Request) -> Response:
+        if (refused := self._key_refused(request)) is not None:
+            return refused
         name = request.path_params["model"]
         config = self.state.config
         if name in config.routes:
@@ -526,6 +628,16 @@ class Handlers:
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _route(runtime: Runtime, model: str, record: RequestRecord) -> Route:
+    """The route a request's `model` names (404 when none), noted on its record."""
+    config = runtime.config
+    route = config.route_for(model)
+    if route is None:
+        raise ModelNotFound(model, list(config.routes), list(config.providers))
+    record.route = route.name
+    return route
 
 
 def _model_entry(name: str, kind: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters.base import Adapter, Completion, Limits, Usage
+from proxy.adapters.base import Adapter, Completion, Embeddings, Limits, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
@@ -112,6 +112,31 @@ class Dispatcher:
         record.model = completion.model
         record.usage = completion.usage
         return completion
+
+    async def embed(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> Embeddings:
+        """An embeddings request along the route: the same walk as `complete`;
+        `needs.embedding_space` keeps it within one vector space. The whole answer
+        is its first token: `first_token` bounds it (within `total`)."""
+
+        async def call(adapter: Adapter, provider: ProviderConfig, body: dict[str, Any], deadline: float) -> Embeddings:
+            deadline = min(deadline, asyncio.get_running_loop().time() + provider.timeout.first_token)
+            limits = _limits(provider, deadline, self.config.limits.max_upstream_bytes)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await adapter.embed(body, limits)
+            except TimeoutError:
+                raise ProviderError(
+                    FailureClass.TIMEOUT, f"no answer within {provider.timeout.first_token:g}s"
+                ) from None
+
+        answered = await self._walk(route, body, needs, record, call, Walk(route))
+        embeddings = answered.result
+        self.health.success(answered.provider.name)
+        if answered.reservation is not None:
+            self.background.spawn(self.quota.settle(answered.reservation, embeddings.usage, None))
+        record.model = embeddings.model
+        record.usage = embeddings.usage
+        return embeddings
 
     async def open_stream(
         self,

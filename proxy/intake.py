@@ -79,6 +79,86 @@ def parse_chat_request(body: bytes, max_messages: int = 2000) -> dict[str, Any]:
     return payload
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit on `input` items per request
+ENCODING_FORMATS = frozenset({"float", "base64"})
+
+
+def parse_json_object(body: bytes, what: str) -> dict[str, Any]:
+    """The body as a JSON object with a `model`, within the nesting limit; OpenAI-shaped 400s otherwise."""
+    if not body:
+        raise InvalidRequest(f"The request body is empty; send a JSON {what}.")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    if _too_deep(payload, MAX_DEPTH):
+        raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("You must provide a model parameter (a route or provider name).", param="model")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    return payload
+
+
+def parse_embeddings_request(body: bytes) -> dict[str, Any]:
+    """Parse and check an embeddings body: `input` as a string, a list of strings,
+    a token array or a list of token arrays; `encoding_format`, `dimensions`, `user`."""
+    payload = parse_json_object(body, "embeddings request")
+    _check_embedding_input(payload.get("input"))
+    encoding = payload.get("encoding_format")
+    if encoding is not None and encoding not in ENCODING_FORMATS:
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    dimensions = payload.get("dimensions")
+    if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
+        raise InvalidRequest("'dimensions' must be a positive integer.", param="dimensions")
+    user = payload.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidRequest("'user' must be a string.", param="user")
+    return payload
+
+
+def token_input(value: object) -> bool:
+    """True when an (already checked) embeddings `input` is token ids, not text."""
+    return isinstance(value, list) and bool(value) and not isinstance(value[0], str)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_tokens(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(v) and v >= 0 for v in value)
+
+
+def _check_embedding_input(value: object) -> None:
+    shapes = "a non-empty string, a list of strings, a token array or a list of token arrays"
+    if value is None:
+        raise InvalidRequest("Missing required parameter: 'input'.", param="input")
+    if isinstance(value, str):
+        if not value:
+            raise InvalidRequest(f"'input' must be {shapes}; got an empty string.", param="input")
+        return
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest(f"'input' must be {shapes}.", param="input")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(
+            f"'input' has {len(value)} items; at most {MAX_EMBEDDING_INPUTS} per request.", param="input"
+        )
+    first = value[0]
+    if isinstance(first, str):
+        valid = all(isinstance(item, str) and item for item in value)
+    elif isinstance(first, list):
+        valid = all(_is_tokens(item) for item in value)
+    else:
+        valid = _is_tokens(value)
+    if not valid:
+        raise InvalidRequest(f"'input' must be {shapes} (no empty items, no mixing).", param="input")
+
+
 def _check_messages(messages: object, max_messages: int) -> None:
     if messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")

@@ -98,6 +98,7 @@ class RequestRecord:
     last_resort: str | None = None  # a breaker-skipped provider tried once every other node had failed
     interruption: Attempt | None = None  # the last provider that failed after the first token, and why
     trace: RequestHooks | None = field(default=None, repr=False)  # the request's trace, when traces are on
+    endpoint: str = "chat"  # "chat", "responses" or "embeddings"
 
     def attempt(self, provider: str, outcome: str, ms: float, detail: str = "", cause: str = "") -> None:
         self.attempts.append(Attempt(provider, outcome, ms, detail, cause))
@@ -135,6 +136,7 @@ class RequestRecord:
             "event": "request",
             "ts": round(time.time(), 3),
             "request_id": self.request_id,
+            "endpoint": self.endpoint,
             "route": self.route,
             "stream": self.stream,
             "status": self.status,
@@ -300,6 +302,21 @@ class Metrics:
             "fallback_proxy_request_duration_seconds",
             "Whole request time as seen by the proxy.",
             ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=own,
+        )
+        # By endpoint (chat, responses, embeddings): families of their own, so that the
+        # label sets of `requests` and `request_duration_seconds` stay what dashboards use.
+        self.endpoint_requests = Counter(
+            "fallback_proxy_endpoint_requests",
+            "Requests answered, by endpoint (chat, responses, embeddings), route and outcome.",
+            ["endpoint", "route", "outcome"],
+            registry=own,
+        )
+        self.endpoint_latency = Histogram(
+            "fallback_proxy_endpoint_request_duration_seconds",
+            "Whole request time as seen by the proxy, by endpoint.",
+            ["endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=own,
         )
@@ -469,12 +486,16 @@ class Observer:
         self._fallbacks = Children(metrics.fallbacks)
         self._ttft = Children(metrics.ttft)
         self._tokens = Children(metrics.tokens)
+        self._endpoint_requests = Children(metrics.endpoint_requests)
+        self._endpoint_latency = Children(metrics.endpoint_latency)
 
     def finish(self, record: RequestRecord) -> None:
         total_ms = record.elapsed_ms()
         route, provider = record.route, record.provider
         self._requests(route, provider or "none", record.outcome).inc()
         self._latency(route).observe(total_ms / 1000)
+        self._endpoint_requests(record.endpoint, route, record.outcome).inc()
+        self._endpoint_latency(record.endpoint).observe(total_ms / 1000)
         first_fallback: Attempt | None = None
         previous: Attempt | None = None
         for attempt in record.attempts:

@@ -50,7 +50,10 @@ def seconds_to_midnight(now: float, zone: dt.tzinfo) -> int:
 
 def estimate_tokens(body: dict[str, Any]) -> int:
     """A cheap upper-side guess before the call: prompt characters / 4 plus
-    the completion the client allows (or a default)."""
+    the completion the client allows (or a default). An embeddings request has
+    no completion: its `input` is all it costs."""
+    if "messages" not in body and "input" in body:
+        return len(orjson.dumps(body["input"])) // CHARS_PER_TOKEN + 1
     prompt = len(orjson.dumps(body.get("messages", []))) // CHARS_PER_TOKEN
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     completion = limit if isinstance(limit, int) and limit > 0 else DEFAULT_COMPLETION_ESTIMATE

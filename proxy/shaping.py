@@ -4,7 +4,8 @@
 * `eligibility` says, without I/O, why a provider must be passed over for it
   (`policy`: not local for private work; `unsupported`: lacks vision, tools or
   structured outputs, or its wire format cannot give what the request asks for:
-  several choices (`n`) or logprobs through a translation that drops them).
+  several choices (`n`) or logprobs through a translation that drops them; for
+  embeddings: another vector space, or token arrays it cannot read).
 * `Shaper.shape` rewrites the request for one provider: its `system_prompt`
   replaces the client's ("mini mode"), and when the prompt does not fit its
   `context_window` (leaving room for `max_tokens`, or a quarter of the window
@@ -42,6 +43,10 @@ class Needs:
     json_schema: bool = False  # structured outputs
     choices: int = 1  # n
     logprobs: bool = False
+    # Embeddings: the vector space every answer must come from (the route's first
+    # provider's), and whether `input` is token ids (only the OpenAI format takes them).
+    embedding_space: str | None = None
+    token_input: bool = False
 
 
 def needs_of(body: dict[str, Any], local_only_header: str | None) -> Needs:
@@ -69,6 +74,8 @@ def eligibility(provider: ProviderConfig, route: Route, needs: Needs) -> Provide
     """Why this provider must not be called for this request (no I/O), or None."""
     if (route.local_only or needs.local_only) and not provider.local:
         return ProviderError(FailureClass.POLICY, "not a local provider; private work stays on this machine")
+    if needs.embedding_space is not None:
+        return embedding_eligibility(provider, needs)
     if not provider.openai_compatible and (needs.choices > 1 or needs.logprobs):
         asked = f"n={needs.choices}" if needs.choices > 1 else "logprobs"
         return ProviderError(
@@ -84,6 +91,20 @@ def eligibility(provider: ProviderConfig, route: Route, needs: Needs) -> Provide
     ):
         if need and capability not in capabilities:
             return ProviderError(FailureClass.UNSUPPORTED, f"the request {what}; this provider lacks {capability}")
+    return None
+
+
+def embedding_eligibility(provider: ProviderConfig, needs: Needs) -> ProviderError | None:
+    """Vectors from two spaces cannot be compared: a provider of another space is
+    never a fallback for embeddings, whatever the route says."""
+    if provider.space != needs.embedding_space:
+        return ProviderError(
+            FailureClass.UNSUPPORTED,
+            f"embedding space '{provider.space}' is not the route's '{needs.embedding_space}'; "
+            "vectors of different spaces are never mixed",
+        )
+    if needs.token_input and not provider.openai_compatible:
+        return ProviderError(FailureClass.UNSUPPORTED, "token-array input needs an OpenAI-format provider")
     return None
 
 
@@ -148,7 +169,9 @@ class Shaper:
         self._count = count
 
     async def shape(self, provider: ProviderConfig, body: dict[str, Any]) -> Shaped:
-        messages: list[dict[str, Any]] = body["messages"]
+        messages: list[dict[str, Any]] | None = body.get("messages")
+        if messages is None:  # not a chat request (embeddings): nothing to shape
+            return Shaped(body)
         if provider.system_prompt is not None:
             messages = with_system_prompt(messages, provider.system_prompt)
         trimmed = 0

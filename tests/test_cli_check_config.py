@@ -118,7 +118,7 @@ def test_example_config_passes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert main(["check-config", str(EXAMPLE)]) == 0
 
     out = capsys.readouterr().out
-    assert "routes (4):" in out and "  private: local-qwen -> local-qwen-openai\n    chain, local_only\n" in out
+    assert "routes (5):" in out and "  private: local-qwen -> local-qwen-openai\n    chain, local_only\n" in out
     assert "redis: in-process (single instance)" in out
     assert "warnings: none" in out
     assert "dummy-" not in out

@@ -66,10 +66,12 @@ def test_the_log_line_goes_straight_to_the_cli_stream(
         {"provider": "backup", "outcome": "ok", "ms": 5.0},
     ]
     assert line["tokens"] == {"prompt": 12, "completion": 20} and line["ttft_ms"] == 7.5
+    assert line["endpoint"] == "chat"
     assert set(line) == {
         "event",
         "ts",
         "request_id",
+        "endpoint",
         "route",
         "stream",
         "status",

@@ -233,7 +233,10 @@ def test_the_admin_endpoints(spec: dict[str, Any]) -> None:
                 assert {"200", "401", "404"} <= set(op["responses"])
                 assert op["responses"]["200"]["content"].keys() == {"text/html"}
                 assert op["responses"]["401"]["headers"]["www-authenticate"]["required"] is True
-            elif not path.endswith("chat/completions"):
+            elif path.startswith("/v1/") or path == "/chat/completions":  # every /v1 path needs the client key
+                assert op["security"] == [{"bearerAuth": []}], path
+                assert "401" in op["responses"], path
+            else:
                 assert op["security"] == []
     disable = spec["paths"]["/admin/providers/{name}/disable"]["post"]
     assert disable["requestBody"]["required"] is False
@@ -290,8 +293,16 @@ def test_real_answers_match_their_schemas(proxy: str, http: httpx.Client, spec: 
     for event in events[:-1]:
         assert_valid(spec, "ChatCompletionChunk", orjson.loads(event))
 
-    assert_valid(spec, "ModelList", http.get(proxy + "/v1/models").json())
-    assert_valid(spec, "Model", http.get(proxy + "/v1/models/default").json())
+    assert_valid(spec, "ModelList", http.get(proxy + "/v1/models", headers=key).json())
+    assert_valid(spec, "Model", http.get(proxy + "/v1/models/default", headers=key).json())
+    responded = http.post(proxy + "/v1/responses", json={"model": "default", "input": "hi"}, headers=key)
+    assert_valid(spec, "Response", responded.json())
+    events = http.post(proxy + "/v1/responses", json={"model": "default", "input": "hi", "stream": True}, headers=key)
+    for line in events.text.splitlines():
+        if line.startswith("data: "):
+            assert_valid(spec, "ResponseStreamEvent", orjson.loads(line[6:]))
+    embedded = http.post(proxy + "/v1/embeddings", json={"model": "default", "input": ["a", "b"]}, headers=key)
+    assert_valid(spec, "EmbeddingList", embedded.json())
     assert_valid(spec, "Health", http.get(proxy + "/healthz").json())
     assert_valid(spec, "Ready", http.get(proxy + "/readyz").json())
     assert http.get(proxy + "/metrics").headers["content-type"].startswith("text/plain")
@@ -357,7 +368,16 @@ def test_translated_answers_match_too(
             {"authorization": f"Bearer {API_KEY}"},
             404,
         ),
-        ("GET", "/v1/models/nope", b"", {}, 404),
+        ("GET", "/v1/models/nope", b"", {"authorization": f"Bearer {API_KEY}"}, 404),
+        ("GET", "/v1/models", b"", {}, 401),
+        (
+            "POST",
+            "/v1/responses",
+            b'{"model":"default","input":"x","store":true}',
+            {"authorization": f"Bearer {API_KEY}"},
+            400,
+        ),
+        ("POST", "/v1/embeddings", b'{"model":"default","input":[]}', {"authorization": f"Bearer {API_KEY}"}, 400),
         ("GET", "/admin/status", b"", {"authorization": "Bearer wrong"}, 401),
         ("POST", "/admin/providers/nope/enable", b"", {"authorization": f"Bearer {ADMIN_KEY}"}, 404),
     ],

@@ -60,7 +60,7 @@ class Source:
 
 def sse_response(chunks: AsyncGenerator[bytes, None], write_timeout: float = 30.0) -> SSEResponse:
     encoder = ChatEncoder()
-    return SSEResponse(chunks, {}, shutdown=encoder.shutting_down(), final=encoder.final, write_timeout=write_timeout)
+    return SSEResponse(chunks, {}, shutdown=encoder.shutting_down, final=encoder.final, write_timeout=write_timeout)
 
 
 async def started(response: SSEResponse, client: Client) -> asyncio.Task[None]:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from proxy.adapters.base import Adapter, AdapterHooks, Chunk, Completion, HttpClients, Limits, Usage
+from proxy.adapters.base import Adapter, AdapterHooks, Chunk, Completion, Embeddings, HttpClients, Limits, Usage
 from proxy.config import ProviderConfig
 
-__all__ = ["Adapter", "AdapterHooks", "Chunk", "Completion", "HttpClients", "Limits", "Usage", "make_adapter"]
+__all__ = [
+    "Adapter",
+    "AdapterHooks",
+    "Chunk",
+    "Completion",
+    "Embeddings",
+    "HttpClients",
+    "Limits",
+    "Usage",
+    "make_adapter",
+]
 
 
 def make_adapter(provider: ProviderConfig, clients: HttpClients, hooks: AdapterHooks | None = None) -> Adapter:

@@ -7,6 +7,8 @@ to its provider and hands back OpenAI-shaped results:
   `chat.completion` JSON bytes to send to the client;
 * `stream(body, limits)` is an async iterator of `Chunk`s, each the JSON of one
   OpenAI `chat.completion.chunk` (what follows `data: ` on the wire);
+* `embed(body, limits)` answers an OpenAI embeddings request with an
+  `Embeddings` (the OpenAI `list` of `embedding` objects);
 * `probe()` checks the provider without paying for a completion.
 
 Every failure leaves an adapter as a classified `ProviderError`; classification
@@ -89,6 +91,19 @@ class Completion:
     body: bytes
     model: str
     usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class Embeddings:
+    """A whole embeddings answer in OpenAI's shape (`{"object": "list", "data":
+    [{"object": "embedding", "index", "embedding"}], "model", "usage"}`), parsed so
+    the caller can check and convert it, and as received when that is already
+    OpenAI's shape (`raw`: sent on as is when nothing needs converting)."""
+
+    data: dict[str, Any]
+    model: str
+    usage: Usage | None = None
+    raw: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -177,6 +192,11 @@ class Adapter(Protocol):
         """Stream the answer as OpenAI chunks. Raises `ProviderError` on any failure,
         including an error event inside a 200 stream or an end without a finish.
         Closing the iterator (`aclose`) closes the upstream request."""
+        ...
+
+    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+        """Send an OpenAI embeddings request (`input` as the client gave it, the
+        model already this provider's); raise `ProviderError` on any failure."""
         ...
 
     async def probe(self, limits: Limits) -> None:

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, Limits, Usage, describe, with_trace
+from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, Limits, Usage, describe, with_trace
 from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
@@ -57,6 +57,7 @@ class OpenAICompatAdapter:
         base = provider.api_base.rstrip("/")
         self._url = URL(base + "/chat/completions")
         self._models_url = URL(base + "/models")
+        self._embeddings_url = URL(base + "/embeddings")
         headers = {"content-type": "application/json", "accept": "application/json", "user-agent": USER_AGENT}
         if provider.api_key:
             headers["authorization"] = f"Bearer {provider.api_key}"
@@ -86,6 +87,19 @@ class OpenAICompatAdapter:
             limits=limits,
         )
         return _completion(answer.content)
+
+    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+        """Relayed as the client sent it (`input` token arrays included), under this provider's model name."""
+        upstream = {**body, "model": self.provider.upstream_model}
+        answer = await fetch(
+            self._session,
+            "POST",
+            self._embeddings_url,
+            headers=self._headers,
+            data=orjson.dumps(upstream),
+            limits=limits,
+        )
+        return embeddings_answer(answer.content)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
         """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
@@ -272,4 +286,26 @@ def _completion(content: bytes) -> Completion:
     model = parsed.get("model")
     return Completion(
         body=content, model=model if isinstance(model, str) else "", usage=Usage.from_openai(parsed.get("usage"))
+    )
+
+
+def embeddings_answer(content: bytes) -> Embeddings:
+    """An OpenAI embeddings answer, checked for the shape the client will rely on."""
+    try:
+        parsed = orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        raise ProviderError(FailureClass.SERVER_ERROR, "upstream answered 2xx with a body that is not JSON") from exc
+    if not isinstance(parsed, dict) or "error" in parsed:
+        raise classify.from_stream_error(parsed)
+    data = parsed.get("data")
+    if not isinstance(data, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("embedding"), (list, str)) for item in data
+    ):
+        raise ProviderError(FailureClass.SERVER_ERROR, f"malformed embeddings answer: {content[:120]!r}")
+    model = parsed.get("model")
+    return Embeddings(
+        data=parsed,
+        model=model if isinstance(model, str) else "",
+        usage=Usage.from_openai(parsed.get("usage")),
+        raw=content,
     )

@@ -85,6 +85,13 @@ class ProviderConfig:
     # and assembled; False keeps plain non-stream calls for a server that cannot stream.
     stream_upstream: bool = True
     continue_with: str = "instruction"  # how it is asked to continue a partial answer: a CONTINUE_FORMS value
+    embedding_space: str | None = None  # embeddings fall back only within one space (None: the model string)
+
+    @property
+    def space(self) -> str:
+        """The vector space of this provider's embeddings: two providers in one
+        space give interchangeable vectors for the same input."""
+        return self.embedding_space or self.model
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ _PROVIDER_KEYS: Final = frozenset(
         "system_prompt",
         "retries",
         "headers",
+        "embedding_space",
     }
 )
 _TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
@@ -153,6 +154,7 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         probe=_get(m, "probe", path, ctx, _boolean, True),
         stream_upstream=_get(m, "stream_upstream", path, ctx, _boolean, True),
         continue_with=_opt(m, "continue_with", path, ctx, _text) or "",
+        embedding_space=_opt(m, "embedding_space", path, ctx, _text),
     )
     return None if model is None else _with_target(provider, path, ctx)
 

@@ -14,6 +14,7 @@ from ._anthropic import FakeAnthropic
 from ._blackhole import Blackhole
 from ._core import RequestRecord
 from ._fault import FAULT_KINDS, Fault
+from ._gemini import FakeGemini
 from ._ollama import FakeOllama
 from ._openai import FakeOpenAI
 from ._server import FakeServer
@@ -22,6 +23,7 @@ __all__ = [
     "FAULT_KINDS",
     "Blackhole",
     "FakeAnthropic",
+    "FakeGemini",
     "FakeOllama",
     "FakeOpenAI",
     "FakeServer",

@@ -1,16 +1,21 @@
-"""``python -m proxy.fakes openai|anthropic|ollama [--port N] [--name NAME] [--reply TEXT]``: run one fake until Ctrl-C."""
+"""``python -m proxy.fakes openai|anthropic|ollama|gemini [--port N] [--name NAME] [--reply TEXT]``: run one fake until Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 import threading
 
-from . import FakeAnthropic, FakeOllama, FakeOpenAI, FakeServer
+from . import FakeAnthropic, FakeGemini, FakeOllama, FakeOpenAI, FakeServer
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run one fake provider in the foreground, printing its URL."""
-    kinds: dict[str, type[FakeServer]] = {"openai": FakeOpenAI, "anthropic": FakeAnthropic, "ollama": FakeOllama}
+    kinds: dict[str, type[FakeServer]] = {
+        "openai": FakeOpenAI,
+        "anthropic": FakeAnthropic,
+        "ollama": FakeOllama,
+        "gemini": FakeGemini,
+    }
     parser = argparse.ArgumentParser(prog="python -m proxy.fakes", description="Run a fake LLM provider server.")
     parser.add_argument("provider", choices=sorted(kinds))
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free port)")

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
-from ._core import StreamPlan, count_words, format_seconds, json_bytes, prompt_words
+from ._core import StreamPlan, count_words, format_seconds, json_bytes, prompt_words, split_reply, tool_arguments
 from ._fault import Fault
 from ._server import FakeServer
 
@@ -132,18 +132,21 @@ class FakeAnthropic(FakeServer):
         message_id = f"msg_01{uuid.uuid4().hex[:22]}"
         model = self._core.response_model(body.get("model"), _DEFAULT_MODEL)
         input_tokens = prompt_words(body.get("messages"), body.get("system"))
-        output_tokens = count_words(self._core.reply)
+        reply = self._reply(body)
+        output_tokens = count_words(reply)
         headers = {"request-id": f"req_011{uuid.uuid4().hex[:21]}"}
+        call = self._tool_use(body)
         if stream:
-            plan = self._stream_plan(message_id, model, input_tokens, output_tokens)
+            plan = self._stream_plan(message_id, model, input_tokens, output_tokens, reply, call)
             return StreamingResponse(self._core.stream(fault, plan), media_type="text/event-stream", headers=headers)
+        content: list[dict[str, Any]] = [{"type": "text", "text": reply}] if call is None else [call]
         message = {
             "id": message_id,
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": self._core.reply}],
-            "stop_reason": "end_turn",
+            "content": content,
+            "stop_reason": "end_turn" if call is None else "tool_use",
             "stop_sequence": None,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
         }
@@ -154,7 +157,37 @@ class FakeAnthropic(FakeServer):
         entry = {"type": "model", "id": model, "display_name": model, "created_at": "2025-09-29T00:00:00Z"}
         return JSONResponse({"data": [entry], "has_more": False, "first_id": model, "last_id": model})
 
-    def _stream_plan(self, message_id: str, model: str, input_tokens: int, output_tokens: int) -> StreamPlan:
+    def _tool_use(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """A `tool_use` block calling the first tool, when the fake calls tools and no result came back yet."""
+        tools = body.get("tools")
+        if not self._core.call_tools or not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+            return None
+        if _tool_results(body.get("messages")):
+            return None
+        tool = tools[0]
+        arguments = tool_arguments(tool.get("input_schema"))
+        return {
+            "type": "tool_use",
+            "id": f"toolu_01{uuid.uuid4().hex[:22]}",
+            "name": tool.get("name"),
+            "input": arguments,
+        }
+
+    def _reply(self, body: dict[str, Any]) -> str:
+        results = _tool_results(body.get("messages"))
+        if not self._core.call_tools or not results:
+            return self._core.reply
+        return f"{self._core.reply} The tool said: {results[-1]}"
+
+    def _stream_plan(
+        self,
+        message_id: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        reply: str | None = None,
+        call: dict[str, Any] | None = None,
+    ) -> StreamPlan:
         start = {
             "type": "message_start",
             "message": {
@@ -168,17 +201,35 @@ class FakeAnthropic(FakeServer):
                 "usage": {"input_tokens": input_tokens, "output_tokens": 1},
             },
         }
-        block_start = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
-        deltas = [
-            sse_event(
-                "content_block_delta",
-                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
-            )
-            for piece in self._core.pieces()
-        ]
+        block: dict[str, Any] = {"type": "text", "text": ""}
+        if call is not None:
+            block = {**call, "input": {}}
+        block_start = {"type": "content_block_start", "index": 0, "content_block": block}
+        if call is None:
+            deltas = [
+                sse_event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}},
+                )
+                for piece in split_reply(self._core.reply if reply is None else reply, self._core.chunks)
+            ]
+        else:
+            arguments = json_bytes(call["input"]).decode()
+            half = len(arguments) // 2
+            deltas = [
+                sse_event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "input_json_delta", "partial_json": part},
+                    },
+                )
+                for part in (arguments[:half], arguments[half:])
+            ]
         message_delta = {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": "end_turn" if call is None else "tool_use", "stop_sequence": None},
             "usage": {"output_tokens": output_tokens},
         }
         error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
@@ -196,3 +247,17 @@ class FakeAnthropic(FakeServer):
             ],
             error_event=sse_event("error", error),
         )
+
+
+def _tool_results(messages: Any) -> list[str]:
+    """The text of every `tool_result` block the conversation carries."""
+    results = []
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                inner = block.get("content")
+                if isinstance(inner, list):
+                    inner = " ".join(str(part.get("text", "")) for part in inner if isinstance(part, dict))
+                results.append(str(inner))
+    return results

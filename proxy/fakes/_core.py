@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
+import hashlib
 import itertools
 import json
+import math
 import re
+import struct
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -129,6 +133,40 @@ def prompt_words(messages: Any, system: Any = None) -> int:
     return total
 
 
+FAKE_DIMENSIONS = 16  # the length of a fake embedding unless `dimensions` asks for fewer
+
+
+def fake_vector(model: str, text: str, dimensions: int | None = None) -> list[float]:
+    """A deterministic unit vector for ``text`` under ``model``: two fakes serving the same model
+    give the same vector (one embedding space); shortened to ``dimensions`` and scaled to unit
+    length again, as OpenAI's ``dimensions`` does."""
+    digest = hashlib.sha256(f"{model}\0{text}".encode()).digest()
+    size = min(dimensions or FAKE_DIMENSIONS, FAKE_DIMENSIONS)
+    values = [(byte - 127.5) / 127.5 for byte in digest[:size]]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [round(v / norm, 6) for v in values]
+
+
+def embedding_texts(value: Any) -> list[str] | None:
+    """The texts of an OpenAI embeddings ``input`` (token arrays as their numbers joined), or None if malformed."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(item, str) for item in value):
+        return list(value)
+    if all(isinstance(item, int) for item in value):
+        return [",".join(map(str, value))]
+    if all(isinstance(item, list) and all(isinstance(t, int) for t in item) for item in value):
+        return [",".join(map(str, item)) for item in value]
+    return None
+
+
+def base64_vector(vector: Sequence[float]) -> str:
+    """OpenAI's ``encoding_format: base64``: little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 def status_phrase(status: int) -> str:
     """The standard reason phrase of an HTTP status ("Error" for unknown codes)."""
     try:
@@ -153,6 +191,17 @@ async def wait_disconnect(receive: Receive) -> None:
         pass
 
 
+def tool_arguments(tool_schema: Any) -> dict[str, Any]:
+    """Plausible arguments for a tool's JSON-schema parameters (one value per property)."""
+    samples = {"string": "Paris", "integer": 3, "number": 1.5, "boolean": True, "array": [], "object": {}}
+    properties = tool_schema.get("properties") if isinstance(tool_schema, dict) else None
+    if not isinstance(properties, dict):
+        return {}
+    return {
+        name: samples.get(str(spec.get("type")) if isinstance(spec, dict) else "") for name, spec in properties.items()
+    }
+
+
 class FakeCore:
     """Everything a fake's endpoints share: identity, reply, model, key, fault state and records.
 
@@ -169,6 +218,9 @@ class FakeCore:
         self.model = model
         self.api_key = api_key
         self.faults = FaultState()
+        # Tools: when a request offers tools and has no tool result yet, call the first one;
+        # after a tool result, the reply quotes it (so a test sees that it came back).
+        self.call_tools = False
         self.stopping: asyncio.Event | None = None
         self._records: list[RequestRecord] = []
         self._records_lock = threading.Lock()

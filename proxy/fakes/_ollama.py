@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
-from ._core import StreamPlan, count_words, format_seconds, json_bytes, prompt_words
+from ._core import StreamPlan, count_words, embedding_texts, fake_vector, format_seconds, json_bytes, prompt_words
 from ._fault import Fault
 from ._openai import OpenAIWire
 from ._server import FakeServer
@@ -66,7 +66,7 @@ def _stats(prompt_tokens: int, eval_tokens: int) -> dict[str, int]:
 
 
 class FakeOllama(FakeServer):
-    """A fake Ollama daemon: ``/api/chat``, ``/api/generate``, ``/api/tags``, ``/api/show``, ``/api/version``,
+    """A fake Ollama daemon: ``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/tags``, ``/api/show``, ``/api/version``,
     ``GET /`` ("Ollama is running"), and the OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``.
 
     It has one model (``model``, default ``qwen2.5:7b``); requests for other models get Ollama's
@@ -89,7 +89,9 @@ class FakeOllama(FakeServer):
     ) -> None:
         super().__init__(name, reply=reply, chunks=chunks, model=model or _DEFAULT_MODEL, port=port, api_key=api_key)
         self._model = model or _DEFAULT_MODEL
-        self._openai = OpenAIWire(self._core, default_model=self._model, owned_by="library", known_models=[self._model])
+        self._openai = OpenAIWire(
+            self._core, default_model=self._model, owned_by="library", known_models=[self._model], floats_only=True
+        )
 
     @property
     def model(self) -> str:
@@ -105,6 +107,7 @@ class FakeOllama(FakeServer):
             route("/api/show", self._show, ["POST"], checks, self._bad_json),
             route("/api/chat", self._chat, ["POST"], checks, self._bad_json),
             route("/api/generate", self._generate, ["POST"], checks, self._bad_json),
+            route("/api/embed", self._embed, ["POST"], checks, self._bad_json),
             *self._openai.routes(),
         ]
 
@@ -224,6 +227,24 @@ class FakeOllama(FakeServer):
             return StreamingResponse(self._core.stream(fault, plan), media_type=_NDJSON)
         final = self._final({"response": self._core.reply, "context": [1, 2, 3]}, prompt_tokens)
         return JSONResponse(final)
+
+    async def _embed(self, request: Request, body: Any) -> Response:
+        """``POST /api/embed``: ``input`` a string or a list of strings; ``dimensions`` honoured."""
+        invalid = self._check_model(body)
+        if invalid is not None:
+            return invalid
+        value = body.get("input")
+        texts = embedding_texts(value)
+        if texts is None or not all(isinstance(v, str) for v in (value if isinstance(value, list) else [value])):
+            return ollama_error(400, "invalid input type")
+        _, error = await self._core.open_answer(request, False, self._fault_error)
+        if error is not None:
+            return error
+        dimensions = body.get("dimensions") if isinstance(body.get("dimensions"), int) else None
+        vectors = [fake_vector(self._model, text, dimensions) for text in texts]
+        tokens = sum(count_words(text) for text in texts)
+        stats = {"total_duration": 14_143_917, "load_duration": 1_019_500, "prompt_eval_count": tokens}
+        return JSONResponse({"model": self._model, "embeddings": vectors, **stats})
 
     async def _load(self, request: Request, body: dict[str, Any], empty: dict[str, Any]) -> Response:
         """An empty chat/generate request only loads the model (``keep_alive: 0`` unloads it)."""

@@ -11,7 +11,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute
 
-from ._core import FakeCore, StreamPlan, count_words, format_seconds, json_bytes, prompt_words, status_phrase
+from ._core import (
+    FakeCore,
+    StreamPlan,
+    base64_vector,
+    count_words,
+    embedding_texts,
+    fake_vector,
+    format_seconds,
+    json_bytes,
+    prompt_words,
+    split_reply,
+    status_phrase,
+    tool_arguments,
+)
 from ._fault import Fault
 from ._server import FakeServer
 
@@ -55,6 +68,8 @@ class OpenAIWire:
     """The OpenAI endpoints of one fake: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
     ``known_models`` (Ollama) restricts the accepted models and answers others with Ollama's 404.
+    ``POST /v1/embeddings`` honours ``encoding_format`` and ``dimensions`` unless ``floats_only``
+    (as some OpenAI-compatible servers, which answer full-length floats whatever is asked).
     """
 
     def __init__(
@@ -64,8 +79,10 @@ class OpenAIWire:
         default_model: str,
         owned_by: str = "openai",
         known_models: Sequence[str] | None = None,
+        floats_only: bool = False,
     ) -> None:
         self._core = core
+        self._floats_only = floats_only
         self._default_model = default_model
         self._owned_by = owned_by
         self._known_models = known_models
@@ -75,6 +92,7 @@ class OpenAIWire:
         route = self._core.route
         return [
             route("/v1/chat/completions", self.chat, ["POST"], checks, self.bad_json),
+            route("/v1/embeddings", self.embeddings, ["POST"], checks, self.bad_json),
             route("/v1/models", self.list_models, ["GET"], checks, self.bad_json),
             route("/v1/models/{model:path}", self.get_model, ["GET"], checks, self.bad_json),
         ]
@@ -170,11 +188,16 @@ class OpenAIWire:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:29]}"
         created = int(time.time())
         headers = {"x-request-id": f"req_{uuid.uuid4().hex}"}
+        call = self._tool_call(body)
+        reply = self._reply(body)
         if stream:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            plan = self._stream_plan(completion_id, created, model, usage if include_usage else None)
+            plan = self._stream_plan(completion_id, created, model, usage if include_usage else None, call, reply)
             return StreamingResponse(self._core.stream(fault, plan), media_type="text/event-stream", headers=headers)
+        message: dict[str, Any] = {"role": "assistant", "content": reply, "refusal": None}
+        if call is not None:
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
         completion = {
             "id": completion_id,
             "object": "chat.completion",
@@ -183,15 +206,44 @@ class OpenAIWire:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": self._core.reply, "refusal": None},
+                    "message": message,
                     "logprobs": None,
-                    "finish_reason": "stop",
+                    "finish_reason": "stop" if call is None else "tool_calls",
                 }
             ],
             "usage": usage,
             "system_fingerprint": "fp_fake",
         }
         return JSONResponse(completion, headers=headers)
+
+    async def embeddings(self, request: Request, body: Any) -> Response:
+        texts = embedding_texts(body.get("input")) if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
+            return openai_error(400, "you must provide a model parameter")
+        if texts is None:
+            return openai_error(400, "'$.input' is invalid. Please check the API reference.", param="input")
+        if self._known_models is not None and body["model"] not in self._known_models:
+            return openai_error(404, f'model "{body["model"]}" not found, try pulling it first', type_="api_error")
+        _, error = await self._core.open_answer(request, False, self.fault_error)
+        if error is not None:
+            return error
+        model = self._core.response_model(body.get("model"), self._default_model)
+        dimensions = None if self._floats_only else body.get("dimensions")
+        base64 = body.get("encoding_format") == "base64" and not self._floats_only
+        data = []
+        for index, text in enumerate(texts):
+            vector = fake_vector(model, text, dimensions)
+            data.append(
+                {"object": "embedding", "index": index, "embedding": base64_vector(vector) if base64 else vector}
+            )
+        tokens = sum(count_words(text) for text in texts)
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return JSONResponse(answer, headers={"x-request-id": f"req_{uuid.uuid4().hex}"})
 
     async def list_models(self, request: Request, body: Any) -> Response:
         return JSONResponse({"object": "list", "data": [self._model_object(m) for m in self._models()]})
@@ -218,7 +270,37 @@ class OpenAIWire:
         completion = count_words(self._core.reply)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _stream_plan(self, completion_id: str, created: int, model: str, usage: dict[str, int] | None) -> StreamPlan:
+    def _tool_call(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The call of the request's first tool, when the fake calls tools and none has answered yet."""
+        tools = body.get("tools")
+        messages = body.get("messages")
+        if not self._core.call_tools or not isinstance(tools, list) or not tools or not isinstance(messages, list):
+            return None
+        if any(isinstance(m, dict) and m.get("role") == "tool" for m in messages):
+            return None
+        function = tools[0].get("function") if isinstance(tools[0], dict) else None
+        if not isinstance(function, dict):
+            return None
+        arguments = json_bytes(tool_arguments(function.get("parameters"))).decode()
+        call_id = f"call_{uuid.uuid4().hex[:24]}"
+        return {"id": call_id, "type": "function", "function": {"name": function.get("name"), "arguments": arguments}}
+
+    def _reply(self, body: dict[str, Any]) -> str:
+        messages = body.get("messages")
+        results = [m.get("content") for m in messages or () if isinstance(m, dict) and m.get("role") == "tool"]
+        if not self._core.call_tools or not results:
+            return self._core.reply
+        return f"{self._core.reply} The tool said: {results[-1]}"
+
+    def _stream_plan(
+        self,
+        completion_id: str,
+        created: int,
+        model: str,
+        usage: dict[str, int] | None,
+        call: dict[str, Any] | None = None,
+        reply: str | None = None,
+    ) -> StreamPlan:
         base: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -232,17 +314,35 @@ class OpenAIWire:
             extra = {"usage": None} if usage is not None else {}
             return sse({**base, "choices": [choice], **extra})
 
-        epilogue = [chunk({}, "stop")]
+        epilogue = [chunk({}, "stop" if call is None else "tool_calls")]
         if usage is not None:
             epilogue.append(sse({**base, "choices": [], "usage": usage}))
         epilogue.append(b"data: [DONE]\n\n")
         error = {"error": {"message": _SERVER_ERROR, "type": "server_error", "param": None, "code": None}}
         return StreamPlan(
             preamble=[chunk({"role": "assistant", "content": "", "refusal": None})],
-            content=[chunk({"content": piece}) for piece in self._core.pieces()],
+            content=self._content_chunks(chunk, call, reply),
             epilogue=epilogue,
             error_event=sse(error),
         )
+
+    def _content_chunks(self, chunk: Any, call: dict[str, Any] | None, reply: str | None) -> list[bytes]:
+        if call is None:
+            pieces = split_reply(self._core.reply if reply is None else reply, self._core.chunks)
+            return [chunk({"content": piece}) for piece in pieces]
+        arguments = call["function"]["arguments"]
+        half = len(arguments) // 2
+        head = {
+            "index": 0,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
+        return [
+            chunk({"tool_calls": [head]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[:half]}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}),
+        ]
 
 
 class FakeOpenAI(FakeServer):

@@ -174,6 +174,16 @@ class FakeServer:
         self.fault = Fault()
 
     @property
+    def call_tools(self) -> bool:
+        """When True, a request that offers tools and has no tool result yet is answered with a
+        call of its first tool; the answer after a tool result quotes the result."""
+        return self._core.call_tools
+
+    @call_tools.setter
+    def call_tools(self, value: bool) -> None:
+        self._core.call_tools = value
+
+    @property
     def requests(self) -> list[RequestRecord]:
         """A snapshot of the requests received since the last reset() (control calls excluded)."""
         return self._core.records

@@ -27,7 +27,8 @@ def openapi_spec() -> dict[str, Any]:
         "info": _info(),
         "servers": [{"url": "/", "description": "this proxy"}],
         "tags": [
-            {"name": "chat", "description": "OpenAI-compatible chat completions, with fallback"},
+            {"name": "chat", "description": "OpenAI-compatible chat completions and responses, with fallback"},
+            {"name": "embeddings", "description": "OpenAI-compatible embeddings, with fallback within one space"},
             {"name": "models", "description": "the routes and providers a client may name as `model`"},
             {"name": "operations", "description": "health, readiness, metrics and this document"},
             {"name": "admin", "description": "behind `server.admin_key`; 404 when it is not set"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.openapi.apis import paths as api_paths
 from proxy.openapi.builders import (
     _SSE_DESCRIPTION,
     ADMIN_BASIC,
@@ -30,6 +31,7 @@ def _paths() -> dict[str, Schema]:
     return {
         "/v1/chat/completions": chat,
         "/chat/completions": chat_alias,
+        **api_paths(),
         "/v1/models": {"get": list_models_operation()},
         "/v1/models/{model}": {"get": retrieve_model_operation()},
         "/healthz": {"get": healthz_operation()},
@@ -112,16 +114,21 @@ def sse_event_schema() -> Schema:
 
 def list_models_operation() -> Schema:
     responses = {"200": response("routes, then providers", json_content(ref("ModelList")))}
-    return operation("listModels", "The routes and providers a client may name as `model`", "models", responses)
+    responses["401"] = ref("Unauthorized", "responses")
+    summary = "The routes and providers a client may name as `model`"
+    return operation("listModels", summary, "models", responses, security=[{BEARER: []}])
 
 
 def retrieve_model_operation() -> Schema:
     responses = {
         "200": response("the route or provider", json_content(ref("Model"))),
+        "401": ref("Unauthorized", "responses"),
         "404": error_response("no route or provider of that name (code `model_not_found`)"),
     }
     parameters = [path_parameter("model", "a route or provider name")]
-    return operation("retrieveModel", "One route or provider", "models", responses, parameters=parameters)
+    return operation(
+        "retrieveModel", "One route or provider", "models", responses, security=[{BEARER: []}], parameters=parameters
+    )
 
 
 def healthz_operation() -> Schema:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.openapi.apis import schemas as api_schemas
 from proxy.openapi.builders import (
     FINISH_REASONS,
     ROLES,
@@ -41,6 +42,7 @@ def _schemas() -> dict[str, Schema]:
         "DisableRequest": obj({"reason": string("why, for the logs (first 200 characters kept)")}),
         "ProviderSwitch": provider_switch_schema(),
         "ReloadOutcome": reload_outcome_schema(),
+        **api_schemas(),
     }
 
 

@@ -4,7 +4,7 @@ and the in-band end of a stream the server cuts at shutdown."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from starlette.responses import Response
@@ -23,8 +23,8 @@ class SSEResponse(Response):
 
     A client reading slower than `write_timeout` (a send still blocked after
     it) pins buffers: it is dropped. When the server cancels the response (its
-    shutdown grace period is over), the client is sent `shutdown` (an in-band
-    error and the stream's end) before the stream ends. A write ending with
+    shutdown grace period is over), the client is sent what `shutdown()` makes
+    (an in-band error and the stream's end) before the stream ends. A write ending with
     `final` is the last (one send saved); otherwise an empty write ends the
     body. `cut_reason` says why the stream was cut short, for its log line.
     """
@@ -36,7 +36,7 @@ class SSEResponse(Response):
         chunks: AsyncGenerator[bytes, None],
         headers: dict[str, str],
         *,
-        shutdown: bytes,
+        shutdown: Callable[[], bytes],
         final: bytes | None,
         write_timeout: float = 30.0,
     ) -> None:
@@ -93,7 +93,7 @@ class SSEResponse(Response):
         client sees why it stopped (bounded: the server is on its way out)."""
         writes.enter(writes.now() + min(self.write_timeout, SHUTDOWN_WRITE_SECONDS))
         try:
-            await send({"type": "http.response.body", "body": self.shutdown, "more_body": False})
+            await send({"type": "http.response.body", "body": self.shutdown(), "more_body": False})
         except OSError:
             pass  # the client went away meanwhile
         except asyncio.CancelledError:

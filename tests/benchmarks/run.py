@@ -130,6 +130,10 @@ class System:
 
 
 def body(system: System, stream: bool) -> bytes:
+    if system.path == "/v1/responses":
+        return json.dumps(
+            {"model": system.model, "input": "Say 'word' twenty times.", "max_output_tokens": 64, "stream": stream}
+        ).encode()
     data: dict[str, Any] = {
         "model": system.model,
         "messages": [{"role": "user", "content": "Say 'word' twenty times."}],
@@ -206,6 +210,7 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
     if settings.fallback_rows:
         kinds.append(("chain", "fallback-proxy (OpenAI, 2-provider chain)"))
     kinds.append(("anthropic", "fallback-proxy (Anthropic, translated)"))
+    kinds.append(("responses", "fallback-proxy (Responses API over the OpenAI path)"))
     for kind, label in kinds:
         config = workdir / f"fallback-proxy-{kind}.yaml"
         systems.append(
@@ -214,6 +219,7 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
                 label,
                 "anthropic" if kind == "anthropic" else "openai",
                 "default",
+                path="/v1/responses" if kind == "responses" else "/v1/chat/completions",
                 command=[proxy, "serve", "--config", str(config), "--port", "{port}"],
                 litellm_inside=kind == "anthropic",
                 # the start-to-ready target is for configs without litellm providers; one spawn is enough here
@@ -425,6 +431,8 @@ def raw_request(system: System, port: int, payload: bytes) -> bytes:
 
 def answer_text(system: System, payload: bytes, stream: bool) -> str:
     """The answer's text, from whatever wire format the system speaks."""
+    if system.path == "/v1/responses":
+        return responses_text(payload, stream)
     if not stream:
         data = json.loads(payload)
         if system.path == "/v1/messages":
@@ -443,6 +451,17 @@ def answer_text(system: System, payload: bytes, stream: bool) -> str:
     if system.path != "/v1/messages" and "data: [DONE]" not in payload.decode():
         raise AssertionError("the stream did not end with [DONE]")
     return "".join(text)
+
+
+def responses_text(payload: bytes, stream: bool) -> str:
+    """The text of a `Response`, or of a Responses event stream (which must end with response.completed)."""
+    if not stream:
+        data = json.loads(payload)
+        return "".join(part["text"] for item in data["output"] for part in item.get("content", ()))
+    events = [json.loads(line[5:]) for line in payload.decode().splitlines() if line.startswith("data:")]
+    if not events or events[-1]["type"] != "response.completed":
+        raise AssertionError("the Responses stream did not end with response.completed")
+    return "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
 
 
 def check_answers(system: System, port: int) -> None:
@@ -868,6 +887,12 @@ def targets(results: Sequence[Result]) -> list[Target]:
         except AttributeError:
             return None
 
+    def cpu_ratio(a: str, b: str, kind: str) -> float | None:
+        x, y = found.get(a), found.get(b)
+        cx = getattr(x, kind).cpu_ms_per_request if x else None
+        cy = getattr(y, kind).cpu_ms_per_request if y else None
+        return cx / cy if cx is not None and cy else None
+
     base = baselines(results)
 
     def added_ms(key: str, pick: str) -> float | None:
@@ -940,6 +965,13 @@ def targets(results: Sequence[Result]) -> list[Target]:
         ),
         Target(
             "added latency over direct at c=1, p99 (OpenAI path)", added_ms("fp-openai", "p99_ms"), 3.0, False, " ms"
+        ),
+        Target(
+            "CPU per Responses call / CPU per chat call it wraps (non-stream)",
+            cpu_ratio("fp-responses", "fp-openai", "plain"),
+            1.5,
+            False,
+            "×",
         ),
         Target("RSS without litellm providers", attr("fp-openai", lambda r: r.rss_mb), 100, False, " MB"),
         Target("RSS with litellm providers (Anthropic)", attr("fp-anthropic", lambda r: r.rss_mb), 250, False, " MB"),
@@ -1102,7 +1134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         default=None,
         help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-otel, "
-        "fp-openai-2w, fp-chain, fp-anthropic, litellm-openai, litellm-fallback, litellm-anthropic)",
+        "fp-openai-2w, fp-chain, fp-anthropic, fp-responses, litellm-openai, litellm-fallback, litellm-anthropic)",
     )
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON to this file")

@@ -11,7 +11,8 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Completion, Limits, Usage, with_trace
+from proxy.adapters.base import Chunk, Completion, Embeddings, Limits, Usage, with_trace
+from proxy.adapters.translated.embed import embeddings_of, openai_list
 from proxy.adapters.translated.wire import (
     _TRANSPORT_ERRORS,
     _json_default,
@@ -93,6 +94,31 @@ class _Acompletion:
             await wrapper.aclose()
         if not finished:
             raise classify.incomplete_stream()
+
+    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+        """`litellm.aembedding`, for providers without embedding functions of our own;
+        floats are asked for (a base64 answer is encoded by the caller)."""
+        provider = self._provider
+        extras = {key: body[key] for key in ("dimensions", "user") if body.get(key) is not None}
+        try:
+            answer = await self._litellm.aembedding(
+                model=provider.model,
+                input=orjson.loads(orjson.dumps(body["input"])),
+                api_base=provider.api_base,
+                api_key=provider.api_key,
+                extra_headers=dict(provider.headers) or None,
+                timeout=_timeout(limits),
+                drop_params=True,
+                num_retries=0,
+                max_retries=0,
+                **extras,
+            )
+        except _TRANSPORT_ERRORS as exc:
+            raise classify.from_exception(exc) from exc
+        except self._errors as exc:
+            raise classify.from_litellm(exc) from exc
+        model = answer.model if isinstance(answer.model, str) and answer.model else provider.upstream_model
+        return embeddings_of(openai_list(answer, model))
 
 
 def _pooled_handler(client: httpx.AsyncClient) -> Any:

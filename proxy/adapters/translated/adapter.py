@@ -13,7 +13,7 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, HttpClients, Limits, Usage, with_trace
+from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, HttpClients, Limits, Usage, with_trace
 from proxy.adapters.http import (
     attempt_timeout,
     done_with,
@@ -23,6 +23,7 @@ from proxy.adapters.http import (
 )
 from proxy.adapters.translated.acompletion import _Acompletion
 from proxy.adapters.translated.dialects import _DIALECTS, _Dialect, _Ollama
+from proxy.adapters.translated.embed import EMBEDDERS, Embedder
 from proxy.adapters.translated.wire import (
     _OPENAI_ARGS,
     _PARAMS_CACHE_SIZE,
@@ -38,6 +39,7 @@ from proxy.adapters.translated.wire import (
     _Writer,
 )
 from proxy.config import ProviderConfig
+from proxy.errors import FailureClass, ProviderError
 from proxy.litellm_import import load_litellm
 
 
@@ -90,6 +92,7 @@ class TranslatedAdapter:
         self.provider = provider
         self._session = clients.session
         self._hooks = hooks or AdapterHooks()
+        self._client = clients.client
         litellm = load_litellm()
         self._errors = _translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
@@ -101,6 +104,9 @@ class TranslatedAdapter:
         dialect = _DIALECTS.get(provider.litellm_provider)
         self._dialect: _Dialect | None = dialect(provider, litellm) if dialect is not None else None
         self._fallback = _Acompletion(provider, clients.client, litellm) if dialect is None else None
+        embedder = EMBEDDERS.get(provider.litellm_provider)
+        self._embedder: Embedder | None = embedder(provider, litellm) if embedder is not None else None
+        self._litellm = litellm
 
     def __repr__(self) -> str:
         how = "acompletion" if self._dialect is None else type(self._dialect).__name__.strip("_").lower()
@@ -167,6 +173,21 @@ class TranslatedAdapter:
             raise classify.from_exception(exc) from exc
         finally:
             done_with(response)
+
+    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+        embedder = self._embedder
+        if embedder is None:
+            if self.provider.litellm_provider == "anthropic":
+                raise ProviderError(FailureClass.UNSUPPORTED, "Anthropic has no embeddings API", sent=False)
+            fallback = self._fallback or _Acompletion(self.provider, self._client, self._litellm)
+            return await fallback.embed(body, limits)
+        try:
+            url, headers, content = embedder.request(body)
+        except self._errors as exc:
+            raise classify.untranslatable(exc) from exc
+        answer = await fetch(self._session, "POST", url, headers=headers, data=content, limits=limits)
+        embeddings: Embeddings = self._reading(embedder.answer, body, answer.content)
+        return embeddings
 
     async def probe(self, limits: Limits) -> None:
         if self._dialect is None:
