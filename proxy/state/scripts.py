@@ -1,9 +1,12 @@
 """The Redis layout: key names and the Lua scripts that change them atomically.
 
 `fp` is the prefix; every key of one provider carries the Redis Cluster hash
-tag `{provider}`, so a script only touches one slot:
+tag `{provider}`, and every key of one client the tag `{client}`, so a script or
+a MULTI only ever touches one slot (LEASE_LUA's lease set and counter are the
+same client's):
 
-    fp:{openai-4o}:health           hash: the provider's health record
+    fp:{openai-4o}:health           hash: the provider's health record (expires a day,
+                                    by default, after its last change)
     fp:{openai-4o}:quota:2025-01-31 hash: req, tok, m:<call id> for each admitted call not
                                     yet settled (expires ttl_seconds after creation)
     fp:{<client>}:count:rate:<client>:<window>  a counter (INCRBY, PEXPIRE)
@@ -11,6 +14,7 @@ tag `{provider}`, so a script only touches one slot:
                                     expiry (ms, Redis's clock)
     fp:{openai-4o}:lock:probe:openai-4o   SET NX PX lock
     fp:health                       pub/sub channel: {"provider": ..., "record": {...}}
+                                    (a shard channel on a Redis Cluster)
 
 The admit script leaves the mark `m:<id>` in the quota hash; the settle script
 applies only if it removes that mark. The scripts mirror `protocol.admits` and
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 
 
 def _hash_tag(name: str) -> str:
-    return "{" + name + "}"
+    # `{}` is no hash tag at all (Redis would hash the whole key): an empty name gets one.
+    return "{" + (name or "_") + "}"
 
 
 @dataclass(frozen=True, slots=True)
