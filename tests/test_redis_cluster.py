@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from redis.cluster import RedisCluster as SyncCluster
@@ -320,6 +321,8 @@ def test_a_master_killed_mid_load_fails_closed_then_counting_resumes_after_failo
             assert (provider, headers["x-proxy-fallbacks"]) == ("backup", "cloud=quota_exhausted")
             assert ask_proxy(proxy, "free")[0] == "backup"  # no quota: answers as ever
         assert cloud.request_count == calls  # fail closed: the provider with a quota was not called
+        ready = httpx.get(replicas[0].url + "/readyz")
+        assert ready.status_code == 200 and ready.json()["store"]["status"].startswith("unavailable"), ready.text
         load.routes = ["metered", "free"]
 
         assert ask(replica.port, b"CONFIG SET cluster-replica-no-failover no").startswith(b"+OK")
@@ -329,6 +332,11 @@ def test_a_master_killed_mid_load_fails_closed_then_counting_resumes_after_failo
             return all(ask_proxy(proxy, "metered")[0] == "cloud" for proxy in replicas)
 
         until(resumed, 20, "every replica to call the quota'd provider again")
+
+        def store_ok() -> bool:
+            return all(httpx.get(p.url + "/readyz").json()["store"]["status"] == "ok" for p in replicas)
+
+        until(store_ok, 20, "every replica to find every master answering")
     metered, free = load.since(0, "metered"), load.since(0, "free")
     assert not [a for a in metered + free if a.error], "a client saw an error"
     assert {a.provider for a in free} == {"backup"}

@@ -491,6 +491,11 @@ class RedisStore:
         return self._pending.stats()
 
     async def ping(self) -> None:
+        """On a cluster, every master: a cluster with a shard down is not all there."""
+        if self._sharded is not None:
+            cluster = self._sharded.cluster
+            await self._call("ping", lambda: cluster.ping(target_nodes="primaries"))
+            return
         await self._call("ping", self._client.ping)
 
     async def aclose(self, *, flush_seconds: float = 1.0) -> None:
