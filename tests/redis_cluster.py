@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from redis.crc import key_slot
+
 from .redis_server import REDIS_SERVER, RedisServer, ask
 
 REDIS_CLI = shutil.which("redis-cli")
@@ -167,6 +169,24 @@ class RedisClusterProcesses:
             return True
         except OSError:
             return False
+
+    def master_for(self, key: str) -> Node:
+        """The live master serving the slot of `key` (a shard channel's name hashes alike)."""
+        slot = key_slot(key.encode())
+        for node in self.masters():
+            for part in node.slots:
+                low, _, high = part.partition("-")
+                if int(low) <= slot <= int(high or low):
+                    return node
+        raise LookupError(f"no master serves slot {slot}")
+
+    def failover(self, master: Node) -> Node:
+        """`CLUSTER FAILOVER` on `master`'s replica: the two swap roles, nothing is lost.
+        Returns the replica, to wait for with `wait_promoted`."""
+        replica = self.replica_of(master)
+        if not ask(replica.port, b"CLUSTER FAILOVER").startswith(b"+OK"):
+            raise RuntimeError(f"CLUSTER FAILOVER refused by :{replica.port}")
+        return replica
 
     def replica_of(self, master: Node) -> Node:
         return next(node for node in self.nodes() if node.master_id == master.id)

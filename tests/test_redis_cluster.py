@@ -25,7 +25,6 @@ import httpx
 import openai
 import pytest
 from redis.cluster import RedisCluster as SyncCluster
-from redis.crc import key_slot
 
 from proxy.cli import main
 from proxy.config import ConfigError, RedisSettings, parse_config
@@ -34,7 +33,7 @@ from proxy.limits import client_id
 from proxy.quota import quota_day
 
 from .conftest import ServedApp, openai_provider
-from .redis_cluster import MISSING, Node, RedisClusterProcesses, wait_for
+from .redis_cluster import MISSING, RedisClusterProcesses, wait_for
 from .redis_server import RedisServer, ask
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
@@ -272,17 +271,6 @@ def own_cluster() -> Iterator[RedisClusterProcesses]:
         cluster.stop()
 
 
-def owner_of(cluster: RedisClusterProcesses, hash_tag: str) -> Node:
-    """The master serving the slot of keys tagged `{hash_tag}`."""
-    slot = key_slot(hash_tag.encode())
-    for node in cluster.masters():
-        for part in node.slots:
-            low, _, high = part.partition("-")
-            if int(low) <= slot <= int(high or low):
-                return node
-    raise AssertionError(f"no master serves slot {slot}")
-
-
 def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     wait_for(condition, timeout, what)
 
@@ -298,7 +286,7 @@ def test_a_master_killed_mid_load_fails_closed_then_counting_resumes_after_failo
     replicas = [serve(config) for _ in range(3)]
     for proxy in replicas:
         assert ask_proxy(proxy, "metered")[0] == "cloud"
-    master = owner_of(own_cluster, "cloud")  # holds the quota counter of `cloud`
+    master = own_cluster.master_for("{cloud}")  # holds the quota counter of `cloud`
     replica = own_cluster.replica_of(master)
     # The replica takes over only when the test says so: the outage lasts as long as the test needs.
     assert ask(replica.port, b"CONFIG SET cluster-replica-no-failover yes").startswith(b"+OK")

@@ -83,6 +83,8 @@ class Replicas:
     def make(self, **options: Any) -> StateStore:
         if self.memory is not None:
             return self.memory
+        # Generous: these tests are about behaviour, not about a slow Redis on a busy machine.
+        options.setdefault("timeout", 1.0)
         store = RedisStore.from_url(self.url, prefix=self.prefix, cluster=self.kind == "cluster", **options)
         self.opened.append(store)
         return store
@@ -490,6 +492,21 @@ def test_parse_cluster_url_names_the_problem(url: str, complaint: str) -> None:
         parse_cluster_url(url)
 
 
+@pytest.mark.asyncio
+async def test_an_unreachable_cluster_is_unavailable_at_once_for_every_caller() -> None:
+    """The first calls wait for one attempt to learn the cluster's topology, and share its failure."""
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()},redis://127.0.0.1:{free_port()}", cluster=True)
+    try:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(admit(store) for _ in range(20)), return_exceptions=True)
+        assert all(isinstance(result, StoreUnavailable) for result in results), results
+        assert elapsed_since(started) < 1.0 and store.breaker_open
+        error, took = await timed_failure(store.ping())
+        assert "breaker open" in error.reason and took < 0.01
+    finally:
+        await store.aclose()
+
+
 def test_a_clusters_description_shows_every_seed_and_no_password() -> None:
     url = "rediss://u:hunter2@a:7000,rediss://u:hunter2@b:7001/0?ssl_cert_reqs=none"
     assert describe_target(url) == "rediss://a:7000,rediss://b:7001/0"
@@ -737,6 +754,46 @@ async def expect_update_stream_failure(store: RedisStore, fault: Callable[[], No
         with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
             await task
         await cast(Any, updates).aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_graceful_cluster_failover_costs_no_call_and_the_health_channel_moves_along(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    """`CLUSTER FAILOVER` on every shard (masters and replicas swap roles, as in a
+    rolling upgrade): every call finds the new masters by following MOVED; the
+    subscription on the shard channel is ended by the server (its slot moved) and a
+    new one hears the new owner."""
+    async with cluster_replicas(redis_cluster) as replicas:
+        listener, caller = cast(RedisStore, replicas.make()), cast(RedisStore, replicas.make())
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "admit": lambda: admit(caller, "q", requests=1000, estimate=1),
+            "settle": lambda: caller.settle("q", DAY, requests_delta=0, tokens_delta=1, ttl_seconds=TTL),
+            "usage": lambda: caller.usage("q", DAY),
+            "put_health": lambda: caller.put_health("q", {"state": "healthy"}),
+            "get_health": lambda: caller.get_health(["q", "r", "s", "t"]),
+            "count": lambda: caller.count("rate:c:1", 1, 60),
+            "lease": lambda: caller.acquire_lease("streams:c", "s1", limit=9, ttl_seconds=60, count="rate:c:2"),
+            "release": lambda: caller.release_lease("streams:c", "s1"),
+            "lock": lambda: caller.try_lock("probe:q", 0.1),
+            "ping": caller.ping,
+        }
+        for call in calls.values():
+            await call()
+
+        def fail_over_every_shard() -> None:
+            for master in redis_cluster.masters():
+                redis_cluster.failover(master)
+
+        await expect_update_stream_failure(listener, fail_over_every_shard, within=20)
+        await asyncio.to_thread(redis_cluster.wait_healthy, 30)
+        for name, call in calls.items():
+            try:
+                await call()
+            except StoreUnavailable as exc:
+                raise AssertionError(f"{name} failed after the failover: {exc}") from exc
+        assert caller.failures == 0
+        assert await first_update(listener, lambda: caller.put_health("a", {"n": 2})) == ("a", {"n": "2"})
 
 
 @pytest.mark.asyncio

@@ -46,7 +46,7 @@ from proxy.state.protocol import (
     encode_update,
     stringify,
 )
-from proxy.state.scripts import ADMIT_LUA, LEASE_LUA, SETTLE_LUA, RedisKeys
+from proxy.state.scripts import ADMIT_LUA, COUNT_LUA, LEASE_LUA, PUT_HEALTH_LUA, SCRIPTS, SETTLE_LUA, RedisKeys
 from proxy.state.urls import describe_target
 
 if TYPE_CHECKING:  # redis-py is imported only when a Redis store is opened (~80 ms)
@@ -105,6 +105,7 @@ class RedisStore:
         self._sentinel = sentinel
         self._sharded = sharded
         self._topology_known = False
+        self._learner: asyncio.Task[None] | None = None  # one call learns the topology; the others wait for it
         self.health_ttl = max(1, round(health_ttl_seconds))
         self.target = target
         self.keys = RedisKeys(prefix)
@@ -119,6 +120,8 @@ class RedisStore:
         self._admit = client.register_script(ADMIT_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         self._lease = client.register_script(LEASE_LUA)
+        self._put_health = client.register_script(PUT_HEALTH_LUA)
+        self._count = client.register_script(COUNT_LUA)
         self._token = secrets.token_hex(8)
         self.failures = 0  # calls that failed (those outside pub/sub may have opened the breaker)
         self.short_circuits = 0  # calls refused without I/O while the breaker was open
@@ -259,7 +262,7 @@ class RedisStore:
                     f"breaker open after: {self._breaker.reason}", operation=operation, maybe_applied=False
                 )
             if self._sharded is not None and not self._topology_known:
-                await self._learn_topology(self._sharded.cluster)
+                await self._topology(self._sharded.cluster)
             async with asyncio.timeout(self.hard_timeout):
                 result = await call()
         # Fail closed: whatever redis-py raises (its own errors, OSError, a parser's
@@ -276,14 +279,25 @@ class RedisStore:
         self._breaker.success(trial)
         return result
 
+    async def _topology(self, cluster: RedisCluster) -> None:
+        """Wait for the one task learning the topology (start it if none is running
+        or the last one failed); its failure is every waiting call's."""
+        learner = self._learner
+        if learner is None or (learner.done() and (learner.cancelled() or learner.exception() is not None)):
+            learner = self._learner = asyncio.get_running_loop().create_task(self._learn_topology(cluster))
+        await asyncio.shield(learner)
+
     async def _learn_topology(self, cluster: RedisCluster) -> None:
         """A cluster client's first call asks a seed for the slot map and the command
-        table (tens of milliseconds, more on a busy machine): once, with a bound of
-        its own rather than one call's. Later changes (a failover) cost a slot map
-        only, which redis-py fetches within the call that found the map stale."""
+        table (tens of milliseconds, more on a busy machine), and loads the scripts
+        on every master (a call that met NOSCRIPT would load it on every master in
+        its own time): once, with a bound of its own rather than one call's. Later
+        changes (a failover) cost a slot map only, which redis-py fetches within the
+        call that found the map stale."""
         async with asyncio.timeout(max(1.0, 4 * self.hard_timeout)):
             await cluster.initialize()
-        self._topology_known = True
+            await asyncio.gather(*(cluster.script_load(script) for script in SCRIPTS))
+            self._topology_known = True
 
     async def admit(
         self,
@@ -349,18 +363,13 @@ class RedisStore:
         key = self.keys.health(provider)
         update = encode_update(provider, flat)
         sharded = self._sharded
+        # On one Redis the script publishes too; a shard channel lives in a slot of its own.
+        args: list[str | int | bytes] = [self.health_ttl, "" if sharded else self.keys.channel, update]
+        args += [part for field in flat.items() for part in field]
 
         async def replace_and_publish() -> None:
-            # One MULTI on the record's own slot; on one Redis the PUBLISH rides in it.
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                if flat:
-                    pipe.hset(key, mapping=flat)  # type: ignore[arg-type]  # dict[str, str] is fine
-                    pipe.expire(key, self.health_ttl)
-                if sharded is None:
-                    pipe.publish(self.keys.channel, update)
-                await pipe.execute()
-            if sharded is not None:  # the shard channel lives in a slot of its own
+            await self._put_health(keys=[key], args=args)
+            if sharded is not None:
                 await sharded.publish(self.keys.channel, update)
 
         await self._call("put_health", replace_and_publish)
@@ -442,15 +451,8 @@ class RedisStore:
 
     async def count(self, name: str, delta: int, ttl_seconds: float) -> int:
         key, ttl_ms = self.keys.counter(name), max(1, round(ttl_seconds * 1000))
-
-        async def add() -> int:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, delta)
-                pipe.pexpire(key, ttl_ms)
-                value, _ = await pipe.execute()
-                return int(value)
-
-        return await self._call("count", add)
+        value = await self._call("count", lambda: self._count(keys=[key], args=[delta, ttl_ms]))
+        return int(value)
 
     async def acquire_lease(
         self,
@@ -503,6 +505,9 @@ class RedisStore:
         Queued writes get `flush_seconds` to be replayed; the rest are dropped."""
         await self._pending.close(flush_seconds)
         self._closed = True
+        if self._learner is not None:
+            self._learner.cancel()
+            await asyncio.gather(self._learner, return_exceptions=True)
         for subscription in list(self._subscriptions):
             await subscription.aclose()
         await self._client.aclose()

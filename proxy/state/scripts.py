@@ -1,9 +1,9 @@
 """The Redis layout: key names and the Lua scripts that change them atomically.
 
 `fp` is the prefix; every key of one provider carries the Redis Cluster hash
-tag `{provider}`, and every key of one client the tag `{client}`, so a script or
-a MULTI only ever touches one slot (LEASE_LUA's lease set and counter are the
-same client's):
+tag `{provider}`, and every key of one client the tag `{client}`, so a script
+only ever touches one slot (LEASE_LUA's lease set and counter are the same
+client's):
 
     fp:{openai-4o}:health           hash: the provider's health record (expires a day,
                                     by default, after its last change)
@@ -19,6 +19,10 @@ same client's):
 The admit script leaves the mark `m:<id>` in the quota hash; the settle script
 applies only if it removes that mark. The scripts mirror `protocol.admits` and
 `protocol.settled`.
+
+Every write of more than one command is a script rather than a MULTI: on a
+cluster whose slot moved (a failover, a reshard), redis-py follows the MOVED
+answer to a script, while a MULTI fails.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from dataclasses import dataclass
 
 
 def _hash_tag(name: str) -> str:
-    # `{}` is no hash tag at all (Redis would hash the whole key): an empty name gets one.
-    return "{" + (name or "_") + "}"
+    # Redis hashes what lies between the first `{` and the next `}`; an empty tag is
+    # none at all (the whole key is hashed). So no `}` inside, and never empty.
+    return "{" + (name.replace("}", "") or "_") + "}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +120,26 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return {1, redis.call('ZCARD', KEYS[1]), counted}
 """
+
+# KEYS: the health record. ARGV: ttl_seconds, channel ('': publish nothing), update, then
+# field, value, ... Replaces the record (none: deleted), and publishes the update in the
+# same step where the channel may be published from here (one Redis, not a cluster).
+PUT_HEALTH_LUA = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 3 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return 1
+"""
+
+# KEYS: the counter. ARGV: delta, ttl_ms. Returns the new value; the counter expires ttl_ms
+# after its last change.
+COUNT_LUA = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return value
+"""
+
+SCRIPTS = (ADMIT_LUA, SETTLE_LUA, LEASE_LUA, PUT_HEALTH_LUA, COUNT_LUA)
