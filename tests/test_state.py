@@ -797,6 +797,18 @@ async def test_a_graceful_cluster_failover_costs_no_call_and_the_health_channel_
 
 
 @pytest.mark.asyncio
+async def test_a_cluster_node_taken_for_one_redis_says_what_to_set(redis_cluster: RedisClusterProcesses) -> None:
+    owner = redis_cluster.master_for("{p}")
+    other = next(node for node in redis_cluster.masters() if node.id != owner.id)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{other.port}", prefix=f"fp-test-{uuid.uuid4().hex[:12]}")
+    try:
+        error, _ = await timed_failure(admit(store))
+        assert error.reason.startswith("MOVED") and "set redis.cluster: true" in error.reason, error
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.asyncio
 async def test_health_updates_raise_when_the_server_dies(own_server: RedisServer) -> None:
     store = RedisStore.from_url(own_server.url)
     try:
