@@ -205,6 +205,27 @@ def test_three_replicas_hold_one_daily_quota_exactly(
     assert (counted, leases) == (45, 0)
 
 
+def test_replicas_share_a_breaker_through_the_shard_channel(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, redis_cluster: RedisClusterProcesses
+) -> None:
+    """One replica sees the provider fail and opens its breaker; the other hears it
+    on the shard channel and skips the provider without calling it."""
+    config = cluster_config(redis_cluster, f"t{uuid.uuid4().hex[:8]}", cloud, backup, quota={"requests_per_day": 1000})
+    config["health"] = {"failure_threshold": 1, "cooldown_seconds": 600}
+    one, two = serve(config), serve(config)
+    cloud.set_fault("status", status=503)
+    assert ask_proxy(one, "metered")[1]["x-proxy-fallbacks"] == "cloud=server_error"
+    calls = cloud.request_count
+
+    def two_sees_the_breaker() -> bool:
+        return bool(httpx.get(two.url + "/readyz").json()["health"]["cloud"]["breaker"] == "open")
+
+    until(two_sees_the_breaker, 10, "the second replica to hear of the open breaker")
+    provider, headers = ask_proxy(two, "metered")
+    assert (provider, headers["x-proxy-fallbacks"]) == ("backup", "cloud=unhealthy")
+    assert cloud.request_count == calls  # the second replica never called the failing provider
+
+
 @dataclass
 class Answer:
     route: str
