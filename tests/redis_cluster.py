@@ -1,18 +1,27 @@
 """A throwaway Redis Cluster for tests: six `redis-server --cluster-enabled yes`
 processes joined by `redis-cli --cluster create --cluster-replicas 1` (three
-masters, each with a replica that can be promoted when its master dies)."""
+masters, each with a replica that can be promoted when its master dies).
+
+`python -m tests.redis_cluster` measures what a quota costs in the store, on one
+Redis and on such a cluster: the time of one admission and its settlement, one
+after another and 64 at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.crc import key_slot
+
+from proxy.state import RedisStore
 
 from .redis_server import REDIS_SERVER, RedisServer, ask
 
@@ -247,3 +256,45 @@ def _node(line: str) -> Node:
         failed="fail" in flags or "fail?" in flags,
         slots=tuple(fields[8:]),
     )
+
+
+async def _admit_and_settle(store: RedisStore, provider: str) -> None:
+    call = uuid.uuid4().hex
+    quota = {"requests_limit": None, "tokens_limit": None}
+    await store.admit(provider, "day", **quota, tokens_estimate=10, ttl_seconds=600, call_id=call)
+    await store.settle(provider, "day", requests_delta=0, tokens_delta=-3, ttl_seconds=600, call_id=call)
+
+
+async def _measure(store: RedisStore, pairs: int) -> str:
+    for _ in range(50):
+        await _admit_and_settle(store, "warm")
+    took = []
+    for _ in range(pairs):
+        started = time.perf_counter()
+        await _admit_and_settle(store, "p")
+        took.append((time.perf_counter() - started) * 1000)
+    took.sort()
+    started = time.perf_counter()
+    for first in range(0, pairs, 64):
+        await asyncio.gather(*(_admit_and_settle(store, f"p{i % 8}") for i in range(first, first + 64)))
+    rate = pairs / (time.perf_counter() - started)
+    p50, p99 = statistics.median(took), took[int(len(took) * 0.99)]
+    return f"admit+settle p50 {p50:.3f} ms, p99 {p99:.3f} ms; 64 at a time over 8 providers: {rate:,.0f}/s"
+
+
+async def _main(pairs: int = 2000) -> None:
+    single, cluster = RedisServer().start(), RedisClusterProcesses().start()
+    try:
+        for name, store in (
+            ("one Redis    ", RedisStore.from_url(single.url, timeout=1.0)),
+            ("Redis Cluster", RedisStore.from_url(cluster.url(seeds=3), cluster=True, timeout=1.0)),
+        ):
+            print(f"{name}: {await _measure(store, pairs)}")
+            await store.aclose()
+    finally:
+        single.stop()
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
