@@ -86,7 +86,8 @@ def open_session() -> aiohttp.ClientSession:
 
 
 def open_store(settings: RedisSettings) -> StateStore:
-    """Redis when a URL is configured (shared by replicas), else in-process."""
+    """Redis (one server, a Sentinel's master, or a Redis Cluster) when a URL is
+    configured (shared by replicas), else in-process."""
     if settings.url is None:
         return MemoryStore()
     return RedisStore.from_url(
@@ -97,6 +98,8 @@ def open_store(settings: RedisSettings) -> StateStore:
         max_connections=settings.max_connections,
         pool_wait=settings.pool_wait,
         breaker_timeouts=settings.breaker_timeouts,
+        health_ttl_seconds=settings.health_ttl,
+        cluster=settings.cluster,
     )
 
 

@@ -19,6 +19,9 @@ from proxy.app import create_app
 from proxy.config import Config, parse_config
 from proxy.fakes import FakeOpenAI
 
+from .redis_cluster import MISSING as NO_REDIS_CLUSTER
+from .redis_cluster import RedisClusterProcesses
+
 
 class SecretScan:
     """ASGI wrapper noting every response (headers and body) that shows a configured
@@ -128,6 +131,19 @@ def serve(serve_asgi: Callable[[ASGIApp], ServedApp]) -> Callable[..., ServedApp
         return serve_asgi(create_app(cfg, **kwargs))
 
     return _serve
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    """A Redis Cluster of six `redis-server` processes (three masters, each with a
+    replica), shared by the tests that kill none of its nodes."""
+    if NO_REDIS_CLUSTER:
+        pytest.skip(NO_REDIS_CLUSTER)
+    cluster = RedisClusterProcesses().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

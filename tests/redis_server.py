@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -30,14 +31,23 @@ def ask(port: int, command: bytes, timeout: float = 0.5) -> bytes:
 
 class RedisServer:
     """`redis-server` on 127.0.0.1:`port`, no persistence, as a child process.
-    `sentinel_of`: run as a sentinel monitoring that port under `service`."""
+    `sentinel_of`: run as a sentinel monitoring that port under `service`;
+    `extra_args`: more `redis-server` options (a cluster node's, say)."""
 
-    def __init__(self, port: int | None = None, *, sentinel_of: int | None = None, service: str = "fp-test") -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        sentinel_of: int | None = None,
+        service: str = "fp-test",
+        extra_args: Sequence[str] = (),
+    ) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed")
         self.port = port or free_port()
         self.sentinel_of = sentinel_of
         self.service = service
+        self.extra_args = tuple(extra_args)
         self.dir = Path(tempfile.mkdtemp(prefix="fp-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -76,7 +86,8 @@ class RedisServer:
             "warning",
         ]
         if self.sentinel_of is None:
-            return [REDIS_SERVER, *common, "--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+            unix = ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+            return [REDIS_SERVER, *common, *unix, *self.extra_args]
         config = self.dir / "sentinel.conf"  # a sentinel rewrites its config file: it must exist
         config.write_text(
             f"sentinel monitor {self.service} 127.0.0.1 {self.sentinel_of} 1\n"

@@ -1,10 +1,12 @@
 """The state store: both implementations behave alike; Redis fails fast and closed.
 
-Behavioural tests run over both stores: in memory, and against the Redis on
+Behavioural tests run over both stores: in memory, against the Redis on
 127.0.0.1:6379 (db 15, a unique key prefix per test; skipped if it is not
-there). "Replicas" are separate RedisStore objects on one prefix; the memory
-store is one instance, so its replicas are that same object. Fault tests start
-their own `redis-server` on a free port, and kill, stall or demote it.
+there), and against a Redis Cluster of the suite's own (six `redis-server`
+processes; skipped if redis-server or redis-cli is missing). "Replicas" are
+separate RedisStore objects on one prefix; the memory store is one instance, so
+its replicas are that same object. Fault tests start their own `redis-server`
+on a free port, and kill, stall or demote it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from typing import Any, cast
 
 import pytest
 import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from proxy.state import (
     Admission,
@@ -37,6 +43,8 @@ from proxy.state import (
     encode_update,
     parse_sentinel_url,
 )
+from proxy.state.urls import ClusterURL, describe_target, parse_cluster_url
+from tests.redis_cluster import RedisClusterProcesses
 from tests.redis_server import REDIS_SERVER, RedisServer, ask, free_port
 
 SHARED_URL = "redis://127.0.0.1:6379/15"
@@ -66,17 +74,26 @@ class FakeClock:
 class Replicas:
     """Stores that share state: `make()` is one more replica."""
 
-    kind: str
+    kind: str  # memory, redis or cluster
     prefix: str = ""
+    url: str = SHARED_URL
     opened: list[StateStore] = field(default_factory=list)
     memory: MemoryStore | None = None
 
     def make(self, **options: Any) -> StateStore:
         if self.memory is not None:
             return self.memory
-        store = RedisStore.from_url(SHARED_URL, prefix=self.prefix, **options)
+        # Generous: these tests are about behaviour, not about a slow Redis on a busy machine.
+        options.setdefault("timeout", 1.0)
+        store = RedisStore.from_url(self.url, prefix=self.prefix, cluster=self.kind == "cluster", **options)
         self.opened.append(store)
         return store
+
+    def admin(self) -> Redis | RedisCluster:
+        """A plain client of the same Redis (or cluster), to look behind the store."""
+        if self.kind == "cluster":
+            return RedisCluster.from_url(self.url.split(",")[0])
+        return Redis.from_url(self.url)
 
 
 @contextlib.asynccontextmanager
@@ -97,21 +114,39 @@ async def shared_redis_replicas() -> AsyncIterator[Replicas]:
                 await admin.delete(*keys)
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"])
+@contextlib.asynccontextmanager
+async def cluster_replicas(cluster: RedisClusterProcesses) -> AsyncIterator[Replicas]:
+    """Replicas on the suite's Redis Cluster under a fresh prefix (the cluster goes away with the suite)."""
+    made = Replicas("cluster", prefix=f"fp-test-{uuid.uuid4().hex[:12]}", url=cluster.url())
+    try:
+        yield made
+    finally:
+        for store in made.opened:
+            await store.aclose()
+
+
+@pytest_asyncio.fixture(params=["memory", "redis", "cluster"])
 async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
     if request.param == "memory":
         memory = MemoryStore()
         yield Replicas("memory", memory=memory)
         await memory.aclose()
+    elif request.param == "cluster":
+        async with cluster_replicas(request.getfixturevalue("redis_cluster")) as made:
+            yield made
     else:
         async with shared_redis_replicas() as made:
             yield made
 
 
-@pytest_asyncio.fixture
-async def redis_replicas() -> AsyncIterator[Replicas]:
-    async with shared_redis_replicas() as made:
-        yield made
+@pytest_asyncio.fixture(params=["redis", "cluster"])
+async def redis_replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
+    if request.param == "cluster":
+        async with cluster_replicas(request.getfixturevalue("redis_cluster")) as made:
+            yield made
+    else:
+        async with shared_redis_replicas() as made:
+            yield made
 
 
 @pytest.fixture
@@ -135,7 +170,7 @@ async def admit(
 
 
 async def raw_ttl(replicas: Replicas, key: str) -> int:
-    async with Redis.from_url(SHARED_URL) as admin:
+    async with replicas.admin() as admin:
         return int(await admin.ttl(key))
 
 
@@ -176,7 +211,7 @@ async def test_a_rejection_on_an_empty_day_creates_nothing(replicas: Replicas, s
     assert await admit(store, requests=0) == Admission(False, 0, 0)
     assert await admit(store, tokens=5, estimate=6) == Admission(False, 0, 0)
     assert await store.usage("p", DAY) == (0, 0)
-    if replicas.kind == "redis":
+    if replicas.kind != "memory":
         assert await raw_ttl(replicas, RedisKeys(replicas.prefix).quota("p", DAY)) == -2
 
 
@@ -199,7 +234,7 @@ async def test_settle_adjusts_refunds_and_clamps_at_zero(store: StateStore) -> N
 async def test_settle_on_a_missing_day(replicas: Replicas, store: StateStore) -> None:
     await store.settle("p", DAY, requests_delta=-1, tokens_delta=-50, ttl_seconds=TTL)
     assert await store.usage("p", DAY) == (0, 0)
-    if replicas.kind == "redis":  # a refund on an empty day writes nothing
+    if replicas.kind != "memory":  # a refund on an empty day writes nothing
         assert await raw_ttl(replicas, RedisKeys(replicas.prefix).quota("p", DAY)) == -2
     await store.settle("p", DAY, requests_delta=0, tokens_delta=30, ttl_seconds=TTL)
     assert await store.usage("p", DAY) == (0, 30)
@@ -214,7 +249,7 @@ async def test_redis_counters_expire_ttl_after_creation_only(redis_replicas: Rep
     await admit(store, ttl=5000)  # refreshing would keep a day's counter alive forever
     await store.settle("p", DAY, requests_delta=0, tokens_delta=5, ttl_seconds=5000)
     assert 98 <= await raw_ttl(replicas, key) <= 100
-    async with Redis.from_url(SHARED_URL) as admin:
+    async with replicas.admin() as admin:
         await admin.persist(key)  # a counter that lost its expiry gets one back
     await admit(store, ttl=100)
     assert 98 <= await raw_ttl(replicas, key) <= 100
@@ -256,7 +291,7 @@ async def all_of(calls: list[Coroutine[Any, Any, Admission]]) -> list[Admission]
 
 @pytest.mark.asyncio
 async def test_concurrent_admits_across_replicas_never_overshoot(replicas: Replicas) -> None:
-    stores = [replicas.make(timeout=5.0, connect_timeout=5.0) for _ in range(5)]  # 1000 tasks, one loop
+    stores = [replicas.make(timeout=5.0, connect_timeout=5.0, pool_wait=5.0) for _ in range(5)]  # 1000 tasks, one loop
     calls = [admit(s, "r", requests=137, estimate=1) for s in stores for _ in range(200)]
     results = await all_of(calls)
     assert sum(r.admitted for r in results) == 137
@@ -362,7 +397,7 @@ async def test_try_lock_is_exclusive_across_replicas_and_expires(replicas: Repli
 @pytest.mark.asyncio
 async def test_ping(store: StateStore) -> None:
     await store.ping()
-    assert store.kind in {"memory", "redis"}
+    assert store.kind in {"memory", "redis"}  # a cluster's store is a RedisStore too
 
 
 # Pure pieces of the Redis store.
@@ -375,6 +410,108 @@ def test_keys_carry_the_provider_hash_tag() -> None:
     assert keys.lock("probe:openai-4o") == "fp:{openai-4o}:lock:probe:openai-4o"
     assert keys.lock("reload") == "fp:{reload}:lock:reload"
     assert keys.channel == "fp:health"
+
+
+@given(client=st.text(max_size=24), window=st.integers(min_value=0, max_value=10**10))
+def test_the_keys_of_one_call_share_a_hash_slot(client: str, window: int) -> None:
+    """A Redis Cluster runs a script or a MULTI only if all its keys hash to one slot.
+    LEASE_LUA is the one call with two keys: a client's lease set and rate counter
+    (named as `limits` names them), whatever the client's name holds (`:`, braces,
+    nothing at all)."""
+    keys = RedisKeys("fp")
+    lease, counter = keys.lease(f"streams:{client}"), keys.counter(f"rate:{client}:{window}")
+    assert key_slot(lease.encode()) == key_slot(counter.encode()), (lease, counter)
+
+
+@pytest.mark.asyncio
+async def test_health_records_expire_a_while_after_their_last_change(redis_replicas: Replicas) -> None:
+    replicas = redis_replicas
+    keys = RedisKeys(replicas.prefix)
+    store = replicas.make(health_ttl_seconds=3600)
+    await store.put_health("a", {"state": "offline"})
+    assert 3590 <= await raw_ttl(replicas, keys.health("a")) <= 3600
+    async with replicas.admin() as admin:
+        await admin.expire(keys.health("a"), 5)
+    await store.put_health("a", {"state": "healthy"})  # each change starts the clock again
+    assert 3590 <= await raw_ttl(replicas, keys.health("a")) <= 3600
+    await store.put_health("a", {})  # an empty record leaves no key behind
+    assert await raw_ttl(replicas, keys.health("a")) == -2
+
+    await replicas.make().put_health("b", {"state": "healthy"})  # by default: a day
+    assert 86_390 <= await raw_ttl(replicas, keys.health("b")) <= 86_400
+
+    brief = replicas.make(health_ttl_seconds=1)
+    await brief.put_health("c", {"state": "degraded"})
+    assert await brief.get_health(["c"]) == {"c": {"state": "degraded"}}
+    for _ in range(200):  # Redis itself forgets it, a second later
+        if not await brief.get_health(["c"]):
+            break
+        await asyncio.sleep(0.05)
+    assert await brief.get_health(["c"]) == {}
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://a:7000,redis://b:7001", ClusterURL(nodes=(("a", 7000), ("b", 7001)))),
+        (
+            "rediss://:p%2Cw@a:7000/0, rediss://:p%2Cw@b",
+            ClusterURL(nodes=(("a", 7000), ("b", 6379)), ssl=True, password="p,w"),
+        ),
+        (
+            "REDIS://user:pw@10.0.0.1:7000?ssl_cert_reqs=none,redis://[::1]:7001",
+            ClusterURL(
+                nodes=(("10.0.0.1", 7000), ("::1", 7001)), username="user", password="pw", options="ssl_cert_reqs=none"
+            ),
+        ),
+    ],
+)
+def test_parse_cluster_url(url: str, expected: ClusterURL) -> None:
+    parsed = parse_cluster_url(url)
+    assert parsed == expected
+    assert parsed.password is None or parsed.password not in repr(parsed)
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://a:7000,rediss://b:7001", "mix redis:// and rediss://"),
+        ("redis://:x@a:7000,redis://:y@b:7001", "different credentials"),
+        ("redis://a:1?ssl=true,redis://b:2?ssl=false", "different \\?options"),
+        ("redis://a:7000,,redis://b:7001", "empty seed"),
+        ("redis://a:7000,b:7001", "redis:// or rediss:// URL, got 'b:7001'"),
+        ("unix:///run/redis.sock", "redis:// or rediss:// URL, got unix://"),
+        ("redis+sentinel://s:26379/svc", "redis:// or rediss:// URL, got redis\\+sentinel://"),
+        ("redis://a:7000/2", "database 0 only"),
+        ("redis://a:port", "bad port"),
+        ("redis://:7000", "without a host"),
+    ],
+)
+def test_parse_cluster_url_names_the_problem(url: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        parse_cluster_url(url)
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_cluster_is_unavailable_at_once_for_every_caller() -> None:
+    """The first calls wait for one attempt to learn the cluster's topology, and share its failure."""
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()},redis://127.0.0.1:{free_port()}", cluster=True)
+    try:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(admit(store) for _ in range(20)), return_exceptions=True)
+        assert all(isinstance(result, StoreUnavailable) for result in results), results
+        assert elapsed_since(started) < 1.0 and store.breaker_open
+        error, took = await timed_failure(store.ping())
+        assert "breaker open" in error.reason and took < 0.01
+    finally:
+        await store.aclose()
+
+
+def test_a_clusters_description_shows_every_seed_and_no_password() -> None:
+    url = "rediss://u:hunter2@a:7000,rediss://u:hunter2@b:7001/0?ssl_cert_reqs=none"
+    assert describe_target(url) == "rediss://a:7000,rediss://b:7001/0"
+    store = RedisStore.from_url(url, cluster=True)
+    assert "hunter2" not in repr(store) and "cluster rediss://a:7000,rediss://b:7001/0" in repr(store)
 
 
 @pytest.mark.parametrize(
@@ -617,6 +754,58 @@ async def expect_update_stream_failure(store: RedisStore, fault: Callable[[], No
         with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
             await task
         await cast(Any, updates).aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_graceful_cluster_failover_costs_no_call_and_the_health_channel_moves_along(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    """`CLUSTER FAILOVER` on every shard (masters and replicas swap roles, as in a
+    rolling upgrade): every call finds the new masters by following MOVED; the
+    subscription on the shard channel is ended by the server (its slot moved) and a
+    new one hears the new owner."""
+    async with cluster_replicas(redis_cluster) as replicas:
+        listener, caller = cast(RedisStore, replicas.make()), cast(RedisStore, replicas.make())
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "admit": lambda: admit(caller, "q", requests=1000, estimate=1),
+            "settle": lambda: caller.settle("q", DAY, requests_delta=0, tokens_delta=1, ttl_seconds=TTL),
+            "usage": lambda: caller.usage("q", DAY),
+            "put_health": lambda: caller.put_health("q", {"state": "healthy"}),
+            "get_health": lambda: caller.get_health(["q", "r", "s", "t"]),
+            "count": lambda: caller.count("rate:c:1", 1, 60),
+            "lease": lambda: caller.acquire_lease("streams:c", "s1", limit=9, ttl_seconds=60, count="rate:c:2"),
+            "release": lambda: caller.release_lease("streams:c", "s1"),
+            "lock": lambda: caller.try_lock("probe:q", 0.1),
+            "ping": caller.ping,
+        }
+        for call in calls.values():
+            await call()
+
+        def fail_over_every_shard() -> None:
+            for master in redis_cluster.masters():
+                redis_cluster.failover(master)
+
+        await expect_update_stream_failure(listener, fail_over_every_shard, within=20)
+        await asyncio.to_thread(redis_cluster.wait_healthy, 30)
+        for name, call in calls.items():
+            try:
+                await call()
+            except StoreUnavailable as exc:
+                raise AssertionError(f"{name} failed after the failover: {exc}") from exc
+        assert caller.failures == 0
+        assert await first_update(listener, lambda: caller.put_health("a", {"n": 2})) == ("a", {"n": "2"})
+
+
+@pytest.mark.asyncio
+async def test_a_cluster_node_taken_for_one_redis_says_what_to_set(redis_cluster: RedisClusterProcesses) -> None:
+    owner = redis_cluster.master_for("{p}")
+    other = next(node for node in redis_cluster.masters() if node.id != owner.id)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{other.port}", prefix=f"fp-test-{uuid.uuid4().hex[:12]}")
+    try:
+        error, _ = await timed_failure(admit(store))
+        assert error.reason.startswith("MOVED") and "set redis.cluster: true" in error.reason, error
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.asyncio

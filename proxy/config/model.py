@@ -122,13 +122,15 @@ class ServerConfig:
 class RedisSettings:
     """Where shared state lives; ``url`` None means in-process state (one instance)."""
 
-    url: str | None = field(default=None, repr=False)  # may hold a password
+    url: str | None = field(default=None, repr=False)  # may hold a password; a cluster's seeds comma-separated
     prefix: str = "fp"
     timeout: float = 0.1  # seconds per Redis call before it counts as failed
     breaker_seconds: float = 2.0  # after a failure, Redis is not asked for this long
     max_connections: int = 64  # pooled connections per replica (pub/sub has its own headroom)
     pool_wait: float = 0.5  # seconds a call may wait for a free pooled connection
     breaker_timeouts: int = 3  # consecutive timeouts that open the breaker (a refused connection opens it at once)
+    cluster: bool = False  # url names the seed nodes of a Redis Cluster
+    health_ttl: float = 86_400.0  # seconds a provider's health record lives in Redis after its last change
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from proxy.config.model import (
 )
 from proxy.config.values import (
     _BadValue,
+    _boolean,
     _Context,
     _convert,
     _get,
@@ -35,6 +36,7 @@ from proxy.config.values import (
     _text,
     _unknown,
 )
+from proxy.state.urls import parse_cluster_url, url_count
 
 _TOP_KEYS: Final = frozenset(
     {"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes", "telemetry"}
@@ -53,6 +55,8 @@ _REDIS_KEYS: Final = (
     "max_connections",
     "pool_wait_ms",
     "breaker_timeouts",
+    "cluster",
+    "health_ttl_seconds",
 )
 _HEALTH_KEYS: Final = (
     "failure_threshold",
@@ -70,9 +74,13 @@ def _parse_redis(node: object, ctx: _Context) -> RedisSettings:
         return default
     timeout_ms = _opt(section, "timeout_ms", "redis", ctx, _positive_number)
     pool_wait_ms = _opt(section, "pool_wait_ms", "redis", ctx, _positive_number)
+    url = _redis_urls(section.get("url"), ctx)
+    cluster = _get(section, "cluster", "redis", ctx, _boolean, default.cluster)
+    prefix = _get(section, "prefix", "redis", ctx, _text, default.prefix)
+    _check_cluster(url, cluster, prefix, ctx)
     return RedisSettings(
-        url=_opt(section, "url", "redis", ctx, _redis_url),
-        prefix=_get(section, "prefix", "redis", ctx, _text, default.prefix),
+        url=url,
+        prefix=prefix,
         timeout=default.timeout if timeout_ms is None else timeout_ms / 1000,
         breaker_seconds=_get(section, "breaker_seconds", "redis", ctx, _positive_number, default.breaker_seconds),
         max_connections=_get(
@@ -82,7 +90,42 @@ def _parse_redis(node: object, ctx: _Context) -> RedisSettings:
         breaker_timeouts=_get(
             section, "breaker_timeouts", "redis", ctx, _int_between(1, 1000), default.breaker_timeouts
         ),
+        cluster=cluster,
+        health_ttl=_get(section, "health_ttl_seconds", "redis", ctx, _health_ttl, default.health_ttl),
     )
+
+
+def _redis_urls(node: object, ctx: _Context) -> str | None:
+    """`redis.url`: one URL, or a cluster's seed URLs as a list or comma-separated
+    (kept comma-separated)."""
+    if not isinstance(node, list):
+        return _convert(node, "redis.url", ctx, _redis_url)
+    urls = [_convert(item, path, ctx, _redis_url) for path, item in _items(node, "redis.url", ctx)]
+    return ",".join(url for url in urls if url) or None
+
+
+def _check_cluster(url: str | None, cluster: bool, prefix: str, ctx: _Context) -> None:
+    """A cluster needs seed URLs it can use; several URLs need `cluster: true`."""
+    if not cluster:
+        if url is not None and url_count(url) > 1:
+            ctx.error("redis.url", "several URLs are the seed nodes of a Redis Cluster: set redis.cluster: true")
+        return
+    if url is None:
+        ctx.error("redis.cluster", "true needs redis.url: the URL of one or more of the cluster's nodes")
+        return
+    try:
+        parse_cluster_url(url)
+    except ValueError as exc:
+        ctx.error("redis.url", str(exc))
+    if "{" in prefix or "}" in prefix:
+        ctx.error("redis.prefix", "must not contain { or } on a Redis Cluster: every key would share one hash slot")
+
+
+def _health_ttl(value: object) -> float:
+    seconds = _number(value)
+    if seconds < 60:
+        raise _BadValue(f"must be at least 60 (seconds; a record must outlive any cooldown), got {seconds:g}")
+    return seconds
 
 
 def _parse_health(node: object, ctx: _Context) -> HealthSettings:

@@ -35,7 +35,10 @@ def interpolate(value: str, environ: Mapping[str, str], path: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to print or log."""
+    """``url`` with any password replaced by ``***``, safe to print or log; each
+    URL of a comma-separated list (a Redis Cluster's seeds) on its own."""
+    if url.count("://") > 1:
+        return ",".join(redact_url(part) for part in url.split(","))
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:

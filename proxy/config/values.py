@@ -218,7 +218,7 @@ def _http_url(value: object) -> str:
 
 def _redis_url(value: object) -> str:
     url = _text(value)
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+    if urlsplit(url).scheme.lower() not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
         raise _BadValue(f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {redact_url(url)!r}")
     return url
 

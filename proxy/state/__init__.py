@@ -4,12 +4,13 @@ client counters and stream leases.
     protocol     StateStore (the protocol), StoreUnavailable, Admission, Lease,
                  the pure decisions both stores share
     memory       MemoryStore: one instance, in-process dicts
-    redis_store  RedisStore: shared by every replica; fails fast
+    redis_store  RedisStore: shared by every replica (one Redis, Sentinel or Cluster); fails fast
     breaker      the RedisStore's circuit breaker
     pending      the queue of failed settles and releases, replayed when Redis answers
-    scripts      the Redis key layout and Lua scripts
-    connect      the redis-py client for a URL
-    urls         Sentinel URL parsing
+    scripts      the Redis key layout (hash tags) and Lua scripts
+    channel      the health channel: classic pub/sub, or a shard channel on a cluster
+    connect      the redis-py client for a URL (or a cluster's seed URLs)
+    urls         Sentinel and Cluster URL parsing
 
 redis-py is imported only when a Redis store is opened, not with this package.
 """
@@ -29,10 +30,11 @@ from proxy.state.protocol import (
 )
 from proxy.state.redis_store import RedisStore
 from proxy.state.scripts import RedisKeys
-from proxy.state.urls import SentinelURL, parse_sentinel_url
+from proxy.state.urls import ClusterURL, SentinelURL, parse_cluster_url, parse_sentinel_url
 
 __all__ = [
     "Admission",
+    "ClusterURL",
     "HealthUpdate",
     "Lease",
     "MemoryStore",
@@ -46,5 +48,6 @@ __all__ = [
     "StoreUnavailable",
     "decode_update",
     "encode_update",
+    "parse_cluster_url",
     "parse_sentinel_url",
 ]

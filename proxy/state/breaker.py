@@ -68,6 +68,8 @@ def describe_failure(exc: BaseException, hard_timeout: float) -> str:
 
     if isinstance(exc, RedisError):
         code = exc.status_code
+        if code in ("MOVED", "ASK"):  # only a cluster client follows these
+            return f"{code} {exc}: this is a Redis Cluster node (set redis.cluster: true)"
         return f"{code} {exc}" if code else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, TimeoutError):
         return str(exc) or f"no answer within {hard_timeout * 1000:.0f} ms"

@@ -12,6 +12,13 @@ lost the day's counters and marks: the counters start again from zero and the
 queued settles of calls admitted before the restart find no mark and change
 nothing.
 
+On a Redis Cluster the same holds per hash slot: every script and multi-key
+call touches the keys of one provider or one client, which share a hash tag
+(see `scripts`), and the health channel is a shard channel (see `channel`).
+Redis replicates asynchronously: a master that dies may take its last
+milliseconds of writes with it, and the replica promoted in its place counts on
+from there.
+
 redis-py is imported only when a store is opened (`from_url`), not with this module.
 """
 
@@ -21,10 +28,11 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from proxy.state.breaker import Breaker, describe_failure, is_timeout
-from proxy.state.connect import open_client
+from proxy.state.channel import ENDED, ShardedChannel, Subscription, subscribe
+from proxy.state.connect import open_client, open_cluster
 from proxy.state.pending import PENDING_LIMIT, ReplayQueue
 from proxy.state.protocol import (
     Admission,
@@ -38,15 +46,18 @@ from proxy.state.protocol import (
     encode_update,
     stringify,
 )
-from proxy.state.scripts import ADMIT_LUA, LEASE_LUA, SETTLE_LUA, RedisKeys
+from proxy.state.scripts import ADMIT_LUA, COUNT_LUA, LEASE_LUA, PUT_HEALTH_LUA, SCRIPTS, SETTLE_LUA, RedisKeys
 from proxy.state.urls import describe_target
 
 if TYPE_CHECKING:  # redis-py is imported only when a Redis store is opened (~80 ms)
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
+    from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.sentinel import Sentinel
 
 T = TypeVar("T")
+
+HEALTH_TTL_SECONDS = 86_400.0  # a health record not rewritten for a day describes nothing current
 
 
 class RedisStore:
@@ -62,13 +73,18 @@ class RedisStore:
 
     A settle or a lease release that fails is queued (at most `pending_limit`) and
     replayed in the background once Redis answers again.
+
+    A health record expires `health_ttl_seconds` after it was last written, so the
+    records of providers no longer configured anywhere go away.
+
+    `client` is a `RedisCluster` when `sharded` (the cluster's health channel) is given.
     """
 
     kind: str = "redis"
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         target: str,
         prefix: str = "fp",
@@ -81,10 +97,16 @@ class RedisStore:
         breaker_timeouts: int = 3,
         pending_limit: int = PENDING_LIMIT,
         pubsub_ping_seconds: float = 5.0,
+        health_ttl_seconds: float = HEALTH_TTL_SECONDS,
         sentinel: Sentinel | None = None,
+        sharded: ShardedChannel | None = None,
     ) -> None:
         self._client = client
         self._sentinel = sentinel
+        self._sharded = sharded
+        self._topology_known = False
+        self._learner: asyncio.Task[None] | None = None  # one call learns the topology; the others wait for it
+        self.health_ttl = max(1, round(health_ttl_seconds))
         self.target = target
         self.keys = RedisKeys(prefix)
         self.timeout = timeout
@@ -98,13 +120,15 @@ class RedisStore:
         self._admit = client.register_script(ADMIT_LUA)
         self._settle = client.register_script(SETTLE_LUA)
         self._lease = client.register_script(LEASE_LUA)
+        self._put_health = client.register_script(PUT_HEALTH_LUA)
+        self._count = client.register_script(COUNT_LUA)
         self._token = secrets.token_hex(8)
         self.failures = 0  # calls that failed (those outside pub/sub may have opened the breaker)
         self.short_circuits = 0  # calls refused without I/O while the breaker was open
         self.busy = 0  # calls that found no free connection in time (not a Redis failure)
         self._pending = ReplayQueue(self._call, limit=pending_limit, pause=breaker_seconds)
         self._closed = False
-        self._pubsubs: set[PubSub] = set()
+        self._subscriptions: set[Subscription] = set()
 
     @classmethod
     def from_url(
@@ -122,17 +146,30 @@ class RedisStore:
         breaker_timeouts: int = 3,
         pending_limit: int = PENDING_LIMIT,
         pubsub_ping_seconds: float = 5.0,
+        health_ttl_seconds: float = HEALTH_TTL_SECONDS,
+        cluster: bool = False,
     ) -> RedisStore:
-        """`redis://`, `rediss://`, `unix://` or `redis+sentinel://`. Connects lazily:
-        an unreachable server shows up as StoreUnavailable on the first call.
-        Query parameters of a plain URL are passed to redis-py and win over these."""
-        client, sentinel = open_client(
-            url,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
-            max_connections=max_connections,
-            pool_wait=pool_wait,
-        )
+        """`redis://`, `rediss://`, `unix://` or `redis+sentinel://`; with `cluster`,
+        the comma-separated `redis://` or `rediss://` URLs of a Redis Cluster's seed
+        nodes. Connects lazily: an unreachable server shows up as StoreUnavailable
+        on the first call. Query parameters of a plain URL are passed to redis-py
+        and win over these."""
+        client: Redis | RedisCluster
+        sentinel: Sentinel | None = None
+        sharded: ShardedChannel | None = None
+        if cluster:
+            client, node_options = open_cluster(
+                url, timeout=timeout, connect_timeout=connect_timeout, max_connections=max_connections
+            )
+            sharded = ShardedChannel(client, node_options)
+        else:
+            client, sentinel = open_client(
+                url,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                max_connections=max_connections,
+                pool_wait=pool_wait,
+            )
         return cls(
             client,
             target=describe_target(url),
@@ -146,13 +183,16 @@ class RedisStore:
             breaker_timeouts=breaker_timeouts,
             pending_limit=pending_limit,
             pubsub_ping_seconds=pubsub_ping_seconds,
+            health_ttl_seconds=health_ttl_seconds,
             sentinel=sentinel,
+            sharded=sharded,
         )
 
     def __repr__(self) -> str:
         state = "open" if self.breaker_open else "closed"
+        kind = " cluster" if self._sharded is not None else ""
         return (
-            f"<RedisStore {self.target} prefix={self.keys.prefix!r} breaker={state} failures={self.failures}"
+            f"<RedisStore{kind} {self.target} prefix={self.keys.prefix!r} breaker={state} failures={self.failures}"
             f" pending={len(self._pending)}>"
         )
 
@@ -221,6 +261,8 @@ class RedisStore:
                 raise StoreUnavailable(
                     f"breaker open after: {self._breaker.reason}", operation=operation, maybe_applied=False
                 )
+            if self._sharded is not None and not self._topology_known:
+                await self._topology(self._sharded.cluster)
             async with asyncio.timeout(self.hard_timeout):
                 result = await call()
         # Fail closed: whatever redis-py raises (its own errors, OSError, a parser's
@@ -236,6 +278,26 @@ class RedisStore:
             self._slots.release()
         self._breaker.success(trial)
         return result
+
+    async def _topology(self, cluster: RedisCluster) -> None:
+        """Wait for the one task learning the topology (start it if none is running
+        or the last one failed); its failure is every waiting call's."""
+        learner = self._learner
+        if learner is None or (learner.done() and (learner.cancelled() or learner.exception() is not None)):
+            learner = self._learner = asyncio.get_running_loop().create_task(self._learn_topology(cluster))
+        await asyncio.shield(learner)
+
+    async def _learn_topology(self, cluster: RedisCluster) -> None:
+        """A cluster client's first call asks a seed for the slot map and the command
+        table (tens of milliseconds, more on a busy machine), and loads the scripts
+        on every master (a call that met NOSCRIPT would load it on every master in
+        its own time): once, with a bound of its own rather than one call's. Later
+        changes (a failover) cost a slot map only, which redis-py fetches within the
+        call that found the map stale."""
+        async with asyncio.timeout(max(1.0, 4 * self.hard_timeout)):
+            await cluster.initialize()
+            await asyncio.gather(*(cluster.script_load(script) for script in SCRIPTS))
+            self._topology_known = True
 
     async def admit(
         self,
@@ -299,14 +361,16 @@ class RedisStore:
     async def put_health(self, provider: str, record: Mapping[str, str | int | float]) -> None:
         flat = stringify(record)
         key = self.keys.health(provider)
+        update = encode_update(provider, flat)
+        sharded = self._sharded
+        # On one Redis the script publishes too; a shard channel lives in a slot of its own.
+        args: list[str | int | bytes] = [self.health_ttl, "" if sharded else self.keys.channel, update]
+        args += [part for field in flat.items() for part in field]
 
         async def replace_and_publish() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                if flat:
-                    pipe.hset(key, mapping=flat)  # type: ignore[arg-type]  # dict[str, str] is fine
-                pipe.publish(self.keys.channel, encode_update(provider, flat))
-                await pipe.execute()
+            await self._put_health(keys=[key], args=args)
+            if sharded is not None:
+                await sharded.publish(self.keys.channel, update)
 
         await self._call("put_health", replace_and_publish)
 
@@ -325,15 +389,18 @@ class RedisStore:
         return {name: dict(record) for name, record in zip(names, records, strict=True) if record}
 
     async def health_updates(self) -> AsyncIterator[tuple[str, dict[str, str]]]:
-        pubsub = await self._call("subscribe", self._subscribe)
-        self._pubsubs.add(pubsub)
+        subscription = await self._call("subscribe", self._subscribe)
+        self._subscriptions.add(subscription)
         try:
-            async for message in self._messages(pubsub):
-                if message["type"] == "message" and (update := decode_update(message["data"])):
+            async for message in self._messages(subscription.pubsub):
+                if message["type"] == subscription.message_type and (update := decode_update(message["data"])):
                     yield update
+                elif message["type"] in ENDED:
+                    reason = f"{message['type']}: the server ended the subscription (its slot moved)"
+                    raise self._failed("subscribe", ConnectionError(reason), trip=False)
         finally:
-            self._pubsubs.discard(pubsub)
-            await pubsub.aclose()
+            self._subscriptions.discard(subscription)
+            await subscription.aclose()
 
     async def _messages(self, pubsub: PubSub) -> AsyncIterator[dict[str, Any]]:
         """Every pub/sub message until `aclose`; PINGs a silent channel, because a
@@ -357,15 +424,11 @@ class RedisStore:
                     return
                 raise
 
-    async def _subscribe(self) -> PubSub:
-        pubsub = self._client.pubsub()
-        try:
-            await pubsub.subscribe(self.keys.channel)
-            await pubsub.get_message(timeout=self.timeout)  # the subscribe confirmation
-        except BaseException:
-            await pubsub.aclose()
-            raise
-        return pubsub
+    async def _subscribe(self) -> Subscription:
+        if self._sharded is not None:
+            return await self._sharded.subscribe(self.keys.channel, self.timeout)
+        plain = cast("Redis", self._client)  # without a sharded channel, not a cluster
+        return await subscribe(plain, self.keys.channel, self.timeout)
 
     async def _next_message(self, pubsub: PubSub) -> dict[str, Any] | None:
         wait = min(self._ping_seconds, 1.0)
@@ -388,15 +451,8 @@ class RedisStore:
 
     async def count(self, name: str, delta: int, ttl_seconds: float) -> int:
         key, ttl_ms = self.keys.counter(name), max(1, round(ttl_seconds * 1000))
-
-        async def add() -> int:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, delta)
-                pipe.pexpire(key, ttl_ms)
-                value, _ = await pipe.execute()
-                return int(value)
-
-        return await self._call("count", add)
+        value = await self._call("count", lambda: self._count(keys=[key], args=[delta, ttl_ms]))
+        return int(value)
 
     async def acquire_lease(
         self,
@@ -437,6 +493,11 @@ class RedisStore:
         return self._pending.stats()
 
     async def ping(self) -> None:
+        """On a cluster, every master: a cluster with a shard down is not all there."""
+        if self._sharded is not None:
+            cluster = self._sharded.cluster
+            await self._call("ping", lambda: cluster.ping(target_nodes="primaries"))
+            return
         await self._call("ping", self._client.ping)
 
     async def aclose(self, *, flush_seconds: float = 1.0) -> None:
@@ -444,8 +505,11 @@ class RedisStore:
         Queued writes get `flush_seconds` to be replayed; the rest are dropped."""
         await self._pending.close(flush_seconds)
         self._closed = True
-        for pubsub in list(self._pubsubs):
-            await pubsub.aclose()
+        if self._learner is not None:
+            self._learner.cancel()
+            await asyncio.gather(self._learner, return_exceptions=True)
+        for subscription in list(self._subscriptions):
+            await subscription.aclose()
         await self._client.aclose()
         if self._sentinel is not None:
             await self._sentinel.aclose()

@@ -1,9 +1,12 @@
 """The Redis layout: key names and the Lua scripts that change them atomically.
 
 `fp` is the prefix; every key of one provider carries the Redis Cluster hash
-tag `{provider}`, so a script only touches one slot:
+tag `{provider}`, and every key of one client the tag `{client}`, so a script
+only ever touches one slot (LEASE_LUA's lease set and counter are the same
+client's):
 
-    fp:{openai-4o}:health           hash: the provider's health record
+    fp:{openai-4o}:health           hash: the provider's health record (expires a day,
+                                    by default, after its last change)
     fp:{openai-4o}:quota:2025-01-31 hash: req, tok, m:<call id> for each admitted call not
                                     yet settled (expires ttl_seconds after creation)
     fp:{<client>}:count:rate:<client>:<window>  a counter (INCRBY, PEXPIRE)
@@ -11,10 +14,15 @@ tag `{provider}`, so a script only touches one slot:
                                     expiry (ms, Redis's clock)
     fp:{openai-4o}:lock:probe:openai-4o   SET NX PX lock
     fp:health                       pub/sub channel: {"provider": ..., "record": {...}}
+                                    (a shard channel on a Redis Cluster)
 
 The admit script leaves the mark `m:<id>` in the quota hash; the settle script
 applies only if it removes that mark. The scripts mirror `protocol.admits` and
 `protocol.settled`.
+
+Every write of more than one command is a script rather than a MULTI: on a
+cluster whose slot moved (a failover, a reshard), redis-py follows the MOVED
+answer to a script, while a MULTI fails.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from dataclasses import dataclass
 
 
 def _hash_tag(name: str) -> str:
-    return "{" + name + "}"
+    # Redis hashes what lies between the first `{` and the next `}`; an empty tag is
+    # none at all (the whole key is hashed). So no `}` inside, and never empty.
+    return "{" + (name.replace("}", "") or "_") + "}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +120,26 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return {1, redis.call('ZCARD', KEYS[1]), counted}
 """
+
+# KEYS: the health record. ARGV: ttl_seconds, channel ('': publish nothing), update, then
+# field, value, ... Replaces the record (none: deleted), and publishes the update in the
+# same step where the channel may be published from here (one Redis, not a cluster).
+PUT_HEALTH_LUA = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 3 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+end
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+return 1
+"""
+
+# KEYS: the counter. ARGV: delta, ttl_ms. Returns the new value; the counter expires ttl_ms
+# after its last change.
+COUNT_LUA = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return value
+"""
+
+SCRIPTS = (ADMIT_LUA, SETTLE_LUA, LEASE_LUA, PUT_HEALTH_LUA, COUNT_LUA)
