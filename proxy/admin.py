@@ -63,11 +63,12 @@ class AdminHandlers:
         config = runtime.config
         providers: dict[str, Any] = {}
         for name, health in runtime.health.snapshot().items():
+            off = config.providers[name].disabled_reason  # no key: left out by the config
             providers[name] = {
-                "state": health.state.value,
+                "state": "disabled" if off else health.state.value,
                 "breaker": health.breaker.value,
-                "reason": health.reason,
-                "disabled": health.disabled,
+                "reason": off or health.reason,
+                "disabled": bool(off) or health.disabled,
                 "ttft_s": health.ttft,
                 "local": config.providers[name].local,
                 "quota": await self._quota(runtime, name),

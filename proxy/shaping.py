@@ -2,7 +2,8 @@
 
 * `needs_of` reads what a request needs (images, tools, privacy) once.
 * `eligibility` says, without I/O, why a provider must be passed over for it
-  (`policy`: not local for private work; `unsupported`: lacks vision/tools).
+  (`policy`: disabled by the config for want of a key, or not local for
+  private work; `unsupported`: lacks vision/tools).
 * `Shaper.shape` rewrites the request for one provider: its `system_prompt`
   replaces the client's ("mini mode"), and when the prompt does not fit its
   `context_window` (leaving room for `max_tokens`) the oldest turns are dropped
@@ -55,6 +56,8 @@ def _has_image(message: object) -> bool:
 
 def eligibility(provider: ProviderConfig, route: Route, needs: Needs) -> ProviderError | None:
     """Why this provider must not be called for this request (no I/O), or None."""
+    if provider.disabled_reason is not None:
+        return ProviderError(FailureClass.POLICY, f"disabled: {provider.disabled_reason}; not called")
     if (route.local_only or needs.local_only) and not provider.local:
         return ProviderError(FailureClass.POLICY, "not a local provider; private work stays on this machine")
     capabilities = provider.capabilities

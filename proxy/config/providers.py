@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Final
 
 from proxy.config.model import CAPABILITIES, ProviderConfig, Quota, Timeouts
+from proxy.config.source import referenced_names
 from proxy.config.values import (
     _boolean,
     _Context,
@@ -44,6 +45,7 @@ _PROVIDER_KEYS: Final = frozenset(
         "system_prompt",
         "retries",
         "headers",
+        "needs_key",
     }
 )
 _TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
@@ -145,6 +147,10 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
     if m is None:
         return None
     model = _required_text(m, "model", path, ctx)
+    errors = len(ctx.errors)
+    api_key = _opt(m, "api_key", path, ctx, _text)
+    needs_key = _get(m, "needs_key", path, ctx, _boolean, False)
+    disabled = _disabled_reason(m, api_key, path, ctx) if needs_key and len(ctx.errors) == errors else None
     provider = ProviderConfig(
         name=name,
         model=model or "",
@@ -152,7 +158,7 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         upstream_model="",
         openai_compatible=False,
         api_base=_opt(m, "api_base", path, ctx, _http_url),
-        api_key=_opt(m, "api_key", path, ctx, _text),
+        api_key=api_key,
         timeout=_parse_timeouts(m.get("timeout"), f"{path}.timeout", ctx),
         quota=_parse_quota(m.get("quota"), f"{path}.quota", ctx),
         context_window=_opt(m, "context_window", path, ctx, _positive_int),
@@ -163,8 +169,29 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         retries=_get(m, "retries", path, ctx, _int_between(0, 5), 0),
         headers=_parse_headers(m.get("headers"), f"{path}.headers", ctx),
         probe=_get(m, "probe", path, ctx, _boolean, True),
+        needs_key=needs_key,
+        disabled_reason=disabled,
     )
     return None if model is None else _with_target(provider, path, ctx)
+
+
+def _disabled_reason(m: Mapping[str, object], api_key: str | None, path: str, ctx: _Context) -> str | None:
+    """For a provider with ``needs_key: true``: why it is off (its key is empty), or None.
+
+    An empty key disables the provider instead of failing the config, so a file
+    that names every provider runs with only the keys at hand; a key that is
+    missing from the file is still an error.
+    """
+    raw = m.get("api_key")
+    if raw is None:
+        ctx.error(path, "needs_key: true needs an api_key, e.g. api_key: ${OPENAI_API_KEY:-}")
+        return None
+    if api_key:
+        return None
+    unset = [name for name in referenced_names(raw) if not ctx.environ.get(name)] if isinstance(raw, str) else []
+    reason = f"{' and '.join(unset)} not set" if unset else "api_key is empty"
+    ctx.warn(path, f"disabled: {reason} (needs_key: true; set it to use this provider)")
+    return reason
 
 
 def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> ProviderConfig | None:
