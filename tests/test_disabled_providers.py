@@ -1,12 +1,12 @@
-"""Providers without their key (``needs_key: true``): disabled, reported, never called, never probed.
+"""Providers without their key (``needs: [api_key]``): disabled, reported, never called, never probed.
 
-config/example.yaml names five cloud providers; whoever runs it has some of
-their keys, or none. A provider marked ``needs_key`` whose ``api_key`` is empty
-after interpolation is disabled with the reason ("OPENAI_API_KEY not set"):
-check-config and the start-up log say so, every walk passes over it without a
-network call (class ``policy``), probes and warm-ups leave it alone, and
-/readyz and /admin/status show it as ``disabled``. A missing or misspelt key of
-the file is still an error.
+config/example.yaml names five cloud providers and a local Ollama; whoever
+runs it has some of their keys, or none. A provider that ``needs`` a field
+(``api_key``, ``api_base``) whose variables are unset is disabled with the
+reason ("OPENAI_API_KEY not set"): check-config and the start-up log say so,
+every walk passes over it without a network call (class ``policy``), probes and
+warm-ups leave it alone, and /readyz and /admin/status show it as ``disabled``.
+A missing or misspelt key of the file is still an error.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ CLOUD_KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "GROQ_API
 
 def keyed(url: str, variable: str = "FP_TEST_KEY") -> dict[str, Any]:
     """A provider at `url` that needs the key in ``$variable``."""
-    return {**openai_provider(url), "api_key": f"${{{variable}:-}}", "needs_key": True}
+    return {**openai_provider(url), "api_key": f"${{{variable}}}", "needs": ["api_key"]}
 
 
 def config_of(providers: dict[str, Any], routes: dict[str, Any], environ: dict[str, str] | None = None) -> Any:
@@ -51,7 +51,7 @@ def test_an_empty_key_disables_the_provider_with_the_variable_named() -> None:
     assert config.providers["a"].disabled_reason == "FP_TEST_KEY not set"
     assert config.providers["b"].disabled_reason is None
     assert config.warnings == (
-        "providers.a: disabled: FP_TEST_KEY not set (needs_key: true; set it to use this provider)",
+        "providers.a: disabled: FP_TEST_KEY not set (needs: [api_key]; set it to use this provider)",
     )
 
 
@@ -61,7 +61,26 @@ def test_a_set_key_enables_it() -> None:
     assert config.warnings == ()
 
 
-def test_without_needs_key_an_empty_key_is_sent_as_none() -> None:
+def test_the_default_form_and_an_empty_value_disable_it_too() -> None:
+    """Every variable a needed field refers to must be set: a default does not stand in for a key."""
+    defaulted = {**openai_provider("http://127.0.0.1:9"), "api_key": "${FP_TEST_KEY:-sk-test}", "needs": ["api_key"]}
+    literal = {**openai_provider("http://127.0.0.1:9"), "api_key": "", "needs": ["api_key"]}
+    config = config_of({"a": defaulted, "b": literal}, {"r": ["a", "b"]}, {"FP_TEST_KEY": ""})
+    assert config.providers["a"].disabled_reason == "FP_TEST_KEY not set"
+    assert config.providers["b"].disabled_reason == "api_key is empty"
+
+
+def test_a_local_provider_without_its_server_address_is_disabled_not_pointed_at_localhost() -> None:
+    local = {"model": "openai/qwen2.5:7b", "api_base": "${FP_OLLAMA}/v1", "local": True, "needs": ["api_base"]}
+    config = config_of({"local": local}, {"private": {"local_only": True, "chain": ["local"]}})
+    assert config.providers["local"].disabled_reason == "FP_OLLAMA not set"
+    assert config.providers["local"].api_base is None
+    served = config_of({"local": local}, {"r": ["local"]}, {"FP_OLLAMA": "http://10.0.0.7:11434"})
+    assert served.providers["local"].api_base == "http://10.0.0.7:11434/v1"
+    assert served.providers["local"].disabled_reason is None
+
+
+def test_without_needs_an_empty_key_is_sent_as_none() -> None:
     provider = {**openai_provider("http://127.0.0.1:9"), "api_key": "${FP_TEST_KEY:-}"}
     config = config_of({"a": provider}, {"r": ["a"]})
     assert config.providers["a"].disabled_reason is None and config.providers["a"].api_key is None
@@ -70,13 +89,17 @@ def test_without_needs_key_an_empty_key_is_sent_as_none() -> None:
 @pytest.mark.parametrize(
     ("provider", "problem"),
     [
-        # needs_key with no api_key at all: the file is wrong, not the environment.
-        ({"model": "openai/gpt-test", "needs_key": True}, "providers.a: needs_key: true needs an api_key"),
-        # ${VAR} without :- still requires the variable.
-        ({"model": "openai/gpt-test", "api_key": "${FP_TEST_KEY}", "needs_key": True}, "FP_TEST_KEY is not set"),
-        # A misspelt marker is an unknown key, with the suggestion.
-        ({"model": "openai/gpt-test", "api_key": "${FP_TEST_KEY:-}", "need_key": True}, "did you mean 'needs_key'?"),
-        ({"model": "openai/gpt-test", "api_key": "x", "needs_key": "sometimes"}, "expected true or false"),
+        # Needing a field the provider does not have: the file is wrong, not the environment.
+        ({"model": "openai/gpt-test", "needs": ["api_key"]}, "providers.a: needs api_key, but has none"),
+        # A field it does not need still requires its variables.
+        (
+            {"model": "openai/gpt-test", "api_key": "${FP_TEST_KEY}", "api_base": "${FP_BASE}", "needs": ["api_key"]},
+            "providers.a.api_base: environment variable FP_BASE is not set",
+        ),
+        # Misspellings are unknown keys or fields, with the suggestion.
+        ({"model": "openai/gpt-test", "api_key": "${FP_TEST_KEY}", "need": ["api_key"]}, "did you mean 'needs'?"),
+        ({"model": "openai/gpt-test", "api_key": "x", "needs": ["api_keys"]}, "did you mean 'api_key'?"),
+        ({"model": "openai/gpt-test", "api_key": "x", "needs": "api_key"}, "providers.a.needs: expected a list"),
     ],
 )
 def test_mistakes_in_the_file_are_still_errors(provider: dict[str, Any], problem: str) -> None:
@@ -90,7 +113,7 @@ def test_a_route_with_every_provider_disabled_is_warned_about() -> None:
         {"a": keyed("http://127.0.0.1:9"), "b": keyed("http://127.0.0.1:9", "FP_OTHER")}, {"r": ["a", "b"]}
     )
     assert (
-        "routes.r: every provider it reaches is disabled (no key): it answers 503 until a key is set" in config.warnings
+        "routes.r: every provider it reaches is disabled: it answers 503 until one of them is set up" in config.warnings
     )
 
 
@@ -114,10 +137,10 @@ def test_example_yaml_passes_check_config_with_no_key_exported() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    for key in CLOUD_KEYS:
+    for key in (*CLOUD_KEYS, "OLLAMA_URL"):
         assert f"disabled: {key} not set" in done.stdout
-    # Only the disabled providers are warned about: nothing else in the file needs the environment.
-    assert "warnings (5):" in done.stdout
+    # Seven providers disabled, so are the four routes; nothing else in the file needs the environment.
+    assert "warnings (11):" in done.stdout
 
 
 # --- the proxy: skipped without a call, never probed, shown as disabled ----------------------

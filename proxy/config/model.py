@@ -77,7 +77,7 @@ class ProviderConfig:
     retries: int = 0
     headers: Mapping[str, str] = field(default_factory=_no_headers)
     probe: bool = True  # active health probes allowed
-    needs_key: bool = False  # without an api_key the provider is disabled, not called keyless
+    needs: frozenset[str] = frozenset()  # api_key, api_base: without them the provider is disabled
     # Why the config leaves this provider out ("OPENAI_API_KEY not set"): skipped in every walk
     # without a call, never probed or warmed up. None: in use.
     disabled_reason: str | None = None

@@ -45,12 +45,14 @@ _PROVIDER_KEYS: Final = frozenset(
         "system_prompt",
         "retries",
         "headers",
-        "needs_key",
+        "needs",
     }
 )
 _TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
 _QUOTA_KEYS: Final = ("requests_per_day", "tokens_per_day")
 _DEFAULT_TIMEOUTS: Final = Timeouts()
+# Fields a provider may declare it `needs`: without them it is disabled, not an error.
+_NEEDABLE: Final = ("api_key", "api_base")
 
 # litellm providers whose wire format is OpenAI's, so requests are relayed as is.
 _OPENAI_COMPATIBLE: Final = frozenset(
@@ -147,18 +149,18 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
     if m is None:
         return None
     model = _required_text(m, "model", path, ctx)
-    errors = len(ctx.errors)
-    api_key = _opt(m, "api_key", path, ctx, _text)
-    needs_key = _get(m, "needs_key", path, ctx, _boolean, False)
-    disabled = _disabled_reason(m, api_key, path, ctx) if needs_key and len(ctx.errors) == errors else None
+    needs = _parse_needs(m, path, ctx)
+    disabled = _disabled_reason(m, needs, path, ctx)
+    # A needed field whose variables are unset is left unread: `${OPENAI_API_KEY}` is no error then.
+    unread = needs if disabled is not None else frozenset()
     provider = ProviderConfig(
         name=name,
         model=model or "",
         litellm_provider="",  # the model-derived fields are filled in by _with_target
         upstream_model="",
         openai_compatible=False,
-        api_base=_opt(m, "api_base", path, ctx, _http_url),
-        api_key=api_key,
+        api_base=None if "api_base" in unread else _opt(m, "api_base", path, ctx, _http_url),
+        api_key=None if "api_key" in unread else _opt(m, "api_key", path, ctx, _text),
         timeout=_parse_timeouts(m.get("timeout"), f"{path}.timeout", ctx),
         quota=_parse_quota(m.get("quota"), f"{path}.quota", ctx),
         context_window=_opt(m, "context_window", path, ctx, _positive_int),
@@ -169,28 +171,45 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         retries=_get(m, "retries", path, ctx, _int_between(0, 5), 0),
         headers=_parse_headers(m.get("headers"), f"{path}.headers", ctx),
         probe=_get(m, "probe", path, ctx, _boolean, True),
-        needs_key=needs_key,
+        needs=needs,
         disabled_reason=disabled,
     )
     return None if model is None else _with_target(provider, path, ctx)
 
 
-def _disabled_reason(m: Mapping[str, object], api_key: str | None, path: str, ctx: _Context) -> str | None:
-    """For a provider with ``needs_key: true``: why it is off (its key is empty), or None.
+def _parse_needs(m: Mapping[str, object], path: str, ctx: _Context) -> frozenset[str]:
+    """The fields named by ``needs``, each one the provider has."""
+    found: set[str] = set()
+    for where, item in _items(m.get("needs"), f"{path}.needs", ctx):
+        field = _convert(item, where, ctx, _text)
+        if field is not None and field not in _NEEDABLE:
+            ctx.error(where, _unknown("field", field, _NEEDABLE))
+        elif field is not None and m.get(field) is None:
+            example = "${OPENAI_API_KEY}" if field == "api_key" else "${OLLAMA_URL}"
+            ctx.error(path, f"needs {field}, but has none (e.g. {field}: {example})")
+        elif field is not None:
+            found.add(field)
+    return frozenset(found)
 
-    An empty key disables the provider instead of failing the config, so a file
-    that names every provider runs with only the keys at hand; a key that is
-    missing from the file is still an error.
+
+def _disabled_reason(m: Mapping[str, object], needs: frozenset[str], path: str, ctx: _Context) -> str | None:
+    """Why a provider is off: a field it needs refers to unset (or empty) variables, or is empty.
+
+    A file that names every provider then runs with only the keys and servers at
+    hand; the provider is reported, and never called or probed, until they are set.
     """
-    raw = m.get("api_key")
-    if raw is None:
-        ctx.error(path, "needs_key: true needs an api_key, e.g. api_key: ${OPENAI_API_KEY:-}")
+    unset: list[str] = []
+    empty: list[str] = []
+    for field in sorted(needs):
+        raw = m[field]
+        names = referenced_names(raw) if isinstance(raw, str) else ()
+        unset += [name for name in names if not ctx.environ.get(name) and name not in unset]
+        if not names and raw == "":
+            empty.append(f"{field} is empty")
+    if not unset and not empty:
         return None
-    if api_key:
-        return None
-    unset = [name for name in referenced_names(raw) if not ctx.environ.get(name)] if isinstance(raw, str) else []
-    reason = f"{' and '.join(unset)} not set" if unset else "api_key is empty"
-    ctx.warn(path, f"disabled: {reason} (needs_key: true; set it to use this provider)")
+    reason = "; ".join([f"{' and '.join(unset)} not set"] if unset else empty)
+    ctx.warn(path, f"disabled: {reason} (needs: [{', '.join(sorted(needs))}]; set it to use this provider)")
     return reason
 
 
@@ -213,7 +232,7 @@ def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> Provider
 
 
 def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -> str | None:
-    if provider.api_base is not None:
+    if provider.api_base is not None or provider.disabled_reason is not None:
         return provider.api_base
     where = f"{path}.api_base"
     if prefix in _API_BASE_REQUIRED:
