@@ -180,3 +180,29 @@ def test_docker_run_with_env_example_would_start(entrypoint: tuple[subprocess.Po
     for variable in CLOUD_KEYS:
         assert f"disabled: {variable} not set" in log
     assert "error" not in {line.split('"level":"')[1].split('"')[0] for line in log.splitlines() if '"level":"' in line}
+
+
+def readme_block(heading: str) -> list[str]:
+    """The commands of the first bash block under `heading` in README.md (comments dropped)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_docker_commands_are_the_ones_the_tests_run() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))["services"]
+    build, run, probe = readme_block("### The image alone")
+    assert build == f"docker build -t {services['proxy']['image']} ."
+    argv = run.split()
+    assert argv[:3] == ["docker", "run", "--rm"] and argv[-1] == services["proxy"]["image"]
+    assert argv[argv.index("-p") + 1] == services["proxy"]["ports"][0], "published as compose publishes it"
+    assert argv[argv.index("--env-file") + 1] == ".env"
+    grace = int(argv[argv.index("--stop-timeout") + 1])
+    assert grace == int(services["proxy"]["stop_grace_period"].removesuffix("s"))
+    from tests.test_container import STOP_GRACE
+
+    assert grace == STOP_GRACE, "tests/test_container.py stops the container with the grace README gives"
+    assert probe == "curl http://127.0.0.1:8080/readyz"
+    compose = readme_block("## Run with docker compose")
+    assert compose[:2] == ["cp .env.example .env", "docker compose up -d --build"]
