@@ -6,9 +6,10 @@
 #   docker run --rm -p 127.0.0.1:8080:8080 --env-file .env --stop-timeout 35 fallback-proxy:0.1.0
 #
 # Both stages use the same base tag so the venv's interpreter path exists in
-# the final image. What takes the space: the base image, then the venv, most
-# of it litellm and what it pulls in (tokenizers, tiktoken, the OpenAI SDK,
-# pydantic, huggingface_hub); tests/test_container.py prints the breakdown.
+# the final image. What takes the space, past the base image: the venv, 295 MB,
+# most of it litellm (120 MB) and what it pulls in (botocore 31 MB, the OpenAI
+# SDK 19 MB, tokenizers 11 MB, hf_xet 10 MB), then uvloop 13 MB and aiohttp
+# 8 MB; ~80 MB of it is bytecode. tests/test_container.py prints the breakdown.
 
 # --- builder: resolve and install into /opt/venv --------------------------------
 FROM python:3.11-slim-bookworm AS builder
