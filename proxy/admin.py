@@ -128,7 +128,10 @@ class AdminHandlers:
             return found
         runtime, name = found
         runtime.health.enable(name)
-        return _json({"provider": name, "disabled": False})
+        off = runtime.config.providers[name].disabled_reason  # the operator's switch is lifted, not the config's
+        return _json(
+            {"provider": name, "disabled": True, "reason": off} if off else {"provider": name, "disabled": False}
+        )
 
     async def reload(self, request: Request) -> Response:
         runtime = self._admit(request)

@@ -191,3 +191,7 @@ def test_a_disabled_provider_is_never_probed_and_shows_as_disabled(
     keyless = status["providers"]["keyless"]
     assert (keyless["state"], keyless["disabled"], keyless["reason"]) == ("disabled", True, "FP_TEST_KEY not set")
     assert status["providers"]["backup"]["state"] == "healthy" and not status["providers"]["backup"]["disabled"]
+    # The operator's switch cannot enable what the config leaves out: the answer says it stays off.
+    enabled = http.post(f"{proxy.url}/admin/providers/keyless/enable", headers={"authorization": "Bearer admin-secret"})
+    assert enabled.json() == {"provider": "keyless", "disabled": True, "reason": "FP_TEST_KEY not set"}
+    assert cloud.request_count == 0
