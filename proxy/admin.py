@@ -72,11 +72,12 @@ class AdminHandlers:
         config = runtime.config
         providers: dict[str, Any] = {}
         for name, health in runtime.health.snapshot().items():
+            off = config.providers[name].disabled_reason  # no key: left out by the config
             providers[name] = {
-                "state": health.state.value,
+                "state": "disabled" if off else health.state.value,
                 "breaker": health.breaker.value,
-                "reason": health.reason,
-                "disabled": health.disabled,
+                "reason": off or health.reason,
+                "disabled": bool(off) or health.disabled,
                 "ttft_s": health.ttft,
                 "local": config.providers[name].local,
                 "quota": await self._quota(runtime, name),
@@ -188,7 +189,10 @@ class AdminHandlers:
             return found
         runtime, name = found
         runtime.health.enable(name)
-        return _json({"provider": name, "disabled": False})
+        off = runtime.config.providers[name].disabled_reason  # the operator's switch is lifted, not the config's
+        return _json(
+            {"provider": name, "disabled": True, "reason": off} if off else {"provider": name, "disabled": False}
+        )
 
     async def reload(self, request: Request) -> Response:
         runtime = self._admit(request)

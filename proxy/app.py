@@ -607,6 +607,7 @@ class Handlers:
             "store": await self._store_status(),
             "health": {
                 name: {"state": h.state.value, "breaker": h.breaker.value, "reason": h.reason}
+                | _disabled_by_config(state.config, name)
                 for name, h in (state.runtime.health.snapshot() if state.runtime else {}).items()
             },
         }
@@ -641,6 +642,14 @@ def _route(runtime: Runtime, model: str, record: RequestRecord) -> Route:
         raise ModelNotFound(model, list(config.routes), list(config.providers))
     record.route = route.name
     return route
+
+
+def _disabled_by_config(config: Config, name: str) -> dict[str, str]:
+    """For a provider the config leaves out (no key), what /readyz shows instead of its health."""
+    provider = config.providers.get(name)
+    if provider is None or provider.disabled_reason is None:
+        return {}
+    return {"state": "disabled", "reason": provider.disabled_reason}
 
 
 def _model_entry(name: str, kind: str) -> dict[str, Any]:

@@ -318,6 +318,53 @@ def run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- healthcheck ----------------------------------------------------------------------
+
+
+def _healthcheck_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ready", action="store_true", help="check /readyz (ready to serve) instead of /healthz (alive)"
+    )
+    parser.add_argument("--url", default=None, help="check this URL instead of finding the running serve")
+    parser.add_argument(
+        "--pid", type=int, default=None, help="the serve process to check (default: the oldest, PID 1 in a container)"
+    )
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
+
+
+def run_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the running `serve` answers on the address it was started with
+    (its --host/--port, else its config's server.host/port), else 1 with the reason."""
+    from proxy.healthcheck import check, find_serve, listen_address, probe_url
+
+    path = "/readyz" if args.ready else "/healthz"
+    url: str | None = args.url
+    if url is None:
+        serve = find_serve(args.pid)
+        if serve is None:
+            print("unhealthy: no `fallback-proxy serve` process found (pass --url)", file=sys.stderr)
+            return 1
+        try:  # the server started with these arguments, so they parse
+            served = build_parser().parse_args(["serve", *serve.arguments])
+            config = load_config(served.config or default_config_path(serve.environ) or "", serve.environ)
+        except SystemExit:
+            return 1
+        except ConfigError as exc:
+            print(f"unhealthy: cannot read the server's config: {exc}", file=sys.stderr)
+            return 1
+        host, port = listen_address(served.host, served.port, config)
+        if port == 0:
+            print("unhealthy: the server picked a free port (port 0): pass --url", file=sys.stderr)
+            return 1
+        url = probe_url(host, port, path)
+    problem = check(url, args.timeout)
+    if problem is not None:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
+    print(f"healthy: {url}")
+    return EXIT_OK
+
+
 # --- demo ---------------------------------------------------------------------------
 
 
@@ -413,6 +460,11 @@ COMMANDS: Final[Mapping[str, Command]] = MappingProxyType(
             help="validate a config file and print what it sets up",
             add_arguments=_check_config_arguments,
             run=run_check_config,
+        ),
+        "healthcheck": Command(
+            help="exit 0 when the running serve answers on its own port (a container HEALTHCHECK)",
+            add_arguments=_healthcheck_arguments,
+            run=run_healthcheck,
         ),
         "demo": Command(
             help="run a fake cloud, a fake local model and the proxy, and show a fallback",

@@ -60,8 +60,13 @@ class Runtime:
 
     @classmethod
     def build(cls, config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents) -> Runtime:
-        """Build the adapters (litellm is imported here when a provider needs it: seconds)."""
-        adapters = {name: make_adapter(provider, clients, events) for name, provider in config.providers.items()}
+        """Build the adapters (litellm is imported here when a provider needs it: seconds).
+        A provider the config disables gets none: no walk calls it, nothing probes it."""
+        adapters = {
+            name: make_adapter(provider, clients, events)
+            for name, provider in config.providers.items()
+            if provider.disabled_reason is None
+        }
         return cls(config, adapters, store, events, events.metrics)
 
     async def start(self, *, warm_up: bool = True) -> None:
@@ -70,7 +75,7 @@ class Runtime:
             self.loops.spawn(self.health.follow())
         self.loops.spawn(self.health.probe_forever(self._probes()))
         for name, provider in self.config.providers.items():
-            if provider.warmup and warm_up:
+            if provider.warmup and warm_up and name in self.adapters:
                 self.loops.spawn(_warm_up(name, self.adapters[name]))
 
     def _probes(self) -> dict[str, Callable[[], Awaitable[None]]]:
@@ -79,7 +84,7 @@ class Runtime:
         return {
             name: functools.partial(self.adapters[name].probe, limits)
             for name, provider in self.config.providers.items()
-            if provider.probe
+            if provider.probe and name in self.adapters
         }
 
     async def retire(self) -> None:

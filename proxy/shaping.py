@@ -2,10 +2,11 @@
 
 * `needs_of` reads what a request needs (images, tools, privacy) once.
 * `eligibility` says, without I/O, why a provider must be passed over for it
-  (`policy`: not local for private work; `unsupported`: lacks vision, tools or
-  structured outputs, or its wire format cannot give what the request asks for:
-  several choices (`n`) or logprobs through a translation that drops them; for
-  embeddings: another vector space, or token arrays it cannot read).
+  (`policy`: disabled by the config for want of a key, or not local for
+  private work; `unsupported`: lacks vision, tools or structured outputs, or
+  its wire format cannot give what the request asks for: several choices (`n`)
+  or logprobs through a translation that drops them; for embeddings: another
+  vector space, or token arrays it cannot read).
 * `Shaper.shape` rewrites the request for one provider: its `system_prompt`
   replaces the client's ("mini mode"), and when the prompt does not fit its
   `context_window` (leaving room for `max_tokens`, or a quarter of the window
@@ -72,6 +73,8 @@ def _has_image(message: object) -> bool:
 
 def eligibility(provider: ProviderConfig, route: Route, needs: Needs) -> ProviderError | None:
     """Why this provider must not be called for this request (no I/O), or None."""
+    if provider.disabled_reason is not None:
+        return ProviderError(FailureClass.POLICY, f"disabled: {provider.disabled_reason}; not called")
     if (route.local_only or needs.local_only) and not provider.local:
         return ProviderError(FailureClass.POLICY, "not a local provider; private work stays on this machine")
     if needs.embedding_space is not None:

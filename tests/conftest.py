@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -18,9 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from proxy.app import create_app
 from proxy.config import Config, parse_config
 from proxy.fakes import FakeOpenAI
+from tests.podman import Podman
 
-from .redis_cluster import MISSING as NO_REDIS_CLUSTER
-from .redis_cluster import RedisClusterProcesses
+if TYPE_CHECKING:
+    from .redis_cluster import RedisClusterProcesses
 
 
 class SecretScan:
@@ -137,8 +139,12 @@ def serve(serve_asgi: Callable[[ASGIApp], ServedApp]) -> Callable[..., ServedApp
 def redis_cluster() -> Iterator[RedisClusterProcesses]:
     """A Redis Cluster of six `redis-server` processes (three masters, each with a
     replica), shared by the tests that kill none of its nodes."""
-    if NO_REDIS_CLUSTER:
-        pytest.skip(NO_REDIS_CLUSTER)
+    # Imported here: redis-py loads OpenTelemetry when it is installed, and a test
+    # checks that a proxy without Redis or traces loads none of it.
+    from .redis_cluster import MISSING, RedisClusterProcesses
+
+    if MISSING:
+        pytest.skip(MISSING)
     cluster = RedisClusterProcesses().start()
     try:
         yield cluster
@@ -195,3 +201,37 @@ def no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
         line = record.getMessage() + (caplog.text if record.exc_info else "")
         leaked = [secret for secret in SECRETS if secret in line]
         assert not leaked, f"a log line shows {leaked}: {line[:300]}"
+
+
+# --- containers: podman, the base image and the proxy image, made once per session -----------------
+
+
+def _container_session(make: Callable[[], Any]) -> Any:
+    """Run `make`; where podman cannot run here, skip saying why (fail instead under .ci/run)."""
+    from tests.podman import REQUIRE_VARIABLE, PodmanUnavailable
+
+    try:
+        return make()
+    except PodmanUnavailable as exc:
+        if os.environ.get(REQUIRE_VARIABLE):
+            pytest.fail(f"podman cannot run, though {REQUIRE_VARIABLE} is set: {exc}")
+        pytest.skip(f"podman cannot run here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    """tests/podman.py's `Podman`, with the Dockerfile's base image present."""
+    from tests.podman import start_session
+
+    workdir = tmp_path_factory.mktemp("podman")
+    found: Podman = _container_session(lambda: start_session(workdir))
+    return found
+
+
+@pytest.fixture(scope="session")
+def proxy_image(podman: Podman) -> str:
+    """The image built from this work tree (`docker build .`), tagged as docker-compose.yml names it."""
+    from tests.podman import build_proxy_image
+
+    tag: str = build_proxy_image(podman)
+    return tag

@@ -168,8 +168,13 @@ def test_published_ports_agree_with_the_app(services: dict[str, Any]) -> None:
     assert expose == [APP_PORT]
     assert proxy["command"][0] == "serve"
     assert served_port(proxy["command"]) == APP_PORT
-    check = " ".join(proxy["healthcheck"]["test"])
-    assert f"http://127.0.0.1:{APP_PORT}/readyz" in check
+    from proxy import cli
+
+    kind, *argv = proxy["healthcheck"]["test"]
+    assert kind == "CMD" and argv[0] == "fallback-proxy"
+    args = cli.build_parser().parse_args(argv[1:])
+    # Readiness, on the port `serve` was started with (read from the server, not written here).
+    assert args.command == "healthcheck" and args.ready and args.url is None
 
 
 def test_stop_waits_for_the_drain(services: dict[str, Any]) -> None:
@@ -217,6 +222,10 @@ def test_mounted_config_exists_and_is_valid(services: dict[str, Any]) -> None:
 def test_mounted_config_starts_without_any_cloud_key(services: dict[str, Any]) -> None:
     config = load_config(mounted_config(services), environ=environment(services["proxy"]))
     assert all(p.api_key is None for p in config.providers.values())
+    # Without its key a cloud provider is disabled (never probed nor called), not tried keyless.
+    cloud = {name: p.disabled_reason for name, p in config.providers.items() if not p.local}
+    assert cloud and all(reason and reason.endswith("_API_KEY not set") for reason in cloud.values()), cloud
+    assert all(p.disabled_reason is None for p in config.providers.values() if p.local)
 
 
 def test_every_variable_the_config_uses_is_provided_or_documented(services: dict[str, Any]) -> None:

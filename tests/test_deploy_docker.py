@@ -272,17 +272,23 @@ def test_cmd_parses_with_the_cli(final: Stage) -> None:
     assert "FALLBACK_PROXY_CONFIG" in env_of(final)
 
 
-def test_healthcheck_probes_healthz_on_the_served_port(final: Stage) -> None:
+def test_healthcheck_runs_the_cli_check_of_the_served_port(final: Stage, pyproject: dict[str, Any]) -> None:
+    """No port is written into the check: `fallback-proxy healthcheck` finds the server and
+    checks it where it listens (tests/test_healthcheck.py, tests/test_container*.py)."""
+    from proxy import cli
+
     check = final.last("HEALTHCHECK")
     assert check is not None
     body = check.body()
     assert body.startswith("CMD ")
     argv = json.loads(body[len("CMD ") :])
-    assert argv[0] == "python", "slim images have no curl: probe with python"
-    urls = re.findall(r"https?://[^'\"\s]+", " ".join(argv))
-    assert urls == [f"http://127.0.0.1:{APP_PORT}/healthz"]
-    assert re.search(r"timeout=\d", argv[-1]), "the probe must not hang"
-    assert {"interval", "timeout"} <= check.flags().keys()
+    assert argv[0] in pyproject["project"]["scripts"], "the console script is on the image's PATH"
+    args = cli.build_parser().parse_args(argv[1:])
+    assert args.command == "healthcheck" and args.url is None, "no fixed URL or port"
+    assert not re.search(r":\d{2,5}\b", " ".join(argv)), "no fixed port"
+    flags = check.flags()
+    assert {"interval", "timeout"} <= flags.keys()
+    assert args.timeout < float(flags["timeout"].removesuffix("s")), "the probe gives up before docker does"
 
 
 # --- files: what is copied, what the context holds ------------------------------------------
@@ -353,7 +359,8 @@ def test_default_config_is_the_file_the_env_names(final: Stage) -> None:
     assert shipped == ["config/example.yaml"]
     # It must load in the image, given the keys it requires (${VAR} without a default).
     text = (ROOT / shipped[0]).read_text(encoding="utf-8")
-    environ = {name: "dummy" for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)}
+    names = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)
+    environ = {name: "http://dummy.invalid" if name.endswith("_URL") else "dummy" for name in names}
     load_config(ROOT / shipped[0], environ=environ)
 
 

@@ -93,6 +93,11 @@ class ProviderConfig:
         space give interchangeable vectors for the same input."""
         return self.embedding_space or self.model
 
+    needs: frozenset[str] = frozenset()  # api_key, api_base: without them the provider is disabled
+    # Why the config leaves this provider out ("OPENAI_API_KEY not set"): skipped in every walk
+    # without a call, never probed or warmed up. None: in use.
+    disabled_reason: str | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

@@ -11,6 +11,7 @@ from typing import Final
 from proxy.config.litellm_providers import LITELLM_PROVIDERS
 from proxy.config.model import CAPABILITIES, CONTINUE_FORMS, ProviderConfig, Quota, Timeouts
 from proxy.config.model_info import known_capabilities
+from proxy.config.source import referenced_names
 from proxy.config.values import (
     _boolean,
     _Context,
@@ -48,11 +49,14 @@ _PROVIDER_KEYS: Final = frozenset(
         "retries",
         "headers",
         "embedding_space",
+        "needs",
     }
 )
 _TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
 _QUOTA_KEYS: Final = ("requests_per_day", "tokens_per_day")
 _DEFAULT_TIMEOUTS: Final = Timeouts()
+# Fields a provider may declare it `needs`: without them it is disabled, not an error.
+_NEEDABLE: Final = ("api_key", "api_base")
 
 # litellm providers whose wire format is OpenAI's, so requests are relayed as is.
 _OPENAI_COMPATIBLE: Final = frozenset(
@@ -134,14 +138,18 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
     if m is None:
         return None
     model = _required_text(m, "model", path, ctx)
+    needs = _parse_needs(m, path, ctx)
+    disabled = _disabled_reason(m, needs, path, ctx)
+    # A needed field whose variables are unset is left unread: `${OPENAI_API_KEY}` is no error then.
+    unread = needs if disabled is not None else frozenset()
     provider = ProviderConfig(
         name=name,
         model=model or "",
         litellm_provider="",  # the model-derived fields are filled in by _with_target
         upstream_model="",
         openai_compatible=False,
-        api_base=_opt(m, "api_base", path, ctx, _http_url),
-        api_key=_opt(m, "api_key", path, ctx, _text),
+        api_base=None if "api_base" in unread else _opt(m, "api_base", path, ctx, _http_url),
+        api_key=None if "api_key" in unread else _opt(m, "api_key", path, ctx, _text),
         timeout=_parse_timeouts(m.get("timeout"), f"{path}.timeout", ctx),
         quota=_parse_quota(m.get("quota"), f"{path}.quota", ctx),
         context_window=_opt(m, "context_window", path, ctx, _positive_int),
@@ -155,8 +163,46 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         stream_upstream=_get(m, "stream_upstream", path, ctx, _boolean, True),
         continue_with=_opt(m, "continue_with", path, ctx, _text) or "",
         embedding_space=_opt(m, "embedding_space", path, ctx, _text),
+        needs=needs,
+        disabled_reason=disabled,
     )
     return None if model is None else _with_target(provider, path, ctx)
+
+
+def _parse_needs(m: Mapping[str, object], path: str, ctx: _Context) -> frozenset[str]:
+    """The fields named by ``needs``, each one the provider has."""
+    found: set[str] = set()
+    for where, item in _items(m.get("needs"), f"{path}.needs", ctx):
+        field = _convert(item, where, ctx, _text)
+        if field is not None and field not in _NEEDABLE:
+            ctx.error(where, _unknown("field", field, _NEEDABLE))
+        elif field is not None and m.get(field) is None:
+            example = "${OPENAI_API_KEY}" if field == "api_key" else "${OLLAMA_URL}"
+            ctx.error(path, f"needs {field}, but has none (e.g. {field}: {example})")
+        elif field is not None:
+            found.add(field)
+    return frozenset(found)
+
+
+def _disabled_reason(m: Mapping[str, object], needs: frozenset[str], path: str, ctx: _Context) -> str | None:
+    """Why a provider is off: a field it needs refers to unset (or empty) variables, or is empty.
+
+    A file that names every provider then runs with only the keys and servers at
+    hand; the provider is reported, and never called or probed, until they are set.
+    """
+    unset: list[str] = []
+    empty: list[str] = []
+    for field in sorted(needs):
+        raw = m[field]
+        names = referenced_names(raw) if isinstance(raw, str) else ()
+        unset += [name for name in names if not ctx.environ.get(name) and name not in unset]
+        if not names and raw == "":
+            empty.append(f"{field} is empty")
+    if not unset and not empty:
+        return None
+    reason = "; ".join([f"{' and '.join(unset)} not set"] if unset else empty)
+    ctx.warn(path, f"disabled: {reason} (needs: [{', '.join(sorted(needs))}]; set it to use this provider)")
+    return reason
 
 
 def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> ProviderConfig | None:
@@ -202,7 +248,7 @@ def _check_context_window(provider: ProviderConfig, path: str, ctx: _Context) ->
 
 
 def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -> str | None:
-    if provider.api_base is not None:
+    if provider.api_base is not None or provider.disabled_reason is not None:
         return provider.api_base
     where = f"{path}.api_base"
     if prefix in _API_BASE_REQUIRED:

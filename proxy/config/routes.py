@@ -45,7 +45,16 @@ def _parse_routes(
         route = _parse_route(name, body, path, scope, ctx)
         if route is not None and _route_is_sound(route, path, providers, ctx):
             routes[name] = route
+            _warn_if_all_disabled(route, path, providers, ctx)
     return routes
+
+
+def _warn_if_all_disabled(route: Route, path: str, providers: Mapping[str, ProviderConfig], ctx: _Context) -> None:
+    """A route whose every provider is disabled (no key, no server) can only answer 503: say so up front."""
+    nodes = [providers.get(node) for node in reachable(route)]
+    reasons = [p.disabled_reason for p in nodes if p is not None]
+    if reasons and all(reasons):
+        ctx.warn(path, "every provider it reaches is disabled: it answers 503 until one of them is set up")
 
 
 def _parse_route(name: str, node: object, path: str, scope: _Scope, ctx: _Context) -> Route | None:

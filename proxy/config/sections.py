@@ -226,7 +226,10 @@ def _parse_webhook(node: object, path: str, ctx: _Context) -> WebhookSettings | 
     if fmt == "telegram" and chat_id is None:
         ctx.error(path, "a telegram webhook needs chat_id")
     if url is None:
-        ctx.error(path, "missing required key 'url'")
+        if m.get("url") is None:
+            ctx.error(path, "missing required key 'url'")
+        # else: given but empty after interpolation (`${ALERT_WEBHOOK_URL:-}` unset): this webhook is off,
+        # as an empty entry of auth.keys is dropped.
         return None
     return WebhookSettings(
         url=url,

@@ -34,6 +34,16 @@ def interpolate(value: str, environ: Mapping[str, str], path: str) -> str:
     return "".join(pieces)
 
 
+def referenced_names(value: str) -> tuple[str, ...]:
+    """The variable names ``value`` refers to with ``${NAME}`` or ``${NAME:-default}``, in order."""
+    names = []
+    for match in _REFERENCE.finditer(value):
+        ref = _REFERENCE_BODY.fullmatch(match.group("body") or "")
+        if match.group(0) != "$${" and ref is not None:
+            names.append(ref.group(1))
+    return tuple(names)
+
+
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, safe to print or log; each
     URL of a comma-separated list (a Redis Cluster's seeds) on its own."""

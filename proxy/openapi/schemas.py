@@ -258,7 +258,13 @@ def model_schema() -> Schema:
 
 def ready_schema() -> Schema:
     store = obj({"kind": string("memory, redis or none"), "status": string()}, ("kind", "status"))
-    health = obj({"state": string(), "breaker": string(), "reason": nullable(string())})
+    health = obj(
+        {
+            "state": string("healthy, slow, degraded, offline, or disabled (the config leaves it out: no key)"),
+            "breaker": string(),
+            "reason": nullable(string()),
+        }
+    )
     return obj(
         {
             "ready": boolean(),
@@ -279,7 +285,7 @@ def admin_status_schema() -> Schema:
     )
     provider = obj(
         {
-            "state": string("HEALTHY, SLOW, DEGRADED or OFFLINE"),
+            "state": string("healthy, slow, degraded, offline, or disabled (the config leaves it out: no key)"),
             "breaker": string(),
             "reason": nullable(string()),
             "disabled": boolean(),
