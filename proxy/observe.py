@@ -502,7 +502,9 @@ class Observer:
             self._attempts(attempt.provider, attempt.outcome).inc()
             if previous is not None and previous.outcome != "ok":  # "ok" then another: a continuation
                 self._fallbacks(route, previous.provider, attempt.provider, previous.outcome).inc()
-            if first_fallback is None and attempt.outcome != "ok":
+            # A policy skip (private work, a provider disabled for want of its key) is the
+            # route working as configured: no failover to show or alert on.
+            if first_fallback is None and attempt.outcome not in ("ok", FailureClass.POLICY.value):
                 first_fallback = attempt
             previous = attempt
         if provider:

@@ -308,3 +308,30 @@ def test_from_completion_status(finish: str, status: str, reason: str | None) ->
     assert response.output[0].status == ("completed" if reason is None else "incomplete")
     assert response.usage is not None and response.usage.input_tokens_details.cached_tokens == 3
     assert response.usage.output_tokens_details.reasoning_tokens == 1 and response.usage.total_tokens == 7
+
+
+def test_a_stream_cut_mid_way_is_continued_into_one_answer(serve: Callable[..., ServedApp], wire: str) -> None:
+    """The first provider dies after its first words; the next continues from where
+    the client is: the SDK accumulates one answer, nothing repeated, then `completed`."""
+    reply = " ".join(f"word-w{i}" for i in range(20)) + "."
+    kind = FakeOpenAI if wire == "openai" else FakeAnthropic
+    make = (lambda url: openai_provider(url, timeout=FAST)) if wire == "openai" else anthropic_provider
+    with kind("cloud", reply=reply) as cloud, kind("backup", reply=reply) as backup:
+        cloud.set_fault("die_midstream", after_chunks=6)
+        backup.continuation = "continue"
+        proxy = serve(
+            {
+                "providers": {"cloud": make(cloud.url), "backup": make(backup.url)},
+                "routes": {"default": ["cloud", "backup"]},
+            }
+        )
+        with (
+            openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk,
+            sdk.responses.stream(model="default", input="Count.") as stream,
+        ):
+            events = list(stream)
+            final = stream.get_final_response()
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text == reply
+    assert events[-1].type == "response.completed" and final.status == "completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))

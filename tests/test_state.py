@@ -436,6 +436,10 @@ async def test_health_records_expire_a_while_after_their_last_change(redis_repli
     assert 3590 <= await raw_ttl(replicas, keys.health("a")) <= 3600
     await store.put_health("a", {})  # an empty record leaves no key behind
     assert await raw_ttl(replicas, keys.health("a")) == -2
+    await store.put_health("d", {"state": "offline", "disabled": "1"})  # an operator's switch stays
+    assert await raw_ttl(replicas, keys.health("d")) == -1
+    await store.put_health("d", {"state": "healthy", "disabled": ""})  # lifted: it expires again
+    assert 3590 <= await raw_ttl(replicas, keys.health("d")) <= 3600
 
     await replicas.make().put_health("b", {"state": "healthy"})  # by default: a day
     assert 86_390 <= await raw_ttl(replicas, keys.health("b")) <= 86_400

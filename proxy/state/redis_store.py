@@ -364,7 +364,9 @@ class RedisStore:
         update = encode_update(provider, flat)
         sharded = self._sharded
         # On one Redis the script publishes too; a shard channel lives in a slot of its own.
-        args: list[str | int | bytes] = [self.health_ttl, "" if sharded else self.keys.channel, update]
+        # An operator's switch (a drill's `disable`) lasts until it is lifted: no expiry.
+        ttl = 0 if flat.get("disabled") else self.health_ttl
+        args: list[str | int | bytes] = [ttl, "" if sharded else self.keys.channel, update]
         args += [part for field in flat.items() for part in field]
 
         async def replace_and_publish() -> None:

@@ -128,7 +128,7 @@ PUT_HEALTH_LUA = """
 redis.call('DEL', KEYS[1])
 if #ARGV > 3 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 end
 if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
