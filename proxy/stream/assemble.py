@@ -10,7 +10,7 @@ parsed chunks in order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -113,6 +113,10 @@ class _Choice:
         }
 
 
+_ENVELOPE_KEYS: Final = ("model", "system_fingerprint", "service_tier")
+_PLAIN_DELTA: Final = frozenset({"role", "content"})
+
+
 class Assembler:
     """Feed it a stream's chunks in order; `completion()` is the whole answer."""
 
@@ -126,20 +130,48 @@ class Assembler:
 
     def add(self, chunk: Chunk) -> None:
         data = chunk.parsed()
-        if not self._envelope:
-            self._envelope = {key: data.get(key) for key in ("id", "created")}
-        for key in ("model", "system_fingerprint", "service_tier"):
+        envelope = self._envelope
+        if not envelope:
+            envelope.update(id=data.get("id"), created=data.get("created"))
+        for key in _ENVELOPE_KEYS:
             value = data.get(key)
             if value is not None:
-                self._envelope[key] = value
+                envelope[key] = value
         usage = data.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
-        for choice in data.get("choices") or ():
+        choices = data.get("choices")
+        if not choices:
+            return
+        if len(choices) == 1 and self._plain_text(choices[0]):
+            return
+        for choice in choices:
             if isinstance(choice, dict):
                 index = choice.get("index")
                 slot = index if isinstance(index, int) else 0
                 self._choices.setdefault(slot, _Choice(slot)).add(choice)
+
+    def _plain_text(self, choice: object) -> bool:
+        """The common chunk, taken in fewer steps: one choice, index 0, a delta of
+        nothing but a role and content, no logprobs. False: not that shape."""
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0 or choice.get("logprobs") is not None:
+            return False
+        delta = choice.get("delta")
+        if not isinstance(delta, dict) or not delta.keys() <= _PLAIN_DELTA:
+            return False
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            return False
+        joined = self._choices.get(0)
+        if joined is None:
+            joined = self._choices[0] = _Choice(0)
+        if content is not None:
+            joined.content.append(content)
+            joined.seen_content = True
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            joined.finish_reason = reason
+        return True
 
     def completion(self) -> Completion:
         envelope = self._envelope
