@@ -171,3 +171,9 @@ def test_in_stream_errors_are_server_errors() -> None:
     error = classify.from_stream_error(overloaded)
     assert error.failure is FailureClass.SERVER_ERROR and "Overloaded" in error.message
     assert classify.incomplete_stream().failure is FailureClass.SERVER_ERROR
+
+
+def test_a_wait_for_a_connection_slot_that_runs_out_is_the_proxys_saturation() -> None:
+    error = classify.no_connection_slot(4, 1.0)
+    assert (error.failure, error.sent) == (FailureClass.PROXY_SATURATED, False)
+    assert "4 connection slots" in error.message

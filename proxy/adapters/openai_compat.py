@@ -25,6 +25,7 @@ from proxy.adapters.base import Chunk, Completion, Limits, Usage, describe
 from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
+    ConnectionSlots,
     attempt_timeout,
     done_with,
     fetch,
@@ -58,6 +59,7 @@ class OpenAICompatAdapter:
         self._headers = CIMultiDict(headers)
         self._stream_headers = CIMultiDict({**headers, "accept": "text/event-stream"})
         self._draining: set[asyncio.Task[None]] = set()
+        self._slots = ConnectionSlots.of(provider)
 
     def __repr__(self) -> str:
         return f"OpenAICompatAdapter({self.provider.name!r}, {str(self._url)!r})"
@@ -72,19 +74,21 @@ class OpenAICompatAdapter:
 
     async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
         answer = await fetch(
-            self._session, "POST", self._url, headers=self._headers, data=self._encode(body, False), limits=limits
+            self._session,
+            "POST",
+            self._url,
+            headers=self._headers,
+            data=self._encode(body, False),
+            limits=limits,
+            slots=self._slots,
         )
         return _completion(answer.content)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
         """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
-        early closes the upstream connection (never pooled mid-body)."""
-        try:
-            response = await self._session.post(
-                self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=attempt_timeout(limits)
-            )
-        except TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
+        early closes the upstream connection (never pooled mid-body). The stream
+        holds one of the provider's connection slots (if it has a limit) to its end."""
+        response = await self._open(body, limits)
         done = False
         try:
             if response.status >= 400:
@@ -136,6 +140,24 @@ class OpenAICompatAdapter:
                 self._finish_later(response)
             else:
                 done_with(response)
+            if self._slots is not None:
+                self._slots.give()
+
+    async def _open(self, body: dict[str, Any], limits: Limits) -> aiohttp.ClientResponse:
+        """The stream's response, within one of the provider's slots (given back here if it fails)."""
+        slots = self._slots
+        if slots is not None:
+            await slots.take(limits)
+        try:
+            return await self._session.post(
+                self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=attempt_timeout(limits)
+            )
+        except BaseException as exc:
+            if slots is not None:
+                slots.give()
+            if isinstance(exc, TRANSPORT_ERRORS):
+                raise classify.from_exception(exc) from exc
+            raise
 
     def _finish_later(self, response: aiohttp.ClientResponse) -> None:
         """After `[DONE]` the body's own end (the chunked terminator) is usually a

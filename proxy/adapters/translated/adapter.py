@@ -15,6 +15,7 @@ import orjson
 from proxy.adapters import classify
 from proxy.adapters.base import Chunk, Completion, HttpClients, Limits, Usage
 from proxy.adapters.http import (
+    ConnectionSlots,
     attempt_timeout,
     done_with,
     fetch,
@@ -88,6 +89,7 @@ class TranslatedAdapter:
     def __init__(self, provider: ProviderConfig, clients: HttpClients) -> None:
         self.provider = provider
         self._session = clients.session
+        self._slots = ConnectionSlots.of(provider)  # for the dialects' calls (not `acompletion`'s)
         litellm = load_litellm()
         self._errors = _translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
@@ -111,7 +113,9 @@ class TranslatedAdapter:
             assert self._fallback is not None
             return await self._fallback.complete(self._split(body), body, limits)
         call = self._prepare(self._dialect, body, stream=False)
-        answer = await fetch(self._session, "POST", call.url, headers=call.headers, data=call.content, limits=limits)
+        answer = await fetch(
+            self._session, "POST", call.url, headers=call.headers, data=call.content, limits=limits, slots=self._slots
+        )
         # litellm reads a whole answer from an httpx response: one is built, no I/O.
         raw = httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.content)
         return self._completion(self._dialect, call, raw)
@@ -124,10 +128,7 @@ class TranslatedAdapter:
             return
         dialect = self._dialect
         call = self._prepare(dialect, body, stream=True)
-        try:
-            response = await self._post(call, limits)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
+        response = await self._post(call, limits)
         try:
             if response.status >= 400:
                 content = await read_capped(response, limits.max_bytes)
@@ -164,6 +165,8 @@ class TranslatedAdapter:
             raise classify.from_exception(exc) from exc
         finally:
             done_with(response)
+            if self._slots is not None:
+                self._slots.give()
 
     async def probe(self, limits: Limits) -> None:
         if self._dialect is None:
@@ -283,9 +286,20 @@ class TranslatedAdapter:
             raise classify.untranslatable(exc) from exc
 
     async def _post(self, call: _Call, limits: Limits) -> aiohttp.ClientResponse:
-        return await self._session.post(
-            call.url, data=call.content, headers=call.headers, timeout=attempt_timeout(limits)
-        )
+        """The stream's response, within one of the provider's slots (given back here if it fails)."""
+        slots = self._slots
+        if slots is not None:
+            await slots.take(limits)
+        try:
+            return await self._session.post(
+                call.url, data=call.content, headers=call.headers, timeout=attempt_timeout(limits)
+            )
+        except BaseException as exc:
+            if slots is not None:
+                slots.give()
+            if isinstance(exc, _TRANSPORT_ERRORS):
+                raise classify.from_exception(exc) from exc
+            raise
 
     def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
         try:
