@@ -13,6 +13,7 @@ wait has its own bound (`timeout.pool`) and, when it runs out, its own class:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Final
@@ -128,6 +129,68 @@ def attempt_timeout(limits: Limits) -> aiohttp.ClientTimeout:
     # The session's pool has no limit, so `connect` is name resolution and the
     # connection itself, never a wait for a pooled one (that is `ConnectionSlots`).
     return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect, sock_read=limits.read)
+
+
+def stream_timeout(limits: Limits) -> aiohttp.ClientTimeout:
+    """A stream's timeouts in aiohttp: the connect timeout only. Its read limit
+    is kept by `Silence` instead: aiohttp's `sock_read` cancels and re-arms a
+    timer for every packet received, several percent of a long stream's CPU."""
+    return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect)
+
+
+_SLACK: Final = 0.001  # timers may fire this early (uvloop's clock counts milliseconds)
+
+
+class Silence:
+    """`Limits.read` for a stream: the longest the stream may wait for data,
+    read by read. What `sock_read` does, with one timer per silence instead of
+    one per packet: `expect()` before each read only notes a time; the timer,
+    armed once, moves itself on when it fires early, and when a read has really
+    waited too long it fails the read as `sock_read` does (`SocketTimeoutError`,
+    a `timeout`). The wait for the answer's head is bounded with `head()`."""
+
+    __slots__ = ("_content", "_handle", "_loop", "_until", "_waiting", "seconds")
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._content: aiohttp.StreamReader | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._until = math.inf
+        self._waiting = False
+
+    def head(self) -> asyncio.Timeout:
+        """A bound on the wait for the answer's head (or an error answer's body)."""
+        return asyncio.timeout(self.seconds)
+
+    def expect(self, content: aiohttp.StreamReader) -> None:
+        """The next read of `content` may wait at most `seconds` from now."""
+        if self.seconds is None:
+            return
+        self._content = content
+        self._until = self._loop.time() + self.seconds
+        self._waiting = True
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._until, self._fire)
+
+    def got(self) -> None:
+        self._waiting = False
+
+    def close(self) -> None:
+        self._waiting = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self._waiting:
+            return  # between reads: the next `expect` arms the timer again
+        if self._loop.time() + _SLACK < self._until:
+            self._handle = self._loop.call_at(self._until, self._fire)  # data came since it was armed
+            return
+        assert self._content is not None
+        self._content.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
 
 
 def done_with(response: aiohttp.ClientResponse) -> None:

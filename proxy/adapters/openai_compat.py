@@ -26,10 +26,11 @@ from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
     ConnectionSlots,
-    attempt_timeout,
+    Silence,
     done_with,
     fetch,
     read_capped,
+    stream_timeout,
     too_large,
 )
 from proxy.config import ProviderConfig
@@ -87,18 +88,21 @@ class OpenAICompatAdapter:
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
         """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
         early closes the upstream connection (never pooled mid-body). The stream
-        holds one of the provider's connection slots (if it has a limit) to its end."""
-        response = await self._open(body, limits)
+        holds one of the provider's connection slots (if it has a limit) to its end;
+        each read waits at most `limits.read` (`Silence`)."""
+        silence = Silence(limits.read)
+        response = await self._open(body, limits, silence)
         done = False
         try:
             if response.status >= 400:
-                raise classify.from_status(
-                    response.status, await read_capped(response, limits.max_bytes), response.headers
-                )
+                async with silence.head():
+                    error_body = await read_capped(response, limits.max_bytes)
+                raise classify.from_status(response.status, error_body, response.headers)
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers ignore `stream: true` and answer one JSON body.
-                head = await read_capped(response, limits.max_bytes)
+                async with silence.head():
+                    head = await read_capped(response, limits.max_bytes)
                 raise ProviderError(
                     FailureClass.SERVER_ERROR,
                     f"asked for a stream, got {content_type or 'no content type'}: {head[:120]!r}",
@@ -108,7 +112,12 @@ class OpenAICompatAdapter:
             max_bytes = limits.max_bytes
             size = 0
             finished = False
-            while data := await content.readany():
+            while True:
+                silence.expect(content)
+                data = await content.readany()
+                silence.got()
+                if not data:
+                    break
                 size += len(data)
                 if size > max_bytes:
                     raise too_large(max_bytes)
@@ -136,6 +145,7 @@ class OpenAICompatAdapter:
         except TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
+            silence.close()
             if done and not response.content.at_eof():
                 self._finish_later(response)
             else:
@@ -143,15 +153,19 @@ class OpenAICompatAdapter:
             if self._slots is not None:
                 self._slots.give()
 
-    async def _open(self, body: dict[str, Any], limits: Limits) -> aiohttp.ClientResponse:
+    async def _open(self, body: dict[str, Any], limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
         """The stream's response, within one of the provider's slots (given back here if it fails)."""
         slots = self._slots
         if slots is not None:
             await slots.take(limits)
         try:
-            return await self._session.post(
-                self._url, data=self._encode(body, True), headers=self._stream_headers, timeout=attempt_timeout(limits)
-            )
+            async with silence.head():
+                return await self._session.post(
+                    self._url,
+                    data=self._encode(body, True),
+                    headers=self._stream_headers,
+                    timeout=stream_timeout(limits),
+                )
         except BaseException as exc:
             if slots is not None:
                 slots.give()

@@ -16,10 +16,11 @@ from proxy.adapters import classify
 from proxy.adapters.base import Chunk, Completion, HttpClients, Limits, Usage
 from proxy.adapters.http import (
     ConnectionSlots,
-    attempt_timeout,
+    Silence,
     done_with,
     fetch,
     read_capped,
+    stream_timeout,
     too_large,
 )
 from proxy.adapters.translated.acompletion import _Acompletion
@@ -128,10 +129,12 @@ class TranslatedAdapter:
             return
         dialect = self._dialect
         call = self._prepare(dialect, body, stream=True)
-        response = await self._post(call, limits)
+        silence = Silence(limits.read)
+        response = await self._post(call, limits, silence)
         try:
             if response.status >= 400:
-                content = await read_capped(response, limits.max_bytes)
+                async with silence.head():
+                    content = await read_capped(response, limits.max_bytes)
                 raise classify.from_status(response.status, content, response.headers)
             # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
             parser: _Parser = self._reading(dialect.parser, call, response.headers)
@@ -141,7 +144,12 @@ class TranslatedAdapter:
             max_bytes = limits.max_bytes
             size = 0
             try:
-                while block := await reader.readany():
+                while True:
+                    silence.expect(reader)
+                    block = await reader.readany()
+                    silence.got()
+                    if not block:
+                        break
                     size += len(block)
                     if size > max_bytes:
                         raise too_large(max_bytes)
@@ -164,6 +172,7 @@ class TranslatedAdapter:
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
+            silence.close()
             done_with(response)
             if self._slots is not None:
                 self._slots.give()
@@ -285,15 +294,16 @@ class TranslatedAdapter:
         except self._errors as exc:
             raise classify.untranslatable(exc) from exc
 
-    async def _post(self, call: _Call, limits: Limits) -> aiohttp.ClientResponse:
+    async def _post(self, call: _Call, limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
         """The stream's response, within one of the provider's slots (given back here if it fails)."""
         slots = self._slots
         if slots is not None:
             await slots.take(limits)
         try:
-            return await self._session.post(
-                call.url, data=call.content, headers=call.headers, timeout=attempt_timeout(limits)
-            )
+            async with silence.head():
+                return await self._session.post(
+                    call.url, data=call.content, headers=call.headers, timeout=stream_timeout(limits)
+                )
         except BaseException as exc:
             if slots is not None:
                 slots.give()
