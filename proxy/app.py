@@ -7,6 +7,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -186,9 +187,17 @@ class ProxyState:
 
     async def _watch(self, source: str, every: float) -> None:
         """Reload when the file's content changes (a ConfigMap update swaps a
-        symlink, so the content is compared, not the inode)."""
+        symlink, so the content is compared, not the inode). Each check is one
+        `stat` on the loop (microseconds); the file is read and hashed, in a
+        thread, only when what `stat` sees has changed: a thread per check would
+        make the loop wait for the GIL to come back every few seconds."""
+        seen: tuple[int, int, int, int] | None = None  # the first check always reads the file
         while True:
             await asyncio.sleep(every)
+            signature = _file_signature(source)
+            if signature == seen:
+                continue
+            seen = signature
             digest = await asyncio.to_thread(_file_hash, source)
             if digest and digest != self.config_hash:
                 await self.reload("file changed")
@@ -209,6 +218,15 @@ class ProxyState:
             await self.clients.client.aclose()
         if self.store is not None:
             await self.store.aclose()
+
+
+def _file_signature(path: str) -> tuple[int, int, int, int] | None:
+    """What `stat` says of the file a path leads to (through symlinks), or None."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _file_hash(path: str | None) -> str:
