@@ -113,7 +113,12 @@ class ProxyState:
         self._reload_lock = asyncio.Lock()
         self.ready = False
         self.lag = LoopLag(self.metrics.loop_lag)
-        self.in_flight = InFlight(config.server.max_in_flight, self.metrics.in_flight, self.metrics.shed)
+        # One process: the gauge reads the count when scraped, nothing per request. Several
+        # workers: each adds its own to the shared files as it goes.
+        counted = self.metrics.in_flight if self.metrics.multiprocess else None
+        self.in_flight = InFlight(config.server.max_in_flight, counted, self.metrics.shed)
+        if counted is None:
+            self.metrics.in_flight.set_function(lambda: self.in_flight.count)
 
     @property
     def config(self) -> Config:

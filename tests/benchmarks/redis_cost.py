@@ -174,19 +174,20 @@ def report(costs: list[Cost], stream: bool, command: str) -> str:
     rows = [
         f"Command: `{command}` ({'streams' if stream else 'non-stream requests'}, wrk -c32, one proxy worker)",
         "",
-        "| variant | req/s | Redis commands / request (by command) | round trips / request | bytes in + out "
-        "/ request | Redis CPU µs / request | Redis ops/s at this rate | req/s one Redis core carries |",
+        "| variant | req/s | Redis commands / request, Lua's included (by command) | sent by the proxy / request "
+        "| bytes in + out / request | Redis CPU µs / request | Redis commands/s at this rate "
+        "| req/s one Redis core carries |",
         "|" + " --- |" * 8,
     ]
     for c in costs:
         rate = c.requests / c.seconds if c.seconds else 0.0
         commands = ", ".join(f"{k} {c.per(v):.2f}" for k, v in sorted(c.calls.items())) or "0"
-        trips = sum(c.round_trips.values())
+        sent = ", ".join(f"{k} {c.per(v):.2f}" for k, v in sorted(c.round_trips.items())) or "0"
         cpu_us = c.per(c.redis_cpu) * 1e6
         ops = sum(c.calls.values()) / c.seconds if c.seconds else 0.0
         capacity = f"{1e6 / cpu_us:,.0f}" if cpu_us > 0.5 else "—"
         rows.append(
-            f"| {c.variant} | {rate:,.0f} | {commands} | {c.per(trips):.2f} | {c.per(c.bytes_in):.0f} + "
+            f"| {c.variant} | {rate:,.0f} | {commands} | {sent} | {c.per(c.bytes_in):.0f} + "
             f"{c.per(c.bytes_out):.0f} | {cpu_us:.1f} | {ops:,.0f} | {capacity} |"
         )
     return "\n".join(rows) + "\n"
