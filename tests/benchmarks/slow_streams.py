@@ -74,15 +74,19 @@ LAG_METRIC = "fallback_proxy_event_loop_lag_seconds"
 @dataclass(frozen=True)
 class Settings:
     levels: tuple[int, ...]
-    ramp: float  # seconds over which the clients start
+    ramp: float | None  # seconds over which the clients start; None: one second per 1,000 streams, at least 3
     hold: float  # seconds after the ramp before they stop
     settle: float  # seconds after the ramp before the window opens
     max_in_flight: int | None  # None: the proxy's default
     systems: tuple[str, ...]
 
-    @property
-    def window(self) -> tuple[float, float]:
-        return self.ramp + self.settle, self.ramp + self.hold
+    def ramp_for(self, level: int) -> float:
+        return self.ramp if self.ramp is not None else max(3.0, level / 1000)
+
+    def window(self, level: int) -> tuple[float, float]:
+        """Seconds after the start: from one stream's length after the ramp to the end of the hold."""
+        ramp = self.ramp_for(level)
+        return ramp + self.settle, ramp + self.hold
 
 
 @dataclass
@@ -346,8 +350,9 @@ def run_level(
         is_proxy = name != "aiohttp"
         before = scrape(port) if is_proxy else ""
         t0 = time.time() + 0.5
-        start, end = settings.window
-        generators = Generators(port, level, t0, settings.ramp, settings.hold, settings.window)
+        start, end = settings.window(level)
+        ramp = settings.ramp_for(level)
+        generators = Generators(port, level, t0, ramp, settings.hold, (start, end))
         time.sleep(max(0.0, t0 + start - time.time()))
         ours = [upstream.pid, *generators.pids]
         sut_before, load_before = cpu_seconds(process.pid), sum(cpu_seconds(p) for p in ours) + own_cpu()
@@ -369,7 +374,7 @@ def run_level(
         result.rss_mb = statistics.median(rss_samples)
         result.open_streams = statistics.median(open_samples)
         result.in_flight = statistics.median(in_flight_samples)
-        generators.wait(timeout=settings.ramp + settings.hold + 90)
+        generators.wait(timeout=ramp + settings.hold + 90)
         if is_proxy:
             after = scrape(port)
             result.loop_lag_p99_ms = lag_p99_ms(before, after)
@@ -470,13 +475,13 @@ def report(results: Sequence[LevelResult], settings: Settings, command: str) -> 
             f"| {r.foreign_cpu_s * pct:.0f} | {r.steal_s * pct:.1f} | {_f(r.shed, 0)} | {_f(r.breaker_opened, 0)} "
             f"| {r.peak_open:,} |"
         )
-    start, end = settings.window
+    ramps = ", ".join(f"{settings.ramp_for(level):g} s at {level:,}" for level in settings.levels)
     parts = [
         f"Command: `{command}`",
         f"Machine: {machine()}; RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)}; "
         f"load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
-        f"Load: streams of {CHUNKS} chunks {INTERVAL_MS:g} ms apart; clients ramp up over {settings.ramp:g} s, hold to "
-        f"{settings.ramp + settings.hold:g} s; measured from {start:g} s to {end:g} s; system under test on core "
+        f"Load: streams of {CHUNKS} chunks {INTERVAL_MS:g} ms apart; clients ramp up ({ramps}), hold {settings.hold:g} s "
+        f"more; measured from {settings.settle:g} s after the ramp to the end of the hold; system under test on core "
         f"{SUT_CORE}, upstream + generators ({USERS_PER_GENERATOR:,} clients each) on core {LOAD_CORE}; "
         f"proxy server.max_in_flight: {settings.max_in_flight if settings.max_in_flight is not None else 'default'}.",
         "",
@@ -538,7 +543,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("slow streams (--slow-streams)")
     group.add_argument("--slow-streams", action="store_true", help="run the concurrent slow streams scenario instead")
     group.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent streams per level")
-    group.add_argument("--ramp", type=float, default=3.0, help="seconds over which the clients start (default 3)")
+    group.add_argument(
+        "--ramp",
+        type=float,
+        default=None,
+        help="seconds over which the clients start (default: 1 per 1,000, at least 3)",
+    )
     group.add_argument("--hold", type=float, default=15.0, help="seconds the level is held after the ramp (default 15)")
     group.add_argument(
         "--max-in-flight", type=int, default=None, help="the proxy's server.max_in_flight (default: its own)"

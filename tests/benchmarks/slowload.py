@@ -40,6 +40,9 @@ import httptools
 EVENT_END = b"\n\n"
 DONE = b"data: [DONE]\n\n"
 MAX_BACKOFF = 8.0
+# A connection idle longer than this is closed by the client itself, as pooled
+# HTTP clients do (httpx: 5 s), so it never races uvicorn's 5 s keep-alive close.
+IDLE_CLOSE = 4.0
 
 
 @dataclass
@@ -67,13 +70,15 @@ class Exchange:
         "events",
         "last_read",
         "retry_after",
+        "reused",
         "sent_at",
         "status",
         "tail",
     )
 
-    def __init__(self, sent_at: float) -> None:
+    def __init__(self, sent_at: float, reused: bool) -> None:
         self.sent_at = sent_at
+        self.reused = reused  # the connection had answered before (a keep-alive close can race it)
         self.status = 0
         self.body = bytearray()  # kept only for an error answer
         self.tail = b""  # the last bytes of a stream: [DONE], events split across reads
@@ -93,7 +98,7 @@ class Client(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
-        self.header_name = b""
+        self.answered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -102,7 +107,12 @@ class Client(asyncio.Protocol):
         self.transport = None
         exchange = self.exchange
         if exchange is not None and not exchange.done.done():
-            self._end(exchange, "connection closed mid-answer" if exchange.status else "connection closed")
+            if exchange.status:
+                self._end(exchange, "connection closed mid-answer")
+            elif exchange.reused:
+                self._end(exchange, "connection closed before an answer (reused keep-alive connection)")
+            else:
+                self._end(exchange, "connection closed before an answer (new connection)")
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -115,7 +125,8 @@ class Client(asyncio.Protocol):
 
     def send(self, raw: bytes) -> Exchange:
         assert self.transport is not None
-        self.exchange = Exchange(time.perf_counter())
+        self.exchange = Exchange(time.perf_counter(), self.answered > 0)
+        self.answered += 1
         self.tally.in_flight += 1
         self.transport.write(raw)
         return self.exchange
@@ -237,6 +248,9 @@ async def user(index: int, plan: Plan, tally: Tally, clock: Callable[[], float])
             tally.refused += 1
             delay = max(exchange.retry_after, backoff) * (0.5 + random.random())
             backoff = min(MAX_BACKOFF, backoff * 2)
+            if delay >= IDLE_CLOSE and client.transport is not None:
+                client.transport.close()
+                client = None
             await asyncio.sleep(delay)
             continue
         tally.errors[kind] += 1
