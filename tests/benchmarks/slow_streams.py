@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
@@ -106,6 +107,8 @@ class LevelResult:
     rss_mb: float = 0.0
     open_streams: float = 0.0  # median, in the window: 200 heads not yet ended
     in_flight: float = 0.0  # median, in the window: requests sent and not ended
+    proxy_in_flight: float | None = None  # median, in the window: what the proxy counts (/readyz)
+    not_ready_share: float | None = None  # share of /readyz answers in the window that were 503
     peak_open: int = 0
     gap_p50_ms: float | None = None
     gap_p99_ms: float | None = None
@@ -319,6 +322,17 @@ def total(text: str, name: str) -> float:
     return sum(samples(text, name).values())
 
 
+def readyz(port: int) -> tuple[bool, int]:
+    """(ready, requests in flight at the proxy's ASGI door) from /readyz; (True, -1) if it did not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return True, int(json.loads(answer.read())["load"]["in_flight"])
+    except urllib.error.HTTPError as refused:
+        return False, int(json.loads(refused.read())["load"]["in_flight"])
+    except OSError:
+        return True, -1
+
+
 def unhealthy_providers(port: int) -> list[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
         ready = json.loads(answer.read())
@@ -358,13 +372,15 @@ def run_level(
         sut_before, load_before = cpu_seconds(process.pid), sum(cpu_seconds(p) for p in ours) + own_cpu()
         busy_before, steal_before = machine_cpu()
         opened = time.perf_counter()
-        rss_samples, open_samples, in_flight_samples = [], [], []
+        rss_samples, open_samples, in_flight_samples, readiness = [], [], [], []
         while time.time() < t0 + end:
             time.sleep(0.5)
             rss_samples.append(rss_mb(process.pid))
             now_open, now_in_flight = generators.open_now()
             open_samples.append(now_open)
             in_flight_samples.append(now_in_flight)
+            if is_proxy:
+                readiness.append(readyz(port))
         result.window_s = time.perf_counter() - opened
         result.cpu_s = cpu_seconds(process.pid) - sut_before
         result.load_core_cpu_s = sum(cpu_seconds(p) for p in ours) + own_cpu() - load_before
@@ -374,6 +390,9 @@ def run_level(
         result.rss_mb = statistics.median(rss_samples)
         result.open_streams = statistics.median(open_samples)
         result.in_flight = statistics.median(in_flight_samples)
+        if readiness:
+            result.proxy_in_flight = statistics.median(r[1] for r in readiness)
+            result.not_ready_share = sum(1 for r in readiness if not r[0]) / len(readiness)
         generators.wait(timeout=ramp + settings.hold + 90)
         if is_proxy:
             after = scrape(port)
@@ -463,8 +482,9 @@ def report(results: Sequence[LevelResult], settings: Settings, command: str) -> 
         )
     noise = [
         "| level | system | window s | SUT CPU % | load core CPU % (upstream, generators) | foreign CPU % "
-        "| steal % | sheds (proxy metric) | breakers opened | peak open streams |",
-        "|" + " --- |" * 10,
+        "| steal % | sheds (proxy metric) | breakers opened | peak open streams | in flight at the proxy "
+        "(median) | /readyz 503 share |",
+        "|" + " --- |" * 12,
     ]
     for r in results:
         if r.failure or not r.window_s:
@@ -473,7 +493,8 @@ def report(results: Sequence[LevelResult], settings: Settings, command: str) -> 
         noise.append(
             f"| {r.level:,} | {r.system} | {r.window_s:.1f} | {r.cpu_s * pct:.0f} | {r.load_core_cpu_s * pct:.0f} "
             f"| {r.foreign_cpu_s * pct:.0f} | {r.steal_s * pct:.1f} | {_f(r.shed, 0)} | {_f(r.breaker_opened, 0)} "
-            f"| {r.peak_open:,} |"
+            f"| {r.peak_open:,} | {_f(r.proxy_in_flight, 0)} "
+            f"| {'—' if r.not_ready_share is None else f'{100 * r.not_ready_share:.0f}%'} |"
         )
     ramps = ", ".join(f"{settings.ramp_for(level):g} s at {level:,}" for level in settings.levels)
     parts = [
