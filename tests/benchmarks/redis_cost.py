@@ -9,9 +9,9 @@ A Redis of its own (`redis-server` on a free port), the fast fake upstream and
 `fallback-proxy serve` with `redis.url` set, pinned as in `run.py` (the proxy on
 core 0, the rest on core 1). Per variant: the requests wrk completed, Redis's
 `INFO commandstats` (every command, those run inside Lua scripts included),
-the commands clients sent (MONITOR, without the scripts' own: the round trips),
 `total_net_input_bytes`/`total_net_output_bytes` and Redis's own CPU, each per
-request; and how many requests per second one Redis core would carry at that
+request; then, in a short run of its own under MONITOR, the commands the proxy
+itself sends (without the scripts' own; a MULTI/EXEC transaction is not shown); and how many requests per second one Redis core would carry at that
 cost (its CPU only: the network and the proxies are assumed not to be the limit).
 """
 
@@ -63,6 +63,10 @@ def info(port: int, section: str) -> dict[str, str]:
         if sep:
             found[key] = value
     return found
+
+
+def snapshot(port: int) -> tuple[collections.Counter[str], dict[str, str], dict[str, str]]:
+    return command_calls(port), info(port, "stats"), info(port, "cpu")
 
 
 def command_calls(port: int) -> collections.Counter[str]:
@@ -138,31 +142,29 @@ def measure(variant: str, seconds: float, stream: bool, workdir: Path, upstream:
         wait_ready(proxy, port, timeout=60)
         wrk(system, port, stream, 1.0, workdir)  # warm up (pools, scripts loaded)
         time.sleep(0.5)
-        monitor = Monitor(redis.port)
-        time.sleep(0.2)
-        calls_before, stats_before, cpu_before = (
-            command_calls(redis.port),
-            info(redis.port, "stats"),
-            info(redis.port, "cpu"),
-        )
-        monitor.counting = True
+        # Counts, bytes and Redis CPU without MONITOR (it would add its own output and CPU)...
+        calls_before, stats_before, cpu_before = snapshot(redis.port)
         result = wrk(system, port, stream, seconds, workdir)
         time.sleep(0.5)  # settlements after the last answers
-        monitor.counting = False
-        calls_after, stats_after, cpu_after = (
-            command_calls(redis.port),
-            info(redis.port, "stats"),
-            info(redis.port, "cpu"),
-        )
+        calls_after, stats_after, cpu_after = snapshot(redis.port)
         cost.requests = int(result["requests"]) - int(result["status_errors"])
         cost.seconds = result["duration_us"] / 1e6
         cost.calls = {k: v - calls_before.get(k, 0) for k, v in calls_after.items() if v > calls_before.get(k, 0)}
         cost.calls.pop("info", None)
-        cost.calls.pop("monitor", None)
-        cost.round_trips = {k: v for k, v in monitor.sent.items() if k not in ("info", "monitor")}
         for key, attr in (("total_net_input_bytes", "bytes_in"), ("total_net_output_bytes", "bytes_out")):
             setattr(cost, attr, int(stats_after[key]) - int(stats_before[key]))
         cost.redis_cpu = sum(float(cpu_after[k]) - float(cpu_before[k]) for k in ("used_cpu_sys", "used_cpu_user"))
+        # ...then, in a run of its own, what the proxy itself sends (per request of that run).
+        monitor = Monitor(redis.port)
+        time.sleep(0.2)
+        monitor.counting = True
+        sample = wrk(system, port, stream, 1.0, workdir)
+        time.sleep(0.5)
+        monitor.counting = False
+        sampled = int(sample["requests"]) - int(sample["status_errors"])
+        cost.round_trips = {
+            k: round(v * cost.requests / sampled) for k, v in monitor.sent.items() if k not in ("info", "monitor")
+        }
     finally:
         if monitor is not None:
             monitor.close()

@@ -108,7 +108,8 @@ class LevelResult:
     open_streams: float = 0.0  # median, in the window: 200 heads not yet ended
     in_flight: float = 0.0  # median, in the window: requests sent and not ended
     proxy_in_flight: float | None = None  # median, in the window: what the proxy counts (/readyz)
-    not_ready_share: float | None = None  # share of /readyz answers in the window that were 503
+    not_ready_share: float | None = None  # share of /readyz probes in the window answered 503
+    probe_timeout_share: float | None = None  # share of /readyz probes in the window not answered within 2 s
     peak_open: int = 0
     gap_p50_ms: float | None = None
     gap_p99_ms: float | None = None
@@ -322,15 +323,16 @@ def total(text: str, name: str) -> float:
     return sum(samples(text, name).values())
 
 
-def readyz(port: int) -> tuple[bool, int]:
-    """(ready, requests in flight at the proxy's ASGI door) from /readyz; (True, -1) if it did not answer."""
+def readyz(port: int) -> tuple[bool | None, int | None]:
+    """(ready, requests in flight at the proxy's ASGI door) from /readyz, as a
+    readiness probe sees it (2 s); (None, None) when it did not answer in time."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
             return True, int(json.loads(answer.read())["load"]["in_flight"])
     except urllib.error.HTTPError as refused:
         return False, int(json.loads(refused.read())["load"]["in_flight"])
     except OSError:
-        return True, -1
+        return None, None
 
 
 def unhealthy_providers(port: int) -> list[str]:
@@ -391,8 +393,10 @@ def run_level(
         result.open_streams = statistics.median(open_samples)
         result.in_flight = statistics.median(in_flight_samples)
         if readiness:
-            result.proxy_in_flight = statistics.median(r[1] for r in readiness)
-            result.not_ready_share = sum(1 for r in readiness if not r[0]) / len(readiness)
+            answered = [count for _, count in readiness if count is not None]
+            result.proxy_in_flight = statistics.median(answered) if answered else None
+            result.not_ready_share = sum(1 for ready, _ in readiness if ready is False) / len(readiness)
+            result.probe_timeout_share = sum(1 for ready, _ in readiness if ready is None) / len(readiness)
         generators.wait(timeout=ramp + settings.hold + 90)
         if is_proxy:
             after = scrape(port)
@@ -434,6 +438,10 @@ def tally(result: LevelResult, generators: Generators) -> None:
 
 def _f(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
 
 
 def delay(gap: float | None) -> float | None:
@@ -483,7 +491,7 @@ def report(results: Sequence[LevelResult], settings: Settings, command: str) -> 
     noise = [
         "| level | system | window s | SUT CPU % | load core CPU % (upstream, generators) | foreign CPU % "
         "| steal % | sheds (proxy metric) | breakers opened | peak open streams | in flight at the proxy "
-        "(median) | /readyz 503 share |",
+        "(median) | /readyz probes: 503 / no answer in 2 s |",
         "|" + " --- |" * 12,
     ]
     for r in results:
@@ -494,7 +502,7 @@ def report(results: Sequence[LevelResult], settings: Settings, command: str) -> 
             f"| {r.level:,} | {r.system} | {r.window_s:.1f} | {r.cpu_s * pct:.0f} | {r.load_core_cpu_s * pct:.0f} "
             f"| {r.foreign_cpu_s * pct:.0f} | {r.steal_s * pct:.1f} | {_f(r.shed, 0)} | {_f(r.breaker_opened, 0)} "
             f"| {r.peak_open:,} | {_f(r.proxy_in_flight, 0)} "
-            f"| {'—' if r.not_ready_share is None else f'{100 * r.not_ready_share:.0f}%'} |"
+            f"| {_share(r.not_ready_share)} / {_share(r.probe_timeout_share)} |"
         )
     ramps = ", ".join(f"{settings.ramp_for(level):g} s at {level:,}" for level in settings.levels)
     parts = [
