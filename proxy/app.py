@@ -7,6 +7,7 @@ import contextlib
 import gc
 import hashlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -32,7 +33,15 @@ from proxy.alerts import Alerter, Webhook
 from proxy.background import Background
 from proxy.config import Config, ConfigError, RedisSettings, Route, TelemetrySettings, load_config
 from proxy.embeddings import answer_body, embedding_needs, in_space
-from proxy.errors import AllProvidersFailed, Attempt, ModelNotFound, ProviderError, ProxyError, error_body
+from proxy.errors import (
+    AllProvidersFailed,
+    Attempt,
+    ModelNotFound,
+    ProviderError,
+    ProxyError,
+    ServerOverloaded,
+    error_body,
+)
 from proxy.intake import (
     authenticate,
     check_headers,
@@ -44,6 +53,7 @@ from proxy.intake import (
 from proxy.limits import Ticket, client_id
 from proxy.observe import AlertCounters, Metrics, Observer, OperatorEvents, RequestRecord, event
 from proxy.openapi import openapi_spec
+from proxy.overload import InFlight, LoopLag
 from proxy.responses import ResponsesEncoder, ResponsesStream, from_completion, translate
 from proxy.runtime import Runtime, build_in_thread, restart_needed
 from proxy.shaping import needs_of
@@ -65,7 +75,8 @@ def default_transport() -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
     transport: httpx.AsyncBaseTransport = AiohttpTransport(
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
+        # 0: no limit in the pool (see `open_session`).
+        limits=httpx.Limits(max_connections=0, max_keepalive_connections=200, keepalive_expiry=30)
     )
     return transport
 
@@ -74,8 +85,11 @@ def open_session() -> aiohttp.ClientSession:
     """The pooled aiohttp session the adapters call providers with (the hot
     path: a call costs a fraction of the same call through httpx). No cookie
     jar: providers' cookies must not leak from one client's request into
-    another's. Timeouts are set per attempt by the adapters."""
-    connector = aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
+    another's. Timeouts are set per attempt by the adapters. The pool has no
+    limit of its own: a wait in it would look like the provider's connect
+    timeout. A provider's `max_connections` is counted by its adapter, and the
+    process's total by `server.max_in_flight`."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -132,6 +146,13 @@ class ProxyState:
         self.loops = Background()
         self._reload_lock = asyncio.Lock()
         self.ready = False
+        self.lag = LoopLag(self.metrics.loop_lag)
+        # One process: the gauge reads the count when scraped, nothing per request. Several
+        # workers: each adds its own to the shared files as it goes.
+        counted = self.metrics.in_flight if self.metrics.multiprocess else None
+        self.in_flight = InFlight(config.server.max_in_flight, counted, self.metrics.shed)
+        if counted is None:
+            self.metrics.in_flight.set_function(lambda: self.in_flight.count)
 
     @property
     def config(self) -> Config:
@@ -147,7 +168,8 @@ class ProxyState:
         if self.alerts is not None:
             await self.alerts.start()
             self.events.alerts = self.observer.alerts = self.alerts
-        self.runtime = await build_in_thread(config, self.clients, store, self.events)
+        self.lag.start()
+        self.runtime = await build_in_thread(config, self.clients, store, self.events, self.lag.recent)
         await self.runtime.start()
         self.config_hash = _file_hash(config.source)
         if config.source and config.server.reload_check_seconds > 0:
@@ -180,10 +202,11 @@ class ProxyState:
             if self.alerts is not None:
                 self.alerts.notify("config_reload_failed", source=source, problems="; ".join(exc.problems))
             return {"reloaded": False, "source": source, "problems": list(exc.problems)}
-        new = await build_in_thread(config, self.clients, self.store, self.events)
+        new = await build_in_thread(config, self.clients, self.store, self.events, self.lag.recent)
         new.health.adopt(old.health.snapshot())
         await new.start(warm_up=True)
         self.runtime, self.config_hash, self.rejected_hash = new, digest, ""  # an edit since: seen next check
+        self.in_flight.configure(config.server.max_in_flight)
         self.loops.spawn(old.retire())
         self.metrics.reloads.labels("ok").inc()
         restart = restart_needed(old.config, config)
@@ -206,11 +229,19 @@ class ProxyState:
 
     async def _watch(self, source: str, every: float) -> None:
         """Reload when the file's content changes (a ConfigMap update swaps a
-        symlink, so the content is compared, not the inode). A content that was
-        rejected is not tried again until it changes: one log line, one alert and
-        one `rejected` count per bad edit, not one per check."""
+        symlink, so the content is compared, not the inode). Each check is one
+        `stat` on the loop (microseconds); the file is read and hashed, in a
+        thread, only when what `stat` sees has changed: a thread per check would
+        make the loop wait for the GIL to come back every few seconds. A content
+        that was rejected is not tried again until it changes: one log line, one
+        alert and one `rejected` count per bad edit, not one per check."""
+        seen: tuple[int, int, int, int] | None = None  # the first check always reads the file
         while True:
             await asyncio.sleep(every)
+            signature = _file_signature(source)
+            if signature == seen:
+                continue
+            seen = signature
             digest = await asyncio.to_thread(_file_hash, source)
             if digest and digest not in (self.config_hash, self.rejected_hash):
                 await self.reload("file changed")
@@ -220,6 +251,7 @@ class ProxyState:
 
     async def stop(self) -> None:
         self.ready = False
+        self.lag.stop()
         await self.loops.aclose()
         if self.runtime is not None:
             await self.runtime.retire()
@@ -232,6 +264,15 @@ class ProxyState:
             await self.store.aclose()
         if self.tracing is not None:  # last: the spans of what stopped above are exported too
             await self.tracing.aclose()
+
+
+def _file_signature(path: str) -> tuple[int, int, int, int] | None:
+    """What `stat` says of the file a path leads to (through symlinks), or None."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def _file_hash(path: str | None) -> str:
@@ -309,6 +350,7 @@ def create_app(
     ]
     app = ProxyApp(
         handlers.chat_completions_asgi,
+        state.in_flight,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception},
@@ -349,24 +391,57 @@ class ProxyApp(Starlette):
     completions paths goes straight to its raw ASGI handler, so a stream's
     sends reach the server without Starlette's middleware and routing layers
     (three send wrappers per chunk). Other methods on those paths still meet
-    their Starlette routes (a 405), and `InternalErrors` still guards them."""
+    their Starlette routes (a 405), and `InternalErrors` still guards them.
 
-    def __init__(self, chat: ASGIApp, **kwargs: Any) -> None:
+    Every proxied request (`POST` to `/v1/...` and the chat paths) is counted
+    in flight for exactly as long as its response lasts, a stream to its last
+    byte; when the worker is full (`server.max_in_flight`) a new one is refused
+    at once with 503 `server_overloaded` and `Retry-After`, before its body is
+    read, and those in flight go on unaffected."""
+
+    def __init__(self, chat: ASGIApp, in_flight: InFlight, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chat = chat
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and _is_chat(scope):
-            scope["app"] = self
-            await self.chat(scope, receive, send)
-        else:
+        path = _route_path(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if path is None or not (path in CHAT_PATHS or path.startswith("/v1/")):
             await super().__call__(scope, receive, send)
+            return
+        in_flight = self.in_flight
+        if not in_flight.enter():
+            await _shed(send, in_flight.limit)
+            return
+        try:
+            if path in CHAT_PATHS:
+                scope["app"] = self
+                await self.chat(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
+        finally:
+            in_flight.leave()
 
 
-def _is_chat(scope: Scope) -> bool:
+def _route_path(scope: Scope) -> str:
+    """The path the routes see: without the `root_path` the app is mounted under."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    return path in CHAT_PATHS or (bool(root) and path.startswith(root) and path[len(root) :] in CHAT_PATHS)
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def _shed(send: Send, limit: int) -> None:
+    """The whole answer to a request this worker has no room for: two sends, no body read."""
+    refused = ServerOverloaded(limit)
+    body = refused.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", uuid.uuid4().hex.encode()),
+        *((name.encode(), value.encode()) for name, value in refused.headers().items()),
+    ]
+    await send({"type": "http.response.start", "status": refused.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def internal_error(scope: Scope, receive: Receive, send: Send) -> None:
@@ -598,9 +673,13 @@ class Handlers:
         return json_response(b'{"status":"ok"}')
 
     async def readyz(self, request: Request) -> Response:
+        """200 when this replica should get traffic: started, and not overloaded
+        (above 90% of `server.max_in_flight`, until back below 70%)."""
         state = self.state
-        body = {
-            "ready": state.ready,
+        in_flight = state.in_flight
+        ready = state.ready and not in_flight.overloaded
+        body: dict[str, object] = {
+            "ready": ready,
             "config": state.config.source or "(in memory)",
             "routes": len(state.config.routes),
             "providers": len(state.config.providers),
@@ -610,8 +689,14 @@ class Handlers:
                 | _disabled_by_config(state.config, name)
                 for name, h in (state.runtime.health.snapshot() if state.runtime else {}).items()
             },
+            "load": {**in_flight.status(), "event_loop_lag_seconds": round(state.lag.recent(), 4)},
         }
-        return json_response(orjson.dumps(body), 200 if state.ready else 503)
+        if in_flight.overloaded:
+            body["reason"] = (
+                f"overloaded: {in_flight.count} requests in flight (not ready from {in_flight.high}, "
+                f"ready again at {in_flight.low}; server.max_in_flight {in_flight.limit})"
+            )
+        return json_response(orjson.dumps(body), 200 if ready else 503)
 
     async def _store_status(self) -> dict[str, str]:
         store = self.state.store

@@ -9,8 +9,12 @@ Two families, drawn once here:
     ├── PayloadTooLarge             413 request_too_large
     ├── HeadersTooLarge             431 request_header_fields_too_large
     ├── ClientRateLimited           429 rate_limit_exceeded (per client key: rate or open streams)
+    ├── ServerOverloaded            503 server_overloaded + Retry-After (this worker is at its
+    │                               ceiling of requests in flight: shed before any work)
     └── AllProvidersFailed          503 all_providers_failed (names each provider and why;
-                                    says so when private work found no local provider)
+                                    says so when private work found no local provider);
+                                    server_overloaded + Retry-After when the only reason was
+                                    the proxy's own saturation (no free connection slot)
 
     ProviderError                   one upstream attempt failed; `.failure` is its class
                                     (a FailureClass) and decides which graph edge to follow;
@@ -50,6 +54,10 @@ class FailureClass(enum.StrEnum):
     QUOTA_EXHAUSTED = "quota_exhausted"
     UNSUPPORTED = "unsupported"
     POLICY = "policy"
+    # The proxy's own limit, not the provider's failure: every one of the provider's
+    # connection slots (`max_connections`) stayed busy for its pool wait. Nothing was
+    # sent; it never counts against the provider's health; the walk goes on.
+    PROXY_SATURATED = "proxy_saturated"
     # Not fallback-worthy: returned to the client at once.
     CLIENT_ERROR = "client_error"
 
@@ -157,6 +165,25 @@ class ClientRateLimited(ProxyError):
         return {"retry-after": str(self.retry_after)}
 
 
+class ServerOverloaded(ProxyError):
+    """This worker carries as many requests as it is configured to (`server.max_in_flight`):
+    a new one is refused at once, before any work, so those in flight keep their pace."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_overloaded"
+
+    def __init__(self, limit: int, retry_after: int = 1) -> None:
+        super().__init__(
+            f"This proxy worker is at its limit of {limit} requests in flight; retry shortly "
+            "(another replica may have room)."
+        )
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
+
+
 class ProviderError(Exception):
     """One upstream attempt failed. Raised only by adapters (after classification)
     and by the dispatcher for skips; `failure` picks the graph edge to follow.
@@ -249,3 +276,11 @@ class AllProvidersFailed(ProxyError):
         prefix = "No local provider could answer this private request" if local_only else "Every provider failed"
         super().__init__(f"{prefix} on route '{route}': {listing}.")
         self.attempts = tuple(attempts)
+        saturated = FailureClass.PROXY_SATURATED.value
+        self.saturated = bool(attempts) and all(a.outcome == saturated for a in attempts)
+        if self.saturated:
+            # No provider failed: this proxy had no free connection to any of them.
+            self.code = ServerOverloaded.code
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1"} if self.saturated else {}

@@ -9,6 +9,10 @@ failures, at once on an auth error, and for a 429's Retry-After; after
 `cooldown_seconds` (or as soon as an active probe succeeds) one request is let
 through as a trial, and its success closes the breaker again: a recovery.
 
+The proxy's own limits never count: `proxy_saturated` (no free connection
+slot) is not a provider's failure, and a timeout that expires while this
+process's event loop lags by `loop_lag_seconds` or more is excused (`excused`).
+
 The functions at the top decide; `HealthBoard` applies their verdicts,
 publishes changes to the other replicas and runs the free active probes.
 """
@@ -149,6 +153,13 @@ def after_success(
     return ProviderHealth(state=state, ttft=smoothed, reason=reason, updated=now)
 
 
+def excused(failure: FailureClass, loop_lag: float, settings: HealthSettings) -> bool:
+    """A timeout that expired while the event loop was this late may be the
+    proxy's lateness (the answer waiting, unread, in a socket buffer): it is not
+    counted against the provider. The walk still falls back for the client."""
+    return failure is FailureClass.TIMEOUT and loop_lag >= settings.loop_lag_seconds
+
+
 def after_failure(
     health: ProviderHealth,
     settings: HealthSettings,
@@ -227,6 +238,7 @@ class HealthEvents(Protocol):
     def switched(self, provider: str, health: ProviderHealth) -> None: ...
     def store_error(self, operation: str, error: StoreUnavailable) -> None: ...
     def probe(self, provider: str, outcome: str) -> None: ...
+    def excused(self, provider: str, failure: str, lag: float) -> None: ...
 
 
 class HealthBoard:
@@ -243,8 +255,12 @@ class HealthBoard:
         events: HealthEvents,
         *,
         clock: Callable[[], float] = time.time,
+        loop_lag: Callable[[], float] | None = None,
     ) -> None:
+        """`loop_lag` says how late this process's event loop has lately run
+        (`overload.LoopLag.recent`); without it no failure is excused."""
         self.settings = settings
+        self.loop_lag = loop_lag
         self.store = store
         self.events = events
         self.clock = clock
@@ -294,6 +310,11 @@ class HealthBoard:
         self._set(provider, after_success(self._health[provider], self.settings, now, ttft))
 
     def failure(self, provider: str, failure: FailureClass, retry_after: float | None = None) -> None:
+        if self.loop_lag is not None and failure is FailureClass.TIMEOUT:
+            lag = self.loop_lag()
+            if excused(failure, lag, self.settings):
+                self.events.excused(provider, failure.value, lag)
+                return
         health = self._health[provider]
         self._set(provider, after_failure(health, self.settings, self.clock(), failure, retry_after))
 

@@ -75,6 +75,9 @@ class StreamHooks(Protocol):
 
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LAG_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -431,6 +434,30 @@ class Metrics:
             ["provider"],
             registry=own,
         )
+        self.in_flight = Gauge(
+            "fallback_proxy_in_flight",
+            "Requests in flight (a stream until its last byte); summed over workers.",
+            registry=own,
+            multiprocess_mode="livesum",
+        )
+        self.shed = Counter(
+            "fallback_proxy_shed",
+            "Requests refused at once with 503 server_overloaded: the worker was at server.max_in_flight.",
+            registry=own,
+        )
+        self.loop_lag = Histogram(
+            "fallback_proxy_event_loop_lag_seconds",
+            "How late the event loop ran a timer that was due (sampled every 50 ms per worker).",
+            buckets=_LAG_BUCKETS,
+            registry=own,
+        )
+        self.health_excused = Counter(
+            "fallback_proxy_health_excused",
+            "Failures not counted against a provider because the proxy itself was the cause"
+            " (a timeout while the event loop lagged).",
+            ["provider", "failure", "reason"],
+            registry=own,
+        )
 
 
 class AlertCounters:
@@ -604,6 +631,11 @@ class OperatorEvents(AdapterHooks):
         """`AdapterHooks.malformed`: an unreadable stream event was skipped."""
         self.metrics.malformed.labels(provider).inc()
         event("malformed_chunk", logging.WARNING, provider=provider, payload=payload[:200].decode("utf-8", "replace"))
+
+    def excused(self, provider: str, failure: str, lag: float) -> None:
+        """A timeout left uncounted: this process's event loop was late, not the provider."""
+        self.metrics.health_excused.labels(provider, failure, "event_loop_lag").inc()
+        event("failure_excused", provider=provider, failure=failure, reason="event_loop_lag", loop_lag_s=round(lag, 3))
 
     def store_error(self, operation: str, error: StoreUnavailable) -> None:
         self.metrics.store_errors.labels(operation).inc()

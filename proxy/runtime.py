@@ -41,12 +41,13 @@ class Runtime:
         store: StateStore,
         events: OperatorEvents,
         metrics: Metrics,
+        loop_lag: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.adapters = adapters
         self.key_digests = tuple(key_digest(key) for key in config.auth_keys)
         self.admin_digest = key_digest(config.server.admin_key) if config.server.admin_key else None
-        self.health = HealthBoard(config.health, config.providers, store, events)
+        self.health = HealthBoard(config.health, config.providers, store, events, loop_lag=loop_lag)
         self.quota = QuotaGate(store, config.quota_timezone, events)
         self.dispatcher = Dispatcher(config, adapters, self.health, self.quota, metrics=metrics)
         self.limits = ClientLimits(
@@ -59,7 +60,14 @@ class Runtime:
         self.loops = Background()
 
     @classmethod
-    def build(cls, config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents) -> Runtime:
+    def build(
+        cls,
+        config: Config,
+        clients: HttpClients,
+        store: StateStore,
+        events: OperatorEvents,
+        loop_lag: Callable[[], float] | None = None,
+    ) -> Runtime:
         """Build the adapters (litellm is imported here when a provider needs it: seconds).
         A provider the config disables gets none: no walk calls it, nothing probes it."""
         adapters = {
@@ -67,7 +75,7 @@ class Runtime:
             for name, provider in config.providers.items()
             if provider.disabled_reason is None
         }
-        return cls(config, adapters, store, events, events.metrics)
+        return cls(config, adapters, store, events, events.metrics, loop_lag)
 
     async def start(self, *, warm_up: bool = True) -> None:
         await self.health.refresh()
@@ -122,6 +130,13 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     return changed
 
 
-async def build_in_thread(config: Config, clients: HttpClients, store: StateStore, events: OperatorEvents) -> Runtime:
-    """Build a runtime off the event loop: importing litellm blocks for seconds."""
-    return await asyncio.to_thread(Runtime.build, config, clients, store, events)
+async def build_in_thread(
+    config: Config,
+    clients: HttpClients,
+    store: StateStore,
+    events: OperatorEvents,
+    loop_lag: Callable[[], float] | None = None,
+) -> Runtime:
+    """Build a runtime off the event loop: importing litellm blocks for seconds.
+    `loop_lag` lets its health board excuse timeouts the proxy's lateness caused."""
+    return await asyncio.to_thread(Runtime.build, config, clients, store, events, loop_lag)

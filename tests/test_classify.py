@@ -265,3 +265,9 @@ def test_litellm_failures_in_plain_words() -> None:
     )
     unreadable = classify.unreadable(ValueError("Expecting value: line 1 column 1"))
     assert unreadable.message == "the provider's answer could not be read" and "ValueError" in unreadable.cause
+
+
+def test_a_wait_for_a_connection_slot_that_runs_out_is_the_proxys_saturation() -> None:
+    error = classify.no_connection_slot(4, 1.0)
+    assert (error.failure, error.sent) == (FailureClass.PROXY_SATURATED, False)
+    assert "4 connection slots" in error.message

@@ -769,3 +769,53 @@ def test_redis_pool_settings(tmp_path: Path) -> None:
     path.write_text("redis: {url: 'redis://r:6379/0'}\n" + PROVIDERS)
     redis = load_config(path, environ={}).redis
     assert (redis.max_connections, redis.pool_wait, redis.breaker_timeouts) == (64, 0.5, 3)  # documented defaults
+
+
+def test_load_settings_and_their_defaults(tmp_path: Path) -> None:
+    config = load(tmp_path, PROVIDERS)
+    assert (config.server.max_in_flight, config.limits.upstream_max_connections) == (1500, 0)
+    assert config.health.loop_lag_seconds == 0.25
+    assert all(p.max_connections == 0 and p.timeout.pool == 1.0 for p in config.providers.values())
+    text = """
+    server: {max_in_flight: 0}
+    limits: {upstream_max_connections: 200}
+    health: {loop_lag_seconds: 1.5}
+    providers:
+      a: {model: openai/gpt-4o-2024-08-06, max_connections: 4, timeout: {pool: 3}}
+      b: {model: openai/gpt-4o-mini-2024-07-18}
+      c: {model: openai/gpt-4o-mini-2024-07-18, max_connections: 0, timeout: {first_token: 1}}
+    """
+    config = load(tmp_path, text)
+    assert (config.server.max_in_flight, config.health.loop_lag_seconds) == (0, 1.5)
+    a, b, c = (config.providers[name] for name in "abc")
+    assert (a.max_connections, a.timeout.pool) == (4, 3)
+    assert (b.max_connections, b.timeout.pool) == (200, 1.0)  # the limits default
+    assert (c.max_connections, c.timeout.pool) == (0, 0.5)  # unset pool: at most half the first-token deadline
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "providers:\n  p: {model: gpt-4o-2024-08-06, timeout: {pool: 30}}\n",
+            "providers.p.timeout.pool: 30s must be shorter than first_token (30s)",
+        ),
+        (
+            "providers:\n  p: {model: gpt-4o-2024-08-06, max_connections: -1}\n",
+            "providers.p.max_connections: must be between 0 and 1000000, got -1",
+        ),
+        ("server: {max_in_flight: -5}\n" + PROVIDERS, "server.max_in_flight: expected a whole number >= 0, got -5"),
+        (
+            "limits: {upstream_max_connections: 1.5}\n" + PROVIDERS,
+            "limits.upstream_max_connections: expected an integer, got 1.5",
+        ),
+        ("health: {loop_lag_seconds: 0}\n" + PROVIDERS, "health.loop_lag_seconds: must be a positive number, got 0"),
+    ],
+)
+def test_bad_load_settings_name_their_key(tmp_path: Path, text: str, problem: str) -> None:
+    assert problems(tmp_path, text) == (problem,)
+
+
+def test_a_graph_may_route_the_proxys_own_saturation(tmp_path: Path) -> None:
+    config = load(tmp_path, with_routes("g: {first: a, on: {a: {proxy_saturated: b, default: c}}}"))
+    assert config.routes["g"].edges["a"]["proxy_saturated"] == "b"

@@ -21,6 +21,7 @@ from proxy.health import (
     after_success,
     begin_trial,
     decide,
+    excused,
     probe_verdict,
 )
 from proxy.observe import Metrics, OperatorEvents
@@ -233,3 +234,33 @@ async def test_real_traffic_outranks_a_probe() -> None:
         clock[0] += 10
     assert b.view("p").breaker is Breaker.OPEN
     await b.aclose()
+
+
+def test_the_proxys_own_saturation_never_counts_against_a_provider() -> None:
+    health = HEALTHY
+    for t in range(10):
+        health = fail(health, t, FailureClass.PROXY_SATURATED)
+    assert health is HEALTHY
+
+
+def test_only_a_timeout_during_loop_lag_is_excused() -> None:
+    assert excused(FailureClass.TIMEOUT, 0.3, HealthSettings(loop_lag_seconds=0.25))
+    assert not excused(FailureClass.TIMEOUT, 0.2, HealthSettings(loop_lag_seconds=0.25))
+    assert not excused(FailureClass.CONNECTION_ERROR, 5.0, HealthSettings(loop_lag_seconds=0.25))
+    assert not excused(FailureClass.SERVER_ERROR, 5.0, HealthSettings(loop_lag_seconds=0.25))
+
+
+def test_the_board_excuses_timeouts_while_the_loop_lags_and_counts_them_after() -> None:
+    config = parse_config({"providers": {"p": {"model": "openai/x"}}, "health": {"failure_threshold": 1}}, environ={})
+    registry = CollectorRegistry()
+    lag = [1.0]
+    board = HealthBoard(
+        config.health, config.providers, MemoryStore(), OperatorEvents(Metrics(registry)), loop_lag=lambda: lag[0]
+    )
+    board.failure("p", FailureClass.TIMEOUT)
+    assert board.view("p") == ProviderHealth()
+    labels = {"provider": "p", "failure": "timeout", "reason": "event_loop_lag"}
+    assert registry.get_sample_value("fallback_proxy_health_excused_total", labels) == 1
+    lag[0] = 0.001
+    board.failure("p", FailureClass.TIMEOUT)
+    assert board.view("p").breaker is Breaker.OPEN

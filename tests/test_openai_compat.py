@@ -338,6 +338,32 @@ async def test_silence_mid_stream_times_out_at_the_read_limit() -> None:
 
 
 @pytest.mark.asyncio
+async def test_the_read_limit_counts_each_wait_not_the_whole_stream_nor_a_slow_reader() -> None:
+    """Chunks 0.1 s apart under a 0.3 s read limit: the stream lasts far longer
+    than the limit and never times out; nor does a reader that pauses longer
+    than the limit while the data waits for it in the buffer."""
+
+    async def steady(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(6):
+            await response.write(chunk_bytes(f"{index} "))
+            await asyncio.sleep(0.1)
+        await response.write(chunk_bytes("", "stop") + b"data: [DONE]\n\n")
+        return response
+
+    async with upstream(steady) as url, open_session() as session:
+        provider = adapter(url, session)
+        chunks, error = await collect(provider.stream(BODY, Limits(connect=2, read=0.3)))
+        assert error is None and "".join(c.text for c in chunks) == "0 1 2 3 4 5 "
+        slow_reader: list[str] = []
+        async for chunk in provider.stream(BODY, Limits(connect=2, read=0.3)):
+            slow_reader.append(chunk.text)
+            await asyncio.sleep(0.4)  # the upstream goes on meanwhile; its chunks wait, read
+        assert "".join(slow_reader) == "0 1 2 3 4 5 "
+
+
+@pytest.mark.asyncio
 async def test_retry_after_is_read_from_aiohttp_headers() -> None:
     async def limited(request: web.Request) -> web.StreamResponse:
         body = orjson.dumps({"error": {"message": "slow down", "type": "rate_limit"}})

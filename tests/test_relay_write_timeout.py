@@ -171,6 +171,9 @@ def test_a_client_that_stops_reading_is_dropped_and_the_proxy_answers_others(
 
     with httpx.Client(base_url=proxy.url, timeout=10) as http:
         assert http.get("/healthz").status_code == 200
+        # The client's slowness is not the provider's failure: not even one counted against it.
+        big = http.get("/readyz").json()["health"]["big"]
+        assert (big["state"], big["breaker"], big["reason"]) == ("healthy", "closed", ""), big
     lines = [
         json.loads(r.getMessage())
         for r in caplog.records

@@ -269,6 +269,17 @@ def _transport_failure(exc: BaseException) -> FailureClass:
     return FailureClass.CONNECTION_ERROR
 
 
+def no_connection_slot(limit: int, waited: float) -> ProviderError:
+    """Every one of a provider's `max_connections` slots stayed busy for the pool
+    wait: the proxy's own limit (`proxy_saturated`), not the provider's failure.
+    Nothing was sent."""
+    return ProviderError(
+        FailureClass.PROXY_SATURATED,
+        f"all {limit} connection slots (max_connections) stayed busy for {waited:.2g}s; not called",
+        sent=False,
+    )
+
+
 def from_stream_error(error: Any) -> ProviderError:
     """An error event inside a 200 stream: the provider failed."""
     message = message_of(error) or "error event inside the stream"

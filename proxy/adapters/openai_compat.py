@@ -28,10 +28,12 @@ from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, Lim
 from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
-    attempt_timeout,
+    ConnectionSlots,
+    Silence,
     done_with,
     fetch,
     read_capped,
+    stream_timeout,
     too_large,
 )
 from proxy.config import ProviderConfig
@@ -65,6 +67,7 @@ class OpenAICompatAdapter:
         self._headers = CIMultiDict(headers)
         self._stream_headers = CIMultiDict({**headers, "accept": "text/event-stream"})
         self._draining: set[asyncio.Task[None]] = set()
+        self._slots = ConnectionSlots.of(provider)
 
     def __repr__(self) -> str:
         return f"OpenAICompatAdapter({self.provider.name!r}, {str(self._url)!r})"
@@ -85,6 +88,7 @@ class OpenAICompatAdapter:
             headers=with_trace(self._headers),
             data=self._encode(body, False),
             limits=limits,
+            slots=self._slots,
         )
         return _completion(answer.content)
 
@@ -95,34 +99,32 @@ class OpenAICompatAdapter:
             self._session,
             "POST",
             self._embeddings_url,
-            headers=self._headers,
+            headers=with_trace(self._headers),
             data=orjson.dumps(upstream),
             limits=limits,
+            slots=self._slots,
         )
         return embeddings_answer(answer.content)
 
     async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
         """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
-        early closes the upstream connection (never pooled mid-body)."""
-        try:
-            response = await self._session.post(
-                self._url,
-                data=self._encode(body, True),
-                headers=with_trace(self._stream_headers),
-                timeout=attempt_timeout(limits),
-            )
-        except TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
+        early closes the upstream connection (never pooled mid-body). The stream
+        holds one of the provider's connection slots (if it has a limit) to its end;
+        each read waits at most `limits.read` (`Silence`)."""
+        silence = Silence(limits.read)
+        response = await self._open(body, limits, silence)
         done = False
         try:
             if response.status >= 400:
-                raise classify.from_status(
-                    response.status, await read_capped(response, limits.max_bytes), response.headers
-                )
+                async with silence.head():
+                    error_body = await read_capped(response, limits.max_bytes)
+                raise classify.from_status(response.status, error_body, response.headers)
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers ignore `stream: true` and answer one JSON body.
-                for chunk in _chunks_of_answer(await read_capped(response, limits.max_bytes), content_type):
+                async with silence.head():
+                    whole = await read_capped(response, limits.max_bytes)
+                for chunk in _chunks_of_answer(whole, content_type):
                     yield chunk
                 return
             decoder = SSEDecoder()
@@ -130,7 +132,12 @@ class OpenAICompatAdapter:
             max_bytes = limits.max_bytes
             size = 0
             finished = False
-            while data := await content.readany():
+            while True:
+                silence.expect(content)
+                data = await content.readany()
+                silence.got()
+                if not data:
+                    break
                 size += len(data)
                 if size > max_bytes:
                     raise too_large(max_bytes)
@@ -153,10 +160,33 @@ class OpenAICompatAdapter:
         except TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
+            silence.close()
             if done and not response.content.at_eof():
                 self._finish_later(response)
             else:
                 done_with(response)
+            if self._slots is not None:
+                self._slots.give()
+
+    async def _open(self, body: dict[str, Any], limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
+        """The stream's response, within one of the provider's slots (given back here if it fails)."""
+        slots = self._slots
+        if slots is not None:
+            await slots.take(limits)
+        try:
+            async with silence.head():
+                return await self._session.post(
+                    self._url,
+                    data=self._encode(body, True),
+                    headers=with_trace(self._stream_headers),
+                    timeout=stream_timeout(limits),
+                )
+        except BaseException as exc:
+            if slots is not None:
+                slots.give()
+            if isinstance(exc, TRANSPORT_ERRORS):
+                raise classify.from_exception(exc) from exc
+            raise
 
     def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, ProviderError | None]:
         """The chunks of one upstream read, each but the last marked `more` (they go

@@ -111,7 +111,7 @@ def parse_config(data: object, environ: Mapping[str, str] | None = None, source:
     auth_keys = _parse_auth(top.get("auth"), ctx)
     server = _parse_server(top.get("server"), ctx)
     telemetry = _parse_telemetry(top.get("telemetry"), ctx)
-    providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx)
+    providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx, limits.upstream_max_connections)
     routes = _parse_routes(top.get("routes"), providers, scope, ctx)
     _warn_if_open(auth_keys, server, ctx)
     if ctx.errors:

@@ -21,6 +21,7 @@ FAILURE_CLASSES: Final[frozenset[str]] = frozenset(
         "quota_exhausted",
         "unsupported",
         "policy",
+        "proxy_saturated",
     }
 )
 EDGE_KEYS: Final[frozenset[str]] = FAILURE_CLASSES | {"default"}
@@ -50,6 +51,7 @@ class Timeouts:
     first_token: float = 30.0
     total: float = 300.0
     idle: float = 30.0  # max gap between stream chunks after the first token
+    pool: float = 1.0  # max wait for one of the provider's `max_connections` slots (then: proxy_saturated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ class ProviderConfig:
     # Why the config leaves this provider out ("OPENAI_API_KEY not set"): skipped in every walk
     # without a call, never probed or warmed up. None: in use.
     disabled_reason: str | None = None
+    max_connections: int = 0  # calls in flight to this provider at once; 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,11 @@ class ServerConfig:
     shutdown_grace_seconds: float = 30.0  # in-flight streams may finish this long after SIGTERM
     reload_check_seconds: float = 2.0  # how often the config file is checked for changes; 0 = never
     workers: int = 1  # processes sharing the port (`serve`); several need Redis for shared state
+    # Requests in flight per worker above which new ones are refused at once (503
+    # server_overloaded); 0 = no ceiling. Where one worker's event-loop lag p99
+    # reaches health.loop_lag_seconds on `python -m tests.benchmarks.run --slow-streams`
+    # (streams of 10 chunks a second): docs/scaling.md.
+    max_in_flight: int = 1500
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +156,7 @@ class LimitSettings:
     max_header_bytes: int = 32768
     client_write_timeout_seconds: float = 30.0  # a client that reads a stream slower than this is dropped
     max_upstream_bytes: int = 32 * 1024 * 1024  # a provider's answer larger than this is a failure
+    upstream_max_connections: int = 0  # each provider's `max_connections` unless it sets its own; 0 = no limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +168,9 @@ class HealthSettings:
     probe_interval_seconds: float = 10.0  # active probes (free endpoints), 0 = off
     probe_timeout_seconds: float = 3.0
     slow_ttft_seconds: float = 10.0  # a provider whose time to first token averages above this is SLOW
+    # A timeout that expires while this process's event loop lags by at least this
+    # much is the proxy's lateness, not the provider's: it does not count against it.
+    loop_lag_seconds: float = 0.25
 
 
 ALERT_KINDS: Final[frozenset[str]] = frozenset(

@@ -50,9 +50,10 @@ _PROVIDER_KEYS: Final = frozenset(
         "headers",
         "embedding_space",
         "needs",
+        "max_connections",
     }
 )
-_TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle")
+_TIMEOUT_KEYS: Final = ("connect", "first_token", "total", "idle", "pool")
 _QUOTA_KEYS: Final = ("requests_per_day", "tokens_per_day")
 _DEFAULT_TIMEOUTS: Final = Timeouts()
 # Fields a provider may declare it `needs`: without them it is disabled, not an error.
@@ -105,7 +106,10 @@ class _Scope:
     routes: frozenset[str]
 
 
-def _parse_providers(node: object, routes_node: object, ctx: _Context) -> tuple[dict[str, ProviderConfig], _Scope]:
+def _parse_providers(
+    node: object, routes_node: object, ctx: _Context, max_connections: int = 0
+) -> tuple[dict[str, ProviderConfig], _Scope]:
+    """`max_connections`: the default of each provider's own (`limits.upstream_max_connections`)."""
     section = _section(node, "providers", ctx, None)
     if section == {}:
         ctx.error("providers", "at least one provider is required")
@@ -115,7 +119,7 @@ def _parse_providers(node: object, routes_node: object, ctx: _Context) -> tuple[
         path = f"providers.{name}"
         if not _valid_name(name, path, ctx):
             continue
-        provider = _parse_provider(name, body, path, ctx)
+        provider = _parse_provider(name, body, path, ctx, max_connections)
         if provider is not None:
             providers[name] = provider
     route_names = routes_node.keys() if isinstance(routes_node, Mapping) else ()
@@ -133,7 +137,9 @@ def _valid_name(name: str, path: str, ctx: _Context) -> bool:
     return False
 
 
-def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> ProviderConfig | None:
+def _parse_provider(
+    name: str, node: object, path: str, ctx: _Context, max_connections: int = 0
+) -> ProviderConfig | None:
     m = _section(node, path, ctx, _PROVIDER_KEYS)
     if m is None:
         return None
@@ -165,6 +171,7 @@ def _parse_provider(name: str, node: object, path: str, ctx: _Context) -> Provid
         embedding_space=_opt(m, "embedding_space", path, ctx, _text),
         needs=needs,
         disabled_reason=disabled,
+        max_connections=_get(m, "max_connections", path, ctx, _int_between(0, 1_000_000), max_connections),
     )
     return None if model is None else _with_target(provider, path, ctx)
 
@@ -282,12 +289,18 @@ def _parse_timeouts(node: object, path: str, ctx: _Context) -> Timeouts:
         value = given[key]
         if value is not None and value > total:
             ctx.error(f"{path}.{key}", f"{value:g}s must not exceed total ({total:g}s)")
+    first_token = given["first_token"] or min(_DEFAULT_TIMEOUTS.first_token, total)
+    pool = given["pool"]
+    if pool is not None and pool >= first_token:
+        # The first-token deadline would end the wait first, and blame the provider for it.
+        ctx.error(f"{path}.pool", f"{pool:g}s must be shorter than first_token ({first_token:g}s)")
     # Unset deadlines default to at most the total, so setting only `total` is enough.
     return Timeouts(
         connect=given["connect"] or min(_DEFAULT_TIMEOUTS.connect, total),
         first_token=given["first_token"] or min(_DEFAULT_TIMEOUTS.first_token, total),
         total=total,
         idle=given["idle"] or min(_DEFAULT_TIMEOUTS.idle, total),
+        pool=pool or min(_DEFAULT_TIMEOUTS.pool, first_token / 2),
     )
 
 

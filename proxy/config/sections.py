@@ -42,7 +42,16 @@ _TOP_KEYS: Final = frozenset(
     {"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes", "telemetry"}
 )
 _SERVER_KEYS: Final = frozenset(
-    {"host", "port", "max_body_bytes", "admin_key", "shutdown_grace_seconds", "reload_check_seconds", "workers"}
+    {
+        "host",
+        "port",
+        "max_body_bytes",
+        "admin_key",
+        "shutdown_grace_seconds",
+        "reload_check_seconds",
+        "workers",
+        "max_in_flight",
+    }
 )
 _DEFAULT_SERVER: Final = ServerConfig()
 
@@ -64,6 +73,7 @@ _HEALTH_KEYS: Final = (
     "probe_interval_seconds",
     "probe_timeout_seconds",
     "slow_ttft_seconds",
+    "loop_lag_seconds",
 )
 
 
@@ -145,6 +155,7 @@ def _parse_health(node: object, ctx: _Context) -> HealthSettings:
         slow_ttft_seconds=_get(
             section, "slow_ttft_seconds", "health", ctx, _positive_number, default.slow_ttft_seconds
         ),
+        loop_lag_seconds=_get(section, "loop_lag_seconds", "health", ctx, _positive_number, default.loop_lag_seconds),
     )
 
 
@@ -162,6 +173,7 @@ _LIMIT_KEYS: Final = (
     "max_header_bytes",
     "client_write_timeout_seconds",
     "max_upstream_bytes",
+    "upstream_max_connections",
 )
 
 
@@ -188,6 +200,9 @@ def _parse_limits(node: object, ctx: _Context) -> LimitSettings:
             section, "client_write_timeout_seconds", "limits", ctx, _positive_number, d.client_write_timeout_seconds
         ),
         max_upstream_bytes=_get(section, "max_upstream_bytes", "limits", ctx, _positive_int, d.max_upstream_bytes),
+        upstream_max_connections=_get(
+            section, "upstream_max_connections", "limits", ctx, _non_negative_int, d.upstream_max_connections
+        ),
     )
 
 
@@ -293,6 +308,7 @@ def _parse_server(node: object, ctx: _Context) -> ServerConfig:
             section, "reload_check_seconds", "server", ctx, _non_negative_number, default.reload_check_seconds
         ),
         workers=_get(section, "workers", "server", ctx, _int_between(1, 512), default.workers),
+        max_in_flight=_get(section, "max_in_flight", "server", ctx, _non_negative_int, default.max_in_flight),
     )
 
 

@@ -81,7 +81,10 @@ def chat_operation(operation_id: str) -> Schema:
             "another plain client error from a provider, passed back as is (no fallback)", chat_error_headers()
         ),
         "503": error_response(
-            "every candidate failed (code `all_providers_failed`, naming each and why)", chat_error_headers()
+            "every candidate failed (code `all_providers_failed`, naming each and why); or this worker is at "
+            "`server.max_in_flight`, or every provider's connection slots stayed busy (code `server_overloaded`, "
+            "with Retry-After: send it again, another replica may have room)",
+            chat_error_headers("retry-after"),
         ),
     }
     summary = "Create a chat completion, falling back along the route's graph"
@@ -139,7 +142,11 @@ def healthz_operation() -> Schema:
 def readyz_operation() -> Schema:
     responses = {
         "200": response("config loaded; the state store's status", json_content(ref("Ready"))),
-        "503": response("starting or draining", json_content(ref("Ready"))),
+        "503": response(
+            "starting or draining, or overloaded (in flight above 90% of `server.max_in_flight`, until back "
+            "below 70%): `reason` says which",
+            json_content(ref("Ready")),
+        ),
     }
     return operation("readyz", "Readiness", "operations", responses)
 

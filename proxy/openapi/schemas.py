@@ -265,9 +265,24 @@ def ready_schema() -> Schema:
             "reason": nullable(string()),
         }
     )
+    load = obj(
+        {
+            "in_flight": integer("requests in flight in this worker (a stream until its last byte)"),
+            "max_in_flight": nullable(integer("server.max_in_flight; null: no ceiling")),
+            "overloaded": boolean(
+                "not ready: in flight reached not_ready_at, and has not yet fallen to ready_again_at"
+            ),
+            "not_ready_at": nullable(integer()),
+            "ready_again_at": nullable(integer()),
+            "event_loop_lag_seconds": number("the worst event-loop lag of the last seconds"),
+        },
+        ("in_flight", "overloaded"),
+    )
     return obj(
         {
             "ready": boolean(),
+            "reason": string("why not ready, when overloaded"),
+            "load": load,
             "config": string("the config file, or (in memory)"),
             "routes": integer(),
             "providers": integer(),

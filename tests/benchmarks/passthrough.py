@@ -22,14 +22,15 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 
-def build_app(upstream: str) -> Starlette:
+def build_app(upstream: str, limit: int = 1000) -> Starlette:
+    """`limit`: aiohttp's pool size (0: none; the slow-streams scenario holds thousands open)."""
     session: aiohttp.ClientSession | None = None
     base = upstream.rstrip("/")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal session
-        connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=30)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         try:
             yield
@@ -72,9 +73,10 @@ def main() -> None:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9200)
+    parser.add_argument("--limit", type=int, default=1000, help="aiohttp's connection pool size; 0: no limit")
     args = parser.parse_args()
     uvicorn.run(
-        build_app(args.upstream),
+        build_app(args.upstream, args.limit),
         host=args.host,
         port=args.port,
         loop="uvloop",

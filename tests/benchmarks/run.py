@@ -1139,6 +1139,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
     parser.add_argument("--json", default=None, help="also write the raw results as JSON to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    from tests.benchmarks import slow_streams
+
+    slow_streams.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -1171,6 +1174,11 @@ def start_upstream(workdir: Path) -> Upstream:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.slow_streams:
+        from tests.benchmarks import slow_streams
+
+        command = "python -m tests.benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+        return slow_streams.main(args, command)
     preflight()
     settings = Settings.from_args(args)
     os.sched_setaffinity(0, {LOAD_CORE})

@@ -17,7 +17,10 @@ Serves, over HTTP/1.1 keep-alive, with answers built once and cached:
 
 Streams are sent in chunked transfer encoding, one chunk per event, each event
 its own ``write`` with a turn of the event loop in between: a token-by-token
-upstream with zero think time. It is not Starlette (the fault-injecting fakes
+upstream with zero think time. With ``--chunk-interval-ms M --stream-chunks N``
+(the slow-streams scenario) an OpenAI stream is instead N content chunks, one
+write every M ms on a fixed schedule (the role chunk goes with the first, the
+finish, usage and ``[DONE]`` with the last), like a model generating tokens. It is not Starlette (the fault-injecting fakes
 in ``proxy/fakes`` are too slow to measure a proxy with); the payload shapes
 are the same. Loopback only.
 """
@@ -29,7 +32,9 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -77,7 +82,7 @@ def openai_completion(model: str) -> bytes:
     )
 
 
-def openai_stream(model: str, include_usage: bool) -> list[bytes]:
+def openai_stream(model: str, include_usage: bool, chunks: int = CONTENT_CHUNKS) -> list[bytes]:
     base = {
         "id": "chatcmpl-bench0000000000000000000000",
         "object": "chat.completion.chunk",
@@ -92,14 +97,10 @@ def openai_stream(model: str, include_usage: bool) -> list[bytes]:
         return _sse({**base, "choices": [choice], **extra})
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    events += [chunk({"content": PIECE}) for _ in range(CONTENT_CHUNKS)]
+    events += [chunk({"content": PIECE}) for _ in range(chunks)]
     events.append(chunk({}, "stop"))
     if include_usage:
-        usage = {
-            "prompt_tokens": PROMPT_TOKENS,
-            "completion_tokens": CONTENT_CHUNKS,
-            "total_tokens": PROMPT_TOKENS + CONTENT_CHUNKS,
-        }
+        usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": chunks, "total_tokens": PROMPT_TOKENS + chunks}
         events.append(_sse({**base, "choices": [], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     return events
@@ -234,10 +235,28 @@ class Answers:
 ANSWERS = Answers()
 
 
-class UpstreamProtocol(asyncio.Protocol):
-    __slots__ = ("body", "loop", "parser", "transport", "url")
+@dataclass(frozen=True)
+class Pacing:
+    """Slow streams: `chunks` content chunks, one write every `interval` seconds (0: as fast as possible)."""
 
-    def __init__(self) -> None:
+    chunks: int = CONTENT_CHUNKS
+    interval: float = 0.0
+
+
+def paced_writes(events: list[bytes], chunks: int) -> list[bytes]:
+    """The framed events of a slow stream grouped into its `chunks` writes: the
+    role chunk with the first content chunk, the finish, usage and [DONE] with the last."""
+    frames = _framed(events)
+    writes = [frames[0] + frames[1], *frames[2 : chunks + 1]]
+    writes[-1] += b"".join(frames[chunks + 1 :])
+    return writes
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    __slots__ = ("body", "loop", "pacing", "parser", "transport", "url")
+
+    def __init__(self, pacing: Pacing = Pacing()) -> None:
+        self.pacing = pacing
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -302,6 +321,13 @@ class UpstreamProtocol(asyncio.Protocol):
         if stream:
             options = request.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
+            pacing = self.pacing
+            if pacing.interval:
+                writes = ANSWERS.get(
+                    "op", model, usage, lambda: paced_writes(openai_stream(model, usage, pacing.chunks), pacing.chunks)
+                )
+                self._paced(writes, pacing.interval)
+                return
             self._stream(ANSWERS.get("os", model, usage, lambda: _framed(openai_stream(model, usage))))
         else:
             transport.write(
@@ -316,6 +342,18 @@ class UpstreamProtocol(asyncio.Protocol):
         if len(frames) > 1:
             self.loop.call_soon(self._write_rest, frames, 1)
 
+    def _paced(self, writes: list[bytes], interval: float) -> None:
+        """One write now, then one every `interval` on a fixed schedule (no drift)."""
+        assert self.transport is not None
+        self.transport.write(STREAM_HEAD + writes[0])
+        start = self.loop.time()
+        for index in range(1, len(writes)):
+            self.loop.call_at(start + index * interval, self._write_paced, writes[index])
+
+    def _write_paced(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
     def _write_rest(self, frames: list[bytes], index: int) -> None:
         if self.transport is None or self.transport.is_closing():
             return
@@ -324,9 +362,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self.loop.call_soon(self._write_rest, frames, index + 1)
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, pacing: Pacing = Pacing()) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(UpstreamProtocol, host, port, backlog=1024, reuse_address=True)
+    server = await loop.create_server(lambda: UpstreamProtocol(pacing), host, port, backlog=4096, reuse_address=True)
     print(f"upstream listening on http://{host}:{port} (pid {os.getpid()})", flush=True)
     async with server:
         await server.serve_forever()
@@ -336,7 +374,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--stream-chunks", type=int, default=CONTENT_CHUNKS, help="content chunks of a paced stream")
+    parser.add_argument(
+        "--chunk-interval-ms", type=float, default=0.0, help="pace OpenAI streams: one write every this many ms"
+    )
     args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pacing = Pacing(args.stream_chunks, args.chunk_interval_ms / 1000)
     try:
         import uvloop
     except ImportError:
@@ -344,7 +389,7 @@ def main() -> None:
     else:
         runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(args.host, args.port))
+        runner(serve(args.host, args.port, pacing))
 
 
 if __name__ == "__main__":

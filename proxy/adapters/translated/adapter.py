@@ -15,10 +15,12 @@ import orjson
 from proxy.adapters import classify
 from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, HttpClients, Limits, Usage, with_trace
 from proxy.adapters.http import (
-    attempt_timeout,
+    ConnectionSlots,
+    Silence,
     done_with,
     fetch,
     read_capped,
+    stream_timeout,
     too_large,
 )
 from proxy.adapters.translated.acompletion import _Acompletion
@@ -93,6 +95,7 @@ class TranslatedAdapter:
         self._session = clients.session
         self._hooks = hooks or AdapterHooks()
         self._client = clients.client
+        self._slots = ConnectionSlots.of(provider)  # for the dialects' calls (not `acompletion`'s)
         litellm = load_litellm()
         self._errors = _translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
@@ -119,8 +122,15 @@ class TranslatedAdapter:
             assert self._fallback is not None
             return await self._fallback.complete(self._split(body), body, limits)
         call = self._prepare(self._dialect, body, stream=False)
-        headers = with_trace(call.headers)
-        answer = await fetch(self._session, "POST", call.url, headers=headers, data=call.content, limits=limits)
+        answer = await fetch(
+            self._session,
+            "POST",
+            call.url,
+            headers=with_trace(call.headers),
+            data=call.content,
+            limits=limits,
+            slots=self._slots,
+        )
         # litellm reads a whole answer from an httpx response: one is built, no I/O.
         raw = httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.content)
         return self._completion(self._dialect, call, raw)
@@ -133,13 +143,12 @@ class TranslatedAdapter:
             return
         dialect = self._dialect
         call = self._prepare(dialect, body, stream=True)
-        try:
-            response = await self._post(call, limits)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
+        silence = Silence(limits.read)
+        response = await self._post(call, limits, silence)
         try:
             if response.status >= 400:
-                content = await read_capped(response, limits.max_bytes)
+                async with silence.head():
+                    content = await read_capped(response, limits.max_bytes)
                 raise classify.from_status(response.status, content, response.headers)
             # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
             parser: _Parser = self._reading(dialect.parser, call, response.headers)
@@ -149,7 +158,12 @@ class TranslatedAdapter:
             max_bytes = limits.max_bytes
             size = 0
             try:
-                while block := await reader.readany():
+                while True:
+                    silence.expect(reader)
+                    block = await reader.readany()
+                    silence.got()
+                    if not block:
+                        break
                     size += len(block)
                     if size > max_bytes:
                         raise too_large(max_bytes)
@@ -172,7 +186,10 @@ class TranslatedAdapter:
         except _TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
+            silence.close()
             done_with(response)
+            if self._slots is not None:
+                self._slots.give()
 
     async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
         embedder = self._embedder
@@ -315,10 +332,22 @@ class TranslatedAdapter:
         except self._errors as exc:
             raise classify.untranslatable(exc) from exc
 
-    async def _post(self, call: _Call, limits: Limits) -> aiohttp.ClientResponse:
-        return await self._session.post(
-            call.url, data=call.content, headers=with_trace(call.headers), timeout=attempt_timeout(limits)
-        )
+    async def _post(self, call: _Call, limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
+        """The stream's response, within one of the provider's slots (given back here if it fails)."""
+        slots = self._slots
+        if slots is not None:
+            await slots.take(limits)
+        try:
+            async with silence.head():
+                return await self._session.post(
+                    call.url, data=call.content, headers=with_trace(call.headers), timeout=stream_timeout(limits)
+                )
+        except BaseException as exc:
+            if slots is not None:
+                slots.give()
+            if isinstance(exc, _TRANSPORT_ERRORS):
+                raise classify.from_exception(exc) from exc
+            raise
 
     def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
         try:
