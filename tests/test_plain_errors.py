@@ -6,6 +6,7 @@ SDK against the fakes."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,15 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
 TECHNICAL = ("Error", "Exception", "aiohttp", "payload", "<", "Errno")
 
 
-def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    lines = [r.getMessage() for r in caplog.records if r.name == "fallback_proxy.request"]
-    return [json.loads(line) for line in lines]
+def request_lines(caplog: pytest.LogCaptureFixture, count: int = 1) -> list[dict[str, Any]]:
+    """The request log lines, once `count` are out: a stream's line is written as its
+    generator closes, just after the client has read the last bytes."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [r.getMessage() for r in caplog.records if r.name == "fallback_proxy.request"]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.01)
 
 
 def test_a_cut_stream_says_so_in_plain_words_and_the_log_keeps_the_exception(
