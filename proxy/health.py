@@ -149,7 +149,8 @@ def after_success(
     state = Health.SLOW if slow else Health.HEALTHY
     reason = f"time to first token {smoothed:.1f}s" if slow and smoothed is not None else ""
     if health.breaker is Breaker.CLOSED and health.failures == 0 and health.state is state:
-        return replace(health, ttft=smoothed)  # nothing to tell the other replicas
+        # Nothing to tell the other replicas.
+        return health if smoothed == health.ttft else replace(health, ttft=smoothed)
     return ProviderHealth(state=state, ttft=smoothed, reason=reason, updated=now)
 
 

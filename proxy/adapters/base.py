@@ -138,6 +138,33 @@ class Chunk:
 
 def describe(payload: bytes, chunk: dict[str, Any]) -> Chunk:
     """Summarise a parsed OpenAI chunk without building any model object."""
+    choices = chunk.get("choices")
+    if type(choices) is list and len(choices) == 1:  # the common chunk: one choice, text or nothing
+        choice = choices[0]
+        delta = choice.get("delta") if type(choice) is dict else None
+        if type(delta) is dict and delta.keys() <= _TEXT_DELTA:
+            content = delta.get("content")
+            reason = choice.get("finish_reason")
+            usage = chunk.get("usage")
+            model = chunk.get("model")
+            if (content is None or type(content) is str) and (reason is None or type(reason) is str):
+                return Chunk(
+                    payload=payload,
+                    has_content=bool(content),
+                    finish_reason=reason,
+                    usage=None if usage is None else Usage.from_openai(usage),
+                    model=model if type(model) is str else None,
+                    text=content or "",
+                    data=chunk,
+                )
+    return _describe_any(payload, chunk)
+
+
+# A delta of these keys only is plain text (`refusal: null` comes with OpenAI's first chunk).
+_TEXT_DELTA = frozenset({"role", "content"})
+
+
+def _describe_any(payload: bytes, chunk: dict[str, Any]) -> Chunk:
     has_content = tool_calls = False
     finish_reason: str | None = None
     text = ""
