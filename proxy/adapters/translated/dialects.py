@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import httpx
@@ -122,14 +122,16 @@ class _Anthropic(_Dialect):
         return self.url, headers, data
 
     def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
-        iterator = self._iterator(
-            streaming_response=None,
-            sync_stream=False,
-            json_mode=call.json_mode,
-            speed=call.optional_params.get("speed"),
-            tool_name_reverse_map=call.litellm_params.get(self._reverse_map_key),
-        )
-        return _AnthropicParser(iterator)
+        def litellms() -> Any:
+            return self._iterator(
+                streaming_response=None,
+                sync_stream=False,
+                json_mode=call.json_mode,
+                speed=call.optional_params.get("speed"),
+                tool_name_reverse_map=call.litellm_params.get(self._reverse_map_key),
+            )
+
+        return _AnthropicParser(litellms, plain=not call.json_mode)
 
     def probe_request(self) -> tuple[str, dict[str, str]] | None:
         headers = self._headers([], {}, {})
@@ -137,9 +139,24 @@ class _Anthropic(_Dialect):
 
 
 class _AnthropicParser(_Parser):
-    """Anthropic SSE events (`event: error` included). To litellm's parser a `text`
-    delta is exactly its text and touches no state, so it is answered here, as are
-    `ping` and `message_stop` (nothing to say); every other event goes to it."""
+    """Anthropic SSE events (`event: error` included).
+
+    To litellm's parser a `text` delta is exactly its text and touches no state,
+    so it is always answered here, as are `ping` and `message_stop`. While the
+    answer is plain text with plain usage (input and output tokens only: the
+    common case), the other events are read here too, giving what litellm gives
+    (tests compare both): litellm's parser, and its pydantic objects, cost more
+    than the rest of the stream. The first event that is anything else (a tool
+    call, thinking, cache or server-tool usage, JSON mode) hands the stream to
+    litellm's parser, which is first shown the `message_start` it missed."""
+
+    def __init__(self, litellms: Callable[[], Any], *, plain: bool) -> None:
+        super().__init__(None)
+        self._litellms = litellms
+        self._plain = plain
+        self._start: dict[str, Any] | None = None  # message_start, for litellm if it takes over
+        self._input_tokens = 0
+        self._block: object = None  # the type of the content block under way, while plain
 
     def feed(self, data: bytes) -> _Piece | None:
         event = _event(data)
@@ -153,7 +170,90 @@ class _AnthropicParser(_Parser):
         elif kind == "message_stop":
             self.complete = True
             return None
-        return _piece_of(self.iterator.chunk_parser(chunk=event))
+        if self._plain:
+            piece = self._plain_piece(kind, event)
+            if not isinstance(piece, _NotPlain):
+                return piece
+            self._plain = False
+        return _piece_of(self._litellm().chunk_parser(chunk=event))
+
+    def _litellm(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self._litellms()
+            if self._start is not None:
+                self.iterator.chunk_parser(chunk=self._start)  # its model and input tokens
+        return self.iterator
+
+    def _plain_piece(self, kind: object, event: dict[str, Any]) -> _Piece | _NotPlain | None:
+        """The piece of a plain event, or `_NOT_PLAIN`."""
+        if kind == "message_start":
+            message = event.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if not isinstance(message, dict) or not _plain_usage(usage):
+                return _NOT_PLAIN
+            assert isinstance(usage, dict)
+            self._start, self._input_tokens = event, usage.get("input_tokens", 0)
+            model = message.get("model")
+            return _Piece(
+                model=model if isinstance(model, str) and model else None,
+                usage=_usage(self._input_tokens, usage.get("output_tokens", 0)),
+            )
+        if kind == "content_block_start":
+            block = event.get("content_block")
+            if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+                return _NOT_PLAIN
+            self._block = "text"
+            return _Piece(content=block["text"] or None)
+        if kind == "content_block_stop" and self._block == "text":
+            self._block = None
+            return None
+        if kind == "message_delta" and event.keys() <= _MESSAGE_DELTA_KEYS:
+            delta, usage = event.get("delta"), event.get("usage")
+            if not isinstance(delta, dict) or not _plain_usage(usage):
+                return _NOT_PLAIN
+            assert isinstance(usage, dict)
+            self._input_tokens = usage.get("input_tokens", self._input_tokens)
+            reason = delta.get("stop_reason")
+            return _Piece(
+                finish_reason=reason if isinstance(reason, str) else None,
+                usage=_usage(self._input_tokens, usage.get("output_tokens", 0)),
+            )
+        return _NOT_PLAIN
+
+
+class _NotPlain:
+    """Not a plain event: litellm reads it."""
+
+
+_NOT_PLAIN: Final = _NotPlain()
+_PLAIN_USAGE_KEYS: Final = frozenset({"input_tokens", "output_tokens"})
+_MESSAGE_DELTA_KEYS: Final = frozenset({"type", "delta", "usage"})
+
+
+def _plain_usage(usage: object) -> bool:
+    return (
+        isinstance(usage, dict)
+        and usage.keys() <= _PLAIN_USAGE_KEYS
+        and all(type(value) is int for value in usage.values())
+    )
+
+
+def _usage(prompt: int, completion: int) -> dict[str, Any]:
+    """litellm's usage for plain Anthropic tokens, as `model_dump(exclude_none=True)` writes it."""
+    return {
+        "completion_tokens": completion,
+        "prompt_tokens": prompt,
+        "total_tokens": prompt + completion,
+        "completion_tokens_details": {"reasoning_tokens": 0, "text_tokens": completion},
+        "prompt_tokens_details": {
+            "cache_write_tokens": 0,
+            "cached_tokens": 0,
+            "text_tokens": prompt,
+            "cache_creation_tokens": 0,
+        },
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
 
 
 class _Ollama(_Dialect):
