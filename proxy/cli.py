@@ -284,7 +284,7 @@ def _workers(args: argparse.Namespace, config: Config) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     """Load the config and serve until SIGINT/SIGTERM."""
     from proxy.observe import configure_logging
-    from proxy.server import build_server, serve_workers
+    from proxy.server import build_server, raise_open_files_limit, serve_workers
 
     path: str | None = args.config or default_config_path()
     if path is None:
@@ -304,6 +304,7 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     for warning in config.warnings:
         logging.getLogger("fallback_proxy").warning("config: %s", warning)
+    raise_open_files_limit()  # workers inherit it
     if workers > 1:
         started = serve_workers(
             config,

@@ -41,6 +41,24 @@ log = logging.getLogger("fallback_proxy")
 METRICS_DIR_VARIABLE: Final = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name for it
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Let this process open as many files as the system allows it (the soft
+    limit up to the hard one): each stream holds two sockets, and a default soft
+    limit of 1,024 caps a worker near 500 streams. Returns (soft, hard) as set."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            return (soft, hard)
+        soft = hard
+    return (soft, hard)
+
+
 def build_server(
     config: Config,
     *,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +70,16 @@ def test_a_bad_worker_flag_is_a_usage_error(value: str, capsys: pytest.CaptureFi
         cli.main(["serve", "--workers", value])
     assert exit_.value.code == 2
     assert f"--workers: expected a whole number of at least 1, got {value!r}" in capsys.readouterr().err
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_one() -> None:
+    """Each stream holds two sockets: a soft limit of 1,024 would cap a worker near 500."""
+    script = (
+        "import resource\n"
+        "from proxy.server import raise_open_files_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "print(raise_open_files_limit() == (hard, hard) == resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "True", done.stderr
