@@ -135,6 +135,38 @@ def serve(serve_asgi: Callable[[ASGIApp], ServedApp]) -> Callable[..., ServedApp
     return _serve
 
 
+# Session fixtures too costly to build once per xdist worker, and the one worker that owns each:
+# every test using one is put in its group (`--dist loadgroup`), so the podman images, the Redis
+# Cluster and the Agents SDK's environment are each made once, and podman tests never race each other.
+SESSION_GROUPS = {
+    "podman": "podman",
+    "proxy_image": "podman",
+    "redis_cluster": "redis-cluster",
+    "agents_python": "agents-sdk",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the `xdist_group` marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        groups = {SESSION_GROUPS[name] for name in fixtures if name in SESSION_GROUPS}
+        if item.get_closest_marker("container") is not None:
+            groups.add("podman")
+        for group in sorted(groups):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def xdist_group_held(request: pytest.FixtureRequest) -> None:
+    """Under `--dist loadgroup`, xdist suffixes a grouped test's node id with `@group`; fail a grouped
+    test that lacks it (a pytest that xdist cannot group), for every worker would then build the podman
+    images and the Redis Cluster at once, racing each other."""
+    grouped = request.node.get_closest_marker("xdist_group") is not None
+    if grouped and request.config.getoption("loadgroup", default=False) and "@" not in request.node.nodeid:
+        pytest.fail(f"pytest-xdist did not group {request.node.nodeid}: is pytest newer than it supports?")
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterProcesses]:
     """A Redis Cluster of six `redis-server` processes (three masters, each with a

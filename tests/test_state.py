@@ -125,7 +125,11 @@ async def cluster_replicas(cluster: RedisClusterProcesses) -> AsyncIterator[Repl
             await store.aclose()
 
 
-@pytest_asyncio.fixture(params=["memory", "redis", "cluster"])
+# The cluster's tests share the session's Redis Cluster, which one xdist worker owns (conftest.SESSION_GROUPS).
+ON_CLUSTER = pytest.param("cluster", marks=pytest.mark.xdist_group("redis-cluster"))
+
+
+@pytest_asyncio.fixture(params=["memory", "redis", ON_CLUSTER])
 async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
     if request.param == "memory":
         memory = MemoryStore()
@@ -139,7 +143,7 @@ async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
             yield made
 
 
-@pytest_asyncio.fixture(params=["redis", "cluster"])
+@pytest_asyncio.fixture(params=["redis", ON_CLUSTER])
 async def redis_replicas(request: pytest.FixtureRequest) -> AsyncIterator[Replicas]:
     if request.param == "cluster":
         async with cluster_replicas(request.getfixturevalue("redis_cluster")) as made:
@@ -895,7 +899,8 @@ async def test_waiting_for_a_pooled_connection_is_bounded_and_does_not_open_the_
     await store._slots.acquire()  # this process's one connection is busy elsewhere
     error, took = await timed_failure(store.ping())
     assert error.reason.startswith("busy") and store.busy == 1 and not error.maybe_applied
-    assert store.pool_wait - 0.01 <= took < store.pool_wait + 0.05
+    # Bounded by the wait, not a hang; the slack is for a box busy with other test workers.
+    assert store.pool_wait - 0.01 <= took < store.pool_wait + 1.0
     assert not store.breaker_open and store.failures == 0
     store._slots.release()
     await store.ping()
