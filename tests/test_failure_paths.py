@@ -225,6 +225,6 @@ def test_a_probe_endpoint_that_does_not_exist_never_takes_the_provider_out(
         with sdk(proxy) as client:
             for _ in range(3):  # across many probe intervals
                 assert client.chat.completions.create(model="default", messages=MESSAGES).choices
-                time.sleep(0.3)
+                time.sleep(0.3)  # the interval is the point: three probe intervals pass, no probe comes
         assert httpx.get(proxy.url + "/readyz").json()["health"]["bare"]["state"] == "healthy"
         assert probes in httpx.get(proxy.url + "/metrics").text  # probed once, then never again
