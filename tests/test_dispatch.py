@@ -18,7 +18,7 @@ from proxy.adapters import HttpClients, make_adapter
 from proxy.app import create_app, open_session
 from proxy.config import Config, parse_config
 from proxy.dispatch import Dispatcher, backoff
-from proxy.errors import AllProvidersFailed, UpstreamClientError
+from proxy.errors import AllProvidersFailed, FailureClass, UpstreamClientError
 from proxy.health import HealthBoard
 from proxy.observe import Metrics, OperatorEvents, RequestRecord
 from proxy.quota import QuotaGate
@@ -246,3 +246,51 @@ async def test_client_disconnect_closes_the_upstream_connection() -> None:
         await runner.cleanup()
     assert sent[0]["status"] == 200
     assert dict(sent[0]["headers"])[b"x-proxy-provider"] == b"a"
+
+
+@pytest.mark.asyncio
+async def test_a_retry_whose_backoff_would_pass_the_budget_is_not_waited_for() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [503], "b": [200]}, sleeps, budget=0.2) as (dispatcher, upstream, cfg):
+        record = RequestRecord("id", "r", False)
+        result = await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
+    # a's first backoff (0.25 s) ends after the route's budget: no wait, no retry; b answers
+    assert orjson.loads(result.body)["choices"][0]["message"]["content"] == "from b"
+    assert upstream.calls == ["a", "b"] and sleeps == []
+    assert record.headers()["x-proxy-fallbacks"] == "a=server_error"
+
+
+@pytest.mark.asyncio
+async def test_the_last_resort_that_fails_too_ends_in_all_providers_failed_naming_it() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [503], "b": [500]}, sleeps) as (dispatcher, upstream, cfg):
+        dispatcher.health.failure("a", FailureClass.AUTH_ERROR)  # a's breaker opens at once
+        record = RequestRecord("id", "r", False)
+        with pytest.raises(AllProvidersFailed) as caught:
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
+    assert upstream.calls == ["b", "a", "a", "a"]  # b, then a once anyway (its retries included)
+    assert record.last_resort == "a"
+    attempts = [(a.provider, a.outcome) for a in caught.value.attempts]
+    assert attempts == [("a", "unhealthy"), ("b", "server_error"), ("a", "server_error")]
+    assert "last resort" in caught.value.attempts[-1].detail
+
+
+@pytest.mark.asyncio
+async def test_a_client_error_from_the_last_resort_goes_back_to_the_client() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [400], "b": [500]}, sleeps) as (dispatcher, upstream, cfg):
+        dispatcher.health.failure("a", FailureClass.AUTH_ERROR)
+        with pytest.raises(UpstreamClientError) as caught:
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
+    assert upstream.calls == ["b", "a"] and caught.value.status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_no_last_resort_for_a_provider_switched_off_by_the_operator() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [200], "b": [500]}, sleeps) as (dispatcher, upstream, cfg):
+        dispatcher.health.disable("a", "maintenance")
+        record = RequestRecord("id", "r", False)
+        with pytest.raises(AllProvidersFailed):
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
+    assert upstream.calls == ["b"] and record.last_resort is None

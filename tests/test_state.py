@@ -509,7 +509,7 @@ async def test_an_unreachable_cluster_is_unavailable_at_once_for_every_caller() 
         assert all(isinstance(result, StoreUnavailable) for result in results), results
         assert elapsed_since(started) < 1.0 and store.breaker_open
         error, took = await timed_failure(store.ping())
-        assert "breaker open" in error.reason and took < 0.01
+        assert "breaker open" in error.reason and took < 0.04  # no I/O: under a real call's 50 ms timeout
     finally:
         await store.aclose()
 
@@ -672,7 +672,7 @@ async def test_a_stalled_server_costs_at_most_the_hard_timeout(own_server: Redis
         try:
             for store in (warm, cold):
                 error, took = await timed_failure(admit(store))
-                assert 0.045 <= took < store.hard_timeout + 0.03, error
+                assert 0.045 <= took < store.hard_timeout + 0.25, error  # slack: timers fire late on a busy box
                 assert store.breaker_open
         finally:
             own_server.resume()
@@ -872,7 +872,8 @@ async def test_half_open_lets_one_trial_through_and_a_cancelled_trial_frees_the_
     own_server: RedisServer,
 ) -> None:
     clock = FakeClock()
-    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1)
+    # A timeout long enough that the trial is still stalled when it is cancelled, on a busy box too.
+    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1, timeout=0.5)
     try:
         await store.ping()
         own_server.pause()
@@ -881,7 +882,7 @@ async def test_half_open_lets_one_trial_through_and_a_cancelled_trial_frees_the_
         trial = asyncio.create_task(store.ping())  # stalls on the stopped server
         await asyncio.sleep(0.01)
         error, took = await timed_failure(store.usage("p", DAY))  # only one trial at a time
-        assert "breaker open" in error.reason and took < 0.01
+        assert "breaker open" in error.reason and took < 0.04  # no I/O: under a real call's 50 ms timeout
         trial.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await trial
