@@ -981,3 +981,30 @@ async def test_a_lease_and_a_counter_in_one_call(replicas: Replicas) -> None:
         await store.acquire_lease("streams:c", "s3", limit=5, ttl_seconds=60, count="rate:c:1", count_limit=2)
     ) == Lease(False, 2, 3)
     assert await store.count("rate:c:1", 0, 60) == 3  # the same counter `count` sees
+
+
+@pytest.mark.asyncio
+async def test_a_caller_waiting_for_a_connection_when_the_breaker_opens_is_refused_without_io(
+    own_server: RedisServer,
+) -> None:
+    """One connection, held by a call that stalls on a stopped Redis; a second caller waits for
+    it. The first times out and opens the breaker: the second, given the connection, does not
+    use it for another call that would stall, and a caller that gives up waiting is no verdict."""
+    store = RedisStore.from_url(own_server.url, max_connections=1, timeout=0.2, breaker_timeouts=1, pool_wait=5)
+    try:
+        await store.ping()
+        own_server.pause()
+        stalled = asyncio.create_task(timed_failure(store.ping()))
+        waiting = asyncio.create_task(timed_failure(store.usage("p", DAY)))
+        gives_up = asyncio.create_task(store.usage("p", DAY))
+        await asyncio.sleep(0.05)  # the scenario: both are queued behind the stalled call
+        gives_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gives_up
+        (first, _), (second, _) = await asyncio.wait_for(asyncio.gather(stalled, waiting), 10)
+        assert "Timeout" in first.reason and store.breaker_open
+        assert second.reason.startswith("breaker open after") and not second.maybe_applied
+        assert store.failures == 1 and store.short_circuits == 1 and store.busy == 0
+    finally:
+        own_server.resume()
+        await store.aclose()
