@@ -65,7 +65,7 @@ async def serve_locally(app: web.Application) -> tuple[web.AppRunner, str]:
     """Serve an aiohttp app on a free port of 127.0.0.1, in the test's loop."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)  # a hung handler is cancelled
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -87,6 +87,8 @@ class Upstream:
         self.calls.append(name)
         statuses = self.script[name]
         status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+        if status == 0:  # no answer at all
+            await asyncio.sleep(30)
         if status == 200:
             return web.Response(body=completion(f"from {name}"), content_type="application/json")
         body = orjson.dumps({"error": {"message": f"{name} says {status}"}})
@@ -294,3 +296,15 @@ async def test_no_last_resort_for_a_provider_switched_off_by_the_operator() -> N
         with pytest.raises(AllProvidersFailed):
             await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
     assert upstream.calls == ["b"] and record.last_resort is None
+
+
+@pytest.mark.asyncio
+async def test_no_last_resort_once_the_route_budget_is_spent() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [200], "b": [0]}, sleeps, budget=0.3) as (dispatcher, upstream, cfg):
+        dispatcher.health.failure("a", FailureClass.AUTH_ERROR)  # skipped: its breaker is open
+        record = RequestRecord("id", "r", False)
+        with pytest.raises(AllProvidersFailed) as caught:
+            await asyncio.wait_for(dispatcher.complete(cfg.routes["r"], BODY, Needs(), record), 10)
+    assert upstream.calls == ["b"] and record.last_resort is None  # b used up the budget: a is not tried
+    assert [(a.provider, a.outcome) for a in caught.value.attempts] == [("a", "unhealthy"), ("b", "timeout")]

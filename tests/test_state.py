@@ -390,15 +390,18 @@ def test_update_payloads_round_trip_and_foreign_ones_are_ignored() -> None:
 @pytest.mark.asyncio
 async def test_try_lock_is_exclusive_across_replicas_and_expires(replicas: Replicas) -> None:
     one, two = replicas.make(), replicas.make()
-    assert await one.try_lock("probe:a", 0.15) is True
-    assert await two.try_lock("probe:a", 0.15) is False
-    assert await one.try_lock("probe:a", 0.15) is False
-    assert await two.try_lock("probe:b", 0.15) is True
+    await one.ping()  # connected (a cluster's topology learnt) before the clock of a lock runs
+    await two.ping()
+    ttl = 1.0  # the calls below must fit in it on a box busy with other test workers
+    assert await one.try_lock("probe:a", ttl) is True
+    assert await two.try_lock("probe:a", ttl) is False
+    assert await one.try_lock("probe:a", ttl) is False
+    assert await two.try_lock("probe:b", ttl) is True
     # A refused try changes nothing, so asking again until the lock expires is a fair wait.
-    deadline = time.monotonic() + 5
-    while not await two.try_lock("probe:a", 0.15):
+    deadline = time.monotonic() + 10
+    while not await two.try_lock("probe:a", ttl):
         assert time.monotonic() < deadline, "the lock never expired"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.asyncio
