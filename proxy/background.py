@@ -24,9 +24,6 @@ class Background:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     async def drain(self, timeout: float) -> None:
         """Let pending work finish for up to `timeout` seconds, then cancel the rest."""
         if self._tasks:

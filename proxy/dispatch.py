@@ -399,7 +399,7 @@ class Dispatcher:
             if loop.time() + delay >= walk_deadline:
                 raise failed
             await self._sleep(delay)
-        raise AssertionError("unreachable: the loop returns or raises")
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover - for mypy: no fall-through
 
     def _unreserve(
         self, reservation: Reservation | None, failure: FailureClass, *, sent: bool, uncertain: str | None = None

@@ -102,7 +102,10 @@ def _floats(vector: object) -> list[float]:
         return list(struct.unpack(f"<{len(raw) // 4}f", raw))
     if isinstance(vector, list):
         return [float(value) for value in vector]
-    raise TypeError(f"an embedding must be a list of numbers or base64, got {type(vector).__name__}")
+    # The adapters let only lists and base64 strings through (openai_compat.embeddings_answer, embed.openai_list).
+    raise TypeError(
+        f"an embedding must be a list of numbers or base64, got {type(vector).__name__}"
+    )  # pragma: no cover
 
 
 def to_base64(vector: Sequence[float]) -> str:

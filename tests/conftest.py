@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -135,6 +136,47 @@ def serve(serve_asgi: Callable[[ASGIApp], ServedApp]) -> Callable[..., ServedApp
     return _serve
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The coverage gate ([tool.coverage.report] fail_under) is for the whole suite, as `pytest` runs it:
+    a run of chosen files, `-k` or `-m` still reports coverage, but cannot reach the gate and is not failed by it."""
+    whole_suite = config.args_source is pytest.Config.ArgsSource.TESTPATHS
+    coverage = config.pluginmanager.getplugin("_cov")  # pytest-cov's plugin, when --cov is on
+    if coverage is not None and (not whole_suite or config.option.keyword or config.option.markexpr):
+        coverage.options.cov_fail_under = None
+
+
+# Session fixtures too costly to build once per xdist worker, and the one worker that owns each:
+# every test using one is put in its group (`--dist loadgroup`), so the podman images, the Redis
+# Cluster and the Agents SDK's environment are each made once, and podman tests never race each other.
+SESSION_GROUPS = {
+    "podman": "podman",
+    "proxy_image": "podman",
+    "redis_cluster": "redis-cluster",
+    "agents_python": "agents-sdk",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the `xdist_group` marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        groups = {SESSION_GROUPS[name] for name in fixtures if name in SESSION_GROUPS}
+        if item.get_closest_marker("container") is not None:
+            groups.add("podman")
+        for group in sorted(groups):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def xdist_group_held(request: pytest.FixtureRequest) -> None:
+    """Under `--dist loadgroup`, xdist suffixes a grouped test's node id with `@group`; fail a grouped
+    test that lacks it (a pytest that xdist cannot group), for every worker would then build the podman
+    images and the Redis Cluster at once, racing each other."""
+    grouped = request.node.get_closest_marker("xdist_group") is not None
+    if grouped and request.config.getoption("loadgroup", default=False) and "@" not in request.node.nodeid:
+        pytest.fail(f"pytest-xdist did not group {request.node.nodeid}: is pytest newer than it supports?")
+
+
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterProcesses]:
     """A Redis Cluster of six `redis-server` processes (three masters, each with a
@@ -145,7 +187,9 @@ def redis_cluster() -> Iterator[RedisClusterProcesses]:
 
     if MISSING:
         pytest.skip(MISSING)
-    cluster = RedisClusterProcesses().start()
+    # No test kills a node of this one: a long node timeout, so that a node starved of CPU by the
+    # other test workers for a second is not failed over (losing the writes it had not replicated).
+    cluster = RedisClusterProcesses(node_timeout_ms=15_000).start()
     try:
         yield cluster
     finally:
@@ -189,6 +233,16 @@ SECRETS = (
     "fuzz-key",
     "admin-key",
 )
+
+
+def request_log(caplog: pytest.LogCaptureFixture, at_least: int = 1) -> list[dict[str, Any]]:
+    """The proxy's request log lines (parsed), once `at_least` are written: a request's line is
+    written as it ends on the proxy's side, which may be a moment after its client read the end."""
+    deadline = time.monotonic() + 5
+    while len(lines := [r.getMessage() for r in caplog.records if r.name == "fallback_proxy.request"]) < at_least:
+        assert time.monotonic() < deadline, f"{len(lines)} request log lines, not {at_least}"
+        time.sleep(0.01)
+    return [json.loads(line) for line in lines]
 
 
 @pytest.fixture(autouse=True)

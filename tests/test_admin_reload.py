@@ -84,7 +84,7 @@ def test_config_file_changes_are_reloaded_and_bad_ones_rejected(
     assert answer(proxy).headers["x-proxy-provider"] == "backup"
 
     path.write_text("routes: {default: [nobody]}\n")
-    time.sleep(0.5)
+    _wait_for(lambda: _rejected(proxy) == 1)  # the watch saw the bad file and kept the old config
     assert answer(proxy).headers["x-proxy-provider"] == "backup"  # the old config keeps serving
     rejected = httpx.post(proxy.url + "/admin/reload", headers=ADMIN)
     assert rejected.status_code == 422
@@ -104,18 +104,20 @@ def test_a_stream_in_flight_finishes_on_the_old_config(
     proxy = serve(load_config(path, environ={}))
     cloud.set_fault("slow", token_delay=0.15)
     texts: list[str] = []
+    first_token = threading.Event()
 
     def stream() -> None:
         with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as sdk:
-            chunks = sdk.chat.completions.create(model="default", messages=MESSAGES, stream=True)
-            texts.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+            parts = []
+            for chunk in sdk.chat.completions.create(model="default", messages=MESSAGES, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+                    first_token.set()
+            texts.append("".join(parts))
 
     reader = threading.Thread(target=stream)
     reader.start()
-    deadline = time.monotonic() + 5
-    while cloud.request_count == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)  # a token or two are out
+    assert first_token.wait(timeout=10)  # the stream is under way on the old config
     path.write_text(yaml.safe_dump({**data, "routes": {"default": ["backup"]}}))
     reloaded = httpx.post(proxy.url + "/admin/reload", headers=ADMIN)
     assert reloaded.json()["reloaded"] is True
@@ -171,23 +173,24 @@ def test_an_invalid_file_left_in_place_is_rejected_once_per_change(
 
     path.write_text("routes: {default: [nobody]}\n")
     _wait_for(lambda: _rejected(proxy) == 1)
-    time.sleep(1.0)  # ten more checks of the same bad content: nothing new
+    # The interval is the point: ten more checks of the same bad content reject nothing new.
+    time.sleep(1.0)
     assert _rejected(proxy) == 1 and len(failures()) == 1
     assert answer(proxy).headers["x-proxy-provider"] == "cloud"  # the old config keeps serving
 
     path.write_text("routes: {default: [somebody]}\n")  # another bad edit: rejected once more
     _wait_for(lambda: _rejected(proxy) == 2)
-    time.sleep(1.0)
+    time.sleep(1.0)  # as above: ten more checks, nothing new
     assert _rejected(proxy) == 2 and len(failures()) == 2 and "somebody" in failures()[-1]
 
     explicit = httpx.post(proxy.url + "/admin/reload", headers=ADMIN)  # asked for: always tried, always answered
     assert explicit.status_code == 422 and any("somebody" in p for p in explicit.json()["problems"])
-    time.sleep(0.5)
+    time.sleep(0.5)  # the interval is the point: five more checks by the watch, nothing new
     assert _rejected(proxy) == 3  # the explicit one; the watch still leaves this content alone
 
     path.write_text(yaml.safe_dump(config_data(cloud, backup, routes={"default": ["backup"]})))
     _wait_for(lambda: answer(proxy).headers["x-proxy-provider"] == "backup")
     path.write_text("routes: {default: [nobody]}\n")  # the first bad content again, after a good one
     _wait_for(lambda: _rejected(proxy) == 4)
-    time.sleep(0.5)
+    time.sleep(0.5)  # the interval is the point: five more checks, nothing new
     assert _rejected(proxy) == 4

@@ -130,6 +130,24 @@ def test_a_bug_while_streaming_before_the_first_byte_is_one_logged_500(
     assert [r.getMessage() for r in caplog.records if r.exc_info] == ["unexpected error on POST /v1/chat/completions"]
 
 
+def test_a_bug_behind_another_endpoint_is_one_logged_500_too(
+    serve: Callable[..., ServedApp], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/v1/embeddings` is served by Starlette, behind the app's last line against bugs."""
+
+    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: Limits) -> Any:
+        raise RuntimeError("a bug in the adapter")
+
+    monkeypatch.setattr(OpenAICompatAdapter, "embed", broken)
+    proxy = serve({"providers": {"p": openai_provider("http://upstream.invalid")}, "routes": {"default": ["p"]}})
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        response = client.post("/v1/embeddings", json={"model": "default", "input": "hi"})
+        assert response.status_code == 500 and error_of(response)["code"] == "internal_error"
+        assert "a bug in the adapter" not in response.text
+        assert client.get("/healthz").status_code == 200  # the same connection, still usable
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["unexpected error on POST /v1/embeddings"]
+
+
 def test_the_fast_path_honours_a_root_path(serve_asgi: Callable[..., ServedApp], cloud: FakeOpenAI) -> None:
     app = create_app(
         build_config({"providers": {"cloud": openai_provider(cloud.url)}, "routes": {"default": ["cloud"]}})

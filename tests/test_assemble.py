@@ -83,3 +83,26 @@ def test_a_refusal_and_reasoning() -> None:
     assert message["refusal"] == "I can't help." and message["content"] is None
     assert message["reasoning_content"] == "thinking"
     assert "usage" not in body
+
+
+def test_a_legacy_function_call_is_joined_and_odd_pieces_are_skipped() -> None:
+    def delta(**fields: Any) -> Chunk:
+        return chunk([{"index": 0, "delta": fields, "finish_reason": None}])
+
+    body = assemble(
+        [
+            delta(role="assistant", content=None),
+            delta(function_call={"name": "get_weather", "arguments": ""}),
+            delta(function_call={"arguments": '{"city": "Paris"}'}, tool_calls=["not a call"]),
+            delta(function_call={"arguments": 7}),  # not a string: nothing to join
+            chunk([{"index": 0, "finish_reason": "function_call"}]),  # no delta at all
+        ]
+    )
+    (choice,) = body["choices"]
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    assert choice["finish_reason"] == "function_call"

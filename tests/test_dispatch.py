@@ -18,7 +18,7 @@ from proxy.adapters import HttpClients, make_adapter
 from proxy.app import create_app, open_session
 from proxy.config import Config, parse_config
 from proxy.dispatch import Dispatcher, backoff
-from proxy.errors import AllProvidersFailed, UpstreamClientError
+from proxy.errors import AllProvidersFailed, FailureClass, UpstreamClientError
 from proxy.health import HealthBoard
 from proxy.observe import Metrics, OperatorEvents, RequestRecord
 from proxy.quota import QuotaGate
@@ -65,7 +65,7 @@ async def serve_locally(app: web.Application) -> tuple[web.AppRunner, str]:
     """Serve an aiohttp app on a free port of 127.0.0.1, in the test's loop."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)  # a hung handler is cancelled
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -87,6 +87,8 @@ class Upstream:
         self.calls.append(name)
         statuses = self.script[name]
         status = statuses.pop(0) if len(statuses) > 1 else statuses[0]
+        if status == 0:  # no answer at all
+            await asyncio.sleep(30)
         if status == 200:
             return web.Response(body=completion(f"from {name}"), content_type="application/json")
         body = orjson.dumps({"error": {"message": f"{name} says {status}"}})
@@ -246,3 +248,63 @@ async def test_client_disconnect_closes_the_upstream_connection() -> None:
         await runner.cleanup()
     assert sent[0]["status"] == 200
     assert dict(sent[0]["headers"])[b"x-proxy-provider"] == b"a"
+
+
+@pytest.mark.asyncio
+async def test_a_retry_whose_backoff_would_pass_the_budget_is_not_waited_for() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [503], "b": [200]}, sleeps, budget=0.2) as (dispatcher, upstream, cfg):
+        record = RequestRecord("id", "r", False)
+        result = await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
+    # a's first backoff (0.25 s) ends after the route's budget: no wait, no retry; b answers
+    assert orjson.loads(result.body)["choices"][0]["message"]["content"] == "from b"
+    assert upstream.calls == ["a", "b"] and sleeps == []
+    assert record.headers()["x-proxy-fallbacks"] == "a=server_error"
+
+
+@pytest.mark.asyncio
+async def test_the_last_resort_that_fails_too_ends_in_all_providers_failed_naming_it() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [503], "b": [500]}, sleeps) as (dispatcher, upstream, cfg):
+        dispatcher.health.failure("a", FailureClass.AUTH_ERROR)  # a's breaker opens at once
+        record = RequestRecord("id", "r", False)
+        with pytest.raises(AllProvidersFailed) as caught:
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
+    assert upstream.calls == ["b", "a", "a", "a"]  # b, then a once anyway (its retries included)
+    assert record.last_resort == "a"
+    attempts = [(a.provider, a.outcome) for a in caught.value.attempts]
+    assert attempts == [("a", "unhealthy"), ("b", "server_error"), ("a", "server_error")]
+    assert "last resort" in caught.value.attempts[-1].detail
+
+
+@pytest.mark.asyncio
+async def test_a_client_error_from_the_last_resort_goes_back_to_the_client() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [400], "b": [500]}, sleeps) as (dispatcher, upstream, cfg):
+        dispatcher.health.failure("a", FailureClass.AUTH_ERROR)
+        with pytest.raises(UpstreamClientError) as caught:
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), RequestRecord("id", "r", False))
+    assert upstream.calls == ["b", "a"] and caught.value.status_code == 400
+
+
+@pytest.mark.asyncio
+async def test_no_last_resort_for_a_provider_switched_off_by_the_operator() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [200], "b": [500]}, sleeps) as (dispatcher, upstream, cfg):
+        dispatcher.health.disable("a", "maintenance")
+        record = RequestRecord("id", "r", False)
+        with pytest.raises(AllProvidersFailed):
+            await dispatcher.complete(cfg.routes["r"], BODY, Needs(), record)
+    assert upstream.calls == ["b"] and record.last_resort is None
+
+
+@pytest.mark.asyncio
+async def test_no_last_resort_once_the_route_budget_is_spent() -> None:
+    sleeps: list[float] = []
+    async with dispatching({"a": [200], "b": [0]}, sleeps, budget=0.3) as (dispatcher, upstream, cfg):
+        dispatcher.health.failure("a", FailureClass.AUTH_ERROR)  # skipped: its breaker is open
+        record = RequestRecord("id", "r", False)
+        with pytest.raises(AllProvidersFailed) as caught:
+            await asyncio.wait_for(dispatcher.complete(cfg.routes["r"], BODY, Needs(), record), 10)
+    assert upstream.calls == ["b"] and record.last_resort is None  # b used up the budget: a is not tried
+    assert [(a.provider, a.outcome) for a in caught.value.attempts] == [("a", "unhealthy"), ("b", "timeout")]

@@ -15,7 +15,7 @@ from proxy.adapters import Chunk, Limits
 from proxy.adapters.openai_compat import OpenAICompatAdapter
 from proxy.fakes import FakeOpenAI
 
-from .conftest import ServedApp, openai_provider
+from .conftest import ServedApp, openai_provider, request_log
 
 FAST = {"connect": 1, "first_token": 1, "total": 3, "idle": 1}
 
@@ -314,7 +314,7 @@ def test_request_log_line(client: openai.OpenAI, cloud: FakeOpenAI, caplog: pyte
     caplog.set_level(logging.INFO, logger="fallback_proxy.request")
     cloud.set_fault("status", status=503)
     client.chat.completions.create(model="default", messages=MESSAGES)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "fallback_proxy.request"]
+    lines = request_log(caplog)
     assert len(lines) == 1
     line = lines[0]
     assert line["route"] == "default" and line["provider"] == "backup" and line["status"] == 200

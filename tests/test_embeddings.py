@@ -21,7 +21,7 @@ from proxy.embeddings import answer_body, to_base64
 from proxy.fakes import FakeGemini, FakeOllama, FakeOpenAI
 from proxy.fakes._core import fake_vector
 
-from .conftest import ServedApp, openai_provider
+from .conftest import ServedApp, openai_provider, request_log
 
 FAST = {"connect": 1, "first_token": 2, "total": 5, "idle": 2}
 
@@ -151,7 +151,7 @@ def test_no_provider_left_in_the_space_is_a_503_saying_so(
     assert "No provider of embedding space 'openai/text-embedding-3-small'" in error["message"]
     assert "'openai/text-embedding-3-large' is not the route's 'openai/text-embedding-3-small'" in error["message"]
     assert third.request_count == 0
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "fallback_proxy.request"]
+    lines = request_log(caplog)
     assert lines[-1]["endpoint"] == "embeddings" and lines[-1]["status"] == 503
 
 

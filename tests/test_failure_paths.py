@@ -225,6 +225,46 @@ def test_a_probe_endpoint_that_does_not_exist_never_takes_the_provider_out(
         with sdk(proxy) as client:
             for _ in range(3):  # across many probe intervals
                 assert client.chat.completions.create(model="default", messages=MESSAGES).choices
-                time.sleep(0.3)
+                time.sleep(0.3)  # the interval is the point: three probe intervals pass, no probe comes
         assert httpx.get(proxy.url + "/readyz").json()["health"]["bare"]["state"] == "healthy"
         assert probes in httpx.get(proxy.url + "/metrics").text  # probed once, then never again
+
+
+def test_a_plain_call_that_hangs_is_left_at_its_total_deadline(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
+    """`stream_upstream: false`: one plain exchange, bounded only by `total`."""
+    proxy = serve(
+        {
+            "providers": {
+                "cloud": openai_provider(cloud.url, stream_upstream=False, timeout={"total": 0.5}),
+                "backup": openai_provider(backup.url),
+            },
+            "routes": {"default": ["cloud", "backup"]},
+        }
+    )
+    cloud.set_fault("hang")
+    with sdk(proxy) as client:
+        raw = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES)
+    assert raw.headers["x-proxy-fallbacks"] == "cloud=timeout" and raw.headers["x-proxy-provider"] == "backup"
+    assert raw.parse().choices[0].message.content == "Hello from backup."
+
+
+def test_embeddings_that_hang_are_left_at_the_first_token_deadline(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
+    model = "text-embedding-3-small"
+    proxy = serve(
+        {
+            "providers": {
+                "cloud": openai_provider(cloud.url, model=f"openai/{model}", timeout={"first_token": 0.5}),
+                "backup": openai_provider(backup.url, model=f"openai/{model}"),
+            },
+            "routes": {"embed": ["cloud", "backup"]},
+        }
+    )
+    cloud.set_fault("hang")
+    with sdk(proxy) as client:
+        raw = client.embeddings.with_raw_response.create(model="embed", input="hi")
+    assert raw.headers["x-proxy-fallbacks"] == "cloud=timeout" and raw.headers["x-proxy-provider"] == "backup"
+    assert len(raw.parse().data[0].embedding) > 0

@@ -1218,7 +1218,7 @@ def test_a_client_gone_mid_body_leaves_no_traceback(target: Target) -> None:
             + API_KEY.encode()
             + b'\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":'
         )
-        time.sleep(0.2)
+        time.sleep(0.2)  # the scenario: the client holds the half-sent body a while, then goes
     target.log.settle()
     assert [r for r in target.log.records if r.exc_info] == []
 

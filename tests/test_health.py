@@ -25,7 +25,9 @@ from proxy.health import (
     probe_verdict,
 )
 from proxy.observe import Metrics, OperatorEvents
-from proxy.state import MemoryStore
+from proxy.state import MemoryStore, RedisStore
+
+from .redis_server import free_port
 
 SETTINGS = HealthSettings(failure_threshold=3, cooldown_seconds=30, slow_ttft_seconds=2)
 HEALTHY = ProviderHealth()
@@ -264,3 +266,73 @@ def test_the_board_excuses_timeouts_while_the_loop_lags_and_counts_them_after() 
     lag[0] = 0.001
     board.failure("p", FailureClass.TIMEOUT)
     assert board.view("p").breaker is Breaker.OPEN
+
+
+def counted(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_board_whose_store_cannot_answer_decides_alone_and_says_so() -> None:
+    """Redis down (nobody listens on its port): publishing, reading and the probe lock each
+    fail and are counted; the replica's own view still opens the breaker, and it probes
+    for itself."""
+    registry, clock = CollectorRegistry(), [1000.0]
+    config = parse_config({"providers": {"p": {"model": "openai/x"}}, "health": {"failure_threshold": 2}}, environ={})
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", breaker_seconds=0)
+    b = HealthBoard(config.health, config.providers, store, OperatorEvents(Metrics(registry)), clock=lambda: clock[0])
+    try:
+        b.failure("p", FailureClass.SERVER_ERROR)
+        b.failure("p", FailureClass.SERVER_ERROR)
+        assert b.view("p").breaker is Breaker.OPEN and b.decide("p") is Decision.SKIP
+        await b.background.drain(timeout=5)  # the publishes run in the background: let them end
+        assert counted(registry, "fallback_proxy_store_errors_total", operation="put_health") == 2
+        await b.refresh()
+        assert counted(registry, "fallback_proxy_store_errors_total", operation="get_health") == 1
+        assert b.view("p").breaker is Breaker.OPEN  # nothing read, nothing lost
+        probes = [0]
+
+        async def probe() -> None:
+            probes[0] += 1
+
+        await b.probe_once("p", probe)
+        assert probes[0] == 1 and counted(registry, "fallback_proxy_store_errors_total", operation="try_lock") == 1
+        assert b.decide("p") is Decision.TRIAL  # the probe answered: the next request may try
+    finally:
+        await b.aclose()
+        await store.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_probe_that_hangs_is_a_timeout_and_counts_against_the_provider() -> None:
+    registry, clock = CollectorRegistry(), [1000.0]
+    config = parse_config(
+        {
+            "providers": {"p": {"model": "openai/x"}},
+            "health": {"failure_threshold": 1, "probe_timeout_seconds": 0.05},
+        },
+        environ={},
+    )
+    store = MemoryStore(clock=lambda: clock[0])
+    b = HealthBoard(config.health, config.providers, store, OperatorEvents(Metrics(registry)), clock=lambda: clock[0])
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    await asyncio.wait_for(b.probe_once("p", hangs), 5)
+    assert counted(registry, "fallback_proxy_probes_total", provider="p", outcome="timeout") == 1
+    assert b.view("p").breaker is Breaker.OPEN and b.view("p").reason.startswith("timeout")
+    await b.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_record_from_another_replica_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    clock = [1000.0]
+    b = board(MemoryStore(clock=lambda: clock[0]), clock)
+    b.failure("p", FailureClass.SERVER_ERROR)
+    before = b.view("p")
+    b.merge("p", {"replica": "other", "state": "on fire", "breaker": "closed", "updated": "2000"})
+    b.merge("p", {"replica": "other", "state": "healthy"})  # no breaker, no time
+    assert b.view("p") == before
+    assert caplog.text.count("ignoring a malformed health record for p") == 2
+    await b.aclose()

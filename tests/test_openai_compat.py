@@ -420,3 +420,101 @@ async def test_what_the_session_sends_no_cookies_kept_our_user_agent_our_key() -
 )
 def test_aiohttp_exceptions_classify_like_their_httpx_counterparts(exc: Exception, expected: FailureClass) -> None:
     assert classify.from_exception(exc).failure is expected
+
+
+def answering(body: bytes, status: int = 200, content_type: str = "application/json") -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, status=status, content_type=content_type)
+
+    return handler
+
+
+@pytest.mark.asyncio
+async def test_a_whole_answer_with_tool_calls_logprobs_and_usage_is_read_as_its_stream() -> None:
+    lp = {"content": [{"token": "ok", "logprob": -0.1, "bytes": [111, 107], "top_logprobs": []}]}
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    whole = orjson.dumps(
+        {
+            "id": "c",
+            "created": 1,
+            "model": "m",
+            "choices": [
+                "junk",  # not a choice: skipped
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                    "finish_reason": "tool_calls",
+                    "logprobs": lp,
+                },
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
+    )
+    async with upstream(answering(whole)) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))
+    assert error is None and len(chunks) == 2
+    choice = chunks[0].parsed()["choices"][0]
+    assert choice["delta"] == {"role": "assistant", "tool_calls": [{"index": 0, **call}]}  # no null content
+    assert choice["logprobs"] == lp and chunks[0].finish_reason == "tool_calls" and chunks[0].tool_calls
+    assert chunks[1].parsed()["usage"]["total_tokens"] == 5 and chunks[1].parsed()["choices"] == []
+    assert chunks[0].more and not chunks[1].more
+
+
+@pytest.mark.asyncio
+async def test_a_whole_error_answer_to_a_stream_request_is_classified() -> None:
+    body = orjson.dumps({"choices": [], "error": {"message": "This model's maximum context length is 8192 tokens"}})
+    async with upstream(answering(body)) as url, open_session() as session:
+        chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))
+    assert chunks == [] and error is not None and error.failure is FailureClass.CONTEXT_WINDOW_EXCEEDED
+
+
+@pytest.mark.asyncio
+async def test_an_event_that_is_no_object_is_skipped_and_an_error_event_ends_the_stream() -> None:
+    events = chunk_bytes("a") + b"data: [1, 2]\n\n" + b'data: {"error": {"message": "overloaded"}}\n\n'
+    async with (
+        upstream(answering(events, content_type="text/event-stream")) as url,
+        open_session() as session,
+    ):
+        chunks, error = await collect(adapter(url, session).stream(BODY, LIMITS))
+    assert [c.text for c in chunks] == ["a"]
+    assert error is not None and error.failure is FailureClass.SERVER_ERROR and "overloaded" in error.message
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "failure", "words"),
+    [
+        (b"<html>busy</html>", FailureClass.SERVER_ERROR, "not JSON"),
+        (b'{"error": {"message": "maximum context length exceeded"}}', FailureClass.CONTEXT_WINDOW_EXCEEDED, "context"),
+        (b'{"object": "chat.completion"}', FailureClass.SERVER_ERROR, ""),
+    ],
+    ids=["not-json", "error", "no-choices"],
+)
+async def test_a_whole_answer_that_is_no_completion_is_a_provider_failure(
+    body: bytes, failure: FailureClass, words: str
+) -> None:
+    async with upstream(answering(body)) as url, open_session() as session:
+        with pytest.raises(ProviderError) as caught:
+            await adapter(url, session).complete(BODY, LIMITS)
+    assert caught.value.failure is failure and words in caught.value.message
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "failure", "words"),
+    [
+        (b"upstream down", FailureClass.SERVER_ERROR, "not JSON"),
+        (b'{"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}', None, "API key"),
+        (b'{"object": "list", "data": [{"embedding": {"x": 1}}]}', FailureClass.SERVER_ERROR, "malformed"),
+        (b'{"object": "list", "data": "none"}', FailureClass.SERVER_ERROR, "malformed"),
+    ],
+    ids=["not-json", "error", "not-a-vector", "no-list"],
+)
+async def test_an_embeddings_answer_of_the_wrong_shape_is_a_provider_failure(
+    body: bytes, failure: FailureClass | None, words: str
+) -> None:
+    async with upstream(answering(body), path="/v1/embeddings") as url, open_session() as session:
+        with pytest.raises(ProviderError) as caught:
+            await adapter(url, session).embed({"model": "x", "input": "hi"}, LIMITS)
+    assert failure is None or caught.value.failure is failure
+    assert words in caught.value.message

@@ -5,8 +5,6 @@ SDK against the fakes."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,21 +13,10 @@ import pytest
 
 from proxy.fakes import FakeOpenAI
 
-from .conftest import ServedApp, openai_provider
+from .conftest import ServedApp, openai_provider, request_log
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
 TECHNICAL = ("Error", "Exception", "aiohttp", "payload", "<", "Errno")
-
-
-def request_lines(caplog: pytest.LogCaptureFixture, count: int = 1) -> list[dict[str, Any]]:
-    """The request log lines, once `count` are out: a stream's line is written as its
-    generator closes, just after the client has read the last bytes."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [r.getMessage() for r in caplog.records if r.name == "fallback_proxy.request"]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return [json.loads(line) for line in lines]
-        time.sleep(0.01)
 
 
 def test_a_cut_stream_says_so_in_plain_words_and_the_log_keeps_the_exception(
@@ -51,7 +38,7 @@ def test_a_cut_stream_says_so_in_plain_words_and_the_log_keeps_the_exception(
         "The provider 'cloud' failed mid-stream (connection_error): the provider's connection broke mid-answer. "
         "The answer above is incomplete."
     )
-    [line] = request_lines(caplog)
+    [line] = request_log(caplog)
     assert line["interrupted"] == "connection_error" and line["outcome"] == "stream_interrupted"
     assert line["interruption"]["provider"] == "cloud"
     assert line["interruption"]["detail"] == "the provider's connection broke mid-answer"
@@ -80,7 +67,7 @@ def test_the_503_lists_each_failure_in_plain_words(
     assert "cloud: connection_error (could not connect to the provider (connection refused))" in message
     assert "backup: connection_error (the provider closed the connection without answering)" in message
     assert not [word for word in TECHNICAL if word in message], message
-    [line] = request_lines(caplog)
+    [line] = request_log(caplog)
     causes = [attempt["cause"] for attempt in line["attempts"]]
     assert causes[0].startswith("ClientConnectorError: Cannot connect to host 127.0.0.1")
     assert causes[1].startswith("ServerDisconnectedError")

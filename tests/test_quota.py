@@ -256,3 +256,29 @@ def _provider(**quota: int) -> Any:
         api_base=None,
         quota=Quota(**quota),
     )
+
+
+@pytest.mark.asyncio
+async def test_a_settle_that_meets_a_dead_redis_is_reported_and_waits_for_replay() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from proxy.observe import Metrics, OperatorEvents
+    from proxy.state import RedisStore
+
+    from .redis_server import RedisServer
+
+    redis = RedisServer().start()
+    store, registry = RedisStore.from_url(redis.url, breaker_seconds=0), CollectorRegistry()
+    try:
+        gate = QuotaGate(store, "UTC", OperatorEvents(Metrics(registry)))
+        reservation = await gate.admit(_provider(requests_per_day=5), {"messages": MESSAGES})
+        assert reservation is not None and await store.usage("cloud", reservation.day) == (1, 0)
+        redis.kill()
+        await gate.settle(reservation, None, None)  # answered; no usage known: only the mark to clear
+        assert registry.get_sample_value("fallback_proxy_store_errors_total", {"operation": "settle"}) == 1
+        assert store.pending == 1 and registry.get_sample_value("fallback_proxy_store_pending") == 1
+        await gate.settle(None, None, None)  # a provider without a quota: nothing to settle, no call
+        assert registry.get_sample_value("fallback_proxy_store_errors_total", {"operation": "settle"}) == 1
+    finally:
+        await store.aclose(flush_seconds=0)
+        redis.stop()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import openai
 import pytest
+from redis import Redis as SyncRedis
 
 from proxy.fakes import FakeOpenAI
 
@@ -104,8 +105,26 @@ def proxy(serve: Callable[..., ServedApp], redis: RedisServer, cloud: FakeOpenAI
     )
     run(served, "free", stream=False)  # warm: connections open, the health view loaded
     run(served, "metered", stream=False)
-    time.sleep(0.3)  # settlements of the warm-up land
+    wait_settled(redis, "cloud", REQUESTS)  # the warm-up's settlements land before anything is counted
     return served
+
+
+def wait_settled(redis: RedisServer, provider: str, admitted: int) -> None:
+    """Until the provider's quota hash counts `admitted` calls and holds no call's mark: the
+    settle script removes the mark its admission left, so every admission was settled."""
+    with SyncRedis(port=redis.port) as client:
+
+        def settled() -> bool:
+            keys = client.keys(f"*{{{provider}}}:quota:*")
+            if len(keys) != 1:
+                return False
+            fields = client.hgetall(keys[0])
+            return int(fields.get(b"req", 0)) == admitted and not any(key.startswith(b"m:") for key in fields)
+
+        deadline = time.monotonic() + 10
+        while not settled():
+            assert time.monotonic() < deadline, client.hgetall(client.keys(f"*{{{provider}}}:quota:*")[0])
+            time.sleep(0.02)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -134,7 +153,7 @@ def test_a_provider_with_a_quota_costs_one_admission_and_one_settlement(
         run(proxy, "metered", stream)
         # settlements are sent after the answer
         monitor.wait_for(lambda: sum(command(line) == "evalsha" for line in monitor.round_trips()) >= 2 * REQUESTS)
-        time.sleep(0.2)
+        time.sleep(0.2)  # the interval is the point: no command beyond those comes afterwards
         sent = [command(line) for line in monitor.round_trips()]
     finally:
         monitor.close()

@@ -13,6 +13,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from proxy.errors import InvalidRequest
 from proxy.fakes import FakeAnthropic, FakeOpenAI, FakeServer
 from proxy.responses import from_completion, translate
 
@@ -213,6 +214,85 @@ def test_unknown_model_and_bad_body(proxy: ServedApp, http: httpx.Client) -> Non
 
 
 # -- the translation itself, without a network ---------------------------------------------------
+
+
+MALFORMED = [
+    ({"top_logprobs": 2}, "top_logprobs", "unsupported_parameter"),
+    ({"include": "reasoning.encrypted_content"}, "include", None),
+    ({"temperature": "hot"}, "temperature", None),
+    ({"top_p": True}, "top_p", None),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", None),
+    ({"metadata": {"k": 1}}, "metadata", None),
+    ({"instructions": 3}, "instructions", None),
+    ({"input": [], "instructions": ""}, "input", None),
+    ({"input": ["hi"]}, "input[0]", None),
+    ({"input": [{"type": 7}]}, "input[0].type", None),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role", None),
+    ({"input": [{"role": "user", "content": 3}]}, "input[0].content", None),
+    ({"input": [{"role": "user", "content": ["x"]}]}, "input[0].content[0]", None),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f1"}]}]},
+        "input[0].content[0].file_id",
+        "unsupported_parameter",
+    ),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_file", "file_url": "https://x"}]}]},
+        "input[0].content[0].file_url",
+        "unsupported_parameter",
+    ),
+    ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input[0].content[0].type", None),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}]}, "input[0].arguments", None),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]}, "input[0].output", None),
+    ({"tools": {"type": "function"}}, "tools", None),
+    ({"tools": ["f"]}, "tools[0]", None),
+    ({"tools": [{"type": "function", "name": "f", "parameters": "{}"}]}, "tools[0].parameters", None),
+    ({"tool_choice": "sometimes"}, "tool_choice", None),
+    ({"text": "json"}, "text", None),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type", None),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", None),
+    ({"reasoning": "high"}, "reasoning", None),
+    ({"reasoning": {"effort": 3}}, "reasoning.effort", None),
+]
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), MALFORMED, ids=[p for _, p, _ in MALFORMED])
+def test_a_malformed_request_is_refused_naming_the_field(extra: dict[str, Any], param: str, code: str | None) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        translate({"model": "m", "input": "Hi", **extra})
+    assert caught.value.param == param and param.split("[")[0].split(".")[0] in caught.value.message
+    assert caught.value.code == code
+
+
+def test_translation_of_the_less_common_shapes() -> None:
+    chat, _ = translate(
+        {
+            "model": "m",
+            "instructions": [{"role": "system", "content": "Sys"}],
+            "input": [
+                {"role": "user", "content": [{"type": "input_file", "file_data": "data:application/pdf;base64,AA"}]},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+                {"role": "assistant", "content": ""},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            ],
+            "tool_choice": "required",
+            "text": {"verbosity": "low", "format": {"type": "json_object"}},
+            "reasoning": {"summary": "auto"},
+        }
+    )
+    assert chat["messages"] == [
+        {"role": "system", "content": "Sys"},
+        {"role": "user", "content": [{"type": "file", "file": {"file_data": "data:application/pdf;base64,AA"}}]},
+        {"role": "assistant", "content": "No."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        },
+    ]
+    assert chat["tool_choice"] == "required" and chat["verbosity"] == "low"
+    assert chat["response_format"] == {"type": "json_object"} and "reasoning_effort" not in chat
+    plain, _ = translate({"model": "m", "input": "x", "text": {"format": {"type": "text"}}})
+    assert "response_format" not in plain
 
 
 def test_translation_of_a_full_request() -> None:

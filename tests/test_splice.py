@@ -41,6 +41,19 @@ def test_judge(head: str, final: bool, drop: int | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("sent", "head", "final", "drop"),
+    [
+        ("  ", "Hello", False, 0),  # the client has only whitespace: nothing of it can repeat
+        (SENT, "  ", False, None),  # whitespace alone says nothing yet
+        (SENT, "  ", True, 2),  # ...and at the end it is dropped: no text came
+    ],
+    ids=["nothing-sent", "blank-head", "blank-end"],
+)
+def test_judge_on_blank_text(sent: str, head: str, final: bool, drop: int | None) -> None:
+    assert judge(sent, head, final=final) == drop
+
+
+@pytest.mark.parametrize(
     "head",
     [
         "The capital city of France is Paris.",  # the same first two words, then other text

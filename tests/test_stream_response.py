@@ -141,3 +141,84 @@ async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
         await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
     assert response.cut_reason == "internal_error"
     assert all(b"server_shutting_down" not in body for body, _ in client.bodies)
+
+
+class ScriptedClient(Client):
+    """A client whose `send` of body number N does what the script says: `gone` raises the
+    OSError of a closed socket; `block` never returns. `receive` first hands over the rest
+    of the request body (a message that is no disconnect)."""
+
+    def __init__(self, script: dict[int, str], block_start: bool = False) -> None:
+        super().__init__()
+        self.script = script
+        self.block_start = block_start
+        self.received = 0
+
+    async def receive(self) -> dict[str, Any]:
+        self.received += 1
+        if self.received == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return await super().receive()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            if self.block_start:
+                await asyncio.Event().wait()  # the client's socket is full before the headers went out
+            return
+        action = self.script.get(len(self.bodies))
+        if action == "gone":
+            raise ConnectionResetError("the client went away")
+        if action == "block":
+            self.body_sent.set()
+            await asyncio.Event().wait()
+        await super().send(message)
+
+
+async def test_a_client_gone_while_a_body_is_sent_ends_the_response_quietly() -> None:
+    source, client = Source(), ScriptedClient({1: "gone"})
+    response = sse_response(source.chunks())
+    await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
+    assert [b for b, _ in client.bodies] == [b'data: {"n":1}\n\n']
+    assert response.cut_reason == "client_disconnected" and source.closed
+
+
+async def test_a_response_cancelled_before_its_headers_went_out_stays_cancelled() -> None:
+    source, client = Source(), ScriptedClient({}, block_start=True)
+    response = sse_response(source.chunks())
+    task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+    await asyncio.sleep(0.05)  # the scenario: the headers' send is under way, blocked
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    assert client.bodies == []
+
+
+async def test_a_client_gone_during_the_shutdown_write_ends_the_response_quietly() -> None:
+    source, client = Source(), ScriptedClient({2: "gone"})  # bodies 0 and 1, then the in-band end fails
+    response = sse_response(source.chunks())
+    task = await started(response, client)
+    task.cancel()  # the server is stopping
+    await asyncio.wait_for(task, 2)
+    assert not task.cancelled() and len(client.bodies) == 2 and source.closed
+    assert client.received == 2  # the request's last body message was no disconnect: it waited on
+
+
+async def test_a_shutdown_write_the_client_does_not_take_is_given_up_at_its_deadline() -> None:
+    source, client = Source(), ScriptedClient({2: "block"})
+    response = sse_response(source.chunks(), write_timeout=0.1)
+    task = await started(response, client)
+    task.cancel()
+    await asyncio.wait_for(task, 2)  # bounded by the write deadline, then over: not cancelled
+    assert not task.cancelled() and len(client.bodies) == 2 and source.closed
+
+
+async def test_a_second_cancel_during_the_shutdown_write_is_obeyed() -> None:
+    source, client = Source(), ScriptedClient({2: "block"})
+    response = sse_response(source.chunks())
+    task = await started(response, client)
+    task.cancel()
+    await asyncio.sleep(0.05)  # the scenario: the in-band end is being written, blocked
+    task.cancel()  # the server insists
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
+    assert source.closed

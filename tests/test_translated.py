@@ -918,3 +918,72 @@ async def test_other_providers_go_through_acompletion() -> None:
         adapter = TranslatedAdapter(provider("cohere_chat/command-r", local.url, api_key="k"), local.clients)
         assert "via=acompletion" in repr(adapter)
         await adapter.probe(LIMITS)  # no free check known: a no-op
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("status", "failure"),
+    [
+        pytest.param(
+            None,
+            FailureClass.CONNECTION_ERROR,
+            marks=pytest.mark.xfail(
+                reason="litellm wraps a refused connection in an InternalServerError ('Cannot connect to host', "
+                "no __cause__), which classify.from_litellm reads as server_error",
+                strict=True,
+            ),
+        ),
+        (500, FailureClass.SERVER_ERROR),
+        (401, FailureClass.AUTH_ERROR),
+    ],
+    ids=["refused", "500", "401"],
+)
+async def test_the_acompletion_path_classifies_what_went_wrong(status: int | None, failure: FailureClass) -> None:
+    """Providers without a dialect of ours (here Cohere) go through litellm's `acompletion` and
+    `aembedding`: a refused connection and error statuses become the same failure classes."""
+    error = orjson.dumps({"message": "nope"})
+    async with mock_client(lambda request: httpx.Response(status or 500, content=error)) as local:
+        base = local.url if status is not None else f"http://127.0.0.1:{closed_port()}"
+        chat = TranslatedAdapter(provider("cohere_chat/command-r", base, api_key="k"), local.clients)
+        embedder = TranslatedAdapter(provider("cohere/embed-english-v3.0", base, api_key="k"), local.clients)
+        for call in (
+            lambda: chat.complete(body(), LIMITS),
+            lambda: collect(chat.stream(body(True), LIMITS)),
+            lambda: embedder.embed({"model": "e", "input": ["hi"]}, LIMITS),
+        ):
+            with pytest.raises(ProviderError) as caught:
+                await call()
+            assert caught.value.failure is failure, caught.value
+
+
+@pytest.mark.asyncio
+async def test_embeddings_from_an_anthropic_provider_are_unsupported_and_never_sent() -> None:
+    async with mock_client(lambda request: httpx.Response(500)) as local:
+        claude = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
+        with pytest.raises(ProviderError) as caught:
+            await claude.embed({"model": "e", "input": "hi"}, LIMITS)
+    assert caught.value.failure is FailureClass.UNSUPPORTED and not caught.value.sent
+    assert "no embeddings" in caught.value.message
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("answer", "failure"),
+    [
+        (b"<html>oops</html>", FailureClass.SERVER_ERROR),
+        (b"[1, 2]", FailureClass.SERVER_ERROR),
+        (
+            b'{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}',
+            FailureClass.SERVER_ERROR,
+        ),
+    ],
+    ids=["not-json", "not-an-object", "error"],
+)
+async def test_a_whole_anthropic_answer_that_is_no_message_is_a_server_error(
+    answer: bytes, failure: FailureClass
+) -> None:
+    async with mock_client(lambda request: httpx.Response(200, content=answer)) as local:
+        claude = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
+        with pytest.raises(ProviderError) as caught:
+            await claude.complete(body(), LIMITS)
+    assert caught.value.failure is failure

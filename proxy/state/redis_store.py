@@ -211,11 +211,6 @@ class RedisStore:
         """Queued writes applied later."""
         return self._pending.replayed
 
-    @property
-    def dropped(self) -> int:
-        """Queued writes given up (the queue was full, or the store closed)."""
-        return self._pending.dropped
-
     def _refuse_if_open(self, operation: str) -> bool:
         """Raise while the breaker is open; else whether this call is its trial."""
         if self._closed:
