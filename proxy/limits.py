@@ -68,7 +68,7 @@ class ClientLimits:
         self,
         settings: LimitSettings,
         store: StateStore,
-        on_store_error: Callable[[StoreUnavailable], None],
+        on_store_error: Callable[[str, StoreUnavailable], None],
         *,
         clock: Callable[[], float] = time.time,
         lease_seconds: float = STREAM_LEASE_SECONDS,
@@ -100,7 +100,7 @@ class ClientLimits:
                 count_ttl_seconds=WINDOW_SECONDS * 2,
             )
         except StoreUnavailable as exc:  # let it through; the lease may exist: give it back at the end
-            self.on_store_error(exc)
+            self.on_store_error("acquire_lease", exc)
             return Ticket(client, lease)
         if got.counted is not None and got.counted > rate_limit:
             raise _rate_limited(rate_limit, window, now)
@@ -114,7 +114,7 @@ class ClientLimits:
         try:
             await self.store.release_lease(streams_name(ticket.client), ticket.lease)
         except StoreUnavailable as exc:  # the store replays the release once it answers
-            self.on_store_error(exc)
+            self.on_store_error("release_lease", exc)
 
     async def _rate(self, client: str) -> None:
         limit = self.settings.requests_per_minute
@@ -130,7 +130,7 @@ class ClientLimits:
         try:
             return await self.store.count(name, delta, ttl)
         except StoreUnavailable as exc:
-            self.on_store_error(exc)
+            self.on_store_error("count", exc)
             return None
 
 

@@ -53,7 +53,7 @@ class Runtime:
         self.limits = ClientLimits(
             config.limits,
             store,
-            lambda exc: events.store_error("count", exc),
+            events.store_error,
             lease_seconds=stream_lease_seconds(config),
         )
         self.store = store

@@ -157,8 +157,12 @@ def test_client_limits_let_requests_through_when_redis_cannot_answer(
     stream = {"model": "default", "messages": MESSAGES, "stream": True}
     assert [post(proxy).status_code for _ in range(2)] == [200, 200]  # over 1 a minute: not counted
     assert [post(proxy, stream).status_code for _ in range(2)] == [200, 200]
-    # Two counts, two lease acquisitions and two releases (the last as its stream ends), under one label.
+    # Two counts, two lease acquisitions and two releases (the last as its stream ends), each by its name.
+    wanted = [
+        f'fallback_proxy_store_errors_total{{operation="{operation}"}} 2.0'
+        for operation in ("count", "acquire_lease", "release_lease")
+    ]
     deadline = time.monotonic() + 5
-    while 'fallback_proxy_store_errors_total{operation="count"} 6.0' not in httpx.get(proxy.url + "/metrics").text:
-        assert time.monotonic() < deadline, "the failed store calls were not all counted"
+    while not all(line in (metrics := httpx.get(proxy.url + "/metrics").text) for line in wanted):
+        assert time.monotonic() < deadline, f"the failed store calls were not all counted: {metrics}"
         time.sleep(0.02)

@@ -152,15 +152,15 @@ async def test_an_open_stream_whose_release_meets_a_dead_redis_does_not_lock_the
     durable: DurableRedis,
 ) -> None:
     store = store_on(durable)
-    errors: list[StoreUnavailable] = []
-    limits = ClientLimits(LimitSettings(concurrent_streams=1), store, errors.append)
+    errors: list[tuple[str, StoreUnavailable]] = []
+    limits = ClientLimits(LimitSettings(concurrent_streams=1), store, lambda op, exc: errors.append((op, exc)))
     try:
         ticket = await limits.enter("client-a", stream=True)
         with pytest.raises(ClientRateLimited):
             await limits.enter("client-a", stream=True)
         durable.kill()
         await limits.leave(ticket)  # Redis is down: the release is queued
-        assert errors and store.pending == 1
+        assert [op for op, _ in errors] == ["release_lease"] and store.pending == 1
         durable.restart()
 
         async def released() -> bool:
@@ -177,9 +177,9 @@ async def test_a_lease_left_by_a_crashed_replica_expires_by_itself(durable: Dura
     crashed, alive = store_on(durable), store_on(durable)
     try:
         settings = LimitSettings(concurrent_streams=2)
-        await ClientLimits(settings, crashed, print, lease_seconds=0.3).enter("client-b", stream=True)
+        await ClientLimits(settings, crashed, lambda op, exc: None, lease_seconds=0.3).enter("client-b", stream=True)
         await crashed.aclose()  # never leaves
-        limits = ClientLimits(settings, alive, print, lease_seconds=0.3)
+        limits = ClientLimits(settings, alive, lambda op, exc: None, lease_seconds=0.3)
         second = await limits.enter("client-b", stream=True)
         with pytest.raises(ClientRateLimited):
             await limits.enter("client-b", stream=True)

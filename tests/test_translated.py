@@ -924,15 +924,7 @@ async def test_other_providers_go_through_acompletion() -> None:
 @pytest.mark.parametrize(
     ("status", "failure"),
     [
-        pytest.param(
-            None,
-            FailureClass.CONNECTION_ERROR,
-            marks=pytest.mark.xfail(
-                reason="litellm wraps a refused connection in an InternalServerError ('Cannot connect to host', "
-                "no __cause__), which classify.from_litellm reads as server_error",
-                strict=True,
-            ),
-        ),
+        (None, FailureClass.CONNECTION_ERROR),  # litellm wraps it: 'Cannot connect to host', no __cause__
         (500, FailureClass.SERVER_ERROR),
         (401, FailureClass.AUTH_ERROR),
     ],

@@ -343,6 +343,8 @@ def from_litellm(exc: BaseException) -> ProviderError:
             failure = FailureClass.CONTEXT_WINDOW_EXCEEDED
     status = getattr(exc, "status_code", None)
     sent, unanswered = _delivery(exc)
+    if _unreached(exc, failure):
+        failure, sent, unanswered, status = FailureClass.CONNECTION_ERROR, False, False, None
     return ProviderError(
         failure,
         _litellm_words(exc, failure),
@@ -351,6 +353,18 @@ def from_litellm(exc: BaseException) -> ProviderError:
         unanswered=unanswered and not isinstance(status, int),
         cause=describe_exception(exc),
     )
+
+
+# What litellm's HTTP layer says when it never reached the provider (it wraps the
+# transport's error in an `InternalServerError` without a cause to look at).
+_UNREACHED_HINTS = ("cannot connect to host", "connection refused", "name or service not known", "connecterror")
+
+
+def _unreached(exc: BaseException, failure: FailureClass) -> bool:
+    if failure not in (FailureClass.SERVER_ERROR, FailureClass.CONNECTION_ERROR):
+        return False
+    text = str(exc).lower()
+    return any(hint in text for hint in _UNREACHED_HINTS)
 
 
 def _misconfigured(exc: BaseException) -> bool:
