@@ -154,9 +154,12 @@ def fallback_proxy_config(port: int, upstream: int, kind: str) -> str:
         )
         route = "[claude]"
     else:
+        # "openai-plain": non-stream requests sent upstream as they came (no first-token or
+        # idle deadline for them), the way every version before the stream rewrite sent them.
+        plain = "    stream_upstream: false\n" if kind == "openai-plain" else ""
         providers = "".join(
             f"  {name}:\n    model: openai/{OPENAI_MODEL}\n    api_key: sk-bench\n"
-            f"    api_base: http://127.0.0.1:{upstream}/v1\n"
+            f"    api_base: http://127.0.0.1:{upstream}/v1\n{plain}"
             for name in ("bench", "bench-b")
         )
         route = "[bench, bench-b]" if kind == "chain" else "[bench]"
@@ -206,7 +209,11 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
             ready_repeats=settings.ready_repeats,
         ),
     ]
-    kinds = [("openai", "fallback-proxy (OpenAI path)"), ("openai-otel", "fallback-proxy (OpenAI path, tracing on)")]
+    kinds = [
+        ("openai", "fallback-proxy (OpenAI path)"),
+        ("openai-plain", "fallback-proxy (OpenAI path, stream_upstream: false)"),
+        ("openai-otel", "fallback-proxy (OpenAI path, tracing on)"),
+    ]
     if settings.fallback_rows:
         kinds.append(("chain", "fallback-proxy (OpenAI, 2-provider chain)"))
     kinds.append(("anthropic", "fallback-proxy (Anthropic, translated)"))
@@ -223,7 +230,7 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
                 command=[proxy, "serve", "--config", str(config), "--port", "{port}"],
                 litellm_inside=kind == "anthropic",
                 # the start-to-ready target is for configs without litellm providers; one spawn is enough here
-                ready_repeats=1 if kind in ("anthropic", "openai-otel") else settings.ready_repeats,
+                ready_repeats=1 if kind in ("anthropic", "openai-otel", "openai-plain") else settings.ready_repeats,
             )
         )
     if settings.workers_row:
@@ -1133,7 +1140,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-otel, "
+        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-plain, fp-openai-otel, "
         "fp-openai-2w, fp-chain, fp-anthropic, fp-responses, litellm-openai, litellm-fallback, litellm-anthropic)",
     )
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
