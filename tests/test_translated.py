@@ -22,7 +22,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from proxy.adapters.base import Chunk, HttpClients, Limits
-from proxy.adapters.translated import TranslatedAdapter, _Acompletion
+from proxy.adapters.translated import TranslatedAdapter
+from proxy.adapters.translated.acompletion import Acompletion
 from proxy.app import open_session
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
@@ -885,7 +886,7 @@ async def test_parity_with_acompletion(
     async with mock_client(handler) as local:
         config = provider(model, local.url if model.startswith("anthropic") else local.url + "/v1beta", api_key="k")
         ours = TranslatedAdapter(config, local.clients)
-        theirs = _Acompletion(config, local.clients.client, litellm)
+        theirs = Acompletion(config, local.clients.client, litellm)
         plain = body(**extra)
         streamed = body(True, stream_options={"include_usage": True}, **extra)
         split = ours._split(plain), ours._split(streamed)
@@ -901,7 +902,7 @@ async def test_parity_with_acompletion(
 async def test_parity_with_acompletion_ollama(ollama: FakeOllama, litellm: Any) -> None:
     async with pooled() as clients:
         config = provider(f"ollama_chat/{ollama.model}", ollama.url)
-        ours, theirs = TranslatedAdapter(config, clients), _Acompletion(config, clients.client, litellm)
+        ours, theirs = TranslatedAdapter(config, clients), Acompletion(config, clients.client, litellm)
         plain, streamed = body(), body(True, stream_options={"include_usage": True})
         mine = summary(orjson.loads((await ours.complete(plain, LIMITS)).body), None)
         reference = summary(orjson.loads((await theirs.complete(ours._split(plain), plain, LIMITS)).body), None)

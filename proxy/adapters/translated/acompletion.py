@@ -14,15 +14,15 @@ from proxy.adapters import classify
 from proxy.adapters.base import Chunk, Completion, Embeddings, Limits, Usage, with_trace
 from proxy.adapters.translated.embed import embeddings_of, openai_list
 from proxy.adapters.translated.wire import (
-    _TRANSPORT_ERRORS,
-    _json_default,
-    _timeout,
-    _translation_errors,
+    TRANSLATED_TRANSPORT_ERRORS,
+    httpx_timeout,
+    json_default,
+    translation_errors,
 )
 from proxy.config import ProviderConfig
 
 
-class _Acompletion:
+class Acompletion:
     """Providers without a translated dialect go through `litellm.acompletion`,
     with an HTTP handler that sends over our client and never retries on one of
     its own. Slower (litellm's whole machinery), same contract."""
@@ -30,7 +30,7 @@ class _Acompletion:
     def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient, litellm: Any) -> None:
         self._provider = provider
         self._litellm = litellm
-        self._errors = _translation_errors(litellm)
+        self._errors = translation_errors(litellm)
         self._handler = _pooled_handler(client)
 
     def _kwargs(
@@ -47,7 +47,7 @@ class _Acompletion:
             "api_key": provider.api_key,
             "extra_headers": dict(with_trace(provider.headers)) or None,
             "client": self._handler,
-            "timeout": _timeout(limits),
+            "timeout": httpx_timeout(limits),
             "drop_params": True,
             "num_retries": 0,
             "max_retries": 0,
@@ -58,14 +58,14 @@ class _Acompletion:
     ) -> Completion:
         try:
             answer = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=False)
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSLATED_TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         except self._errors as exc:
             raise classify.from_litellm(exc) from exc
         out: dict[str, Any] = answer.model_dump()
         model = out.get("model") if isinstance(out.get("model"), str) else self._provider.upstream_model
         return Completion(
-            body=orjson.dumps(out, default=_json_default), model=str(model), usage=Usage.from_openai(out.get("usage"))
+            body=orjson.dumps(out, default=json_default), model=str(model), usage=Usage.from_openai(out.get("usage"))
         )
 
     async def stream(
@@ -73,7 +73,7 @@ class _Acompletion:
     ) -> AsyncIterator[Chunk]:
         try:
             wrapper = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=True)
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSLATED_TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         except self._errors as exc:
             raise classify.from_litellm(exc) from exc
@@ -86,7 +86,7 @@ class _Acompletion:
                 chunk = Chunk.from_dict(dumped)
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSLATED_TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         except self._errors as exc:
             raise classify.from_litellm(exc) from exc
@@ -107,13 +107,13 @@ class _Acompletion:
                 api_base=provider.api_base,
                 api_key=provider.api_key,
                 extra_headers=dict(provider.headers) or None,
-                timeout=_timeout(limits),
+                timeout=httpx_timeout(limits),
                 drop_params=True,
                 num_retries=0,
                 max_retries=0,
                 **extras,
             )
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSLATED_TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         except self._errors as exc:
             raise classify.from_litellm(exc) from exc

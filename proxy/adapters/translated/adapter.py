@@ -23,22 +23,22 @@ from proxy.adapters.http import (
     stream_timeout,
     too_large,
 )
-from proxy.adapters.translated.acompletion import _Acompletion
-from proxy.adapters.translated.dialects import _DIALECTS, _Dialect, _Ollama
+from proxy.adapters.translated.acompletion import Acompletion
+from proxy.adapters.translated.dialects import DIALECTS, Dialect, Ollama
 from proxy.adapters.translated.embed import EMBEDDERS, Embedder
 from proxy.adapters.translated.wire import (
-    _OPENAI_ARGS,
-    _PARAMS_CACHE_SIZE,
-    _TRANSPORT_ERRORS,
+    OPENAI_ARGS,
+    PARAMS_CACHE_SIZE,
+    TRANSLATED_TRANSPORT_ERRORS,
+    Call,
+    ChunkWriter,
+    LitellmLog,
     MalformedEvent,
-    _Call,
-    _json_default,
-    _Log,
-    _malformed,
-    _Parser,
-    _Piece,
-    _translation_errors,
-    _Writer,
+    Parser,
+    Piece,
+    json_default,
+    malformed,
+    translation_errors,
 )
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
@@ -97,16 +97,16 @@ class TranslatedAdapter:
         self._client = clients.client
         self._slots = ConnectionSlots.of(provider)  # for the dialects' calls (not `acompletion`'s)
         litellm = load_litellm()
-        self._errors = _translation_errors(litellm)
+        self._errors = translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
         core = importlib.import_module("litellm.litellm_core_utils.core_helpers")
         self._map_finish_reason: Any = core.map_finish_reason
         reserved = importlib.import_module("litellm.types.utils").all_litellm_params
         self._reserved = frozenset(litellm.OPENAI_CHAT_COMPLETION_PARAMS) | frozenset(reserved) | {"model", "messages"}
         self._params_cache: OrderedDict[bytes, bytes] = OrderedDict()
-        dialect = _DIALECTS.get(provider.litellm_provider)
-        self._dialect: _Dialect | None = dialect(provider, litellm) if dialect is not None else None
-        self._fallback = _Acompletion(provider, clients.client, litellm) if dialect is None else None
+        dialect = DIALECTS.get(provider.litellm_provider)
+        self._dialect: Dialect | None = dialect(provider, litellm) if dialect is not None else None
+        self._fallback = Acompletion(provider, clients.client, litellm) if dialect is None else None
         embedder = EMBEDDERS.get(provider.litellm_provider)
         self._embedder: Embedder | None = embedder(provider, litellm) if embedder is not None else None
         self._litellm = litellm
@@ -151,8 +151,8 @@ class TranslatedAdapter:
                     content = await read_capped(response, limits.max_bytes)
                 raise classify.from_status(response.status, content, response.headers)
             # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
-            parser: _Parser = self._reading(dialect.parser, call, response.headers)
-            writer = _Writer(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
+            parser: Parser = self._reading(dialect.parser, call, response.headers)
+            writer = ChunkWriter(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
             framer = _Framer(dialect.framing)
             reader = response.content
             max_bytes = limits.max_bytes
@@ -175,7 +175,7 @@ class TranslatedAdapter:
                     piece = self._piece(parser, data)
                     if piece is not None and (out := writer.chunk(piece)) is not None:
                         yield out
-            except _TRANSPORT_ERRORS:
+            except TRANSLATED_TRANSPORT_ERRORS:
                 # After the upstream's own end of answer, a broken tail loses nothing.
                 if not parser.complete:
                     raise
@@ -183,7 +183,7 @@ class TranslatedAdapter:
                 raise classify.incomplete_stream()
             for last in writer.finish():
                 yield last
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSLATED_TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
             silence.close()
@@ -196,7 +196,7 @@ class TranslatedAdapter:
         if embedder is None:
             if self.provider.litellm_provider == "anthropic":
                 raise ProviderError(FailureClass.UNSUPPORTED, "Anthropic has no embeddings API", sent=False)
-            fallback = self._fallback or _Acompletion(self.provider, self._client, self._litellm)
+            fallback = self._fallback or Acompletion(self.provider, self._client, self._litellm)
             return await fallback.embed(body, limits)
         try:
             url, headers, content = embedder.request(body)
@@ -222,7 +222,7 @@ class TranslatedAdapter:
 
     async def warmup(self) -> None:
         """Load an Ollama model and keep it resident (`keep_alive: -1`); a no-op elsewhere."""
-        if not isinstance(self._dialect, _Ollama):
+        if not isinstance(self._dialect, Ollama):
             return
         dialect = self._dialect
         timeouts = self.provider.timeout
@@ -239,10 +239,10 @@ class TranslatedAdapter:
 
     # -- translation ---------------------------------------------------------------------------
 
-    def _piece(self, parser: _Parser, data: bytes) -> _Piece | None:
+    def _piece(self, parser: Parser, data: bytes) -> Piece | None:
         """One payload's piece of the answer; an unreadable payload is skipped (and told)."""
         try:
-            piece: _Piece | None = self._reading(parser.feed, data)
+            piece: Piece | None = self._reading(parser.feed, data)
         except MalformedEvent:
             self._hooks.malformed(self.provider.name, data)
             return None
@@ -260,7 +260,7 @@ class TranslatedAdapter:
         named: dict[str, Any] = {}
         extras: dict[str, Any] = {}
         for key, value in body.items():
-            if key in _OPENAI_ARGS:
+            if key in OPENAI_ARGS:
                 named[key] = value
             elif key not in self._reserved:
                 extras[key] = value
@@ -285,22 +285,22 @@ class TranslatedAdapter:
                 **own_extras,
                 **own_named,
             )
-            cached = orjson.dumps(params, default=_json_default)
+            cached = orjson.dumps(params, default=json_default)
             self._params_cache[key] = cached
-            if len(self._params_cache) > _PARAMS_CACHE_SIZE:
+            if len(self._params_cache) > PARAMS_CACHE_SIZE:
                 self._params_cache.popitem(last=False)
         else:
             self._params_cache.move_to_end(key)
         fresh: dict[str, Any] = orjson.loads(cached)
         return fresh
 
-    def _prepare(self, dialect: _Dialect, body: dict[str, Any], *, stream: bool) -> _Call:
+    def _prepare(self, dialect: Dialect, body: dict[str, Any], *, stream: bool) -> Call:
         named, extras = self._split(body)
         named["stream"] = stream
         stream_options = named.get("stream_options")
         include_usage = stream and isinstance(stream_options, dict) and stream_options.get("include_usage") is True
 
-        def translate() -> _Call:
+        def translate() -> Call:
             # A private copy: the transformations edit messages in place, and the
             # caller may send the same body to the next provider.
             messages = dialect.config.translate_developer_role_to_system_role(
@@ -313,8 +313,8 @@ class TranslatedAdapter:
             url, headers, data = dialect.build(messages, optional_params, litellm_params, stream)
             if isinstance(extra_body, dict):
                 data = {**data, **extra_body}
-            content = orjson.dumps(data, default=_json_default)
-            return _Call(
+            content = orjson.dumps(data, default=json_default)
+            return Call(
                 url=url,
                 headers=headers,
                 content=content,
@@ -324,7 +324,7 @@ class TranslatedAdapter:
                 data=data,
                 json_mode=json_mode,
                 include_usage=include_usage,
-                log=_Log(named),
+                log=LitellmLog(named),
             )
 
         try:
@@ -332,7 +332,7 @@ class TranslatedAdapter:
         except self._errors as exc:
             raise classify.untranslatable(exc) from exc
 
-    async def _post(self, call: _Call, limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
+    async def _post(self, call: Call, limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
         """The stream's response, within one of the provider's slots (given back here if it fails)."""
         slots = self._slots
         if slots is not None:
@@ -345,17 +345,17 @@ class TranslatedAdapter:
         except BaseException as exc:
             if slots is not None:
                 slots.give()
-            if isinstance(exc, _TRANSPORT_ERRORS):
+            if isinstance(exc, TRANSLATED_TRANSPORT_ERRORS):
                 raise classify.from_exception(exc) from exc
             raise
 
-    def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
+    def _completion(self, dialect: Dialect, call: Call, response: httpx.Response) -> Completion:
         try:
             parsed = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
-            raise _malformed("answer", response.content) from exc
+            raise malformed("answer", response.content) from exc
         if not isinstance(parsed, dict):
-            raise _malformed("answer", response.content)
+            raise malformed("answer", response.content)
         if "error" in parsed:
             raise classify.from_stream_error(parsed)
         answer = self._reading(dialect.answer, call, response, parsed)
@@ -363,5 +363,5 @@ class TranslatedAdapter:
         model = dialect.served_model(answer, parsed)
         out["model"] = model
         return Completion(
-            body=orjson.dumps(out, default=_json_default), model=model, usage=Usage.from_openai(out.get("usage"))
+            body=orjson.dumps(out, default=json_default), model=model, usage=Usage.from_openai(out.get("usage"))
         )

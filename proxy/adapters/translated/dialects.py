@@ -12,20 +12,20 @@ import httpx
 import orjson
 
 from proxy.adapters.translated.wire import (
-    _ANTHROPIC_BASE,
-    _GEMINI_BASE,
-    _Call,
-    _event,
-    _malformed,
-    _Parser,
-    _Piece,
-    _piece_of,
+    ANTHROPIC_BASE,
+    GEMINI_BASE,
+    Call,
+    Parser,
+    Piece,
+    malformed,
+    piece_of,
+    read_event,
 )
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 
 
-class _Dialect:
+class Dialect:
     """One wire format spoken through litellm's config class for it."""
 
     framing = "sse"  # or "ndjson"
@@ -45,10 +45,10 @@ class _Dialect:
         """URL, headers and body of the upstream request."""
         raise NotImplementedError
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         raise NotImplementedError
 
-    def answer(self, call: _Call, response: httpx.Response, parsed: dict[str, Any]) -> Any:
+    def answer(self, call: Call, response: httpx.Response, parsed: dict[str, Any]) -> Any:
         """The upstream's whole answer as a litellm `ModelResponse`."""
         return self.config.transform_response(
             model=self.model,
@@ -75,10 +75,10 @@ class _Dialect:
         pass
 
 
-class _Anthropic(_Dialect):
+class Anthropic(Dialect):
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         super().__init__(provider, litellm)
-        base = (provider.api_base or _ANTHROPIC_BASE).rstrip("/")
+        base = (provider.api_base or ANTHROPIC_BASE).rstrip("/")
         root = base.removesuffix("/v1/messages")
         self.url = root + "/v1/messages"
         self.models_url = root + "/v1/models"
@@ -121,7 +121,7 @@ class _Anthropic(_Dialect):
             data["stream"] = True
         return self.url, headers, data
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         iterator = self._iterator(
             streaming_response=None,
             sync_stream=False,
@@ -136,27 +136,27 @@ class _Anthropic(_Dialect):
         return self.models_url, headers
 
 
-class _AnthropicParser(_Parser):
+class _AnthropicParser(Parser):
     """Anthropic SSE events (`event: error` included). To litellm's parser a `text`
     delta is exactly its text and touches no state, so it is answered here, as are
     `ping` and `message_stop` (nothing to say); every other event goes to it."""
 
-    def feed(self, data: bytes) -> _Piece | None:
-        event = _event(data)
+    def feed(self, data: bytes) -> Piece | None:
+        event = read_event(data)
         kind = event.get("type")
         if kind == "content_block_delta":
             delta = event.get("delta")
             if isinstance(delta, dict) and isinstance(delta.get("text"), str):
-                return _Piece(content=delta["text"])
+                return Piece(content=delta["text"])
         elif kind == "ping":
             return None
         elif kind == "message_stop":
             self.complete = True
             return None
-        return _piece_of(self.iterator.chunk_parser(chunk=event))
+        return piece_of(self.iterator.chunk_parser(chunk=event))
 
 
-class _Ollama(_Dialect):
+class Ollama(Dialect):
     framing = "ndjson"
 
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
@@ -195,7 +195,7 @@ class _Ollama(_Dialect):
         headers.setdefault("content-type", "application/json")
         return url, headers, data
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         return _OllamaParser(self._iterator(streaming_response=None, sync_stream=False, json_mode=call.json_mode))
 
     def served_model(self, answer: Any, parsed: dict[str, Any]) -> str:
@@ -217,7 +217,7 @@ class _Ollama(_Dialect):
         try:
             tags = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise _malformed("/api/tags answer", body) from exc
+            raise malformed("/api/tags answer", body) from exc
         models = tags.get("models") if isinstance(tags, dict) else None
         names = {
             name
@@ -230,13 +230,13 @@ class _Ollama(_Dialect):
             raise ProviderError(FailureClass.SERVER_ERROR, message)
 
 
-class _OllamaParser(_Parser):
+class _OllamaParser(Parser):
     """Ollama NDJSON lines (`{"error": ...}` included). To litellm's parser a line
     of plain content, before any reasoning and without tool calls, is exactly its
     content, so it is answered here; the others (the `done` line too) go to it."""
 
-    def feed(self, data: bytes) -> _Piece | None:
-        line = _event(data)
+    def feed(self, data: bytes) -> Piece | None:
+        line = read_event(data)
         message = line.get("message")
         if line.get("done") is True:
             self.complete = True
@@ -249,11 +249,11 @@ class _OllamaParser(_Parser):
             content = message.get("content")
             if isinstance(content, str) and "<think>" not in content:
                 model = line.get("model")
-                return _Piece(content=content or None, model=model if isinstance(model, str) else None)
-        return _piece_of(self.iterator.chunk_parser(chunk=line))
+                return Piece(content=content or None, model=model if isinstance(model, str) else None)
+        return piece_of(self.iterator.chunk_parser(chunk=line))
 
 
-class _Gemini(_Dialect):
+class Gemini(Dialect):
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         super().__init__(provider, litellm)
         gemini = importlib.import_module("litellm.llms.vertex_ai.gemini.vertex_and_google_ai_studio_gemini")
@@ -261,7 +261,7 @@ class _Gemini(_Dialect):
         self._vertex: Any = gemini.VertexLLM()
         self._iterator: Any = gemini.ModelResponseIterator
         self._transform_body: Any = transformation._transform_request_body
-        self.base = (provider.api_base or _GEMINI_BASE).rstrip("/")
+        self.base = (provider.api_base or GEMINI_BASE).rstrip("/")
 
     def build(
         self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], stream: bool
@@ -298,7 +298,7 @@ class _Gemini(_Dialect):
         )
         return url, headers, data
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         iterator = self._iterator(
             streaming_response=None, sync_stream=False, logging_obj=call.log, response_headers=headers
         )
@@ -311,15 +311,15 @@ class _Gemini(_Dialect):
         return self.base + "/models", headers
 
 
-class _GeminiParser(_Parser):
+class _GeminiParser(Parser):
     """Gemini `streamGenerateContent?alt=sse` events (an `error` object included);
     the answer is complete once a candidate carries a finish reason."""
 
-    def feed(self, data: bytes) -> _Piece | None:
-        piece = _piece_of(self.iterator.chunk_parser(chunk=_event(data)))
+    def feed(self, data: bytes) -> Piece | None:
+        piece = piece_of(self.iterator.chunk_parser(chunk=read_event(data)))
         if piece is not None and piece.finish_reason:
             self.complete = True
         return piece
 
 
-_DIALECTS: Final[dict[str, type[_Dialect]]] = {"anthropic": _Anthropic, "ollama_chat": _Ollama, "gemini": _Gemini}
+DIALECTS: Final[dict[str, type[Dialect]]] = {"anthropic": Anthropic, "ollama_chat": Ollama, "gemini": Gemini}
