@@ -12,7 +12,7 @@ See :class:`Fault` for the fault kinds. ``fake.stop()`` closes the port (connect
 
 from ._anthropic import FakeAnthropic
 from ._blackhole import Blackhole
-from ._core import RequestRecord
+from ._core import RequestRecord, fake_vector
 from ._fault import FAULT_KINDS, Fault
 from ._gemini import FakeGemini
 from ._ollama import FakeOllama
@@ -29,4 +29,5 @@ __all__ = [
     "FakeServer",
     "Fault",
     "RequestRecord",
+    "fake_vector",
 ]
