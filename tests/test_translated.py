@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from proxy.adapters.base import Chunk, HttpClients, Limits
+from proxy.adapters import Chunk, HttpClients, Limits
 from proxy.adapters.translated import TranslatedAdapter
 from proxy.adapters.translated.acompletion import Acompletion
 from proxy.app import open_session
