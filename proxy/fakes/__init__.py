@@ -12,7 +12,7 @@ See :class:`Fault` for the fault kinds. ``fake.stop()`` closes the port (connect
 
 from ._anthropic import FakeAnthropic
 from ._blackhole import Blackhole
-from ._core import RequestRecord, fake_vector
+from ._core import ReceivedRequest, fake_vector
 from ._fault import FAULT_KINDS, Fault
 from ._gemini import FakeGemini
 from ._ollama import FakeOllama
@@ -28,6 +28,6 @@ __all__ = [
     "FakeOpenAI",
     "FakeServer",
     "Fault",
-    "RequestRecord",
+    "ReceivedRequest",
     "fake_vector",
 ]
