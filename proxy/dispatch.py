@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters.base import Adapter, Completion, Embeddings, Limits, Usage
+from proxy.adapters.base import Adapter, AttemptLimits, Completion, Embeddings, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
@@ -449,9 +449,9 @@ def _for_stream(provider: ProviderConfig, body: dict[str, Any], *, usage: bool =
     return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
 
 
-def _limits(provider: ProviderConfig, deadline: float, max_bytes: int) -> Limits:
+def _limits(provider: ProviderConfig, deadline: float, max_bytes: int) -> AttemptLimits:
     remaining = max(0.001, deadline - asyncio.get_running_loop().time())
-    return Limits(connect=min(provider.timeout.connect, remaining), read=remaining, max_bytes=max_bytes)
+    return AttemptLimits(connect=min(provider.timeout.connect, remaining), read=remaining, max_bytes=max_bytes)
 
 
 async def _collect(

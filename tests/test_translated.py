@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from proxy.adapters import Chunk, HttpClients, Limits
+from proxy.adapters import AttemptLimits, Chunk, HttpClients
 from proxy.adapters.translated import TranslatedAdapter
 from proxy.adapters.translated.acompletion import Acompletion
 from proxy.app import open_session
@@ -37,7 +37,7 @@ pytestmark = [
 ]
 
 CLAUDE = "claude-sonnet-4-5-20250929"
-LIMITS = Limits(connect=2.0, read=5.0)
+LIMITS = AttemptLimits(connect=2.0, read=5.0)
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Say hello."},
@@ -387,7 +387,7 @@ async def test_probe_refused(client: HttpClients) -> None:
 # -- errors -------------------------------------------------------------------------------------
 
 
-async def call(adapter: TranslatedAdapter, stream: bool, limits: Limits = LIMITS) -> None:
+async def call(adapter: TranslatedAdapter, stream: bool, limits: AttemptLimits = LIMITS) -> None:
     if stream:
         await collect(adapter.stream(body(True), limits))
     else:
@@ -485,7 +485,7 @@ async def test_refused_connection(client: HttpClients, stream: bool) -> None:
 async def test_hang_with_short_read_timeout(claude: FakeAnthropic, client: HttpClients, stream: bool) -> None:
     claude.set_fault("hang")
     with pytest.raises(ProviderError) as caught:
-        await call(claude_adapter(claude, client), stream, Limits(connect=1.0, read=0.3))
+        await call(claude_adapter(claude, client), stream, AttemptLimits(connect=1.0, read=0.3))
     assert caught.value.failure is FailureClass.TIMEOUT
 
 
@@ -539,7 +539,7 @@ async def test_an_answer_over_the_cap_is_a_server_error(stream: bool) -> None:
     async with mock_client(big) as local:
         adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         with pytest.raises(ProviderError) as caught:
-            await call(adapter, stream, Limits(connect=2.0, read=5.0, max_bytes=1000))
+            await call(adapter, stream, AttemptLimits(connect=2.0, read=5.0, max_bytes=1000))
     assert caught.value.failure is FailureClass.SERVER_ERROR
     assert "larger than limits.max_upstream_bytes (1000)" in caught.value.message
 

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, Limits, Usage, describe, with_trace
+from proxy.adapters.base import AdapterHooks, AttemptLimits, Chunk, Completion, Embeddings, Usage, describe, with_trace
 from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
@@ -80,7 +80,7 @@ class OpenAICompatAdapter:
             upstream.pop("stream_options", None)
         return orjson.dumps(upstream)
 
-    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+    async def complete(self, body: dict[str, Any], limits: AttemptLimits) -> Completion:
         answer = await fetch(
             self._session,
             "POST",
@@ -92,7 +92,7 @@ class OpenAICompatAdapter:
         )
         return _completion(answer.content)
 
-    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+    async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         """Relayed as the client sent it (`input` token arrays included), under this provider's model name."""
         upstream = {**body, "model": self.provider.upstream_model}
         answer = await fetch(
@@ -106,7 +106,7 @@ class OpenAICompatAdapter:
         )
         return embeddings_answer(answer.content)
 
-    async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
+    async def stream(self, body: dict[str, Any], limits: AttemptLimits) -> AsyncIterator[Chunk]:
         """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
         early closes the upstream connection (never pooled mid-body). The stream
         holds one of the provider's connection slots (if it has a limit) to its end;
@@ -168,7 +168,7 @@ class OpenAICompatAdapter:
             if self._slots is not None:
                 self._slots.give()
 
-    async def _open(self, body: dict[str, Any], limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
+    async def _open(self, body: dict[str, Any], limits: AttemptLimits, silence: Silence) -> aiohttp.ClientResponse:
         """The stream's response, within one of the provider's slots (given back here if it fails)."""
         slots = self._slots
         if slots is not None:
@@ -227,13 +227,13 @@ class OpenAICompatAdapter:
         native = URL(base.rstrip("/")[: -len("/v1")] + "/api/generate")
         payload = {"model": self.provider.upstream_model, "prompt": "", "keep_alive": -1}
         timeouts = self.provider.timeout
-        limits = Limits(connect=timeouts.connect, read=timeouts.total)
+        limits = AttemptLimits(connect=timeouts.connect, read=timeouts.total)
         await self._call("POST", native, orjson.dumps(payload), limits)
 
-    async def probe(self, limits: Limits) -> None:
+    async def probe(self, limits: AttemptLimits) -> None:
         await self._call("GET", self._models_url, None, limits)
 
-    async def _call(self, method: str, url: URL, data: bytes | None, limits: Limits) -> None:
+    async def _call(self, method: str, url: URL, data: bytes | None, limits: AttemptLimits) -> None:
         """A small request whose answer matters only by its status."""
         await fetch(self._session, method, url, headers=self._headers, data=data, limits=limits)
 

@@ -11,7 +11,7 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Completion, Embeddings, Limits, Usage, with_trace
+from proxy.adapters.base import AttemptLimits, Chunk, Completion, Embeddings, Usage, with_trace
 from proxy.adapters.translated.embed import embeddings_of, openai_list
 from proxy.adapters.translated.wire import (
     TRANSLATED_TRANSPORT_ERRORS,
@@ -34,7 +34,7 @@ class Acompletion:
         self._handler = _pooled_handler(client)
 
     def _kwargs(
-        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
+        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: AttemptLimits
     ) -> dict[str, Any]:
         named, extras = orjson.loads(orjson.dumps(params))  # litellm edits what it is given
         provider = self._provider
@@ -54,7 +54,7 @@ class Acompletion:
         }
 
     async def complete(
-        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
+        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: AttemptLimits
     ) -> Completion:
         try:
             answer = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=False)
@@ -69,7 +69,7 @@ class Acompletion:
         )
 
     async def stream(
-        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
+        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: AttemptLimits
     ) -> AsyncIterator[Chunk]:
         try:
             wrapper = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=True)
@@ -95,7 +95,7 @@ class Acompletion:
         if not finished:
             raise classify.incomplete_stream()
 
-    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+    async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         """`litellm.aembedding`, for providers without embedding functions of our own;
         floats are asked for (a base64 answer is encoded by the caller)."""
         provider = self._provider

@@ -13,7 +13,16 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, HttpClients, Limits, Usage, with_trace
+from proxy.adapters.base import (
+    AdapterHooks,
+    AttemptLimits,
+    Chunk,
+    Completion,
+    Embeddings,
+    HttpClients,
+    Usage,
+    with_trace,
+)
 from proxy.adapters.http import (
     ConnectionSlots,
     Silence,
@@ -117,7 +126,7 @@ class TranslatedAdapter:
 
     # -- the adapter protocol ------------------------------------------------------------------
 
-    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+    async def complete(self, body: dict[str, Any], limits: AttemptLimits) -> Completion:
         if self._dialect is None:
             assert self._fallback is not None
             return await self._fallback.complete(self._split(body), body, limits)
@@ -135,7 +144,7 @@ class TranslatedAdapter:
         raw = httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.content)
         return self._completion(self._dialect, call, raw)
 
-    async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncGenerator[Chunk, None]:
+    async def stream(self, body: dict[str, Any], limits: AttemptLimits) -> AsyncGenerator[Chunk, None]:
         if self._dialect is None:
             assert self._fallback is not None
             async for chunk in self._fallback.stream(self._split(body), body, limits):
@@ -191,7 +200,7 @@ class TranslatedAdapter:
             if self._slots is not None:
                 self._slots.give()
 
-    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+    async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         embedder = self._embedder
         if embedder is None:
             if self.provider.litellm_provider == "anthropic":
@@ -206,7 +215,7 @@ class TranslatedAdapter:
         embeddings: Embeddings = self._reading(embedder.answer, body, answer.content)
         return embeddings
 
-    async def probe(self, limits: Limits) -> None:
+    async def probe(self, limits: AttemptLimits) -> None:
         if self._dialect is None:
             return
         dialect = self._dialect
@@ -228,11 +237,11 @@ class TranslatedAdapter:
         timeouts = self.provider.timeout
         payload = {"model": dialect.model, "prompt": "", "keep_alive": -1}
         headers = {"content-type": "application/json", **dialect.auth_headers()}
-        limits = Limits(connect=timeouts.connect, read=timeouts.total)
+        limits = AttemptLimits(connect=timeouts.connect, read=timeouts.total)
         await self._exchange("POST", dialect.base + "/api/generate", headers, orjson.dumps(payload), limits)
 
     async def _exchange(
-        self, method: str, url: str, headers: dict[str, str], data: bytes | None, limits: Limits
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None, limits: AttemptLimits
     ) -> bytes:
         """A small request, read whole: its body, or the classified failure."""
         return (await fetch(self._session, method, url, headers=headers, data=data, limits=limits)).content
@@ -332,7 +341,7 @@ class TranslatedAdapter:
         except self._errors as exc:
             raise classify.untranslatable(exc) from exc
 
-    async def _post(self, call: Call, limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
+    async def _post(self, call: Call, limits: AttemptLimits, silence: Silence) -> aiohttp.ClientResponse:
         """The stream's response, within one of the provider's slots (given back here if it fails)."""
         slots = self._slots
         if slots is not None:

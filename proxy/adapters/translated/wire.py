@@ -13,7 +13,7 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Limits, Usage
+from proxy.adapters.base import AttemptLimits, Chunk, Usage
 from proxy.adapters.http import TRANSPORT_ERRORS
 from proxy.errors import FailureClass, ProviderError
 
@@ -75,7 +75,7 @@ def translation_errors(litellm: Any) -> tuple[type[BaseException], ...]:
     return (base.BaseLLMException, openai.OpenAIError, ValueError, TypeError, LookupError, AttributeError)
 
 
-def httpx_timeout(limits: Limits) -> httpx.Timeout:
+def httpx_timeout(limits: AttemptLimits) -> httpx.Timeout:
     return httpx.Timeout(connect=limits.connect, read=limits.read, write=limits.connect, pool=limits.connect)
 
 
