@@ -23,7 +23,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.errors import AuthenticationFailed, ProxyError, error_body
-from proxy.intake import authenticate, read_body
+from proxy.intake import authenticate, credentials, read_body
 from proxy.quota import quota_day
 from proxy.state import ReplayStats, StoreUnavailable
 from proxy.status import HEADERS, REALM, ProviderView, QuotaToday, StatusView, Usage, refresh_seconds, render
@@ -245,11 +245,11 @@ def _usage_json(usage: Usage | None) -> dict[str, int | None]:
 
 def basic_password(header: str) -> str | None:
     """The password of an `Authorization: Basic …` header (any user name), or None."""
-    scheme, _, token = header.partition(" ")
+    scheme, token = credentials(header)
     if scheme.lower() != "basic":
         return None
     try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        decoded = base64.b64decode(token, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
     _user, colon, password = decoded.partition(":")

@@ -191,16 +191,22 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def credentials(authorization: str | None) -> tuple[str, str]:
+    """An `Authorization` header's scheme and its credentials, stripped
+    (`Bearer sk-1` → `("Bearer", "sk-1")`); empty strings for what is missing."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme, token.strip()
+
+
 def authenticate(request: Request, digests: tuple[bytes, ...], *, admin: bool = False) -> None:
     """Check the bearer key against the configured keys' SHA-256 digests, in
     constant time whichever key it is; no keys configured means open."""
     if not digests:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, token = credentials(request.headers.get("authorization"))
+    if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("Missing bearer key: send 'Authorization: Bearer <key>'.")
-    candidate = hashlib.sha256(token.strip().encode()).digest()
+    candidate = hashlib.sha256(token.encode()).digest()
     matched = False
     for digest in digests:
         matched |= hmac.compare_digest(candidate, digest)
