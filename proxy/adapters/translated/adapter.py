@@ -52,46 +52,7 @@ from proxy.adapters.translated.wire import (
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.litellm_import import load_litellm
-
-
-class _Framer:
-    """The payloads of a stream, block by block: each SSE event's `data`, or each NDJSON line."""
-
-    __slots__ = ("_buffer", "_data", "_sse")
-
-    def __init__(self, framing: str) -> None:
-        self._sse = framing == "sse"
-        self._buffer = b""
-        self._data: list[bytes] = []
-
-    def feed(self, block: bytes) -> list[bytes]:
-        lines = (self._buffer + block if self._buffer else block).split(b"\n")
-        self._buffer = lines.pop()
-        payloads: list[bytes] = []
-        data = self._data
-        for line in lines:
-            if not self._sse:
-                if line.strip():
-                    payloads.append(line)
-            elif line.startswith(b"data:"):
-                data.append(line[5:].strip())
-            elif not line.rstrip(b"\r") and data:
-                payloads.append(b"\n".join(data))
-                data.clear()
-        return payloads
-
-    def flush(self) -> list[bytes]:
-        """What remains when the upstream closes (a last event or line without its end)."""
-        buffer, data, payloads = self._buffer, self._data, []
-        self._buffer = b""
-        if buffer.startswith(b"data:"):
-            data.append(buffer[5:].strip())
-        elif buffer.strip() and not self._sse:
-            payloads.append(buffer)
-        if data:
-            payloads.append(b"\n".join(data))
-            data.clear()
-        return payloads
+from proxy.sse import payload_decoder
 
 
 class TranslatedAdapter:
@@ -162,7 +123,7 @@ class TranslatedAdapter:
             # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
             parser: Parser = self._reading(dialect.parser, call, response.headers)
             writer = ChunkWriter(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
-            framer = _Framer(dialect.framing)
+            payloads = payload_decoder(dialect.framing)
             reader = response.content
             max_bytes = limits.max_bytes
             size = 0
@@ -176,11 +137,11 @@ class TranslatedAdapter:
                     size += len(block)
                     if size > max_bytes:
                         raise too_large(max_bytes)
-                    for data in framer.feed(block):
+                    for data in payloads.feed(block):
                         piece = self._piece(parser, data)
                         if piece is not None and (out := writer.chunk(piece)) is not None:
                             yield out
-                for data in framer.flush():
+                for data in payloads.flush():
                     piece = self._piece(parser, data)
                     if piece is not None and (out := writer.chunk(piece)) is not None:
                         yield out

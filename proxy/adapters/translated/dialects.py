@@ -23,12 +23,13 @@ from proxy.adapters.translated.wire import (
 )
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
+from proxy.sse import Framing
 
 
 class Dialect:
     """One wire format spoken through litellm's config class for it."""
 
-    framing = "sse"  # or "ndjson"
+    framing: Framing = "sse"
 
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         self.provider = provider
@@ -157,7 +158,7 @@ class _AnthropicParser(Parser):
 
 
 class Ollama(Dialect):
-    framing = "ndjson"
+    framing: Framing = "ndjson"
 
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         super().__init__(provider, litellm)
