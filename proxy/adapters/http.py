@@ -125,6 +125,41 @@ async def fetch(
     return Fetched(response.status, response.headers, content)
 
 
+async def open_stream(
+    session: aiohttp.ClientSession,
+    url: str | URL,
+    *,
+    headers: dict[str, str] | aiohttp.typedefs.LooseHeaders,
+    data: bytes,
+    limits: AttemptLimits,
+    silence: Silence,
+    slots: ConnectionSlots | None,
+) -> aiohttp.ClientResponse:
+    """A stream's answer, up to its head: sent within one of the provider's
+    `slots` (given back here only if the request fails: a stream holds its slot
+    to its end), its head awaited within `silence.head()`; a transport failure
+    is raised classified."""
+    if slots is not None:
+        await slots.take(limits)
+    try:
+        async with silence.head():
+            return await session.post(url, data=data, headers=headers, timeout=stream_timeout(limits))
+    except BaseException as exc:
+        if slots is not None:
+            slots.give()
+        if isinstance(exc, TRANSPORT_ERRORS):
+            raise classify.from_exception(exc) from exc
+        raise
+
+
+async def stream_error(response: aiohttp.ClientResponse, limits: AttemptLimits, silence: Silence) -> ProviderError:
+    """A stream's error answer (a status of 400 and above), read under the size
+    cap within `silence.head()`, classified."""
+    async with silence.head():
+        content = await read_capped(response, limits.max_bytes)
+    return classify.from_status(response.status, content, response.headers)
+
+
 def attempt_timeout(limits: AttemptLimits) -> aiohttp.ClientTimeout:
     # The session's pool has no limit, so `connect` is name resolution and the
     # connection itself, never a wait for a pooled one (that is `ConnectionSlots`).

@@ -32,8 +32,9 @@ from proxy.adapters.http import (
     Silence,
     done_with,
     fetch,
+    open_stream,
     read_capped,
-    stream_timeout,
+    stream_error,
     too_large,
 )
 from proxy.config import ProviderConfig
@@ -112,13 +113,19 @@ class OpenAICompatAdapter:
         holds one of the provider's connection slots (if it has a limit) to its end;
         each read waits at most `limits.read` (`Silence`)."""
         silence = Silence(limits.read)
-        response = await self._open(body, limits, silence)
+        response = await open_stream(
+            self._session,
+            self._url,
+            headers=with_trace(self._stream_headers),
+            data=self._encode(body, True),
+            limits=limits,
+            silence=silence,
+            slots=self._slots,
+        )
         done = False
         try:
             if response.status >= 400:
-                async with silence.head():
-                    error_body = await read_capped(response, limits.max_bytes)
-                raise classify.from_status(response.status, error_body, response.headers)
+                raise await stream_error(response, limits, silence)
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers ignore `stream: true` and answer one JSON body.
@@ -167,26 +174,6 @@ class OpenAICompatAdapter:
                 done_with(response)
             if self._slots is not None:
                 self._slots.give()
-
-    async def _open(self, body: dict[str, Any], limits: AttemptLimits, silence: Silence) -> aiohttp.ClientResponse:
-        """The stream's response, within one of the provider's slots (given back here if it fails)."""
-        slots = self._slots
-        if slots is not None:
-            await slots.take(limits)
-        try:
-            async with silence.head():
-                return await self._session.post(
-                    self._url,
-                    data=self._encode(body, True),
-                    headers=with_trace(self._stream_headers),
-                    timeout=stream_timeout(limits),
-                )
-        except BaseException as exc:
-            if slots is not None:
-                slots.give()
-            if isinstance(exc, TRANSPORT_ERRORS):
-                raise classify.from_exception(exc) from exc
-            raise
 
     def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, ProviderError | None]:
         """The chunks of one upstream read, each but the last marked `more` (they go

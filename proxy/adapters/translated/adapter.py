@@ -8,7 +8,6 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import aiohttp
 import httpx
 import orjson
 
@@ -28,8 +27,8 @@ from proxy.adapters.http import (
     Silence,
     done_with,
     fetch,
-    read_capped,
-    stream_timeout,
+    open_stream,
+    stream_error,
     too_large,
 )
 from proxy.adapters.translated.acompletion import Acompletion
@@ -114,12 +113,18 @@ class TranslatedAdapter:
         dialect = self._dialect
         call = self._prepare(dialect, body, stream=True)
         silence = Silence(limits.read)
-        response = await self._post(call, limits, silence)
+        response = await open_stream(
+            self._session,
+            call.url,
+            headers=with_trace(call.headers),
+            data=call.content,
+            limits=limits,
+            silence=silence,
+            slots=self._slots,
+        )
         try:
             if response.status >= 400:
-                async with silence.head():
-                    content = await read_capped(response, limits.max_bytes)
-                raise classify.from_status(response.status, content, response.headers)
+                raise await stream_error(response, limits, silence)
             # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
             parser: Parser = self._reading(dialect.parser, call, response.headers)
             writer = ChunkWriter(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
@@ -301,23 +306,6 @@ class TranslatedAdapter:
             return translate()
         except self._errors as exc:
             raise classify.untranslatable(exc) from exc
-
-    async def _post(self, call: Call, limits: AttemptLimits, silence: Silence) -> aiohttp.ClientResponse:
-        """The stream's response, within one of the provider's slots (given back here if it fails)."""
-        slots = self._slots
-        if slots is not None:
-            await slots.take(limits)
-        try:
-            async with silence.head():
-                return await self._session.post(
-                    call.url, data=call.content, headers=with_trace(call.headers), timeout=stream_timeout(limits)
-                )
-        except BaseException as exc:
-            if slots is not None:
-                slots.give()
-            if isinstance(exc, TRANSLATED_TRANSPORT_ERRORS):
-                raise classify.from_exception(exc) from exc
-            raise
 
     def _completion(self, dialect: Dialect, call: Call, response: httpx.Response) -> Completion:
         try:
