@@ -17,6 +17,7 @@ from proxy.adapters.translated.wire import (
     Call,
     Parser,
     Piece,
+    gemini_auth_and_url,
     malformed,
     piece_of,
     read_event,
@@ -268,17 +269,7 @@ class Gemini(Dialect):
         self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], stream: bool
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         optional_params.pop("stream", None)
-        auth, url = self._vertex._get_token_and_url(
-            model=self.model,
-            auth_header=None,
-            gemini_api_key=self.provider.api_key,
-            vertex_project=None,
-            vertex_location=None,
-            vertex_credentials=None,
-            stream=stream,
-            custom_llm_provider="gemini",
-            api_base=self.provider.api_base,
-        )
+        auth, url = gemini_auth_and_url(self._vertex, self.provider, self.model, stream=stream)
         headers = self.config.validate_environment(
             api_key=auth,
             headers=dict(self.provider.headers) or None,

@@ -15,6 +15,7 @@ import orjson
 from proxy.adapters import classify
 from proxy.adapters.base import AttemptLimits, Chunk, Usage
 from proxy.adapters.http import TRANSPORT_ERRORS
+from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 
 # Failures of the connection itself: aiohttp's (the dialects), httpx's (the
@@ -77,6 +78,25 @@ def translation_errors(litellm: Any) -> tuple[type[BaseException], ...]:
 
 def httpx_timeout(limits: AttemptLimits) -> httpx.Timeout:
     return httpx.Timeout(connect=limits.connect, read=limits.read, write=limits.connect, pool=limits.connect)
+
+
+def gemini_auth_and_url(
+    vertex: Any, provider: ProviderConfig, model: str, *, stream: bool | None, mode: str = "chat"
+) -> tuple[Any, str]:
+    """litellm's Google AI Studio auth and URL for one call to `model` (`vertex`: its `VertexLLM`)."""
+    auth, url = vertex._get_token_and_url(
+        model=model,
+        auth_header=None,
+        gemini_api_key=provider.api_key,
+        vertex_project=None,
+        vertex_location=None,
+        vertex_credentials=None,
+        stream=stream,
+        custom_llm_provider="gemini",
+        api_base=provider.api_base,
+        mode=mode,
+    )
+    return auth, url
 
 
 def json_default(value: Any) -> Any:
