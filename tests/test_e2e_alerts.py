@@ -22,7 +22,7 @@ from .conftest import ServedApp, openai_provider
 
 def test_config_knows_every_alert_kind_and_format() -> None:
     assert ALERT_KINDS == alerts.ALERT_KINDS
-    assert ALERT_FORMATS == alerts.FORMATS
+    assert ALERT_FORMATS == alerts.ALERT_FORMATS
 
 
 @pytest.fixture
