@@ -70,6 +70,20 @@ class Dialect:
         model = answer.model
         return model if isinstance(model, str) and model else self.model
 
+    def _headers(
+        self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], api_base: str
+    ) -> Any:
+        """litellm's headers for a call to `api_base` (auth included), over the provider's own."""
+        return self.config.validate_environment(
+            headers=dict(self.provider.headers),
+            model=self.model,
+            messages=messages,
+            optional_params=optional_params,
+            litellm_params=litellm_params,
+            api_key=self.provider.api_key,
+            api_base=api_base,
+        )
+
     def probe_request(self) -> tuple[str, dict[str, str]] | None:
         return None
 
@@ -97,24 +111,13 @@ class Anthropic(Dialect):
             self.config._is_adaptive_thinking_model
         )
 
-    def _headers(self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any]) -> Any:
-        return self.config.validate_environment(
-            headers=dict(self.provider.headers),
-            model=self.model,
-            messages=messages,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            api_key=self.provider.api_key,
-            api_base=self.url,
-        )
-
     def build(
         self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], stream: bool
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         optional_params.pop("stream", None)
         optional_params.pop("vertex_count_tokens_location", None)
         params = {**optional_params, "is_vertex_request": False}
-        headers = self._headers(messages, params, litellm_params)
+        headers = self._headers(messages, params, litellm_params, self.url)
         data = self.config.transform_request(
             model=self.model, messages=messages, optional_params=params, litellm_params=litellm_params, headers=headers
         )
@@ -134,7 +137,7 @@ class Anthropic(Dialect):
         return _AnthropicParser(iterator)
 
     def probe_request(self) -> tuple[str, dict[str, str]] | None:
-        headers = self._headers([], {}, {})
+        headers = self._headers([], {}, {}, self.url)
         return self.models_url, headers
 
 
@@ -170,15 +173,7 @@ class Ollama(Dialect):
     def build(
         self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], stream: bool
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
-        headers = self.config.validate_environment(
-            headers=dict(self.provider.headers),
-            model=self.model,
-            messages=messages,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            api_key=self.provider.api_key,
-            api_base=self.base,
-        )
+        headers = self._headers(messages, optional_params, litellm_params, self.base)
         url = self.config.get_complete_url(
             api_base=self.base,
             api_key=self.provider.api_key,
