@@ -20,6 +20,7 @@ from proxy.adapters.translated.wire import (
     translation_errors,
 )
 from proxy.config import ProviderConfig
+from proxy.errors import ProviderError
 
 
 class Acompletion:
@@ -30,7 +31,8 @@ class Acompletion:
     def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient, litellm: Any) -> None:
         self._provider = provider
         self._litellm = litellm
-        self._errors = translation_errors(litellm)
+        # what a litellm call may raise: the connection's failures, and litellm's own
+        self._caught: tuple[type[BaseException], ...] = (*TRANSLATED_TRANSPORT_ERRORS, *translation_errors(litellm))
         self._handler = _pooled_handler(client)
 
     def _kwargs(
@@ -58,10 +60,8 @@ class Acompletion:
     ) -> Completion:
         try:
             answer = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=False)
-        except TRANSLATED_TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         out: dict[str, Any] = answer.model_dump()
         model = out.get("model") if isinstance(out.get("model"), str) else self._provider.upstream_model
         return Completion(
@@ -73,10 +73,8 @@ class Acompletion:
     ) -> AsyncIterator[Chunk]:
         try:
             wrapper = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=True)
-        except TRANSLATED_TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         finished = False
         try:
             async for part in wrapper:
@@ -86,14 +84,18 @@ class Acompletion:
                 chunk = Chunk.from_dict(dumped)
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
-        except TRANSLATED_TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         finally:
             await wrapper.aclose()
         if not finished:
             raise classify.incomplete_stream()
+
+    def _failure(self, exc: BaseException) -> ProviderError:
+        """A litellm call's failure, classified: the connection's, or litellm's own."""
+        if isinstance(exc, TRANSLATED_TRANSPORT_ERRORS):
+            return classify.from_exception(exc)
+        return classify.from_litellm(exc)
 
     async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         """`litellm.aembedding`, for providers without embedding functions of our own;
@@ -113,10 +115,8 @@ class Acompletion:
                 max_retries=0,
                 **extras,
             )
-        except TRANSLATED_TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         model = answer.model if isinstance(answer.model, str) and answer.model else provider.upstream_model
         return embeddings_of(openai_list(answer, model))
 
