@@ -12,7 +12,7 @@ See :class:`Fault` for the fault kinds. ``fake.stop()`` closes the port (connect
 
 from ._anthropic import FakeAnthropic
 from ._blackhole import Blackhole
-from ._core import ReceivedRequest, fake_vector
+from ._core import ReceivedRequest, count_words, fake_vector, prompt_words
 from ._fault import FAULT_KINDS, Fault
 from ._gemini import FakeGemini
 from ._ollama import FakeOllama
@@ -29,5 +29,7 @@ __all__ = [
     "FakeServer",
     "Fault",
     "ReceivedRequest",
+    "count_words",
     "fake_vector",
+    "prompt_words",
 ]
