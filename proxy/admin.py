@@ -23,13 +23,13 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from proxy.errors import AuthenticationFailed, ProxyError, error_body
-from proxy.intake import authenticate, read_body
+from proxy.intake import authenticate, credentials, read_body
 from proxy.quota import quota_day
 from proxy.state import ReplayStats, StoreUnavailable
 from proxy.status import HEADERS, REALM, ProviderView, QuotaToday, StatusView, Usage, refresh_seconds, render
 
 if TYPE_CHECKING:
-    from proxy.app import ProxyState
+    from proxy.app import Service
     from proxy.runtime import Runtime
 
 
@@ -42,8 +42,8 @@ def _not_found(message: str) -> Response:
 
 
 class AdminHandlers:
-    def __init__(self, state: ProxyState) -> None:
-        self.state = state
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -56,7 +56,7 @@ class AdminHandlers:
 
     def _admit(self, request: Request) -> Runtime | Response:
         """The runtime, or the response refusing the caller."""
-        runtime = self.state.runtime
+        runtime = self.service.runtime
         if runtime is None or runtime.admin_digest is None:
             return _not_found("The admin endpoints are off: set server.admin_key to turn them on.")
         try:
@@ -86,7 +86,7 @@ class AdminHandlers:
             {
                 "config": {
                     "source": config.source,
-                    "sha256": self.state.config_hash or None,
+                    "sha256": self.service.config_hash or None,
                     "routes": sorted(config.routes),
                 },
                 "store": runtime.store.kind,
@@ -124,7 +124,7 @@ class AdminHandlers:
         health = runtime.health.snapshot()
         names = list(runtime.config.providers)
         quotas = await asyncio.gather(*(quota_today(runtime, name) for name in names))
-        last_errors = self.state.observer.recent.last_errors
+        last_errors = self.service.observer.recent.last_errors
         return {
             name: ProviderView(name, runtime.config.providers[name].local, health[name], quota, last_errors.get(name))
             for name, quota in zip(names, quotas, strict=True)
@@ -138,9 +138,9 @@ class AdminHandlers:
         view = StatusView(
             config=runtime.config,
             providers=await self.provider_views(runtime),
-            failovers=self.state.observer.recent.latest(),
+            failovers=self.service.observer.recent.latest(),
             store=runtime.store.kind,
-            config_sha256=self.state.config_hash,
+            config_sha256=self.service.config_hash,
             now=time.time(),
             refresh_seconds=refresh_seconds(request.query_params.get("refresh")),
         )
@@ -150,7 +150,7 @@ class AdminHandlers:
         """The runtime, or the response refusing the browser: a 401 with a Basic
         challenge (the browser asks for a user name and password: any name, the
         admin key). A bearer admin key is accepted as well (curl, scripts)."""
-        runtime = self.state.runtime
+        runtime = self.service.runtime
         if runtime is None or runtime.admin_digest is None:
             return _not_found("The status page is off: set server.admin_key to turn it on.")
         header = request.headers.get("authorization", "")
@@ -198,7 +198,7 @@ class AdminHandlers:
         runtime = self._admit(request)
         if isinstance(runtime, Response):
             return runtime
-        outcome = await self.state.reload("POST /admin/reload")
+        outcome = await self.service.reload("POST /admin/reload")
         return _json(outcome, 200 if outcome["reloaded"] else 422)
 
 
@@ -245,11 +245,11 @@ def _usage_json(usage: Usage | None) -> dict[str, int | None]:
 
 def basic_password(header: str) -> str | None:
     """The password of an `Authorization: Basic …` header (any user name), or None."""
-    scheme, _, token = header.partition(" ")
+    scheme, token = credentials(header)
     if scheme.lower() != "basic":
         return None
     try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        decoded = base64.b64decode(token, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
     _user, colon, password = decoded.partition(":")

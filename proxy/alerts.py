@@ -19,21 +19,10 @@ from typing import Protocol
 
 import httpx
 
+from proxy.config import ALERT_FORMATS, ALERT_KINDS
+
 log = logging.getLogger("fallback_proxy.alerts")
 
-ALERT_KINDS: frozenset[str] = frozenset(
-    {
-        "failover",
-        "breaker_open",
-        "recovered",
-        "quota_exhausted",
-        "quota_fail_closed",
-        "store_down",
-        "store_up",
-        "config_reload_failed",
-    }
-)
-FORMATS: frozenset[str] = frozenset({"json", "slack", "telegram"})
 
 _EMOJI: dict[str, str] = {
     "failover": "\N{TWISTED RIGHTWARDS ARROWS}",
@@ -70,8 +59,8 @@ class Webhook:
             raise ValueError("webhook url is not a valid URL") from None  # the text may hold a token
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError("webhook url must be an http:// or https:// URL with a host")
-        if self.format not in FORMATS:
-            raise ValueError(f"webhook format must be one of {sorted(FORMATS)}, not {self.format!r}")
+        if self.format not in ALERT_FORMATS:
+            raise ValueError(f"webhook format must be one of {sorted(ALERT_FORMATS)}, not {self.format!r}")
         unknown = set(self.events) - ALERT_KINDS
         if unknown:
             raise ValueError(f"unknown alert kinds {sorted(unknown)}; known: {sorted(ALERT_KINDS)}")

@@ -127,9 +127,10 @@ def start_tracing(settings: TelemetrySettings) -> Tracing | None:
     return Tracing(settings)
 
 
-class ProxyState:
-    """What outlives a config reload (metrics, the HTTP clients, the store) and
-    the current `Runtime`, swapped atomically by `reload`."""
+class Service:
+    """The running proxy: what outlives a config reload (metrics, the HTTP clients,
+    the store) and the current `Runtime`, swapped atomically by `reload`. The app
+    keeps it as `app.state.service`; what replicas share lives in the store (`proxy.state`)."""
 
     def __init__(self, config: Config, registry: CollectorRegistry, store: StateStore | None) -> None:
         self.initial_config = config
@@ -313,27 +314,27 @@ def create_app(
     `config.redis` names; `transport` the transport of the httpx client used
     for alert webhooks and litellm's `acompletion` fallback (the adapters call
     providers through a pooled aiohttp session); `registry` the metrics registry."""
-    state = ProxyState(config, registry or CollectorRegistry(auto_describe=True), store)
+    service = Service(config, registry or CollectorRegistry(auto_describe=True), store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await state.start(transport)
-        hangup = _listen_for_sighup(state)
+        await service.start(transport)
+        hangup = _listen_for_sighup(service)
         log.info(
             "ready: %d providers, %d routes, %s state",
             len(config.providers),
             len(config.routes),
-            state.store.kind if state.store else "?",
+            service.store.kind if service.store else "?",
         )
         try:
             yield
         finally:
             if hangup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-            await state.stop()
+            await service.stop()
 
-    handlers = Handlers(state)
-    admin = AdminHandlers(state)
+    handlers = Handlers(service)
+    admin = AdminHandlers(service)
     routes = [
         HttpRoute("/v1/chat/completions", handlers.chat_completions, methods=["POST"]),
         HttpRoute("/chat/completions", handlers.chat_completions, methods=["POST"]),
@@ -350,21 +351,21 @@ def create_app(
     ]
     app = ProxyApp(
         handlers.chat_completions_asgi,
-        state.in_flight,
+        service.in_flight,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception},
         middleware=[Middleware(InternalErrors)],
     )
-    app.state.proxy = state
+    app.state.service = service
     return app
 
 
-def _listen_for_sighup(state: ProxyState) -> bool:
+def _listen_for_sighup(service: Service) -> bool:
     """SIGHUP reloads the config (only possible in the main thread)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
         return False
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, state.on_sighup)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.on_sighup)
     return True
 
 
@@ -481,10 +482,10 @@ class InternalErrors:
 
 
 class Handlers:
-    """The HTTP endpoints, over one `ProxyState`."""
+    """The HTTP endpoints, over one `Service`."""
 
-    def __init__(self, state: ProxyState) -> None:
-        self.state = state
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
     async def chat_completions_asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         """`chat_completions` as a raw ASGI app, with `InternalErrors`' guarantee:
@@ -498,13 +499,13 @@ class Handlers:
         await response(scope, receive, send)
 
     async def chat_completions(self, request: Request) -> Response:
-        state = self.state
-        runtime = state.runtime  # this request stays on it, even if a reload swaps it
+        service = self.service
+        runtime = service.runtime  # this request stays on it, even if a reload swaps it
         assert runtime is not None
         config = runtime.config
         record = RequestRecord(request_id=_request_id(request), route="-", stream=False)
-        if state.tracing is not None:  # telemetry hook: the request span, continuing the client's trace
-            record.trace = state.tracing.on_request_start(request.headers, request.scope["path"], record)
+        if service.tracing is not None:  # telemetry hook: the request span, continuing the client's trace
+            record.trace = service.tracing.on_request_start(request.headers, request.scope["path"], record)
         ticket: Ticket | None = None
         try:
             check_headers(request, config.limits.max_header_bytes)
@@ -530,12 +531,12 @@ class Handlers:
         except ProxyError as exc:
             record.status = exc.status_code
             record.outcome = exc.code or exc.error_type
-            state.observer.finish(record)
+            service.observer.finish(record)
             return error_response(exc, record.headers() if record.route != "-" else {"x-request-id": record.request_id})
         finally:
             if ticket is not None:
                 await runtime.limits.leave(ticket)
-        state.observer.finish(record)
+        service.observer.finish(record)
         return json_response(completion.body, headers=record.headers())
 
     def _stream_response(
@@ -548,7 +549,7 @@ class Handlers:
                     failure.provider, failure.failure.value, 0.0, failure.message, failure.cause
                 )
             record.continued = session.continued
-            self.state.observer.finish(record)
+            self.service.observer.finish(record)
             if ticket is not None and ticket.lease is not None:  # without a lease there is nothing to give back
                 runtime.dispatcher.background.spawn(runtime.limits.leave(ticket))
 
@@ -566,7 +567,7 @@ class Handlers:
     async def embeddings(self, request: Request) -> Response:
         """`POST /v1/embeddings`: the checks, walk, headers and accounting of chat,
         within the vector space of the route's first provider."""
-        runtime = self.state.runtime
+        runtime = self.service.runtime
         assert runtime is not None
         record = RequestRecord(request_id=_request_id(request), route="-", stream=False, endpoint="embeddings")
         self._trace(request, record, "embeddings")
@@ -586,13 +587,13 @@ class Handlers:
         finally:
             if ticket is not None:
                 await runtime.limits.leave(ticket)
-        self.state.observer.finish(record)
+        self.service.observer.finish(record)
         return json_response(content, headers=record.headers())
 
     async def responses(self, request: Request) -> Response:
         """`POST /v1/responses`: translated to a chat request for the same walk, the
         answer translated back into a `Response` (or its event stream)."""
-        runtime = self.state.runtime
+        runtime = self.service.runtime
         assert runtime is not None
         record = RequestRecord(request_id=_request_id(request), route="-", stream=False, endpoint="responses")
         self._trace(request, record, "chat")  # GenAI conventions: a Responses call is a chat operation
@@ -619,12 +620,12 @@ class Handlers:
         finally:
             if ticket is not None:
                 await runtime.limits.leave(ticket)
-        self.state.observer.finish(record)
+        self.service.observer.finish(record)
         return json_response(content, headers=record.headers())
 
     def _trace(self, request: Request, record: RequestRecord, operation: str) -> None:
         """The request's span, when traces are on."""
-        tracing = self.state.tracing
+        tracing = self.service.tracing
         if tracing is not None:
             record.trace = tracing.on_request_start(request.headers, request.scope["path"], record, operation)
 
@@ -638,12 +639,12 @@ class Handlers:
     def _refused(self, record: RequestRecord, exc: ProxyError) -> Response:
         record.status = exc.status_code
         record.outcome = exc.code or exc.error_type
-        self.state.observer.finish(record)
+        self.service.observer.finish(record)
         return error_response(exc, record.headers() if record.route != "-" else {"x-request-id": record.request_id})
 
     def _key_refused(self, request: Request) -> Response | None:
         """A 401 for a `/v1` read without a valid key (when `auth.keys` is set)."""
-        runtime = self.state.runtime
+        runtime = self.service.runtime
         try:
             authenticate(request, runtime.key_digests if runtime is not None else ())
         except ProxyError as exc:
@@ -653,7 +654,7 @@ class Handlers:
     async def models(self, request: Request) -> Response:
         if (refused := self._key_refused(request)) is not None:
             return refused
-        config = self.state.config
+        config = self.service.config
         data = [_model_entry(name, "route") for name in config.routes]
         data += [_model_entry(name, "provider") for name in config.providers]
         return json_response(orjson.dumps({"object": "list", "data": data}))
@@ -662,7 +663,7 @@ class Handlers:
         if (refused := self._key_refused(request)) is not None:
             return refused
         name = request.path_params["model"]
-        config = self.state.config
+        config = self.service.config
         if name in config.routes:
             return json_response(orjson.dumps(_model_entry(name, "route")))
         if name in config.providers:
@@ -675,21 +676,21 @@ class Handlers:
     async def readyz(self, request: Request) -> Response:
         """200 when this replica should get traffic: started, and not overloaded
         (above 90% of `server.max_in_flight`, until back below 70%)."""
-        state = self.state
-        in_flight = state.in_flight
-        ready = state.ready and not in_flight.overloaded
+        service = self.service
+        in_flight = service.in_flight
+        ready = service.ready and not in_flight.overloaded
         body: dict[str, object] = {
             "ready": ready,
-            "config": state.config.source or "(in memory)",
-            "routes": len(state.config.routes),
-            "providers": len(state.config.providers),
+            "config": service.config.source or "(in memory)",
+            "routes": len(service.config.routes),
+            "providers": len(service.config.providers),
             "store": await self._store_status(),
             "health": {
                 name: {"state": h.state.value, "breaker": h.breaker.value, "reason": h.reason}
-                | _disabled_by_config(state.config, name)
-                for name, h in (state.runtime.health.snapshot() if state.runtime else {}).items()
+                | _disabled_by_config(service.config, name)
+                for name, h in (service.runtime.health.snapshot() if service.runtime else {}).items()
             },
-            "load": {**in_flight.status(), "event_loop_lag_seconds": round(state.lag.recent(), 4)},
+            "load": {**in_flight.status(), "event_loop_lag_seconds": round(service.lag.recent(), 4)},
         }
         if in_flight.overloaded:
             body["reason"] = (
@@ -699,7 +700,7 @@ class Handlers:
         return json_response(orjson.dumps(body), 200 if ready else 503)
 
     async def _store_status(self) -> dict[str, str]:
-        store = self.state.store
+        store = self.service.store
         if store is None:
             return {"kind": "none", "status": "not started"}
         if store.kind == "memory":
@@ -716,7 +717,7 @@ class Handlers:
         return json_response(orjson.dumps(openapi_spec()))
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _route(runtime: Runtime, model: str, record: RequestRecord) -> Route:

@@ -273,7 +273,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _workers(args: argparse.Namespace, config: Config) -> int:
+def worker_count(args: argparse.Namespace, config: Config) -> int:
     """`--workers`, else `$FALLBACK_PROXY_WORKERS`, else the config's `server.workers`."""
     if args.workers is not None:
         return int(args.workers)
@@ -297,7 +297,7 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        workers = _workers(args, config)
+        workers = worker_count(args, config)
     except argparse.ArgumentTypeError as exc:
         print(f"error: ${WORKERS_VARIABLE}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

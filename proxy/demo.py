@@ -18,6 +18,7 @@ import uvicorn
 from proxy.config import Config, Timeouts, parse_config
 from proxy.fakes import FakeOllama, FakeOpenAI, Fault
 from proxy.server import bound_port, build_server
+from proxy.sse import payload_decoder
 
 CLOUD_REPLY = "Hello from the cloud (a fake OpenAI server)."
 LOCAL_REPLY = "Hello from the local model (a fake Ollama daemon)."
@@ -148,7 +149,7 @@ async def selftest(proxy: str, cloud: FakeOpenAI) -> list[str]:
         if second.headers.get("x-proxy-fallbacks") != "cloud=server_error":
             problems.append(f"2. fallback: x-proxy-fallbacks={second.headers.get('x-proxy-fallbacks')!r}")
         async with client.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as streamed:
-            text = "".join([_delta(line) async for line in streamed.aiter_lines()])
+            text = await _streamed_text(streamed)
         if text != LOCAL_REPLY:
             problems.append(f"3. stream: got {text!r}")
         print(f"3. stream: {streamed.headers.get('x-proxy-provider')} streamed {text!r}")
@@ -167,10 +168,17 @@ def _expect(problems: list[str], step: str, response: httpx.Response, *, provide
         problems.append(f"{step}: expected {provider!r} to answer {text!r}")
 
 
-def _delta(line: str) -> str:
-    if not line.startswith("data: ") or line == "data: [DONE]":
+async def _streamed_text(response: httpx.Response) -> str:
+    """The text of a chat stream, read as a client reads it."""
+    decoder = payload_decoder("sse")
+    deltas = [_delta(data) async for block in response.aiter_bytes() for data in decoder.feed(block)]
+    return "".join(deltas + [_delta(data) for data in decoder.flush()])
+
+
+def _delta(data: bytes) -> str:
+    if data == b"[DONE]":
         return ""
-    chunk: Any = orjson.loads(line[6:])
+    chunk: Any = orjson.loads(data)
     choices = chunk.get("choices") or [{}]
     return str(choices[0].get("delta", {}).get("content") or "")
 

@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters.base import Adapter, Completion, Embeddings, Limits, Usage
+from proxy.adapters.base import Adapter, AttemptLimits, Completion, Embeddings, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
@@ -36,6 +36,7 @@ from proxy.stream.live import LiveStream, first_token
 from proxy.stream.splice import INSTRUCTION, continuation_body
 
 T = TypeVar("T")
+Whole = TypeVar("Whole", Completion, Embeddings)  # an answer read whole
 Call = Callable[[Adapter, ProviderConfig, dict[str, Any], float], Awaitable[T]]
 
 # Fast, transient failures worth a retry on the same provider. A timeout is
@@ -104,14 +105,7 @@ class Dispatcher:
             except TimeoutError:
                 raise ProviderError(FailureClass.TIMEOUT, f"no answer within {provider.timeout.total:g}s") from None
 
-        answered = await self._walk(route, body, needs, record, call, Walk(route))
-        completion = answered.result
-        self.health.success(answered.provider.name)
-        if answered.reservation is not None:
-            self.background.spawn(self.quota.settle(answered.reservation, completion.usage, None))
-        record.model = completion.model
-        record.usage = completion.usage
-        return completion
+        return self._settled(await self._walk(route, body, needs, record, call, Walk(route)), record)
 
     async def embed(self, route: Route, body: dict[str, Any], needs: Needs, record: RequestRecord) -> Embeddings:
         """An embeddings request along the route: the same walk as `complete`;
@@ -129,14 +123,7 @@ class Dispatcher:
                     FailureClass.TIMEOUT, f"no answer within {provider.timeout.first_token:g}s"
                 ) from None
 
-        answered = await self._walk(route, body, needs, record, call, Walk(route))
-        embeddings = answered.result
-        self.health.success(answered.provider.name)
-        if answered.reservation is not None:
-            self.background.spawn(self.quota.settle(answered.reservation, embeddings.usage, None))
-        record.model = embeddings.model
-        record.usage = embeddings.usage
-        return embeddings
+        return self._settled(await self._walk(route, body, needs, record, call, Walk(route)), record)
 
     async def open_stream(
         self,
@@ -224,6 +211,17 @@ class Dispatcher:
             if answered_late is not None:
                 return answered_late
         raise AllProvidersFailed(route.name, record.attempts, local_only=route.local_only or needs.local_only)
+
+    def _settled(self, answered: Answered[Whole], record: RequestRecord) -> Whole:
+        """A whole answer's end: the provider healthy, its quota settled from the
+        answer's usage, the record told the model and usage."""
+        result = answered.result
+        self.health.success(answered.provider.name)
+        if answered.reservation is not None:
+            self.background.spawn(self.quota.settle(answered.reservation, result.usage, None))
+        record.model = result.model
+        record.usage = result.usage
+        return result
 
     def _answered(self, record: RequestRecord, node: str, answered: Answered[T], seconds: float) -> Answered[T]:
         record.attempt(node, "ok", seconds * 1000)
@@ -449,9 +447,9 @@ def _for_stream(provider: ProviderConfig, body: dict[str, Any], *, usage: bool =
     return {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
 
 
-def _limits(provider: ProviderConfig, deadline: float, max_bytes: int) -> Limits:
+def _limits(provider: ProviderConfig, deadline: float, max_bytes: int) -> AttemptLimits:
     remaining = max(0.001, deadline - asyncio.get_running_loop().time())
-    return Limits(connect=min(provider.timeout.connect, remaining), read=remaining, max_bytes=max_bytes)
+    return AttemptLimits(connect=min(provider.timeout.connect, remaining), read=remaining, max_bytes=max_bytes)
 
 
 async def _collect(

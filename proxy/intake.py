@@ -64,23 +64,9 @@ def check_headers(request: Request, limit: int) -> None:
 
 def parse_chat_request(body: bytes, max_messages: int = 2000) -> dict[str, Any]:
     """Parse and check a chat-completions body; OpenAI-shaped 400s otherwise."""
-    if not body:
-        raise InvalidRequest("The request body is empty; send a JSON chat completions request.")
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    if _nested_too_deep(body, payload):
-        raise InvalidRequest(f"The request body is nested deeper than {MAX_DEPTH} levels.")
-    model = payload.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("You must provide a model parameter (a route or provider name).", param="model")
+    payload = _with_model(body, "chat completions request")
     _check_messages(payload.get("messages"), max_messages)
-    stream = payload.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    _check_stream(payload)
     return payload
 
 
@@ -90,6 +76,13 @@ ENCODING_FORMATS = frozenset({"float", "base64"})
 
 def parse_json_object(body: bytes, what: str) -> dict[str, Any]:
     """The body as a JSON object with a `model`, within the nesting limit; OpenAI-shaped 400s otherwise."""
+    payload = _with_model(body, what)
+    _check_stream(payload)
+    return payload
+
+
+def _with_model(body: bytes, what: str) -> dict[str, Any]:
+    """The body as a JSON object within the nesting limit, naming a `model`."""
     if not body:
         raise InvalidRequest(f"The request body is empty; send a JSON {what}.")
     try:
@@ -103,10 +96,13 @@ def parse_json_object(body: bytes, what: str) -> dict[str, Any]:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter (a route or provider name).", param="model")
+    return payload
+
+
+def _check_stream(payload: dict[str, Any]) -> None:
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    return payload
 
 
 def parse_embeddings_request(body: bytes) -> dict[str, Any]:
@@ -196,16 +192,22 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def credentials(authorization: str | None) -> tuple[str, str]:
+    """An `Authorization` header's scheme and its credentials, stripped
+    (`Bearer sk-1` → `("Bearer", "sk-1")`); empty strings for what is missing."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme, token.strip()
+
+
 def authenticate(request: Request, digests: tuple[bytes, ...], *, admin: bool = False) -> None:
     """Check the bearer key against the configured keys' SHA-256 digests, in
     constant time whichever key it is; no keys configured means open."""
     if not digests:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    scheme, token = credentials(request.headers.get("authorization"))
+    if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("Missing bearer key: send 'Authorization: Bearer <key>'.")
-    candidate = hashlib.sha256(token.strip().encode()).digest()
+    candidate = hashlib.sha256(token.encode()).digest()
     matched = False
     for digest in digests:
         matched |= hmac.compare_digest(candidate, digest)

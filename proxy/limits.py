@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from proxy.config import Config, LimitSettings
 from proxy.errors import ClientRateLimited
+from proxy.intake import credentials
 from proxy.state import StateStore, StoreUnavailable
 
 WINDOW_SECONDS = 60
@@ -47,7 +48,7 @@ def stream_lease_seconds(config: Config) -> float:
 
 def client_id(authorization: str | None) -> str:
     """A short, stable, non-reversible id for the caller's key."""
-    token = (authorization or "").partition(" ")[2].strip()
+    _scheme, token = credentials(authorization)
     return hashlib.sha256(token.encode()).hexdigest()[:16] if token else "anonymous"
 
 

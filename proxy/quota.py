@@ -23,17 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
 from proxy.adapters.base import Usage
 from proxy.config import ProviderConfig, Quota
 from proxy.errors import FailureClass, ProviderError
 from proxy.state import Admission, ReplayEvents, StateStore, StoreUnavailable
+from proxy.tokens import estimate_tokens
 
 log = logging.getLogger("fallback_proxy.quota")
 
-DEFAULT_COMPLETION_ESTIMATE = 512
-CHARS_PER_TOKEN = 4
 TTL_MARGIN_SECONDS = 3600
 
 
@@ -46,18 +43,6 @@ def seconds_to_midnight(now: float, zone: dt.tzinfo) -> int:
     local = dt.datetime.fromtimestamp(now, zone)
     midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(), zone)
     return max(1, int(midnight.timestamp() - now))
-
-
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """A cheap upper-side guess before the call: prompt characters / 4 plus
-    the completion the client allows (or a default). An embeddings request has
-    no completion: its `input` is all it costs."""
-    if "messages" not in body and "input" in body:
-        return len(orjson.dumps(body["input"])) // CHARS_PER_TOKEN + 1
-    prompt = len(orjson.dumps(body.get("messages", []))) // CHARS_PER_TOKEN
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    completion = limit if isinstance(limit, int) and limit > 0 else DEFAULT_COMPLETION_ESTIMATE
-    return prompt + completion
 
 
 def refusal(quota: Quota, admission: Admission, estimate: int) -> str:

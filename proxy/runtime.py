@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-from proxy.adapters import Adapter, HttpClients, Limits, make_adapter
+from proxy.adapters import Adapter, AttemptLimits, HttpClients, make_adapter
 from proxy.background import Background
 from proxy.config import Config
 from proxy.dispatch import Dispatcher
@@ -88,7 +88,7 @@ class Runtime:
 
     def _probes(self) -> dict[str, Callable[[], Awaitable[None]]]:
         timeout = self.config.health.probe_timeout_seconds
-        limits = Limits(connect=timeout, read=timeout)
+        limits = AttemptLimits(connect=timeout, read=timeout)
         return {
             name: functools.partial(self.adapters[name].probe, limits)
             for name, provider in self.config.providers.items()

@@ -34,7 +34,7 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, load_config
-from proxy.protocol import HttpToolsOpenAIErrors
+from proxy.http_protocol import HttpToolsOpenAIErrors
 
 log = logging.getLogger("fallback_proxy")
 

@@ -22,15 +22,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from proxy.config import ProviderConfig, Route
 from proxy.errors import FailureClass, ProviderError
 from proxy.litellm_import import load_litellm
+from proxy.tokens import DEFAULT_COMPLETION_TOKENS, completion_limit, upper_bound
 
-DEFAULT_COMPLETION_RESERVE = 512
 RESERVE_SHARE = 4  # without max_tokens, at most 1/RESERVE_SHARE of a window is kept for the answer
-PER_MESSAGE_OVERHEAD = 8  # role and framing tokens, generous
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 TokenCount = Callable[[str, list[dict[str, Any]]], Awaitable[int]]
@@ -126,16 +123,10 @@ def with_system_prompt(messages: Sequence[dict[str, Any]], prompt: str) -> list[
 def completion_reserve(body: dict[str, Any], window: int) -> int:
     """Tokens kept for the answer: what the request allows it, else at most a
     quarter of the window (512 in a large one)."""
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(limit, int) and limit > 0:
+    limit = completion_limit(body)
+    if limit is not None:
         return limit
-    return min(DEFAULT_COMPLETION_RESERVE, window // RESERVE_SHARE)
-
-
-def upper_bound(messages: Sequence[dict[str, Any]]) -> int:
-    """More tokens than any BPE tokenizer can make of these messages: each
-    token covers at least one byte."""
-    return len(orjson.dumps(messages)) + PER_MESSAGE_OVERHEAD * len(messages)
+    return min(DEFAULT_COMPLETION_TOKENS, window // RESERVE_SHARE)
 
 
 def drop_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

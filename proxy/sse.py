@@ -1,27 +1,30 @@
-"""The `text/event-stream` codec: a leaf that adapters (reading upstream) and
-the stream module (writing to the client) both import; it imports nothing of
-ours.
+"""The stream codecs: `text/event-stream` (SSE), and the NDJSON lines some
+providers stream instead. A leaf that adapters (reading upstream), the stream
+module (writing to the client), the fakes, the demo and the drill all import;
+it imports nothing of ours.
 
-`SSEDecoder` splits bytes into `(event, data)` pairs without building any
-object per event; `format_event` frames one `data:` event; `DONE` is the
-OpenAI end-of-stream event.
+Reading: `SSEDecoder` splits bytes into `(event, data)` pairs; where the event
+names do not matter, `payload_decoder("sse" | "ndjson")` gives only the
+payloads (each event's data, or each line), without building a pair per event.
+Every payload here is JSON (or `[DONE]`), so the whitespace around a `data:`
+value is dropped. Writing: `format_event` frames one event, `format_comment` a
+comment; `DONE` is the OpenAI end-of-stream event.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final, Literal, Protocol
 
 DONE: Final = b"data: [DONE]\n\n"
 
 Event = tuple[bytes | None, bytes]
+Framing = Literal["sse", "ndjson"]
 
 
-class SSEDecoder:
-    """Incremental `text/event-stream` decoder yielding `(event, data)` pairs.
-
-    Only `event:` and `data:` fields matter to us; comments and ids are ignored.
-    Lines may end in LF or CRLF, and the ending may change mid-stream.
-    """
+class _SSELines:
+    """The one SSE parser: lines may end in LF or CRLF (the ending may change
+    mid-stream); `data:` lines gather, a blank line ends the event, `event:`
+    names it; comments and ids are ignored."""
 
     __slots__ = ("_buffer", "_data", "_event")
 
@@ -30,34 +33,97 @@ class SSEDecoder:
         self._event: bytes | None = None
         self._data: list[bytes] = []
 
-    def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk if self._buffer else chunk
-        lines = buffer.split(b"\n")
+    def _decode(self, chunk: bytes, out: list[Any], names: bool) -> None:
+        """Append to `out` each event that `chunk` completes: `(event, data)`
+        pairs with `names`, else the data alone (one loop for both: it runs per
+        upstream read, so nothing in it calls out per line)."""
+        lines = (self._buffer + chunk if self._buffer else chunk).split(b"\n")
         self._buffer = lines.pop()
-        events: list[Event] = []
+        data = self._data
         for line in lines:
-            self._line(line.rstrip(b"\r"), events)
+            if line.startswith(b"data:"):
+                data.append(line[5:].strip())
+            elif not line.rstrip(b"\r"):
+                if data:
+                    out.append((self._event, b"\n".join(data)) if names else b"\n".join(data))
+                    data.clear()
+                self._event = None
+            elif names and line.startswith(b"event:"):
+                self._event = line[6:].strip()
+
+    def _end(self, out: list[Any], names: bool) -> None:
+        """What remains when the upstream closes (a last event without its blank line)."""
+        self._decode(b"\n\n" if self._buffer else b"\n", out, names)
+
+
+class SSEDecoder(_SSELines):
+    """Incremental `text/event-stream` decoder yielding `(event, data)` pairs."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        events: list[Event] = []
+        self._decode(chunk, events, True)
         return events
 
     def flush(self) -> list[Event]:
         """Whatever remains when the upstream closes (a last event without its blank line)."""
         events: list[Event] = []
-        if self._buffer:
-            self._line(self._buffer.rstrip(b"\r"), events)
-            self._buffer = b""
-        self._line(b"", events)
+        self._end(events, True)
         return events
 
-    def _line(self, line: bytes, events: list[Event]) -> None:
-        if not line:
-            if self._data:
-                events.append((self._event, b"\n".join(self._data)))
-            self._event = None
-            self._data = []
-        elif line.startswith(b"data:"):
-            self._data.append(line[6:] if line[5:6] == b" " else line[5:])
-        elif line.startswith(b"event:"):
-            self._event = line[6:].strip()
+
+class PayloadDecoder(Protocol):
+    """The payloads of a stream, block by block."""
+
+    def feed(self, block: bytes) -> list[bytes]: ...
+
+    def flush(self) -> list[bytes]:
+        """What remains when the upstream closes (a last event or line without its end)."""
+        ...
+
+
+class SSEPayloads(_SSELines):
+    """Each SSE event's data, without its name."""
+
+    __slots__ = ()
+
+    def feed(self, block: bytes) -> list[bytes]:
+        payloads: list[bytes] = []
+        self._decode(block, payloads, False)
+        return payloads
+
+    def flush(self) -> list[bytes]:
+        payloads: list[bytes] = []
+        self._end(payloads, False)
+        return payloads
+
+
+class NDJSONLines:
+    """Each non-blank line of a newline-delimited JSON stream."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, block: bytes) -> list[bytes]:
+        lines = (self._buffer + block if self._buffer else block).split(b"\n")
+        self._buffer = lines.pop()
+        payloads: list[bytes] = []
+        for line in lines:
+            if line.strip():
+                payloads.append(line)
+        return payloads
+
+    def flush(self) -> list[bytes]:
+        buffer, self._buffer = self._buffer, b""
+        return [buffer] if buffer.strip() else []
+
+
+def payload_decoder(framing: Framing) -> PayloadDecoder:
+    """The decoder for a stream framed as SSE events or as NDJSON lines."""
+    return SSEPayloads() if framing == "sse" else NDJSONLines()
 
 
 def format_event(payload: bytes, event: bytes | None = None) -> bytes:

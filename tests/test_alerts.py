@@ -16,7 +16,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from proxy.alerts import ALERT_KINDS, Alerter, Webhook, dedupe_key, summarize
+from proxy.alerts import Alerter, Webhook, dedupe_key, summarize
+from proxy.config import ALERT_KINDS
 
 TOKEN = "123456:SECRET-TOKEN-abc"
 

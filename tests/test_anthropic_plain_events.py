@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.adapters.translated.dialects import _AnthropicParser
-from proxy.adapters.translated.wire import _Writer
+from proxy.adapters.translated.dialects import AnthropicParser
+from proxy.adapters.translated.wire import ChunkWriter
 from proxy.litellm_import import load_litellm
 
 pytestmark = pytest.mark.litellm
@@ -87,8 +87,8 @@ def chunks_of(events: list[dict[str, Any]], *, plain: bool, json_mode: bool = Fa
         return handler.ModelResponseIterator(streaming_response=None, sync_stream=False, json_mode=json_mode)
 
     assert litellm is not None
-    parser = _AnthropicParser(litellms, plain=plain)
-    writer = _Writer("claude-x", True, core.map_finish_reason, id="c", created=1)
+    parser = AnthropicParser(litellms, plain=plain)
+    writer = ChunkWriter("claude-x", True, core.map_finish_reason, id="c", created=1)
     out = []
     for event in events:
         piece = parser.feed(orjson.dumps(event))
@@ -115,7 +115,7 @@ def test_json_mode_is_left_to_litellm_from_the_first_event() -> None:
         return handler.ModelResponseIterator(streaming_response=None, sync_stream=False, json_mode=True)
 
     load_litellm()
-    parser = _AnthropicParser(litellms, plain=False)
+    parser = AnthropicParser(litellms, plain=False)
     parser.feed(orjson.dumps(STREAMS["plain text"][0]))
     assert built == [1]
 
@@ -127,7 +127,7 @@ def test_a_plain_answer_never_builds_litellms_parser() -> None:
         built.append(1)
         raise AssertionError("litellm's parser was built for a plain answer")
 
-    parser = _AnthropicParser(litellms, plain=True)
+    parser = AnthropicParser(litellms, plain=True)
     for event in STREAMS["plain text"]:
         parser.feed(orjson.dumps(event))
     assert parser.complete and built == []

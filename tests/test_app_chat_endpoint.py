@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.adapters import Chunk, Limits
+from proxy.adapters import AttemptLimits, Chunk
 from proxy.adapters.openai_compat import OpenAICompatAdapter
 from proxy.app import create_app
 from proxy.fakes import FakeOpenAI
@@ -116,7 +116,7 @@ def test_size_limits_and_bad_bodies_are_openai_4xx(http: httpx.Client) -> None:
 def test_a_bug_while_streaming_before_the_first_byte_is_one_logged_500(
     serve: Callable[..., ServedApp], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
+    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: AttemptLimits) -> AsyncIterator[Chunk]:
         raise RuntimeError("a bug in the adapter")
         yield  # an async generator, as the real one
 
@@ -135,7 +135,7 @@ def test_a_bug_behind_another_endpoint_is_one_logged_500_too(
 ) -> None:
     """`/v1/embeddings` is served by Starlette, behind the app's last line against bugs."""
 
-    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: Limits) -> Any:
+    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: AttemptLimits) -> Any:
         raise RuntimeError("a bug in the adapter")
 
     monkeypatch.setattr(OpenAICompatAdapter, "embed", broken)

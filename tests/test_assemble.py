@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from openai.types.chat import ChatCompletion
 
-from proxy.adapters.base import Chunk
+from proxy.adapters import Chunk
 from proxy.stream import Assembler
 
 ENVELOPE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "gpt-x"}

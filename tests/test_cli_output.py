@@ -24,7 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from proxy import cli
-from proxy.adapters.base import Usage
+from proxy.adapters import Usage
 from proxy.fakes import FakeOpenAI
 from proxy.logtext import TextLogHandler
 from proxy.observe import (

@@ -22,7 +22,7 @@ PROVIDERS: dict[str, Any] = {
 
 def workers(argv: list[str], server: dict[str, Any] | None = None) -> int:
     config = build_config({**PROVIDERS, "server": server or {}})
-    return cli._workers(cli.build_parser().parse_args(["serve", *argv]), config)
+    return cli.worker_count(cli.build_parser().parse_args(["serve", *argv]), config)
 
 
 def test_one_worker_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:

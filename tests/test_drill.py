@@ -17,7 +17,7 @@ import yaml
 
 from proxy import drill
 from proxy.cli import main
-from proxy.drill import Attempt, Plan, Report, Result
+from proxy.drill import DrillAttempt, Plan, Report, Result
 from proxy.fakes import FakeOllama, FakeOpenAI
 from tests.conftest import ServedApp
 
@@ -221,29 +221,29 @@ def test_remote_drill_with_admin_off_exits_2(
 # --- the pure parts ---------------------------------------------------------------------------
 
 
-def result(provider: str, attempts: Sequence[Attempt], total_ms: float = 5.0) -> Result:
+def result(provider: str, attempts: Sequence[DrillAttempt], total_ms: float = 5.0) -> Result:
     return Result("default", 1, True, 200, provider, tuple(attempts), 1.0, 2.0, total_ms)
 
 
 def test_fallback_headers_are_parsed() -> None:
     assert drill.parse_fallbacks(None) == ()
     assert drill.parse_fallbacks("a=timeout, b=unhealthy,c") == (
-        Attempt("a", "timeout"),
-        Attempt("b", "unhealthy"),
-        Attempt("c", "?"),
+        DrillAttempt("a", "timeout"),
+        DrillAttempt("b", "unhealthy"),
+        DrillAttempt("c", "?"),
     )
     headers = {"x-proxy-provider": "c", "x-proxy-fallbacks": "a=rate_limited"}
-    assert drill.attempts_of(headers, answered=True) == (Attempt("a", "rate_limited"), Attempt("c", "ok"))
+    assert drill.attempts_of(headers, answered=True) == (DrillAttempt("a", "rate_limited"), DrillAttempt("c", "ok"))
 
 
 def test_a_switched_off_provider_that_answers_fails_loudly() -> None:
     plan = Plan(disabled=("cloud",))
-    leaked = result("cloud", [Attempt("cloud", "ok")])
-    called = result("local", [Attempt("cloud", "timeout"), Attempt("local", "ok")])
+    leaked = result("cloud", [DrillAttempt("cloud", "ok")])
+    called = result("local", [DrillAttempt("cloud", "timeout"), DrillAttempt("local", "ok")])
     report = Report("in-process", "c.yaml", "http://x", plan, (leaked, called))
     assert drill.exit_code(report) == 1
     text = drill.render_text(report)
     assert "SWITCHED-OFF PROVIDER 'cloud' ANSWERED" in text and "WAS CALLED (timeout)" in text
-    clean = Report("in-process", "c.yaml", "http://x", plan, (result("local", [Attempt("cloud", "unhealthy")]),))
+    clean = Report("in-process", "c.yaml", "http://x", plan, (result("local", [DrillAttempt("cloud", "unhealthy")]),))
     assert drill.exit_code(clean) == 0
     assert drill.exit_code(Report("remote", "u", "u", plan, ())) == 1  # nothing drilled proves nothing

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.adapters import Chunk, Limits
+from proxy.adapters import AttemptLimits, Chunk
 from proxy.adapters.openai_compat import OpenAICompatAdapter
 from proxy.fakes import FakeOpenAI
 
@@ -348,7 +348,7 @@ def test_models_health_ready(proxy: ServedApp, http: httpx.Client, client: opena
 def test_a_bug_is_one_logged_500_and_the_connection_stays_usable(
     serve: Callable[..., ServedApp], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
+    async def broken(self: OpenAICompatAdapter, body: dict[str, Any], limits: AttemptLimits) -> AsyncIterator[Chunk]:
         raise RuntimeError("a bug in the transport")
         yield  # an async generator, as the adapter's stream is
 

@@ -13,16 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from proxy import alerts
-from proxy.config import ALERT_FORMATS, ALERT_KINDS
 from proxy.fakes import FakeOpenAI
 
 from .conftest import ServedApp, openai_provider
-
-
-def test_config_knows_every_alert_kind_and_format() -> None:
-    assert ALERT_KINDS == alerts.ALERT_KINDS
-    assert ALERT_FORMATS == alerts.FORMATS
 
 
 @pytest.fixture

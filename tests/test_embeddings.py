@@ -15,11 +15,10 @@ import openai
 import pytest
 from openai.types import CreateEmbeddingResponse
 
-from proxy.adapters.base import Embeddings, Usage
+from proxy.adapters import Embeddings, Usage
 from proxy.config import ConfigError, parse_config
 from proxy.embeddings import answer_body, to_base64
-from proxy.fakes import FakeGemini, FakeOllama, FakeOpenAI
-from proxy.fakes._core import fake_vector
+from proxy.fakes import FakeGemini, FakeOllama, FakeOpenAI, fake_vector
 
 from .conftest import ServedApp, openai_provider, request_log
 

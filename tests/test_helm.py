@@ -27,8 +27,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
-from proxy.config import load_config, parse_config
-from proxy.config.model import RedisSettings, ServerConfig
+from proxy.config import RedisSettings, ServerConfig, load_config, parse_config
 from tests import helm_docs
 
 ROOT = Path(__file__).resolve().parents[1]

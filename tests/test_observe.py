@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from proxy.adapters.base import Usage
+from proxy.adapters import Usage
 from proxy.observe import (
     JsonLogHandler,
     Metrics,

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.adapters import Chunk, Limits, classify
+from proxy.adapters import AttemptLimits, Chunk, classify
 from proxy.adapters.openai_compat import OpenAICompatAdapter
 from proxy.app import open_session
 from proxy.config import parse_config
@@ -24,7 +24,7 @@ from proxy.errors import FailureClass, ProviderError
 from proxy.fakes import Blackhole, FakeOpenAI
 
 BODY: dict[str, Any] = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
-LIMITS = Limits(connect=2, read=5)
+LIMITS = AttemptLimits(connect=2, read=5)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -106,7 +106,7 @@ async def test_a_whole_answer_over_the_cap_is_a_server_error(chunked: bool) -> N
 
     async with upstream(big) as url, open_session() as session:
         with pytest.raises(ProviderError) as caught:
-            await adapter(url, session).complete(BODY, Limits(connect=2, read=5, max_bytes=1000))
+            await adapter(url, session).complete(BODY, AttemptLimits(connect=2, read=5, max_bytes=1000))
     assert caught.value.failure is FailureClass.SERVER_ERROR
     assert "larger than limits.max_upstream_bytes (1000)" in caught.value.message
 
@@ -119,7 +119,7 @@ async def test_an_answer_at_the_cap_passes() -> None:
         return web.Response(body=body, content_type="application/json")
 
     async with upstream(exact) as url, open_session() as session:
-        completion = await adapter(url, session).complete(BODY, Limits(connect=2, read=5, max_bytes=len(body)))
+        completion = await adapter(url, session).complete(BODY, AttemptLimits(connect=2, read=5, max_bytes=len(body)))
     assert completion.body == body
 
 
@@ -135,7 +135,9 @@ async def test_a_stream_over_the_cap_ends_with_a_server_error() -> None:
         return response
 
     async with upstream(endless) as url, open_session() as session:
-        chunks, error = await collect(adapter(url, session).stream(BODY, Limits(connect=2, read=5, max_bytes=2000)))
+        chunks, error = await collect(
+            adapter(url, session).stream(BODY, AttemptLimits(connect=2, read=5, max_bytes=2000))
+        )
     assert error is not None and error.failure is FailureClass.SERVER_ERROR
     assert "larger than limits.max_upstream_bytes (2000)" in error.message
     assert 1 <= len(chunks) <= 2000 // len(chunk_bytes("tok "))  # what came before the cap was relayed
@@ -301,7 +303,7 @@ async def test_a_connect_that_hangs_times_out_at_the_connect_limit() -> None:
         async with open_session() as session:
             started = time.monotonic()
             with pytest.raises(ProviderError) as caught:
-                await adapter(hole.url, session).complete(BODY, Limits(connect=0.3, read=30))
+                await adapter(hole.url, session).complete(BODY, AttemptLimits(connect=0.3, read=30))
             elapsed = time.monotonic() - started
     assert caught.value.failure is FailureClass.TIMEOUT
     assert 0.25 <= elapsed < 3
@@ -315,9 +317,9 @@ async def test_a_silent_upstream_times_out_at_the_read_limit() -> None:
             provider = adapter(fake.url, session)
             started = time.monotonic()
             with pytest.raises(ProviderError) as caught:
-                await provider.complete(BODY, Limits(connect=2, read=0.3))
+                await provider.complete(BODY, AttemptLimits(connect=2, read=0.3))
             assert caught.value.failure is FailureClass.TIMEOUT
-            _chunks, error = await collect(provider.stream(BODY, Limits(connect=2, read=0.3)))
+            _chunks, error = await collect(provider.stream(BODY, AttemptLimits(connect=2, read=0.3)))
             assert error is not None and error.failure is FailureClass.TIMEOUT
             assert time.monotonic() - started < 5
 
@@ -332,7 +334,7 @@ async def test_silence_mid_stream_times_out_at_the_read_limit() -> None:
         return response
 
     async with upstream(stalls) as url, open_session() as session:
-        chunks, error = await collect(adapter(url, session).stream(BODY, Limits(connect=2, read=0.3)))
+        chunks, error = await collect(adapter(url, session).stream(BODY, AttemptLimits(connect=2, read=0.3)))
     assert [c.text for c in chunks] == ["one "]
     assert error is not None and error.failure is FailureClass.TIMEOUT
 
@@ -354,10 +356,10 @@ async def test_the_read_limit_counts_each_wait_not_the_whole_stream_nor_a_slow_r
 
     async with upstream(steady) as url, open_session() as session:
         provider = adapter(url, session)
-        chunks, error = await collect(provider.stream(BODY, Limits(connect=2, read=0.3)))
+        chunks, error = await collect(provider.stream(BODY, AttemptLimits(connect=2, read=0.3)))
         assert error is None and "".join(c.text for c in chunks) == "0 1 2 3 4 5 "
         slow_reader: list[str] = []
-        async for chunk in provider.stream(BODY, Limits(connect=2, read=0.3)):
+        async for chunk in provider.stream(BODY, AttemptLimits(connect=2, read=0.3)):
             slow_reader.append(chunk.text)
             await asyncio.sleep(0.4)  # the upstream goes on meanwhile; its chunks wait, read
         assert "".join(slow_reader) == "0 1 2 3 4 5 "

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.adapters.base import Usage
+from proxy.adapters import Usage
 from proxy.errors import FailureClass
 from proxy.fakes import FakeOpenAI
 from proxy.quota import QuotaGate, maybe_received, never_sent, quota_day

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
-from proxy.adapters.base import Usage
+from proxy.adapters import Usage
 from proxy.responses import ResponsesStream, translate
 
 from .conftest import ServedApp

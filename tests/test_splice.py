@@ -7,17 +7,9 @@ from typing import Any
 
 import pytest
 
-from proxy.adapters.base import Chunk
-from proxy.stream.splice import (
-    CONTINUE_INSTRUCTION,
-    INSTRUCTION,
-    PREFILL,
-    VLLM,
-    Restarted,
-    Splice,
-    continuation_body,
-    judge,
-)
+from proxy.adapters import Chunk
+from proxy.stream import CONTINUE_INSTRUCTION, INSTRUCTION, PREFILL, VLLM, continuation_body
+from proxy.stream.splice import Restarted, Splice, judge
 
 SENT = "The capital of France is Paris, a city of"
 

@@ -32,6 +32,7 @@ from redis.crc import key_slot
 
 from proxy.state import (
     Admission,
+    ClusterURL,
     Lease,
     MemoryStore,
     RedisKeys,
@@ -41,9 +42,10 @@ from proxy.state import (
     StoreUnavailable,
     decode_update,
     encode_update,
+    parse_cluster_url,
     parse_sentinel_url,
 )
-from proxy.state.urls import ClusterURL, describe_target, parse_cluster_url
+from proxy.state.urls import describe_target
 from tests.redis_cluster import RedisClusterProcesses
 from tests.redis_server import REDIS_SERVER, RedisServer, ask, free_port
 

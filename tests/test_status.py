@@ -289,7 +289,7 @@ def test_the_page_answers_quickly_with_a_full_ring(
     serve: Callable[..., ServedApp], xss_upstream: ServedApp, backup: FakeOpenAI
 ) -> None:
     proxy = serve(build_config(proxy_config(xss_upstream, backup)))
-    recent: RecentFailovers = proxy.scan.app.state.proxy.observer.recent  # type: ignore[attr-defined]
+    recent: RecentFailovers = proxy.scan.app.state.service.observer.recent  # type: ignore[attr-defined]
     for n in range(200):
         recent.add(finished(f"r{n}", ("evil", "timeout", XSS), ("backup", "ok", ""), provider="backup"), NOW)
     started = time.perf_counter()

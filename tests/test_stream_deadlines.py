@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.adapters.base import Chunk
+from proxy.adapters import Chunk
 from proxy.config import ProviderConfig, parse_config
 from proxy.deadline import Deadline
 from proxy.errors import FailureClass, ProviderError

@@ -21,8 +21,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from proxy.adapters.base import Chunk, HttpClients, Limits
-from proxy.adapters.translated import TranslatedAdapter, _Acompletion
+from proxy.adapters import AttemptLimits, Chunk, HttpClients
+from proxy.adapters.translated import TranslatedAdapter
+from proxy.adapters.translated.acompletion import Acompletion
 from proxy.app import open_session
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
@@ -36,7 +37,7 @@ pytestmark = [
 ]
 
 CLAUDE = "claude-sonnet-4-5-20250929"
-LIMITS = Limits(connect=2.0, read=5.0)
+LIMITS = AttemptLimits(connect=2.0, read=5.0)
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Say hello."},
@@ -386,7 +387,7 @@ async def test_probe_refused(client: HttpClients) -> None:
 # -- errors -------------------------------------------------------------------------------------
 
 
-async def call(adapter: TranslatedAdapter, stream: bool, limits: Limits = LIMITS) -> None:
+async def call(adapter: TranslatedAdapter, stream: bool, limits: AttemptLimits = LIMITS) -> None:
     if stream:
         await collect(adapter.stream(body(True), limits))
     else:
@@ -484,7 +485,7 @@ async def test_refused_connection(client: HttpClients, stream: bool) -> None:
 async def test_hang_with_short_read_timeout(claude: FakeAnthropic, client: HttpClients, stream: bool) -> None:
     claude.set_fault("hang")
     with pytest.raises(ProviderError) as caught:
-        await call(claude_adapter(claude, client), stream, Limits(connect=1.0, read=0.3))
+        await call(claude_adapter(claude, client), stream, AttemptLimits(connect=1.0, read=0.3))
     assert caught.value.failure is FailureClass.TIMEOUT
 
 
@@ -538,7 +539,7 @@ async def test_an_answer_over_the_cap_is_a_server_error(stream: bool) -> None:
     async with mock_client(big) as local:
         adapter = TranslatedAdapter(provider(f"anthropic/{CLAUDE}", local.url, api_key="k"), local.clients)
         with pytest.raises(ProviderError) as caught:
-            await call(adapter, stream, Limits(connect=2.0, read=5.0, max_bytes=1000))
+            await call(adapter, stream, AttemptLimits(connect=2.0, read=5.0, max_bytes=1000))
     assert caught.value.failure is FailureClass.SERVER_ERROR
     assert "larger than limits.max_upstream_bytes (1000)" in caught.value.message
 
@@ -885,7 +886,7 @@ async def test_parity_with_acompletion(
     async with mock_client(handler) as local:
         config = provider(model, local.url if model.startswith("anthropic") else local.url + "/v1beta", api_key="k")
         ours = TranslatedAdapter(config, local.clients)
-        theirs = _Acompletion(config, local.clients.client, litellm)
+        theirs = Acompletion(config, local.clients.client, litellm)
         plain = body(**extra)
         streamed = body(True, stream_options={"include_usage": True}, **extra)
         split = ours._split(plain), ours._split(streamed)
@@ -901,7 +902,7 @@ async def test_parity_with_acompletion(
 async def test_parity_with_acompletion_ollama(ollama: FakeOllama, litellm: Any) -> None:
     async with pooled() as clients:
         config = provider(f"ollama_chat/{ollama.model}", ollama.url)
-        ours, theirs = TranslatedAdapter(config, clients), _Acompletion(config, clients.client, litellm)
+        ours, theirs = TranslatedAdapter(config, clients), Acompletion(config, clients.client, litellm)
         plain, streamed = body(), body(True, stream_options={"include_usage": True})
         mine = summary(orjson.loads((await ours.complete(plain, LIMITS)).body), None)
         reference = summary(orjson.loads((await theirs.complete(ours._split(plain), plain, LIMITS)).body), None)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from proxy.adapters.base import Adapter, AdapterHooks, Chunk, Completion, Embeddings, HttpClients, Limits, Usage
+from proxy.adapters.base import Adapter, AdapterHooks, AttemptLimits, Chunk, Completion, Embeddings, HttpClients, Usage
 from proxy.config import ProviderConfig
 
 __all__ = [
     "Adapter",
     "AdapterHooks",
+    "AttemptLimits",
     "Chunk",
     "Completion",
     "Embeddings",
     "HttpClients",
-    "Limits",
     "Usage",
     "make_adapter",
 ]

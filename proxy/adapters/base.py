@@ -55,7 +55,7 @@ class HttpClients:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class AttemptLimits:
     """Network limits for one attempt (seconds)."""
 
     connect: float
@@ -211,21 +211,21 @@ class Adapter(Protocol):
 
     provider: ProviderConfig
 
-    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+    async def complete(self, body: dict[str, Any], limits: AttemptLimits) -> Completion:
         """Send a non-streaming request; raise `ProviderError` on any failure."""
         ...
 
-    def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
+    def stream(self, body: dict[str, Any], limits: AttemptLimits) -> AsyncIterator[Chunk]:
         """Stream the answer as OpenAI chunks. Raises `ProviderError` on any failure,
         including an error event inside a 200 stream or an end without a finish.
         Closing the iterator (`aclose`) closes the upstream request."""
         ...
 
-    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+    async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         """Send an OpenAI embeddings request (`input` as the client gave it, the
         model already this provider's); raise `ProviderError` on any failure."""
         ...
 
-    async def probe(self, limits: Limits) -> None:
+    async def probe(self, limits: AttemptLimits) -> None:
         """A free health check (model list, tags); raise `ProviderError` if unhealthy."""
         ...

@@ -23,7 +23,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.adapters import classify
-from proxy.adapters.base import Limits
+from proxy.adapters.base import AttemptLimits
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 
@@ -65,7 +65,7 @@ class ConnectionSlots:
         """The provider's slots; None when it has no limit (nothing to count)."""
         return cls(provider) if provider.max_connections > 0 else None
 
-    async def take(self, limits: Limits) -> None:
+    async def take(self, limits: AttemptLimits) -> None:
         """One slot, or `proxy_saturated` once the wait is over."""
         gate = self._gate
         if not gate.locked():
@@ -81,7 +81,7 @@ class ConnectionSlots:
             raise classify.no_connection_slot(self.limit, time.perf_counter() - started) from None
         self.busy += 1
 
-    def wait_for(self, limits: Limits) -> float:
+    def wait_for(self, limits: AttemptLimits) -> float:
         """The pool wait, shortened for an attempt with less time left than its
         connect timeout (the caller's deadline must not end the wait: it would
         count as the provider's timeout), so that half the rest is left to connect."""
@@ -101,7 +101,7 @@ async def fetch(
     *,
     headers: dict[str, str] | aiohttp.typedefs.LooseHeaders,
     data: bytes | None,
-    limits: Limits,
+    limits: AttemptLimits,
     slots: ConnectionSlots | None = None,
 ) -> Fetched:
     """Send one request and read its answer whole, under `limits` (and within
@@ -125,13 +125,48 @@ async def fetch(
     return Fetched(response.status, response.headers, content)
 
 
-def attempt_timeout(limits: Limits) -> aiohttp.ClientTimeout:
+async def open_stream(
+    session: aiohttp.ClientSession,
+    url: str | URL,
+    *,
+    headers: dict[str, str] | aiohttp.typedefs.LooseHeaders,
+    data: bytes,
+    limits: AttemptLimits,
+    silence: Silence,
+    slots: ConnectionSlots | None,
+) -> aiohttp.ClientResponse:
+    """A stream's answer, up to its head: sent within one of the provider's
+    `slots` (given back here only if the request fails: a stream holds its slot
+    to its end), its head awaited within `silence.head()`; a transport failure
+    is raised classified."""
+    if slots is not None:
+        await slots.take(limits)
+    try:
+        async with silence.head():
+            return await session.post(url, data=data, headers=headers, timeout=stream_timeout(limits))
+    except BaseException as exc:
+        if slots is not None:
+            slots.give()
+        if isinstance(exc, TRANSPORT_ERRORS):
+            raise classify.from_exception(exc) from exc
+        raise
+
+
+async def stream_error(response: aiohttp.ClientResponse, limits: AttemptLimits, silence: Silence) -> ProviderError:
+    """A stream's error answer (a status of 400 and above), read under the size
+    cap within `silence.head()`, classified."""
+    async with silence.head():
+        content = await read_capped(response, limits.max_bytes)
+    return classify.from_status(response.status, content, response.headers)
+
+
+def attempt_timeout(limits: AttemptLimits) -> aiohttp.ClientTimeout:
     # The session's pool has no limit, so `connect` is name resolution and the
     # connection itself, never a wait for a pooled one (that is `ConnectionSlots`).
     return aiohttp.ClientTimeout(total=None, connect=limits.connect, sock_connect=limits.connect, sock_read=limits.read)
 
 
-def stream_timeout(limits: Limits) -> aiohttp.ClientTimeout:
+def stream_timeout(limits: AttemptLimits) -> aiohttp.ClientTimeout:
     """A stream's timeouts in aiohttp: the connect timeout only. Its read limit
     is kept by `Silence` instead: aiohttp's `sock_read` cancels and re-arms a
     timer for every packet received, several percent of a long stream's CPU."""
@@ -142,7 +177,7 @@ _SLACK: Final = 0.001  # timers may fire this early (uvloop's clock counts milli
 
 
 class Silence:
-    """`Limits.read` for a stream: the longest the stream may wait for data,
+    """`AttemptLimits.read` for a stream: the longest the stream may wait for data,
     read by read. What `sock_read` does, with one timer per silence instead of
     one per packet: `expect()` before each read only notes a time; the timer,
     armed once, moves itself on when it fires early, and when a read has really

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, Limits, Usage, describe, with_trace
+from proxy.adapters.base import AdapterHooks, AttemptLimits, Chunk, Completion, Embeddings, Usage, describe, with_trace
 from proxy.adapters.http import (
     TRANSPORT_ERRORS,
     USER_AGENT,
@@ -32,8 +32,9 @@ from proxy.adapters.http import (
     Silence,
     done_with,
     fetch,
+    open_stream,
     read_capped,
-    stream_timeout,
+    stream_error,
     too_large,
 )
 from proxy.config import ProviderConfig
@@ -80,7 +81,7 @@ class OpenAICompatAdapter:
             upstream.pop("stream_options", None)
         return orjson.dumps(upstream)
 
-    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+    async def complete(self, body: dict[str, Any], limits: AttemptLimits) -> Completion:
         answer = await fetch(
             self._session,
             "POST",
@@ -92,7 +93,7 @@ class OpenAICompatAdapter:
         )
         return _completion(answer.content)
 
-    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+    async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         """Relayed as the client sent it (`input` token arrays included), under this provider's model name."""
         upstream = {**body, "model": self.provider.upstream_model}
         answer = await fetch(
@@ -106,19 +107,25 @@ class OpenAICompatAdapter:
         )
         return embeddings_answer(answer.content)
 
-    async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncIterator[Chunk]:
+    async def stream(self, body: dict[str, Any], limits: AttemptLimits) -> AsyncIterator[Chunk]:
         """Socket bytes → SSE events → `Chunk`s, in this one generator. Closing it
         early closes the upstream connection (never pooled mid-body). The stream
         holds one of the provider's connection slots (if it has a limit) to its end;
         each read waits at most `limits.read` (`Silence`)."""
         silence = Silence(limits.read)
-        response = await self._open(body, limits, silence)
+        response = await open_stream(
+            self._session,
+            self._url,
+            headers=with_trace(self._stream_headers),
+            data=self._encode(body, True),
+            limits=limits,
+            silence=silence,
+            slots=self._slots,
+        )
         done = False
         try:
             if response.status >= 400:
-                async with silence.head():
-                    error_body = await read_capped(response, limits.max_bytes)
-                raise classify.from_status(response.status, error_body, response.headers)
+                raise await stream_error(response, limits, silence)
             content_type = response.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
                 # Some servers ignore `stream: true` and answer one JSON body.
@@ -168,26 +175,6 @@ class OpenAICompatAdapter:
             if self._slots is not None:
                 self._slots.give()
 
-    async def _open(self, body: dict[str, Any], limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
-        """The stream's response, within one of the provider's slots (given back here if it fails)."""
-        slots = self._slots
-        if slots is not None:
-            await slots.take(limits)
-        try:
-            async with silence.head():
-                return await self._session.post(
-                    self._url,
-                    data=self._encode(body, True),
-                    headers=with_trace(self._stream_headers),
-                    timeout=stream_timeout(limits),
-                )
-        except BaseException as exc:
-            if slots is not None:
-                slots.give()
-            if isinstance(exc, TRANSPORT_ERRORS):
-                raise classify.from_exception(exc) from exc
-            raise
-
     def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, ProviderError | None]:
         """The chunks of one upstream read, each but the last marked `more` (they go
         to the client as one write; the last too when `[DONE]` follows it in the
@@ -227,13 +214,13 @@ class OpenAICompatAdapter:
         native = URL(base.rstrip("/")[: -len("/v1")] + "/api/generate")
         payload = {"model": self.provider.upstream_model, "prompt": "", "keep_alive": -1}
         timeouts = self.provider.timeout
-        limits = Limits(connect=timeouts.connect, read=timeouts.total)
+        limits = AttemptLimits(connect=timeouts.connect, read=timeouts.total)
         await self._call("POST", native, orjson.dumps(payload), limits)
 
-    async def probe(self, limits: Limits) -> None:
+    async def probe(self, limits: AttemptLimits) -> None:
         await self._call("GET", self._models_url, None, limits)
 
-    async def _call(self, method: str, url: URL, data: bytes | None, limits: Limits) -> None:
+    async def _call(self, method: str, url: URL, data: bytes | None, limits: AttemptLimits) -> None:
         """A small request whose answer matters only by its status."""
         await fetch(self._session, method, url, headers=self._headers, data=data, limits=limits)
 

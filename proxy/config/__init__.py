@@ -35,22 +35,22 @@ from proxy.config.model import (
     Timeouts,
     WebhookSettings,
 )
-from proxy.config.providers import _parse_providers
-from proxy.config.routes import _parse_routes
+from proxy.config.providers import parse_providers
+from proxy.config.routes import parse_routes
 from proxy.config.sections import (
-    _TOP_KEYS,
-    _parse_alerts,
-    _parse_auth,
-    _parse_health,
-    _parse_limits,
-    _parse_quotas,
-    _parse_redis,
-    _parse_server,
-    _warn_if_open,
+    TOP_KEYS,
+    parse_alerts,
+    parse_auth,
+    parse_health,
+    parse_limits,
+    parse_quotas,
+    parse_redis,
+    parse_server,
+    warn_if_open,
 )
-from proxy.config.source import _read_yaml, interpolate, redact_url
-from proxy.config.telemetry import TELEMETRY_VARIABLES, _parse_telemetry
-from proxy.config.values import _Context, _section
+from proxy.config.source import interpolate, read_yaml, redact_url
+from proxy.config.telemetry import TELEMETRY_VARIABLES, parse_telemetry
+from proxy.config.values import Context, read_section
 
 __all__ = [
     "ALERT_FORMATS",
@@ -94,26 +94,26 @@ def default_config_path(environ: Mapping[str, str] | None = None) -> str | None:
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate the YAML file at ``path``; raise ConfigError."""
     source = os.fspath(path)
-    return parse_config(_read_yaml(source), environ, source=source)
+    return parse_config(read_yaml(source), environ, source=source)
 
 
 def parse_config(data: object, environ: Mapping[str, str] | None = None, source: str | None = None) -> Config:
     """Validate already-parsed YAML ``data``; raise ConfigError with every problem."""
-    ctx = _Context(os.environ if environ is None else environ)
-    top = _section(data, "", ctx, _TOP_KEYS)
+    ctx = Context(os.environ if environ is None else environ)
+    top = read_section(data, "", ctx, TOP_KEYS)
     if top is None:
         raise ConfigError(ctx.errors)
-    redis = _parse_redis(top.get("redis"), ctx)
-    health = _parse_health(top.get("health"), ctx)
-    quota_timezone = _parse_quotas(top.get("quotas"), ctx)
-    alerts = _parse_alerts(top.get("alerts"), ctx)
-    limits = _parse_limits(top.get("limits"), ctx)
-    auth_keys = _parse_auth(top.get("auth"), ctx)
-    server = _parse_server(top.get("server"), ctx)
-    telemetry = _parse_telemetry(top.get("telemetry"), ctx)
-    providers, scope = _parse_providers(top.get("providers"), top.get("routes"), ctx, limits.upstream_max_connections)
-    routes = _parse_routes(top.get("routes"), providers, scope, ctx)
-    _warn_if_open(auth_keys, server, ctx)
+    redis = parse_redis(top.get("redis"), ctx)
+    health = parse_health(top.get("health"), ctx)
+    quota_timezone = parse_quotas(top.get("quotas"), ctx)
+    alerts = parse_alerts(top.get("alerts"), ctx)
+    limits = parse_limits(top.get("limits"), ctx)
+    auth_keys = parse_auth(top.get("auth"), ctx)
+    server = parse_server(top.get("server"), ctx)
+    telemetry = parse_telemetry(top.get("telemetry"), ctx)
+    providers, scope = parse_providers(top.get("providers"), top.get("routes"), ctx, limits.upstream_max_connections)
+    routes = parse_routes(top.get("routes"), providers, scope, ctx)
+    warn_if_open(auth_keys, server, ctx)
     if ctx.errors:
         raise ConfigError(ctx.errors)
     return Config(

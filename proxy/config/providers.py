@@ -13,20 +13,20 @@ from proxy.config.model import CAPABILITIES, CONTINUE_FORMS, ProviderConfig, Quo
 from proxy.config.model_info import known_capabilities
 from proxy.config.source import referenced_names
 from proxy.config.values import (
-    _boolean,
-    _Context,
-    _convert,
-    _get,
-    _http_url,
-    _int_between,
-    _items,
-    _opt,
-    _positive_int,
-    _positive_number,
-    _required_text,
-    _section,
-    _text,
-    _unknown,
+    Context,
+    boolean,
+    get,
+    http_url,
+    int_between,
+    opt,
+    positive_int,
+    positive_number,
+    read_items,
+    read_section,
+    read_value,
+    required_text,
+    text,
+    unknown,
 )
 
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -99,38 +99,38 @@ _USEFUL_CONTEXT_WINDOW: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
-class _Scope:
+class Scope:
     """The names a route may refer to, and the names it must not be."""
 
     providers: frozenset[str]
     routes: frozenset[str]
 
 
-def _parse_providers(
-    node: object, routes_node: object, ctx: _Context, max_connections: int = 0
-) -> tuple[dict[str, ProviderConfig], _Scope]:
+def parse_providers(
+    node: object, routes_node: object, ctx: Context, max_connections: int = 0
+) -> tuple[dict[str, ProviderConfig], Scope]:
     """`max_connections`: the default of each provider's own (`limits.upstream_max_connections`)."""
-    section = _section(node, "providers", ctx, None)
+    section = read_section(node, "providers", ctx, None)
     if section == {}:
         ctx.error("providers", "at least one provider is required")
     section = section or {}
     providers: dict[str, ProviderConfig] = {}
     for name, body in section.items():
         path = f"providers.{name}"
-        if not _valid_name(name, path, ctx):
+        if not valid_name(name, path, ctx):
             continue
         provider = _parse_provider(name, body, path, ctx, max_connections)
         if provider is not None:
             providers[name] = provider
     route_names = routes_node.keys() if isinstance(routes_node, Mapping) else ()
-    scope = _Scope(
+    scope = Scope(
         providers=frozenset(name for name in section if _NAME.fullmatch(name)),
         routes=frozenset(name for name in route_names if isinstance(name, str)),
     )
     return providers, scope
 
 
-def _valid_name(name: str, path: str, ctx: _Context) -> bool:
+def valid_name(name: str, path: str, ctx: Context) -> bool:
     if _NAME.fullmatch(name):
         return True
     ctx.error(path, "names use letters, digits, '.', '_' and '-', and start with a letter or digit")
@@ -138,12 +138,12 @@ def _valid_name(name: str, path: str, ctx: _Context) -> bool:
 
 
 def _parse_provider(
-    name: str, node: object, path: str, ctx: _Context, max_connections: int = 0
+    name: str, node: object, path: str, ctx: Context, max_connections: int = 0
 ) -> ProviderConfig | None:
-    m = _section(node, path, ctx, _PROVIDER_KEYS)
+    m = read_section(node, path, ctx, _PROVIDER_KEYS)
     if m is None:
         return None
-    model = _required_text(m, "model", path, ctx)
+    model = required_text(m, "model", path, ctx)
     needs = _parse_needs(m, path, ctx)
     disabled = _disabled_reason(m, needs, path, ctx)
     # A needed field whose variables are unset is left unread: `${OPENAI_API_KEY}` is no error then.
@@ -154,35 +154,35 @@ def _parse_provider(
         litellm_provider="",  # the model-derived fields are filled in by _with_target
         upstream_model="",
         openai_compatible=False,
-        api_base=None if "api_base" in unread else _opt(m, "api_base", path, ctx, _http_url),
-        api_key=None if "api_key" in unread else _opt(m, "api_key", path, ctx, _text),
+        api_base=None if "api_base" in unread else opt(m, "api_base", path, ctx, http_url),
+        api_key=None if "api_key" in unread else opt(m, "api_key", path, ctx, text),
         timeout=_parse_timeouts(m.get("timeout"), f"{path}.timeout", ctx),
         quota=_parse_quota(m.get("quota"), f"{path}.quota", ctx),
-        context_window=_opt(m, "context_window", path, ctx, _positive_int),
+        context_window=opt(m, "context_window", path, ctx, positive_int),
         capabilities=_parse_capabilities(m.get("capabilities"), f"{path}.capabilities", ctx),
-        local=_get(m, "local", path, ctx, _boolean, False),
-        warmup=_get(m, "warmup", path, ctx, _boolean, False),
-        system_prompt=_opt(m, "system_prompt", path, ctx, _text),
-        retries=_get(m, "retries", path, ctx, _int_between(0, 5), 0),
+        local=get(m, "local", path, ctx, boolean, False),
+        warmup=get(m, "warmup", path, ctx, boolean, False),
+        system_prompt=opt(m, "system_prompt", path, ctx, text),
+        retries=get(m, "retries", path, ctx, int_between(0, 5), 0),
         headers=_parse_headers(m.get("headers"), f"{path}.headers", ctx),
-        probe=_get(m, "probe", path, ctx, _boolean, True),
-        stream_upstream=_get(m, "stream_upstream", path, ctx, _boolean, True),
-        continue_with=_opt(m, "continue_with", path, ctx, _text) or "",
-        embedding_space=_opt(m, "embedding_space", path, ctx, _text),
+        probe=get(m, "probe", path, ctx, boolean, True),
+        stream_upstream=get(m, "stream_upstream", path, ctx, boolean, True),
+        continue_with=opt(m, "continue_with", path, ctx, text) or "",
+        embedding_space=opt(m, "embedding_space", path, ctx, text),
         needs=needs,
         disabled_reason=disabled,
-        max_connections=_get(m, "max_connections", path, ctx, _int_between(0, 1_000_000), max_connections),
+        max_connections=get(m, "max_connections", path, ctx, int_between(0, 1_000_000), max_connections),
     )
     return None if model is None else _with_target(provider, path, ctx)
 
 
-def _parse_needs(m: Mapping[str, object], path: str, ctx: _Context) -> frozenset[str]:
+def _parse_needs(m: Mapping[str, object], path: str, ctx: Context) -> frozenset[str]:
     """The fields named by ``needs``, each one the provider has."""
     found: set[str] = set()
-    for where, item in _items(m.get("needs"), f"{path}.needs", ctx):
-        field = _convert(item, where, ctx, _text)
+    for where, item in read_items(m.get("needs"), f"{path}.needs", ctx):
+        field = read_value(item, where, ctx, text)
         if field is not None and field not in _NEEDABLE:
-            ctx.error(where, _unknown("field", field, _NEEDABLE))
+            ctx.error(where, unknown("field", field, _NEEDABLE))
         elif field is not None and m.get(field) is None:
             example = "${OPENAI_API_KEY}" if field == "api_key" else "${OLLAMA_URL}"
             ctx.error(path, f"needs {field}, but has none (e.g. {field}: {example})")
@@ -191,7 +191,7 @@ def _parse_needs(m: Mapping[str, object], path: str, ctx: _Context) -> frozenset
     return frozenset(found)
 
 
-def _disabled_reason(m: Mapping[str, object], needs: frozenset[str], path: str, ctx: _Context) -> str | None:
+def _disabled_reason(m: Mapping[str, object], needs: frozenset[str], path: str, ctx: Context) -> str | None:
     """Why a provider is off: a field it needs refers to unset (or empty) variables, or is empty.
 
     A file that names every provider then runs with only the keys and servers at
@@ -212,7 +212,7 @@ def _disabled_reason(m: Mapping[str, object], needs: frozenset[str], path: str, 
     return reason
 
 
-def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> ProviderConfig | None:
+def _with_target(provider: ProviderConfig, path: str, ctx: Context) -> ProviderConfig | None:
     """``provider`` with the fields derived from its model string filled in."""
     prefix, slash, upstream = provider.model.partition("/")
     if not slash:
@@ -221,7 +221,7 @@ def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> Provider
         ctx.error(f"{path}.model", "expected 'provider/model', e.g. openai/gpt-4o-2024-08-06")
         return None
     if prefix not in LITELLM_PROVIDERS:
-        ctx.error(f"{path}.model", _unknown("provider prefix", prefix, LITELLM_PROVIDERS))
+        ctx.error(f"{path}.model", unknown("provider prefix", prefix, LITELLM_PROVIDERS))
         return None
     _warn_about_model(prefix, upstream, f"{path}.model", ctx)
     _check_context_window(provider, path, ctx)
@@ -236,15 +236,15 @@ def _with_target(provider: ProviderConfig, path: str, ctx: _Context) -> Provider
     )
 
 
-def _continue_with(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -> str:
+def _continue_with(provider: ProviderConfig, prefix: str, path: str, ctx: Context) -> str:
     if not provider.continue_with:
         return "prefill" if prefix in _PREFILL_BY_DEFAULT else "instruction"
     if provider.continue_with not in CONTINUE_FORMS:
-        ctx.error(f"{path}.continue_with", _unknown("form", provider.continue_with, CONTINUE_FORMS))
+        ctx.error(f"{path}.continue_with", unknown("form", provider.continue_with, CONTINUE_FORMS))
     return provider.continue_with
 
 
-def _check_context_window(provider: ProviderConfig, path: str, ctx: _Context) -> None:
+def _check_context_window(provider: ProviderConfig, path: str, ctx: Context) -> None:
     window = provider.context_window
     if window is not None and window < _USEFUL_CONTEXT_WINDOW:
         ctx.warn(
@@ -254,7 +254,7 @@ def _check_context_window(provider: ProviderConfig, path: str, ctx: _Context) ->
         )
 
 
-def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -> str | None:
+def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: Context) -> str | None:
     if provider.api_base is not None or provider.disabled_reason is not None:
         return provider.api_base
     where = f"{path}.api_base"
@@ -265,7 +265,7 @@ def _api_base(provider: ProviderConfig, prefix: str, path: str, ctx: _Context) -
     return _DEFAULT_API_BASES.get(prefix)
 
 
-def _warn_about_model(prefix: str, upstream: str, path: str, ctx: _Context) -> None:
+def _warn_about_model(prefix: str, upstream: str, path: str, ctx: Context) -> None:
     if prefix in ("ollama", "ollama_chat"):
         base, colon, tag = upstream.rpartition(":")
         if not colon or "/" in tag:
@@ -279,11 +279,11 @@ def _warn_about_model(prefix: str, upstream: str, path: str, ctx: _Context) -> N
         ctx.warn(path, f"{upstream!r} is an alias that moves to new snapshots; pin a dated one")
 
 
-def _parse_timeouts(node: object, path: str, ctx: _Context) -> Timeouts:
-    section = _section(node, path, ctx, _TIMEOUT_KEYS)
+def _parse_timeouts(node: object, path: str, ctx: Context) -> Timeouts:
+    section = read_section(node, path, ctx, _TIMEOUT_KEYS)
     if not section:
         return _DEFAULT_TIMEOUTS
-    given = {key: _opt(section, key, path, ctx, _positive_number) for key in _TIMEOUT_KEYS}
+    given = {key: opt(section, key, path, ctx, positive_number) for key in _TIMEOUT_KEYS}
     total = given["total"] or _DEFAULT_TIMEOUTS.total
     for key in ("connect", "first_token"):
         value = given[key]
@@ -304,35 +304,35 @@ def _parse_timeouts(node: object, path: str, ctx: _Context) -> Timeouts:
     )
 
 
-def _parse_quota(node: object, path: str, ctx: _Context) -> Quota | None:
-    section = _section(node, path, ctx, _QUOTA_KEYS)
+def _parse_quota(node: object, path: str, ctx: Context) -> Quota | None:
+    section = read_section(node, path, ctx, _QUOTA_KEYS)
     if not section:
         return None
-    requests = _opt(section, "requests_per_day", path, ctx, _positive_int)
-    tokens = _opt(section, "tokens_per_day", path, ctx, _positive_int)
+    requests = opt(section, "requests_per_day", path, ctx, positive_int)
+    tokens = opt(section, "tokens_per_day", path, ctx, positive_int)
     return None if requests is None and tokens is None else Quota(requests, tokens)
 
 
-def _parse_capabilities(node: object, path: str, ctx: _Context) -> frozenset[str] | None:
+def _parse_capabilities(node: object, path: str, ctx: Context) -> frozenset[str] | None:
     if node is None:
         return None
     found: set[str] = set()
-    for where, item in _items(node, path, ctx):
-        name = _convert(item, where, ctx, _text)
+    for where, item in read_items(node, path, ctx):
+        name = read_value(item, where, ctx, text)
         if name in CAPABILITIES:
             found.add(name)
         elif name is not None:
-            ctx.error(where, _unknown("capability", name, CAPABILITIES))
+            ctx.error(where, unknown("capability", name, CAPABILITIES))
     return frozenset(found)
 
 
-def _parse_headers(node: object, path: str, ctx: _Context) -> Mapping[str, str]:
+def _parse_headers(node: object, path: str, ctx: Context) -> Mapping[str, str]:
     headers: dict[str, str] = {}
-    for name, raw in (_section(node, path, ctx, None) or {}).items():
+    for name, raw in (read_section(node, path, ctx, None) or {}).items():
         if not _HEADER_NAME.fullmatch(name):
             ctx.error(path, f"{name!r} is not a valid header name")
             continue
-        value = _convert(raw, f"{path}.{name}", ctx, _text)
+        value = read_value(raw, f"{path}.{name}", ctx, text)
         if value:  # empty after interpolation: leave the header out
             headers[name] = value
     return MappingProxyType(headers)

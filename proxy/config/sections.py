@@ -18,27 +18,27 @@ from proxy.config.model import (
     WebhookSettings,
 )
 from proxy.config.values import (
-    _BadValue,
-    _boolean,
-    _Context,
-    _convert,
-    _get,
-    _http_url,
-    _int_between,
-    _integer,
-    _items,
-    _number,
-    _opt,
-    _positive_int,
-    _positive_number,
-    _redis_url,
-    _section,
-    _text,
-    _unknown,
+    BadValue,
+    Context,
+    boolean,
+    get,
+    http_url,
+    int_between,
+    integer,
+    number,
+    opt,
+    positive_int,
+    positive_number,
+    read_items,
+    read_section,
+    read_value,
+    redis_url,
+    text,
+    unknown,
 )
 from proxy.state.urls import parse_cluster_url, url_count
 
-_TOP_KEYS: Final = frozenset(
+TOP_KEYS: Final = frozenset(
     {"redis", "auth", "server", "limits", "health", "quotas", "alerts", "providers", "routes", "telemetry"}
 )
 _SERVER_KEYS: Final = frozenset(
@@ -77,44 +77,40 @@ _HEALTH_KEYS: Final = (
 )
 
 
-def _parse_redis(node: object, ctx: _Context) -> RedisSettings:
-    section = _section(node, "redis", ctx, _REDIS_KEYS)
+def parse_redis(node: object, ctx: Context) -> RedisSettings:
+    section = read_section(node, "redis", ctx, _REDIS_KEYS)
     default = RedisSettings()
     if section is None:
         return default
-    timeout_ms = _opt(section, "timeout_ms", "redis", ctx, _positive_number)
-    pool_wait_ms = _opt(section, "pool_wait_ms", "redis", ctx, _positive_number)
+    timeout_ms = opt(section, "timeout_ms", "redis", ctx, positive_number)
+    pool_wait_ms = opt(section, "pool_wait_ms", "redis", ctx, positive_number)
     url = _redis_urls(section.get("url"), ctx)
-    cluster = _get(section, "cluster", "redis", ctx, _boolean, default.cluster)
-    prefix = _get(section, "prefix", "redis", ctx, _text, default.prefix)
+    cluster = get(section, "cluster", "redis", ctx, boolean, default.cluster)
+    prefix = get(section, "prefix", "redis", ctx, text, default.prefix)
     _check_cluster(url, cluster, prefix, ctx)
     return RedisSettings(
         url=url,
         prefix=prefix,
         timeout=default.timeout if timeout_ms is None else timeout_ms / 1000,
-        breaker_seconds=_get(section, "breaker_seconds", "redis", ctx, _positive_number, default.breaker_seconds),
-        max_connections=_get(
-            section, "max_connections", "redis", ctx, _int_between(1, 10_000), default.max_connections
-        ),
+        breaker_seconds=get(section, "breaker_seconds", "redis", ctx, positive_number, default.breaker_seconds),
+        max_connections=get(section, "max_connections", "redis", ctx, int_between(1, 10_000), default.max_connections),
         pool_wait=default.pool_wait if pool_wait_ms is None else pool_wait_ms / 1000,
-        breaker_timeouts=_get(
-            section, "breaker_timeouts", "redis", ctx, _int_between(1, 1000), default.breaker_timeouts
-        ),
+        breaker_timeouts=get(section, "breaker_timeouts", "redis", ctx, int_between(1, 1000), default.breaker_timeouts),
         cluster=cluster,
-        health_ttl=_get(section, "health_ttl_seconds", "redis", ctx, _health_ttl, default.health_ttl),
+        health_ttl=get(section, "health_ttl_seconds", "redis", ctx, _health_ttl, default.health_ttl),
     )
 
 
-def _redis_urls(node: object, ctx: _Context) -> str | None:
+def _redis_urls(node: object, ctx: Context) -> str | None:
     """`redis.url`: one URL, or a cluster's seed URLs as a list or comma-separated
     (kept comma-separated)."""
     if not isinstance(node, list):
-        return _convert(node, "redis.url", ctx, _redis_url)
-    urls = [_convert(item, path, ctx, _redis_url) for path, item in _items(node, "redis.url", ctx)]
+        return read_value(node, "redis.url", ctx, redis_url)
+    urls = [read_value(item, path, ctx, redis_url) for path, item in read_items(node, "redis.url", ctx)]
     return ",".join(url for url in urls if url) or None
 
 
-def _check_cluster(url: str | None, cluster: bool, prefix: str, ctx: _Context) -> None:
+def _check_cluster(url: str | None, cluster: bool, prefix: str, ctx: Context) -> None:
     """A cluster needs seed URLs it can use; several URLs need `cluster: true`."""
     if not cluster:
         if url is not None and url_count(url) > 1:
@@ -132,38 +128,36 @@ def _check_cluster(url: str | None, cluster: bool, prefix: str, ctx: _Context) -
 
 
 def _health_ttl(value: object) -> float:
-    seconds = _number(value)
+    seconds = number(value)
     if seconds < 60:
-        raise _BadValue(f"must be at least 60 (seconds; a record must outlive any cooldown), got {seconds:g}")
+        raise BadValue(f"must be at least 60 (seconds; a record must outlive any cooldown), got {seconds:g}")
     return seconds
 
 
-def _parse_health(node: object, ctx: _Context) -> HealthSettings:
-    section = _section(node, "health", ctx, _HEALTH_KEYS)
+def parse_health(node: object, ctx: Context) -> HealthSettings:
+    section = read_section(node, "health", ctx, _HEALTH_KEYS)
     default = HealthSettings()
     if section is None:
         return default
     return HealthSettings(
-        failure_threshold=_get(section, "failure_threshold", "health", ctx, _positive_int, default.failure_threshold),
-        cooldown_seconds=_get(section, "cooldown_seconds", "health", ctx, _positive_number, default.cooldown_seconds),
-        probe_interval_seconds=_get(
+        failure_threshold=get(section, "failure_threshold", "health", ctx, positive_int, default.failure_threshold),
+        cooldown_seconds=get(section, "cooldown_seconds", "health", ctx, positive_number, default.cooldown_seconds),
+        probe_interval_seconds=get(
             section, "probe_interval_seconds", "health", ctx, _non_negative_number, default.probe_interval_seconds
         ),
-        probe_timeout_seconds=_get(
-            section, "probe_timeout_seconds", "health", ctx, _positive_number, default.probe_timeout_seconds
+        probe_timeout_seconds=get(
+            section, "probe_timeout_seconds", "health", ctx, positive_number, default.probe_timeout_seconds
         ),
-        slow_ttft_seconds=_get(
-            section, "slow_ttft_seconds", "health", ctx, _positive_number, default.slow_ttft_seconds
-        ),
-        loop_lag_seconds=_get(section, "loop_lag_seconds", "health", ctx, _positive_number, default.loop_lag_seconds),
+        slow_ttft_seconds=get(section, "slow_ttft_seconds", "health", ctx, positive_number, default.slow_ttft_seconds),
+        loop_lag_seconds=get(section, "loop_lag_seconds", "health", ctx, positive_number, default.loop_lag_seconds),
     )
 
 
-def _parse_quotas(node: object, ctx: _Context) -> str:
-    section = _section(node, "quotas", ctx, ("timezone",))
+def parse_quotas(node: object, ctx: Context) -> str:
+    section = read_section(node, "quotas", ctx, ("timezone",))
     if section is None:
         return "UTC"
-    return _get(section, "timezone", "quotas", ctx, _timezone, "UTC")
+    return get(section, "timezone", "quotas", ctx, _timezone, "UTC")
 
 
 _LIMIT_KEYS: Final = (
@@ -178,29 +172,29 @@ _LIMIT_KEYS: Final = (
 
 
 def _non_negative_int(value: object) -> int:
-    number = _integer(value)
-    if number < 0:
-        raise _BadValue(f"expected a whole number >= 0, got {number}")
-    return number
+    result = integer(value)
+    if result < 0:
+        raise BadValue(f"expected a whole number >= 0, got {result}")
+    return result
 
 
-def _parse_limits(node: object, ctx: _Context) -> LimitSettings:
-    section = _section(node, "limits", ctx, _LIMIT_KEYS)
+def parse_limits(node: object, ctx: Context) -> LimitSettings:
+    section = read_section(node, "limits", ctx, _LIMIT_KEYS)
     d = LimitSettings()
     if section is None:
         return d
     return LimitSettings(
-        requests_per_minute=_get(
+        requests_per_minute=get(
             section, "requests_per_minute", "limits", ctx, _non_negative_int, d.requests_per_minute
         ),
-        concurrent_streams=_get(section, "concurrent_streams", "limits", ctx, _non_negative_int, d.concurrent_streams),
-        max_messages=_get(section, "max_messages", "limits", ctx, _positive_int, d.max_messages),
-        max_header_bytes=_get(section, "max_header_bytes", "limits", ctx, _positive_int, d.max_header_bytes),
-        client_write_timeout_seconds=_get(
-            section, "client_write_timeout_seconds", "limits", ctx, _positive_number, d.client_write_timeout_seconds
+        concurrent_streams=get(section, "concurrent_streams", "limits", ctx, _non_negative_int, d.concurrent_streams),
+        max_messages=get(section, "max_messages", "limits", ctx, positive_int, d.max_messages),
+        max_header_bytes=get(section, "max_header_bytes", "limits", ctx, positive_int, d.max_header_bytes),
+        client_write_timeout_seconds=get(
+            section, "client_write_timeout_seconds", "limits", ctx, positive_number, d.client_write_timeout_seconds
         ),
-        max_upstream_bytes=_get(section, "max_upstream_bytes", "limits", ctx, _positive_int, d.max_upstream_bytes),
-        upstream_max_connections=_get(
+        max_upstream_bytes=get(section, "max_upstream_bytes", "limits", ctx, positive_int, d.max_upstream_bytes),
+        upstream_max_connections=get(
             section, "upstream_max_connections", "limits", ctx, _non_negative_int, d.upstream_max_connections
         ),
     )
@@ -209,35 +203,35 @@ def _parse_limits(node: object, ctx: _Context) -> LimitSettings:
 _WEBHOOK_KEYS: Final = ("url", "format", "events", "chat_id", "timeout")
 
 
-def _parse_alerts(node: object, ctx: _Context) -> AlertSettings:
-    section = _section(node, "alerts", ctx, ("webhooks", "dedupe_seconds"))
+def parse_alerts(node: object, ctx: Context) -> AlertSettings:
+    section = read_section(node, "alerts", ctx, ("webhooks", "dedupe_seconds"))
     if section is None:
         return AlertSettings()
     hooks = [
-        _parse_webhook(item, where, ctx) for where, item in _items(section.get("webhooks"), "alerts.webhooks", ctx)
+        _parse_webhook(item, where, ctx) for where, item in read_items(section.get("webhooks"), "alerts.webhooks", ctx)
     ]
     return AlertSettings(
         webhooks=tuple(hook for hook in hooks if hook is not None),
-        dedupe_seconds=_get(section, "dedupe_seconds", "alerts", ctx, _non_negative_number, 300.0),
+        dedupe_seconds=get(section, "dedupe_seconds", "alerts", ctx, _non_negative_number, 300.0),
     )
 
 
-def _parse_webhook(node: object, path: str, ctx: _Context) -> WebhookSettings | None:
-    m = _section(node, path, ctx, _WEBHOOK_KEYS)
+def _parse_webhook(node: object, path: str, ctx: Context) -> WebhookSettings | None:
+    m = read_section(node, path, ctx, _WEBHOOK_KEYS)
     if m is None:
         return None
-    url = _opt(m, "url", path, ctx, _http_url)
-    fmt = _get(m, "format", path, ctx, _text, "json")
+    url = opt(m, "url", path, ctx, http_url)
+    fmt = get(m, "format", path, ctx, text, "json")
     if fmt not in ALERT_FORMATS:
-        ctx.error(f"{path}.format", _unknown("format", fmt, ALERT_FORMATS))
+        ctx.error(f"{path}.format", unknown("format", fmt, ALERT_FORMATS))
     events: set[str] = set()
-    for where, item in _items(m.get("events"), f"{path}.events", ctx):
-        kind = _convert(item, where, ctx, _text)
+    for where, item in read_items(m.get("events"), f"{path}.events", ctx):
+        kind = read_value(item, where, ctx, text)
         if kind in ALERT_KINDS:
             events.add(kind)
         elif kind is not None:
-            ctx.error(where, _unknown("event kind", kind, ALERT_KINDS))
-    chat_id = _opt(m, "chat_id", path, ctx, _text)
+            ctx.error(where, unknown("event kind", kind, ALERT_KINDS))
+    chat_id = opt(m, "chat_id", path, ctx, text)
     if fmt == "telegram" and chat_id is None:
         ctx.error(path, "a telegram webhook needs chat_id")
     if url is None:
@@ -251,32 +245,32 @@ def _parse_webhook(node: object, path: str, ctx: _Context) -> WebhookSettings | 
         format=fmt,
         events=frozenset(events) if m.get("events") is not None else ALERT_KINDS,
         chat_id=chat_id,
-        timeout=_get(m, "timeout", path, ctx, _positive_number, 5.0),
+        timeout=get(m, "timeout", path, ctx, positive_number, 5.0),
     )
 
 
 def _timezone(value: object) -> str:
-    name = _text(value)
+    name = text(value)
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise _BadValue(f"unknown time zone {name!r} (an IANA name such as 'UTC' or 'Europe/Berlin')") from exc
+        raise BadValue(f"unknown time zone {name!r} (an IANA name such as 'UTC' or 'Europe/Berlin')") from exc
     return name
 
 
 def _non_negative_number(value: object) -> float:
-    number = _number(value)
-    if number < 0:
-        raise _BadValue(f"expected a number >= 0, got {number:g}")
-    return number
+    result = number(value)
+    if result < 0:
+        raise BadValue(f"expected a number >= 0, got {result:g}")
+    return result
 
 
-def _parse_auth(node: object, ctx: _Context) -> tuple[str, ...]:
-    section = _section(node, "auth", ctx, ("keys",))
+def parse_auth(node: object, ctx: Context) -> tuple[str, ...]:
+    section = read_section(node, "auth", ctx, ("keys",))
     if section is None:
         return ()
-    items = _items(section.get("keys"), "auth.keys", ctx)
-    keys = (_convert(item, where, ctx, _client_key) for where, item in items)
+    items = read_items(section.get("keys"), "auth.keys", ctx)
+    keys = (read_value(item, where, ctx, _client_key) for where, item in items)
     return tuple(dict.fromkeys(key for key in keys if key))  # empty keys are dropped
 
 
@@ -285,34 +279,34 @@ _SHA256_KEY: Final = re.compile(r"sha256:[0-9a-fA-F]{64}")
 
 def _client_key(value: object) -> str:
     """A key as clients send it, or its SHA-256 as `sha256:<64 hex digits>`."""
-    key = _text(value)
+    key = text(value)
     if key.startswith("sha256:") and not _SHA256_KEY.fullmatch(key):
-        raise _BadValue("a hashed key is 'sha256:' followed by 64 hex digits (sha256sum of the key)")
+        raise BadValue("a hashed key is 'sha256:' followed by 64 hex digits (sha256sum of the key)")
     return key
 
 
-def _parse_server(node: object, ctx: _Context) -> ServerConfig:
-    section = _section(node, "server", ctx, _SERVER_KEYS)
+def parse_server(node: object, ctx: Context) -> ServerConfig:
+    section = read_section(node, "server", ctx, _SERVER_KEYS)
     if section is None:
         return _DEFAULT_SERVER
     default = _DEFAULT_SERVER
     return ServerConfig(
-        host=_get(section, "host", "server", ctx, _text, default.host),
-        port=_get(section, "port", "server", ctx, _int_between(0, 65535), default.port),
-        max_body_bytes=_get(section, "max_body_bytes", "server", ctx, _positive_int, default.max_body_bytes),
-        admin_key=_opt(section, "admin_key", "server", ctx, _client_key),
-        shutdown_grace_seconds=_get(
-            section, "shutdown_grace_seconds", "server", ctx, _positive_number, default.shutdown_grace_seconds
+        host=get(section, "host", "server", ctx, text, default.host),
+        port=get(section, "port", "server", ctx, int_between(0, 65535), default.port),
+        max_body_bytes=get(section, "max_body_bytes", "server", ctx, positive_int, default.max_body_bytes),
+        admin_key=opt(section, "admin_key", "server", ctx, _client_key),
+        shutdown_grace_seconds=get(
+            section, "shutdown_grace_seconds", "server", ctx, positive_number, default.shutdown_grace_seconds
         ),
-        reload_check_seconds=_get(
+        reload_check_seconds=get(
             section, "reload_check_seconds", "server", ctx, _non_negative_number, default.reload_check_seconds
         ),
-        workers=_get(section, "workers", "server", ctx, _int_between(1, 512), default.workers),
-        max_in_flight=_get(section, "max_in_flight", "server", ctx, _non_negative_int, default.max_in_flight),
+        workers=get(section, "workers", "server", ctx, int_between(1, 512), default.workers),
+        max_in_flight=get(section, "max_in_flight", "server", ctx, _non_negative_int, default.max_in_flight),
     )
 
 
-def _warn_if_open(auth_keys: tuple[str, ...], server: ServerConfig, ctx: _Context) -> None:
+def warn_if_open(auth_keys: tuple[str, ...], server: ServerConfig, ctx: Context) -> None:
     if auth_keys or _is_loopback(server.host):
         return
     ctx.warn(

@@ -123,7 +123,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(source: str) -> object:
+def read_yaml(source: str) -> object:
     try:
         with open(source, encoding="utf-8") as stream:
             text = stream.read()

@@ -25,20 +25,20 @@ from urllib.parse import unquote, urlsplit
 
 from proxy.config.model import COMPRESSIONS, SAMPLERS, TelemetrySettings
 from proxy.config.values import (
-    _BadValue,
-    _boolean,
-    _Context,
-    _convert,
-    _http_url,
-    _join,
-    _kind,
-    _number,
-    _opt,
-    _positive_int,
-    _positive_number,
-    _section,
-    _text,
-    _unknown,
+    BadValue,
+    Context,
+    boolean,
+    http_url,
+    join,
+    kind_of,
+    number,
+    opt,
+    positive_int,
+    positive_number,
+    read_section,
+    read_value,
+    text,
+    unknown,
 )
 
 T = TypeVar("T")
@@ -79,7 +79,7 @@ _DEFAULT_ENDPOINT: Final = "http://localhost:4318"
 class _Reader:
     """One key at a time: its variable when set (and traces are on), else the file's value."""
 
-    def __init__(self, section: Mapping[str, object], ctx: _Context) -> None:
+    def __init__(self, section: Mapping[str, object], ctx: Context) -> None:
         self.section = section
         self.ctx = ctx
         self.use_environ = True
@@ -97,39 +97,39 @@ class _Reader:
     def get(
         self, key: str, convert: Callable[[object], T], from_variable: Callable[[str], T] | None = None
     ) -> T | None:
-        in_file = _opt(self.section, key, _PATH, self.ctx, convert)  # checked even when a variable wins
+        in_file = opt(self.section, key, _PATH, self.ctx, convert)  # checked even when a variable wins
         found = self.variable(key)
         if found is None:
             return in_file
         name, raw = found
         try:
             return (from_variable or convert)(raw)
-        except _BadValue as exc:
+        except BadValue as exc:
             self.ctx.error(name, str(exc))
             return None
 
     def pairs(self, key: str) -> dict[str, str]:
         """A mapping key: the file's pairs, then the variable's (``k=v,k2=v2``, values percent-encoded)."""
-        merged = _file_pairs(self.section.get(key), _join(_PATH, key), self.ctx)
+        merged = _file_pairs(self.section.get(key), join(_PATH, key), self.ctx)
         found = self.variable(key)
         if found is not None:
             name, raw = found
             try:
                 merged.update(_variable_pairs(raw))
-            except _BadValue as exc:
+            except BadValue as exc:
                 self.ctx.error(name, str(exc))
         return merged
 
 
-def _parse_telemetry(node: object, ctx: _Context) -> TelemetrySettings:
-    section = _section(node, _PATH, ctx, tuple(_VARIABLES))
+def parse_telemetry(node: object, ctx: Context) -> TelemetrySettings:
+    section = read_section(node, _PATH, ctx, tuple(_VARIABLES))
     if section is None:
         return TelemetrySettings()
     read = _Reader(section, ctx)
-    disabled = read.get("disabled", _boolean, _spec_boolean)
+    disabled = read.get("disabled", boolean, _spec_boolean)
     exporter = read.get("exporter", _exporter)
     traces_endpoint = read.get("traces_endpoint", _url_as_is)
-    endpoint = read.get("endpoint", _http_url)
+    endpoint = read.get("endpoint", http_url)
     enabled = not disabled and exporter != "none" and bool(traces_endpoint or endpoint or exporter == "otlp")
     read.use_environ = enabled
     url = traces_endpoint or (endpoint or _DEFAULT_ENDPOINT) + _TRACES_PATH
@@ -137,14 +137,14 @@ def _parse_telemetry(node: object, ctx: _Context) -> TelemetrySettings:
     default = TelemetrySettings()
     sampler = read.get("sampler", _sampler) or default.sampler
     sampler_arg = read.get("sampler_arg", _ratio)
-    max_queue_size = read.get("max_queue_size", _positive_int) or default.max_queue_size
-    batch = read.get("max_export_batch_size", _positive_int) or min(default.max_export_batch_size, max_queue_size)
+    max_queue_size = read.get("max_queue_size", positive_int) or default.max_queue_size
+    batch = read.get("max_export_batch_size", positive_int) or min(default.max_export_batch_size, max_queue_size)
     if batch > max_queue_size:
         ctx.error(_PATH, f"max_export_batch_size ({batch}) must not exceed max_queue_size ({max_queue_size})")
-    timeout_ms = read.get("timeout_ms", _positive_number)
-    delay_ms = read.get("schedule_delay_ms", _positive_number)
+    timeout_ms = read.get("timeout_ms", positive_number)
+    delay_ms = read.get("schedule_delay_ms", positive_number)
     attributes = read.pairs("resource_attributes")
-    service_name = read.get("service_name", _text) or attributes.get("service.name") or default.service_name
+    service_name = read.get("service_name", text) or attributes.get("service.name") or default.service_name
     return TelemetrySettings(
         enabled=enabled,
         endpoint=url,
@@ -155,9 +155,9 @@ def _parse_telemetry(node: object, ctx: _Context) -> TelemetrySettings:
         sampler_arg=default.sampler_arg if sampler_arg is None else sampler_arg,
         timeout=default.timeout if timeout_ms is None else timeout_ms / 1000,
         compression=read.get("compression", _compression) or default.compression,
-        certificate=read.get("certificate", _text),
-        client_key=read.get("client_key", _text),
-        client_certificate=read.get("client_certificate", _text),
+        certificate=read.get("certificate", text),
+        client_key=read.get("client_key", text),
+        client_certificate=read.get("client_certificate", text),
         max_queue_size=max_queue_size,
         max_export_batch_size=batch,
         schedule_delay=default.schedule_delay if delay_ms is None else delay_ms / 1000,
@@ -170,26 +170,26 @@ def _spec_boolean(value: str) -> bool:
 
 
 def _exporter(value: object) -> str:
-    names = {part.strip().lower() for part in _text(value).split(",") if part.strip()}
+    names = {part.strip().lower() for part in text(value).split(",") if part.strip()}
     if "none" in names:
         return "none"
     if names == {"otlp"}:
         return "otlp"
-    raise _BadValue(f"only the otlp exporter is available (or none to turn traces off), got {_text(value)!r}")
+    raise BadValue(f"only the otlp exporter is available (or none to turn traces off), got {text(value)!r}")
 
 
 def _url_as_is(value: object) -> str:
-    url = _text(value).strip()
+    url = text(value).strip()
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _BadValue(f"expected an http:// or https:// URL, got {url!r}")
+        raise BadValue(f"expected an http:// or https:// URL, got {url!r}")
     return url
 
 
 def _protocol(value: object) -> str:
-    protocol = _text(value).strip().lower()
+    protocol = text(value).strip().lower()
     if protocol != _PROTOCOL:
-        raise _BadValue(
+        raise BadValue(
             f"only {_PROTOCOL} is supported, got {protocol!r}: point the endpoint at the collector's "
             "OTLP/HTTP port (4318)"
         )
@@ -197,23 +197,23 @@ def _protocol(value: object) -> str:
 
 
 def _sampler(value: object) -> str:
-    sampler = _text(value).strip().lower()
+    sampler = text(value).strip().lower()
     if sampler not in SAMPLERS:
-        raise _BadValue(_unknown("sampler", sampler, SAMPLERS))
+        raise BadValue(unknown("sampler", sampler, SAMPLERS))
     return sampler
 
 
 def _ratio(value: object) -> float:
-    ratio = _number(value)
+    ratio = number(value)
     if not 0.0 <= ratio <= 1.0:
-        raise _BadValue(f"a sampling ratio is between 0 and 1, got {ratio:g}")
+        raise BadValue(f"a sampling ratio is between 0 and 1, got {ratio:g}")
     return ratio
 
 
 def _compression(value: object) -> str:
-    compression = _text(value).strip().lower()
+    compression = text(value).strip().lower()
     if compression not in COMPRESSIONS:
-        raise _BadValue(_unknown("compression", compression, COMPRESSIONS))
+        raise BadValue(unknown("compression", compression, COMPRESSIONS))
     return compression
 
 
@@ -222,14 +222,14 @@ def _scalar(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (str, int, float)):
         return str(value)
-    raise _BadValue(f"expected a string or a number, got {_kind(value)}")
+    raise BadValue(f"expected a string or a number, got {kind_of(value)}")
 
 
-def _file_pairs(node: object, path: str, ctx: _Context) -> dict[str, str]:
-    section = _section(node, path, ctx, None)
+def _file_pairs(node: object, path: str, ctx: Context) -> dict[str, str]:
+    section = read_section(node, path, ctx, None)
     pairs: dict[str, str] = {}
     for name, raw in (section or {}).items():
-        value = _convert(raw, _join(path, name), ctx, _scalar)
+        value = read_value(raw, join(path, name), ctx, _scalar)
         if value:  # empty after interpolation: left out
             pairs[name] = value
     return pairs
@@ -243,6 +243,6 @@ def _variable_pairs(raw: str) -> dict[str, str]:
             continue
         name, equals, value = item.partition("=")
         if not equals or not name.strip():
-            raise _BadValue(f"expected key=value items separated by commas, got {item.strip()!r}")
+            raise BadValue(f"expected key=value items separated by commas, got {item.strip()!r}")
         pairs[unquote(name.strip())] = unquote(value.strip())
     return pairs

@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 
 @dataclass(slots=True)
-class _Context:
+class Context:
     """Problems and warnings collected during one parse."""
 
     environ: Mapping[str, str]
@@ -31,15 +31,15 @@ class _Context:
         self.warnings.append(f"{path}: {message}")
 
 
-class _BadValue(ValueError):
+class BadValue(ValueError):
     """A value of the wrong type or out of range; the message says what was expected."""
 
 
-def _join(path: str, key: str) -> str:
+def join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _kind(value: object) -> str:
+def kind_of(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, (int, float)):
@@ -51,7 +51,7 @@ def _kind(value: object) -> str:
     return "a mapping" if isinstance(value, Mapping) else type(value).__name__
 
 
-def _unknown(kind: str, name: str, choices: Collection[str]) -> str:
+def unknown(kind: str, name: str, choices: Collection[str]) -> str:
     close = difflib.get_close_matches(name, sorted(choices), n=1)
     if close:
         return f"unknown {kind} {name!r} (did you mean {close[0]!r}?)"
@@ -60,7 +60,7 @@ def _unknown(kind: str, name: str, choices: Collection[str]) -> str:
     return f"unknown {kind} {name!r}"
 
 
-def _section(node: object, path: str, ctx: _Context, allowed: Collection[str] | None) -> dict[str, object] | None:
+def read_section(node: object, path: str, ctx: Context, allowed: Collection[str] | None) -> dict[str, object] | None:
     """``node`` as a mapping with string keys (null reads as empty), or None after an error.
 
     With ``allowed``, other keys are reported with a suggestion and left out.
@@ -68,7 +68,7 @@ def _section(node: object, path: str, ctx: _Context, allowed: Collection[str] | 
     if node is None:
         return {}
     if not isinstance(node, Mapping):
-        ctx.error(path, f"expected a mapping, got {_kind(node)}")
+        ctx.error(path, f"expected a mapping, got {kind_of(node)}")
         return None
     out: dict[str, object] = {}
     for key, value in node.items():
@@ -77,23 +77,23 @@ def _section(node: object, path: str, ctx: _Context, allowed: Collection[str] | 
         if not isinstance(key, str):
             ctx.error(path, f"key {key!r} must be a string")
         elif allowed is not None and key not in allowed:
-            ctx.error(path, _unknown("key", key, allowed))
+            ctx.error(path, unknown("key", key, allowed))
         else:
             out[key] = value
     return out
 
 
-def _items(node: object, path: str, ctx: _Context) -> list[tuple[str, object]]:
+def read_items(node: object, path: str, ctx: Context) -> list[tuple[str, object]]:
     """``node``'s items, each with its path; null reads as empty."""
     if node is None:
         return []
     if not isinstance(node, list):
-        ctx.error(path, f"expected a list, got {_kind(node)}")
+        ctx.error(path, f"expected a list, got {kind_of(node)}")
         return []
     return [(f"{path}[{index}]", item) for index, item in enumerate(node)]
 
 
-def _expand(raw: object, path: str, ctx: _Context) -> object | None:
+def _expand(raw: object, path: str, ctx: Context) -> object | None:
     """``raw`` with strings interpolated; None after an error."""
     if not isinstance(raw, str):
         return raw
@@ -104,53 +104,53 @@ def _expand(raw: object, path: str, ctx: _Context) -> object | None:
         return None
 
 
-def _convert(raw: object, path: str, ctx: _Context, convert: Callable[[object], T]) -> T | None:
+def read_value(raw: object, path: str, ctx: Context, convert: Callable[[object], T]) -> T | None:
     """``raw`` interpolated and converted; None when null, empty, or invalid (recorded)."""
     value = _expand(raw, path, ctx)
     if value is None or value == "":
         return None
     try:
         return convert(value)
-    except _BadValue as exc:
+    except BadValue as exc:
         ctx.error(path, str(exc))
         return None
 
 
-def _opt(m: Mapping[str, object], key: str, path: str, ctx: _Context, convert: Callable[[object], T]) -> T | None:
-    return _convert(m.get(key), _join(path, key), ctx, convert)
+def opt(m: Mapping[str, object], key: str, path: str, ctx: Context, convert: Callable[[object], T]) -> T | None:
+    return read_value(m.get(key), join(path, key), ctx, convert)
 
 
-def _get(
+def get(
     m: Mapping[str, object],
     key: str,
     path: str,
-    ctx: _Context,
+    ctx: Context,
     convert: Callable[[object], T],
     default: T,
 ) -> T:
-    value = _opt(m, key, path, ctx, convert)
+    value = opt(m, key, path, ctx, convert)
     return default if value is None else value
 
 
-def _text(value: object) -> str:
+def text(value: object) -> str:
     if isinstance(value, str):
         return value
-    raise _BadValue(f"expected a string, got {_kind(value)}")
+    raise BadValue(f"expected a string, got {kind_of(value)}")
 
 
-def _boolean(value: object) -> bool:
+def boolean(value: object) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise _BadValue(f"expected true or false, got {value!r}")
+    raise BadValue(f"expected true or false, got {value!r}")
 
 
 _TRUE: Final = frozenset({"true", "yes", "on", "1"})
 _FALSE: Final = frozenset({"false", "no", "off", "0"})
 
 
-def _integer(value: object) -> int:
+def integer(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -158,10 +158,10 @@ def _integer(value: object) -> int:
             return int(value.strip())
         except ValueError:
             pass
-    raise _BadValue(f"expected an integer, got {value!r}")
+    raise BadValue(f"expected an integer, got {value!r}")
 
 
-def _number(value: object) -> float:
+def number(value: object) -> float:
     result: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         result = float(value)
@@ -169,57 +169,57 @@ def _number(value: object) -> float:
         with contextlib.suppress(ValueError):
             result = float(value.strip())
     if result is None or not math.isfinite(result):
-        raise _BadValue(f"expected a number, got {value!r}")
+        raise BadValue(f"expected a number, got {value!r}")
     return result
 
 
-def _positive_int(value: object) -> int:
-    result = _integer(value)
+def positive_int(value: object) -> int:
+    result = integer(value)
     if result <= 0:
-        raise _BadValue(f"must be a positive integer, got {result}")
+        raise BadValue(f"must be a positive integer, got {result}")
     return result
 
 
-def _positive_number(value: object) -> float:
-    result = _number(value)
+def positive_number(value: object) -> float:
+    result = number(value)
     if result <= 0:
-        raise _BadValue(f"must be a positive number, got {result:g}")
+        raise BadValue(f"must be a positive number, got {result:g}")
     return result
 
 
-def _int_between(low: int, high: int) -> Callable[[object], int]:
+def int_between(low: int, high: int) -> Callable[[object], int]:
     def convert(value: object) -> int:
-        result = _integer(value)
+        result = integer(value)
         if not low <= result <= high:
-            raise _BadValue(f"must be between {low} and {high}, got {result}")
+            raise BadValue(f"must be between {low} and {high}, got {result}")
         return result
 
     return convert
 
 
-def _required_text(m: Mapping[str, object], key: str, path: str, ctx: _Context) -> str | None:
+def required_text(m: Mapping[str, object], key: str, path: str, ctx: Context) -> str | None:
     if m.get(key) is None:
         ctx.error(path, f"missing required key {key!r}")
         return None
     errors = len(ctx.errors)
-    value = _opt(m, key, path, ctx, _text)
+    value = opt(m, key, path, ctx, text)
     if value is None and len(ctx.errors) == errors:
-        ctx.error(_join(path, key), "must not be empty")
+        ctx.error(join(path, key), "must not be empty")
     return value
 
 
-def _http_url(value: object) -> str:
-    url = _text(value).rstrip("/")
+def http_url(value: object) -> str:
+    url = text(value).rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _BadValue(f"expected an http:// or https:// URL, got {url!r}")
+        raise BadValue(f"expected an http:// or https:// URL, got {url!r}")
     return url
 
 
-def _redis_url(value: object) -> str:
-    url = _text(value)
+def redis_url(value: object) -> str:
+    url = text(value)
     if urlsplit(url).scheme.lower() not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
-        raise _BadValue(f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {redact_url(url)!r}")
+        raise BadValue(f"expected a redis://, rediss://, unix:// or redis+sentinel:// URL, got {redact_url(url)!r}")
     return url
 
 

@@ -41,7 +41,10 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
-class Attempt:
+class DrillAttempt:
+    """One provider's turn as a drill's client reads it from the answer's headers
+    (`x-proxy-fallbacks`, `x-proxy-provider`); the proxy's own record is `errors.Attempt`."""
+
     provider: str
     outcome: str  # "ok" or a FailureClass value
 
@@ -55,7 +58,7 @@ class Result:
     stream: bool
     status: int | None  # None: no HTTP answer at all
     provider: str | None
-    attempts: tuple[Attempt, ...]
+    attempts: tuple[DrillAttempt, ...]
     first_byte_ms: float | None
     first_token_ms: float | None
     total_ms: float
@@ -97,21 +100,21 @@ class Report:
 # --- pure decisions -----------------------------------------------------------------
 
 
-def parse_fallbacks(header: str | None) -> tuple[Attempt, ...]:
+def parse_fallbacks(header: str | None) -> tuple[DrillAttempt, ...]:
     """`x-proxy-fallbacks: a=timeout,b=unhealthy` as attempts (malformed pairs are kept as `?`)."""
     attempts = []
     for pair in (header or "").split(","):
         provider, _, outcome = pair.strip().partition("=")
         if provider:
-            attempts.append(Attempt(provider, outcome or "?"))
+            attempts.append(DrillAttempt(provider, outcome or "?"))
     return tuple(attempts)
 
 
-def attempts_of(headers: Mapping[str, str], answered: bool) -> tuple[Attempt, ...]:
+def attempts_of(headers: Mapping[str, str], answered: bool) -> tuple[DrillAttempt, ...]:
     """Every attempt the proxy's headers name: the fallbacks, then the provider that answered."""
     fallbacks = parse_fallbacks(headers.get("x-proxy-fallbacks"))
     provider = headers.get("x-proxy-provider")
-    return fallbacks + ((Attempt(provider, "ok"),) if provider and answered else ())
+    return fallbacks + ((DrillAttempt(provider, "ok"),) if provider and answered else ())
 
 
 def sla_held(result: Result, sla_ms: int) -> bool:
@@ -125,7 +128,7 @@ def _was_called(outcome: str) -> bool:
         return True  # "ok", or a class this drill does not know: the provider was called
 
 
-def leaks(results: Sequence[Result], disabled: Sequence[str]) -> tuple[tuple[Result, Attempt], ...]:
+def leaks(results: Sequence[Result], disabled: Sequence[str]) -> tuple[tuple[Result, DrillAttempt], ...]:
     """Where a switched-off provider answered or was called: the switch did not hold."""
     off = set(disabled)
     return tuple(

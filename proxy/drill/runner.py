@@ -157,7 +157,7 @@ async def drill_in_process(config: Config, plan: Plan) -> Report:
     """Serve the real app for `config` on 127.0.0.1, switch providers off in it, and drill."""
     from starlette.applications import Starlette
 
-    from proxy.app import ProxyState
+    from proxy.app import Service
     from proxy.server import bound_port, build_server
 
     _check_names(plan.disabled, config.providers, "provider")
@@ -170,11 +170,11 @@ async def drill_in_process(config: Config, plan: Plan) -> Report:
                 raise DrillError("the in-process proxy did not start (see the log above)")
             await asyncio.sleep(0.01)
         app = server.config.app
-        state = app.state.proxy if isinstance(app, Starlette) else None
-        if not isinstance(state, ProxyState) or state.runtime is None:
+        service = app.state.service if isinstance(app, Starlette) else None
+        if not isinstance(service, Service) or service.runtime is None:
             raise DrillError("the in-process proxy has no runtime")
         for name in plan.disabled:
-            state.runtime.health.disable(name, f"disabled by operator: {REASON}")
+            service.runtime.health.disable(name, f"disabled by operator: {REASON}")
         proxy = f"http://127.0.0.1:{bound_port(server)}"
         key = config.auth_keys[0] if config.auth_keys else None
         async with _client(proxy, key, plan) as client:

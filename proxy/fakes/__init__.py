@@ -12,7 +12,7 @@ See :class:`Fault` for the fault kinds. ``fake.stop()`` closes the port (connect
 
 from ._anthropic import FakeAnthropic
 from ._blackhole import Blackhole
-from ._core import RequestRecord
+from ._core import ReceivedRequest, count_words, fake_vector, prompt_words
 from ._fault import FAULT_KINDS, Fault
 from ._gemini import FakeGemini
 from ._ollama import FakeOllama
@@ -28,5 +28,8 @@ __all__ = [
     "FakeOpenAI",
     "FakeServer",
     "Fault",
-    "RequestRecord",
+    "ReceivedRequest",
+    "count_words",
+    "fake_vector",
+    "prompt_words",
 ]

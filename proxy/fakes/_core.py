@@ -36,7 +36,7 @@ class AbortConnection(Exception):
 
 
 @dataclass(frozen=True)
-class RequestRecord:
+class ReceivedRequest:
     """One request a fake received: method, path, query string, lowercased headers, parsed JSON body.
 
     ``body`` is the parsed JSON (a dict for API calls), or None when the body was empty or not JSON.
@@ -222,13 +222,13 @@ class FakeCore:
         # after a tool result, the reply quotes it (so a test sees that it came back).
         self.call_tools = False
         self.stopping: asyncio.Event | None = None
-        self._records: list[RequestRecord] = []
+        self._records: list[ReceivedRequest] = []
         self._records_lock = threading.Lock()
 
     # -- request records -------------------------------------------------------------------------
 
     @property
-    def records(self) -> list[RequestRecord]:
+    def records(self) -> list[ReceivedRequest]:
         with self._records_lock:
             return list(self._records)
 
@@ -246,7 +246,7 @@ class FakeCore:
                 body = json.loads(raw)
             except ValueError:
                 valid = False
-        record = RequestRecord(
+        record = ReceivedRequest(
             method=request.method,
             path=request.url.path,
             headers={key.lower(): value for key, value in request.headers.items()},

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._core import CONTINUATIONS, AbortConnection, FakeCore, RequestRecord, wait_disconnect
+from ._core import CONTINUATIONS, AbortConnection, FakeCore, ReceivedRequest, wait_disconnect
 from ._fault import Fault
 
 _START_TIMEOUT: Final = 10.0
@@ -184,7 +184,7 @@ class FakeServer:
         self._core.call_tools = value
 
     @property
-    def requests(self) -> list[RequestRecord]:
+    def requests(self) -> list[ReceivedRequest]:
         """A snapshot of the requests received since the last reset() (control calls excluded)."""
         return self._core.records
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.openapi.builders import VERSION, Schema
-from proxy.openapi.paths import _paths
-from proxy.openapi.responses import _security_schemes, _shared_responses
-from proxy.openapi.schemas import _schemas
+from proxy.openapi.paths import all_paths
+from proxy.openapi.responses import security_schemes, shared_responses
+from proxy.openapi.schemas import all_schemas
 
 __all__ = ["openapi_spec"]
 
@@ -33,11 +33,11 @@ def openapi_spec() -> dict[str, Any]:
             {"name": "operations", "description": "health, readiness, metrics and this document"},
             {"name": "admin", "description": "behind `server.admin_key`; 404 when it is not set"},
         ],
-        "paths": _paths(),
+        "paths": all_paths(),
         "components": {
-            "schemas": _schemas(),
-            "responses": _shared_responses(),
-            "securitySchemes": _security_schemes(),
+            "schemas": all_schemas(),
+            "responses": shared_responses(),
+            "securitySchemes": security_schemes(),
         },
     }
 

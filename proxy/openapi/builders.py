@@ -9,7 +9,7 @@ Schema = dict[str, Any]
 VERSION = "0.1.0"
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
-_SSE_DESCRIPTION = (
+SSE_DESCRIPTION = (
     "With `stream: true`: server-sent events, `data: <ChatCompletionChunk JSON>` each. Headers are held until "
     "the first real token, so a failure before it falls back invisibly. A failure after it either continues on "
     'the next provider or ends with one in-band `data: {"error": {...}}` event (the OpenAI error object). '

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from proxy.openapi.apis import paths as api_paths
 from proxy.openapi.builders import (
-    _SSE_DESCRIPTION,
     ADMIN_BASIC,
     ADMIN_BEARER,
     BEARER,
+    SSE_DESCRIPTION,
     Schema,
     const,
     header_parameter,
@@ -25,7 +25,7 @@ from proxy.openapi.responses import answer_headers, chat_error_headers, error_re
 # -- paths -----------------------------------------------------------------------------
 
 
-def _paths() -> dict[str, Schema]:
+def all_paths() -> dict[str, Schema]:
     chat = {"post": chat_operation("createChatCompletion")}
     chat_alias = {"post": chat_operation("createChatCompletionWithoutV1")}
     return {
@@ -111,7 +111,7 @@ def sse_event_schema() -> Schema:
         {"event": string(), "id": string(), "retry": integer(), "data": {"anyOf": [const("[DONE]"), json_data]}},
         ("data",),
     )
-    schema["description"] = _SSE_DESCRIPTION
+    schema["description"] = SSE_DESCRIPTION
     return schema
 
 

@@ -72,7 +72,7 @@ def error_response(description: str, headers: Schema | None = None) -> Schema:
     return response(description, json_content(ref("ErrorBody")), headers)
 
 
-def _shared_responses() -> dict[str, Schema]:
+def shared_responses() -> dict[str, Schema]:
     return {
         "Unauthorized": error_response(
             "missing or wrong bearer key (`authentication_error`, code `invalid_api_key`)",
@@ -84,7 +84,7 @@ def _shared_responses() -> dict[str, Schema]:
     }
 
 
-def _security_schemes() -> dict[str, Schema]:
+def security_schemes() -> dict[str, Schema]:
     return {
         BEARER: {
             "type": "http",

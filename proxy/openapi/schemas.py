@@ -22,7 +22,7 @@ from proxy.openapi.builders import (
 # -- schemas ---------------------------------------------------------------------------
 
 
-def _schemas() -> dict[str, Schema]:
+def all_schemas() -> dict[str, Schema]:
     return {
         "ErrorBody": error_body_schema(),
         "ChatCompletionRequest": chat_request_schema(),

@@ -41,6 +41,7 @@ from proxy.responses.answer import (
     usage_of,
 )
 from proxy.responses.request import Echo
+from proxy.sse import format_event
 
 # The codes OpenAI's `ResponseError` may carry; any other is sent as `server_error`.
 ERROR_CODES: Final = frozenset(
@@ -65,10 +66,6 @@ ERROR_CODES: Final = frozenset(
         "image_file_not_found",
     }
 )
-
-
-def sse(kind: str, payload: dict[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 @dataclass(slots=True)
@@ -325,7 +322,7 @@ class ResponsesStream:
     def _event(self, kind: str, payload: dict[str, Any]) -> bytes:
         sequence = self._sequence
         self._sequence += 1
-        return sse(kind, {"type": kind, "sequence_number": sequence, **payload})
+        return format_event(orjson.dumps({"type": kind, "sequence_number": sequence, **payload}), kind.encode())
 
 
 def _empty_part(part: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ client counters and stream leases.
                  the pure decisions both stores share
     memory       MemoryStore: one instance, in-process dicts
     redis_store  RedisStore: shared by every replica (one Redis, Sentinel or Cluster); fails fast
-    breaker      the RedisStore's circuit breaker
+    breaker      StoreBreaker: the RedisStore's circuit breaker
     pending      the queue of failed settles and releases, replayed when Redis answers
     scripts      the Redis key layout (hash tags) and Lua scripts
     channel      the health channel: classic pub/sub, or a shard channel on a cluster

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-class Breaker:
+class StoreBreaker:
     """Opens after a connection failure, or after `timeouts` calls in a row that
     timed out (one slow answer on a busy machine says little about Redis); stays
     open for `seconds`; then one trial call, whose success closes it."""

@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from proxy.state.breaker import Breaker, describe_failure, is_timeout
+from proxy.state.breaker import StoreBreaker, describe_failure, is_timeout
 from proxy.state.channel import ENDED, ShardedChannel, Subscription, subscribe
 from proxy.state.connect import open_client, open_cluster
 from proxy.state.pending import PENDING_LIMIT, ReplayQueue
@@ -112,7 +112,7 @@ class RedisStore:
         self.timeout = timeout
         self.hard_timeout = hard_timeout if hard_timeout is not None else timeout * 2 + 0.02
         self.pool_wait = pool_wait
-        self._breaker = Breaker(breaker_seconds, clock, breaker_timeouts)
+        self._breaker = StoreBreaker(breaker_seconds, clock, breaker_timeouts)
         self._clock = clock
         self._slots = asyncio.Semaphore(max_connections)
         self._max_connections = max_connections

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from proxy.adapters.base import Adapter, Chunk, Limits
+from proxy.adapters.base import Adapter, AttemptLimits, Chunk
 from proxy.config import ProviderConfig
 from proxy.deadline import Deadline
 from proxy.errors import FailureClass, ProviderError
@@ -85,7 +85,7 @@ async def first_token(
     empty end); any failure before that is the provider's and stays invisible."""
     loop = asyncio.get_running_loop()
     first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
-    limits = Limits(
+    limits = AttemptLimits(
         connect=min(provider.timeout.connect, first_deadline - loop.time()),
         read=provider.timeout.idle,
         max_bytes=max_bytes,

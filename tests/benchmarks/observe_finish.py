@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters.base import Usage
+from proxy.adapters import Usage
 from proxy.observe import Metrics, Observer, RequestRecord, configure_logging
 
 CALLS = 20_000

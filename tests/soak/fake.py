@@ -12,8 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from proxy.fakes import FakeOpenAI
-from proxy.fakes._core import count_words, prompt_words
+from proxy.fakes import FakeOpenAI, count_words, prompt_words
 
 CHAT_PATH = "/v1/chat/completions"
 

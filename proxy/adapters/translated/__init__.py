@@ -23,7 +23,6 @@ that sends over our pooled httpx client and never retries on one of its own.
 
 from __future__ import annotations
 
-from proxy.adapters.translated.acompletion import _Acompletion
 from proxy.adapters.translated.adapter import TranslatedAdapter
 
-__all__ = ["TranslatedAdapter", "_Acompletion"]
+__all__ = ["TranslatedAdapter"]

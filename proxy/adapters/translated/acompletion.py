@@ -11,18 +11,19 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Completion, Embeddings, Limits, Usage, with_trace
+from proxy.adapters.base import AttemptLimits, Chunk, Completion, Embeddings, Usage, with_trace
 from proxy.adapters.translated.embed import embeddings_of, openai_list
 from proxy.adapters.translated.wire import (
-    _TRANSPORT_ERRORS,
-    _json_default,
-    _timeout,
-    _translation_errors,
+    TRANSLATED_TRANSPORT_ERRORS,
+    httpx_timeout,
+    json_default,
+    translation_errors,
 )
 from proxy.config import ProviderConfig
+from proxy.errors import ProviderError
 
 
-class _Acompletion:
+class Acompletion:
     """Providers without a translated dialect go through `litellm.acompletion`,
     with an HTTP handler that sends over our client and never retries on one of
     its own. Slower (litellm's whole machinery), same contract."""
@@ -30,11 +31,12 @@ class _Acompletion:
     def __init__(self, provider: ProviderConfig, client: httpx.AsyncClient, litellm: Any) -> None:
         self._provider = provider
         self._litellm = litellm
-        self._errors = _translation_errors(litellm)
+        # what a litellm call may raise: the connection's failures, and litellm's own
+        self._caught: tuple[type[BaseException], ...] = (*TRANSLATED_TRANSPORT_ERRORS, *translation_errors(litellm))
         self._handler = _pooled_handler(client)
 
     def _kwargs(
-        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
+        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: AttemptLimits
     ) -> dict[str, Any]:
         named, extras = orjson.loads(orjson.dumps(params))  # litellm edits what it is given
         provider = self._provider
@@ -47,36 +49,32 @@ class _Acompletion:
             "api_key": provider.api_key,
             "extra_headers": dict(with_trace(provider.headers)) or None,
             "client": self._handler,
-            "timeout": _timeout(limits),
+            "timeout": httpx_timeout(limits),
             "drop_params": True,
             "num_retries": 0,
             "max_retries": 0,
         }
 
     async def complete(
-        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
+        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: AttemptLimits
     ) -> Completion:
         try:
             answer = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=False)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         out: dict[str, Any] = answer.model_dump()
         model = out.get("model") if isinstance(out.get("model"), str) else self._provider.upstream_model
         return Completion(
-            body=orjson.dumps(out, default=_json_default), model=str(model), usage=Usage.from_openai(out.get("usage"))
+            body=orjson.dumps(out, default=json_default), model=str(model), usage=Usage.from_openai(out.get("usage"))
         )
 
     async def stream(
-        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: Limits
+        self, params: tuple[dict[str, Any], dict[str, Any]], body: dict[str, Any], limits: AttemptLimits
     ) -> AsyncIterator[Chunk]:
         try:
             wrapper = await self._litellm.acompletion(**self._kwargs(params, body, limits), stream=True)
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         finished = False
         try:
             async for part in wrapper:
@@ -86,16 +84,20 @@ class _Acompletion:
                 chunk = Chunk.from_dict(dumped)
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         finally:
             await wrapper.aclose()
         if not finished:
             raise classify.incomplete_stream()
 
-    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+    def _failure(self, exc: BaseException) -> ProviderError:
+        """A litellm call's failure, classified: the connection's, or litellm's own."""
+        if isinstance(exc, TRANSLATED_TRANSPORT_ERRORS):
+            return classify.from_exception(exc)
+        return classify.from_litellm(exc)
+
+    async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         """`litellm.aembedding`, for providers without embedding functions of our own;
         floats are asked for (a base64 answer is encoded by the caller)."""
         provider = self._provider
@@ -107,16 +109,14 @@ class _Acompletion:
                 api_base=provider.api_base,
                 api_key=provider.api_key,
                 extra_headers=dict(provider.headers) or None,
-                timeout=_timeout(limits),
+                timeout=httpx_timeout(limits),
                 drop_params=True,
                 num_retries=0,
                 max_retries=0,
                 **extras,
             )
-        except _TRANSPORT_ERRORS as exc:
-            raise classify.from_exception(exc) from exc
-        except self._errors as exc:
-            raise classify.from_litellm(exc) from exc
+        except self._caught as exc:
+            raise self._failure(exc) from exc
         model = answer.model if isinstance(answer.model, str) and answer.model else provider.upstream_model
         return embeddings_of(openai_list(answer, model))
 

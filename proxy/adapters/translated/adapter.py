@@ -8,81 +8,50 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import aiohttp
 import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import AdapterHooks, Chunk, Completion, Embeddings, HttpClients, Limits, Usage, with_trace
+from proxy.adapters.base import (
+    AdapterHooks,
+    AttemptLimits,
+    Chunk,
+    Completion,
+    Embeddings,
+    HttpClients,
+    Usage,
+    with_trace,
+)
 from proxy.adapters.http import (
     ConnectionSlots,
     Silence,
     done_with,
     fetch,
-    read_capped,
-    stream_timeout,
+    open_stream,
+    stream_error,
     too_large,
 )
-from proxy.adapters.translated.acompletion import _Acompletion
-from proxy.adapters.translated.dialects import _DIALECTS, _Dialect, _Ollama
+from proxy.adapters.translated.acompletion import Acompletion
+from proxy.adapters.translated.dialects import DIALECTS, Dialect, Ollama
 from proxy.adapters.translated.embed import EMBEDDERS, Embedder
 from proxy.adapters.translated.wire import (
-    _OPENAI_ARGS,
-    _PARAMS_CACHE_SIZE,
-    _TRANSPORT_ERRORS,
+    OPENAI_ARGS,
+    PARAMS_CACHE_SIZE,
+    TRANSLATED_TRANSPORT_ERRORS,
+    Call,
+    ChunkWriter,
+    LitellmLog,
     MalformedEvent,
-    _Call,
-    _json_default,
-    _Log,
-    _malformed,
-    _Parser,
-    _Piece,
-    _translation_errors,
-    _Writer,
+    Parser,
+    Piece,
+    json_default,
+    malformed,
+    translation_errors,
 )
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.litellm_import import load_litellm
-
-
-class _Framer:
-    """The payloads of a stream, block by block: each SSE event's `data`, or each NDJSON line."""
-
-    __slots__ = ("_buffer", "_data", "_sse")
-
-    def __init__(self, framing: str) -> None:
-        self._sse = framing == "sse"
-        self._buffer = b""
-        self._data: list[bytes] = []
-
-    def feed(self, block: bytes) -> list[bytes]:
-        lines = (self._buffer + block if self._buffer else block).split(b"\n")
-        self._buffer = lines.pop()
-        payloads: list[bytes] = []
-        data = self._data
-        for line in lines:
-            if not self._sse:
-                if line.strip():
-                    payloads.append(line)
-            elif line.startswith(b"data:"):
-                data.append(line[5:].strip())
-            elif not line.rstrip(b"\r") and data:
-                payloads.append(b"\n".join(data))
-                data.clear()
-        return payloads
-
-    def flush(self) -> list[bytes]:
-        """What remains when the upstream closes (a last event or line without its end)."""
-        buffer, data, payloads = self._buffer, self._data, []
-        self._buffer = b""
-        if buffer.startswith(b"data:"):
-            data.append(buffer[5:].strip())
-        elif buffer.strip() and not self._sse:
-            payloads.append(buffer)
-        if data:
-            payloads.append(b"\n".join(data))
-            data.clear()
-        return payloads
+from proxy.sse import payload_decoder
 
 
 class TranslatedAdapter:
@@ -97,16 +66,16 @@ class TranslatedAdapter:
         self._client = clients.client
         self._slots = ConnectionSlots.of(provider)  # for the dialects' calls (not `acompletion`'s)
         litellm = load_litellm()
-        self._errors = _translation_errors(litellm)
+        self._errors = translation_errors(litellm)
         self._get_optional_params: Any = importlib.import_module("litellm.utils").get_optional_params
         core = importlib.import_module("litellm.litellm_core_utils.core_helpers")
         self._map_finish_reason: Any = core.map_finish_reason
         reserved = importlib.import_module("litellm.types.utils").all_litellm_params
         self._reserved = frozenset(litellm.OPENAI_CHAT_COMPLETION_PARAMS) | frozenset(reserved) | {"model", "messages"}
         self._params_cache: OrderedDict[bytes, bytes] = OrderedDict()
-        dialect = _DIALECTS.get(provider.litellm_provider)
-        self._dialect: _Dialect | None = dialect(provider, litellm) if dialect is not None else None
-        self._fallback = _Acompletion(provider, clients.client, litellm) if dialect is None else None
+        dialect = DIALECTS.get(provider.litellm_provider)
+        self._dialect: Dialect | None = dialect(provider, litellm) if dialect is not None else None
+        self._fallback = Acompletion(provider, clients.client, litellm) if dialect is None else None
         embedder = EMBEDDERS.get(provider.litellm_provider)
         self._embedder: Embedder | None = embedder(provider, litellm) if embedder is not None else None
         self._litellm = litellm
@@ -117,7 +86,7 @@ class TranslatedAdapter:
 
     # -- the adapter protocol ------------------------------------------------------------------
 
-    async def complete(self, body: dict[str, Any], limits: Limits) -> Completion:
+    async def complete(self, body: dict[str, Any], limits: AttemptLimits) -> Completion:
         if self._dialect is None:
             assert self._fallback is not None
             return await self._fallback.complete(self._split(body), body, limits)
@@ -135,7 +104,7 @@ class TranslatedAdapter:
         raw = httpx.Response(answer.status, headers=list(answer.headers.items()), content=answer.content)
         return self._completion(self._dialect, call, raw)
 
-    async def stream(self, body: dict[str, Any], limits: Limits) -> AsyncGenerator[Chunk, None]:
+    async def stream(self, body: dict[str, Any], limits: AttemptLimits) -> AsyncGenerator[Chunk, None]:
         if self._dialect is None:
             assert self._fallback is not None
             async for chunk in self._fallback.stream(self._split(body), body, limits):
@@ -144,16 +113,22 @@ class TranslatedAdapter:
         dialect = self._dialect
         call = self._prepare(dialect, body, stream=True)
         silence = Silence(limits.read)
-        response = await self._post(call, limits, silence)
+        response = await open_stream(
+            self._session,
+            call.url,
+            headers=with_trace(call.headers),
+            data=call.content,
+            limits=limits,
+            silence=silence,
+            slots=self._slots,
+        )
         try:
             if response.status >= 400:
-                async with silence.head():
-                    content = await read_capped(response, limits.max_bytes)
-                raise classify.from_status(response.status, content, response.headers)
+                raise await stream_error(response, limits, silence)
             # Socket bytes → payloads → litellm's parser → OpenAI chunks, in this generator.
-            parser: _Parser = self._reading(dialect.parser, call, response.headers)
-            writer = _Writer(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
-            framer = _Framer(dialect.framing)
+            parser: Parser = self._reading(dialect.parser, call, response.headers)
+            writer = ChunkWriter(self.provider.upstream_model, call.include_usage, self._map_finish_reason)
+            payloads = payload_decoder(dialect.framing)
             reader = response.content
             max_bytes = limits.max_bytes
             size = 0
@@ -167,15 +142,15 @@ class TranslatedAdapter:
                     size += len(block)
                     if size > max_bytes:
                         raise too_large(max_bytes)
-                    for data in framer.feed(block):
+                    for data in payloads.feed(block):
                         piece = self._piece(parser, data)
                         if piece is not None and (out := writer.chunk(piece)) is not None:
                             yield out
-                for data in framer.flush():
+                for data in payloads.flush():
                     piece = self._piece(parser, data)
                     if piece is not None and (out := writer.chunk(piece)) is not None:
                         yield out
-            except _TRANSPORT_ERRORS:
+            except TRANSLATED_TRANSPORT_ERRORS:
                 # After the upstream's own end of answer, a broken tail loses nothing.
                 if not parser.complete:
                     raise
@@ -183,7 +158,7 @@ class TranslatedAdapter:
                 raise classify.incomplete_stream()
             for last in writer.finish():
                 yield last
-        except _TRANSPORT_ERRORS as exc:
+        except TRANSLATED_TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
             silence.close()
@@ -191,12 +166,12 @@ class TranslatedAdapter:
             if self._slots is not None:
                 self._slots.give()
 
-    async def embed(self, body: dict[str, Any], limits: Limits) -> Embeddings:
+    async def embed(self, body: dict[str, Any], limits: AttemptLimits) -> Embeddings:
         embedder = self._embedder
         if embedder is None:
             if self.provider.litellm_provider == "anthropic":
                 raise ProviderError(FailureClass.UNSUPPORTED, "Anthropic has no embeddings API", sent=False)
-            fallback = self._fallback or _Acompletion(self.provider, self._client, self._litellm)
+            fallback = self._fallback or Acompletion(self.provider, self._client, self._litellm)
             return await fallback.embed(body, limits)
         try:
             url, headers, content = embedder.request(body)
@@ -206,7 +181,7 @@ class TranslatedAdapter:
         embeddings: Embeddings = self._reading(embedder.answer, body, answer.content)
         return embeddings
 
-    async def probe(self, limits: Limits) -> None:
+    async def probe(self, limits: AttemptLimits) -> None:
         if self._dialect is None:
             return
         dialect = self._dialect
@@ -222,27 +197,27 @@ class TranslatedAdapter:
 
     async def warmup(self) -> None:
         """Load an Ollama model and keep it resident (`keep_alive: -1`); a no-op elsewhere."""
-        if not isinstance(self._dialect, _Ollama):
+        if not isinstance(self._dialect, Ollama):
             return
         dialect = self._dialect
         timeouts = self.provider.timeout
         payload = {"model": dialect.model, "prompt": "", "keep_alive": -1}
         headers = {"content-type": "application/json", **dialect.auth_headers()}
-        limits = Limits(connect=timeouts.connect, read=timeouts.total)
+        limits = AttemptLimits(connect=timeouts.connect, read=timeouts.total)
         await self._exchange("POST", dialect.base + "/api/generate", headers, orjson.dumps(payload), limits)
 
     async def _exchange(
-        self, method: str, url: str, headers: dict[str, str], data: bytes | None, limits: Limits
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None, limits: AttemptLimits
     ) -> bytes:
         """A small request, read whole: its body, or the classified failure."""
         return (await fetch(self._session, method, url, headers=headers, data=data, limits=limits)).content
 
     # -- translation ---------------------------------------------------------------------------
 
-    def _piece(self, parser: _Parser, data: bytes) -> _Piece | None:
+    def _piece(self, parser: Parser, data: bytes) -> Piece | None:
         """One payload's piece of the answer; an unreadable payload is skipped (and told)."""
         try:
-            piece: _Piece | None = self._reading(parser.feed, data)
+            piece: Piece | None = self._reading(parser.feed, data)
         except MalformedEvent:
             self._hooks.malformed(self.provider.name, data)
             return None
@@ -260,7 +235,7 @@ class TranslatedAdapter:
         named: dict[str, Any] = {}
         extras: dict[str, Any] = {}
         for key, value in body.items():
-            if key in _OPENAI_ARGS:
+            if key in OPENAI_ARGS:
                 named[key] = value
             elif key not in self._reserved:
                 extras[key] = value
@@ -285,22 +260,22 @@ class TranslatedAdapter:
                 **own_extras,
                 **own_named,
             )
-            cached = orjson.dumps(params, default=_json_default)
+            cached = orjson.dumps(params, default=json_default)
             self._params_cache[key] = cached
-            if len(self._params_cache) > _PARAMS_CACHE_SIZE:
+            if len(self._params_cache) > PARAMS_CACHE_SIZE:
                 self._params_cache.popitem(last=False)
         else:
             self._params_cache.move_to_end(key)
         fresh: dict[str, Any] = orjson.loads(cached)
         return fresh
 
-    def _prepare(self, dialect: _Dialect, body: dict[str, Any], *, stream: bool) -> _Call:
+    def _prepare(self, dialect: Dialect, body: dict[str, Any], *, stream: bool) -> Call:
         named, extras = self._split(body)
         named["stream"] = stream
         stream_options = named.get("stream_options")
         include_usage = stream and isinstance(stream_options, dict) and stream_options.get("include_usage") is True
 
-        def translate() -> _Call:
+        def translate() -> Call:
             # A private copy: the transformations edit messages in place, and the
             # caller may send the same body to the next provider.
             messages = dialect.config.translate_developer_role_to_system_role(
@@ -313,8 +288,8 @@ class TranslatedAdapter:
             url, headers, data = dialect.build(messages, optional_params, litellm_params, stream)
             if isinstance(extra_body, dict):
                 data = {**data, **extra_body}
-            content = orjson.dumps(data, default=_json_default)
-            return _Call(
+            content = orjson.dumps(data, default=json_default)
+            return Call(
                 url=url,
                 headers=headers,
                 content=content,
@@ -324,7 +299,7 @@ class TranslatedAdapter:
                 data=data,
                 json_mode=json_mode,
                 include_usage=include_usage,
-                log=_Log(named),
+                log=LitellmLog(named),
             )
 
         try:
@@ -332,30 +307,13 @@ class TranslatedAdapter:
         except self._errors as exc:
             raise classify.untranslatable(exc) from exc
 
-    async def _post(self, call: _Call, limits: Limits, silence: Silence) -> aiohttp.ClientResponse:
-        """The stream's response, within one of the provider's slots (given back here if it fails)."""
-        slots = self._slots
-        if slots is not None:
-            await slots.take(limits)
-        try:
-            async with silence.head():
-                return await self._session.post(
-                    call.url, data=call.content, headers=with_trace(call.headers), timeout=stream_timeout(limits)
-                )
-        except BaseException as exc:
-            if slots is not None:
-                slots.give()
-            if isinstance(exc, _TRANSPORT_ERRORS):
-                raise classify.from_exception(exc) from exc
-            raise
-
-    def _completion(self, dialect: _Dialect, call: _Call, response: httpx.Response) -> Completion:
+    def _completion(self, dialect: Dialect, call: Call, response: httpx.Response) -> Completion:
         try:
             parsed = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
-            raise _malformed("answer", response.content) from exc
+            raise malformed("answer", response.content) from exc
         if not isinstance(parsed, dict):
-            raise _malformed("answer", response.content)
+            raise malformed("answer", response.content)
         if "error" in parsed:
             raise classify.from_stream_error(parsed)
         answer = self._reading(dialect.answer, call, response, parsed)
@@ -363,5 +321,5 @@ class TranslatedAdapter:
         model = dialect.served_model(answer, parsed)
         out["model"] = model
         return Completion(
-            body=orjson.dumps(out, default=_json_default), model=model, usage=Usage.from_openai(out.get("usage"))
+            body=orjson.dumps(out, default=json_default), model=model, usage=Usage.from_openai(out.get("usage"))
         )

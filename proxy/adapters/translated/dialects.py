@@ -12,23 +12,25 @@ import httpx
 import orjson
 
 from proxy.adapters.translated.wire import (
-    _ANTHROPIC_BASE,
-    _GEMINI_BASE,
-    _Call,
-    _event,
-    _malformed,
-    _Parser,
-    _Piece,
-    _piece_of,
+    ANTHROPIC_BASE,
+    GEMINI_BASE,
+    Call,
+    Parser,
+    Piece,
+    gemini_auth_and_url,
+    malformed,
+    piece_of,
+    read_event,
 )
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
+from proxy.sse import Framing
 
 
-class _Dialect:
+class Dialect:
     """One wire format spoken through litellm's config class for it."""
 
-    framing = "sse"  # or "ndjson"
+    framing: Framing = "sse"
 
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         self.provider = provider
@@ -45,10 +47,10 @@ class _Dialect:
         """URL, headers and body of the upstream request."""
         raise NotImplementedError
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         raise NotImplementedError
 
-    def answer(self, call: _Call, response: httpx.Response, parsed: dict[str, Any]) -> Any:
+    def answer(self, call: Call, response: httpx.Response, parsed: dict[str, Any]) -> Any:
         """The upstream's whole answer as a litellm `ModelResponse`."""
         return self.config.transform_response(
             model=self.model,
@@ -68,6 +70,20 @@ class _Dialect:
         model = answer.model
         return model if isinstance(model, str) and model else self.model
 
+    def _headers(
+        self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], api_base: str
+    ) -> Any:
+        """litellm's headers for a call to `api_base` (auth included), over the provider's own."""
+        return self.config.validate_environment(
+            headers=dict(self.provider.headers),
+            model=self.model,
+            messages=messages,
+            optional_params=optional_params,
+            litellm_params=litellm_params,
+            api_key=self.provider.api_key,
+            api_base=api_base,
+        )
+
     def probe_request(self) -> tuple[str, dict[str, str]] | None:
         return None
 
@@ -75,10 +91,10 @@ class _Dialect:
         pass
 
 
-class _Anthropic(_Dialect):
+class Anthropic(Dialect):
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         super().__init__(provider, litellm)
-        base = (provider.api_base or _ANTHROPIC_BASE).rstrip("/")
+        base = (provider.api_base or ANTHROPIC_BASE).rstrip("/")
         root = base.removesuffix("/v1/messages")
         self.url = root + "/v1/messages"
         self.models_url = root + "/v1/models"
@@ -95,24 +111,13 @@ class _Anthropic(_Dialect):
             self.config._is_adaptive_thinking_model
         )
 
-    def _headers(self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any]) -> Any:
-        return self.config.validate_environment(
-            headers=dict(self.provider.headers),
-            model=self.model,
-            messages=messages,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            api_key=self.provider.api_key,
-            api_base=self.url,
-        )
-
     def build(
         self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], stream: bool
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         optional_params.pop("stream", None)
         optional_params.pop("vertex_count_tokens_location", None)
         params = {**optional_params, "is_vertex_request": False}
-        headers = self._headers(messages, params, litellm_params)
+        headers = self._headers(messages, params, litellm_params, self.url)
         data = self.config.transform_request(
             model=self.model, messages=messages, optional_params=params, litellm_params=litellm_params, headers=headers
         )
@@ -121,7 +126,7 @@ class _Anthropic(_Dialect):
             data["stream"] = True
         return self.url, headers, data
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         def litellms() -> Any:
             return self._iterator(
                 streaming_response=None,
@@ -131,14 +136,14 @@ class _Anthropic(_Dialect):
                 tool_name_reverse_map=call.litellm_params.get(self._reverse_map_key),
             )
 
-        return _AnthropicParser(litellms, plain=not call.json_mode)
+        return AnthropicParser(litellms, plain=not call.json_mode)
 
     def probe_request(self) -> tuple[str, dict[str, str]] | None:
-        headers = self._headers([], {}, {})
+        headers = self._headers([], {}, {}, self.url)
         return self.models_url, headers
 
 
-class _AnthropicParser(_Parser):
+class AnthropicParser(Parser):
     """Anthropic SSE events (`event: error` included).
 
     To litellm's parser a `text` delta is exactly its text and touches no state,
@@ -158,13 +163,13 @@ class _AnthropicParser(_Parser):
         self._input_tokens = 0
         self._block: object = None  # the type of the content block under way, while plain
 
-    def feed(self, data: bytes) -> _Piece | None:
-        event = _event(data)
+    def feed(self, data: bytes) -> Piece | None:
+        event = read_event(data)
         kind = event.get("type")
         if kind == "content_block_delta":
             delta = event.get("delta")
             if isinstance(delta, dict) and isinstance(delta.get("text"), str):
-                return _Piece(content=delta["text"])
+                return Piece(content=delta["text"])
         elif kind == "ping":
             return None
         elif kind == "message_stop":
@@ -175,7 +180,7 @@ class _AnthropicParser(_Parser):
             if not isinstance(piece, _NotPlain):
                 return piece
             self._plain = False
-        return _piece_of(self._litellm().chunk_parser(chunk=event))
+        return piece_of(self._litellm().chunk_parser(chunk=event))
 
     def _litellm(self) -> Any:
         if self.iterator is None:
@@ -184,7 +189,7 @@ class _AnthropicParser(_Parser):
                 self.iterator.chunk_parser(chunk=self._start)  # its model and input tokens
         return self.iterator
 
-    def _plain_piece(self, kind: object, event: dict[str, Any]) -> _Piece | _NotPlain | None:
+    def _plain_piece(self, kind: object, event: dict[str, Any]) -> Piece | _NotPlain | None:
         """The piece of a plain event, or `_NOT_PLAIN`."""
         if kind == "message_start":
             message = event.get("message")
@@ -194,7 +199,7 @@ class _AnthropicParser(_Parser):
             assert isinstance(usage, dict)
             self._start, self._input_tokens = event, usage.get("input_tokens", 0)
             model = message.get("model")
-            return _Piece(
+            return Piece(
                 model=model if isinstance(model, str) and model else None,
                 usage=_usage(self._input_tokens, usage.get("output_tokens", 0)),
             )
@@ -203,7 +208,7 @@ class _AnthropicParser(_Parser):
             if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
                 return _NOT_PLAIN
             self._block = "text"
-            return _Piece(content=block["text"] or None)
+            return Piece(content=block["text"] or None)
         if kind == "content_block_stop" and self._block == "text":
             self._block = None
             return None
@@ -214,7 +219,7 @@ class _AnthropicParser(_Parser):
             assert isinstance(usage, dict)
             self._input_tokens = usage.get("input_tokens", self._input_tokens)
             reason = delta.get("stop_reason")
-            return _Piece(
+            return Piece(
                 finish_reason=reason if isinstance(reason, str) else None,
                 usage=_usage(self._input_tokens, usage.get("output_tokens", 0)),
             )
@@ -256,8 +261,8 @@ def _usage(prompt: int, completion: int) -> dict[str, Any]:
     }
 
 
-class _Ollama(_Dialect):
-    framing = "ndjson"
+class Ollama(Dialect):
+    framing: Framing = "ndjson"
 
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         super().__init__(provider, litellm)
@@ -268,15 +273,7 @@ class _Ollama(_Dialect):
     def build(
         self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], stream: bool
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
-        headers = self.config.validate_environment(
-            headers=dict(self.provider.headers),
-            model=self.model,
-            messages=messages,
-            optional_params=optional_params,
-            litellm_params=litellm_params,
-            api_key=self.provider.api_key,
-            api_base=self.base,
-        )
+        headers = self._headers(messages, optional_params, litellm_params, self.base)
         url = self.config.get_complete_url(
             api_base=self.base,
             api_key=self.provider.api_key,
@@ -295,7 +292,7 @@ class _Ollama(_Dialect):
         headers.setdefault("content-type", "application/json")
         return url, headers, data
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         return _OllamaParser(self._iterator(streaming_response=None, sync_stream=False, json_mode=call.json_mode))
 
     def served_model(self, answer: Any, parsed: dict[str, Any]) -> str:
@@ -317,7 +314,7 @@ class _Ollama(_Dialect):
         try:
             tags = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise _malformed("/api/tags answer", body) from exc
+            raise malformed("/api/tags answer", body) from exc
         models = tags.get("models") if isinstance(tags, dict) else None
         names = {
             name
@@ -330,13 +327,13 @@ class _Ollama(_Dialect):
             raise ProviderError(FailureClass.SERVER_ERROR, message)
 
 
-class _OllamaParser(_Parser):
+class _OllamaParser(Parser):
     """Ollama NDJSON lines (`{"error": ...}` included). To litellm's parser a line
     of plain content, before any reasoning and without tool calls, is exactly its
     content, so it is answered here; the others (the `done` line too) go to it."""
 
-    def feed(self, data: bytes) -> _Piece | None:
-        line = _event(data)
+    def feed(self, data: bytes) -> Piece | None:
+        line = read_event(data)
         message = line.get("message")
         if line.get("done") is True:
             self.complete = True
@@ -349,11 +346,11 @@ class _OllamaParser(_Parser):
             content = message.get("content")
             if isinstance(content, str) and "<think>" not in content:
                 model = line.get("model")
-                return _Piece(content=content or None, model=model if isinstance(model, str) else None)
-        return _piece_of(self.iterator.chunk_parser(chunk=line))
+                return Piece(content=content or None, model=model if isinstance(model, str) else None)
+        return piece_of(self.iterator.chunk_parser(chunk=line))
 
 
-class _Gemini(_Dialect):
+class Gemini(Dialect):
     def __init__(self, provider: ProviderConfig, litellm: Any) -> None:
         super().__init__(provider, litellm)
         gemini = importlib.import_module("litellm.llms.vertex_ai.gemini.vertex_and_google_ai_studio_gemini")
@@ -361,23 +358,13 @@ class _Gemini(_Dialect):
         self._vertex: Any = gemini.VertexLLM()
         self._iterator: Any = gemini.ModelResponseIterator
         self._transform_body: Any = transformation._transform_request_body
-        self.base = (provider.api_base or _GEMINI_BASE).rstrip("/")
+        self.base = (provider.api_base or GEMINI_BASE).rstrip("/")
 
     def build(
         self, messages: list[Any], optional_params: dict[str, Any], litellm_params: dict[str, Any], stream: bool
     ) -> tuple[str, dict[str, str], dict[str, Any]]:
         optional_params.pop("stream", None)
-        auth, url = self._vertex._get_token_and_url(
-            model=self.model,
-            auth_header=None,
-            gemini_api_key=self.provider.api_key,
-            vertex_project=None,
-            vertex_location=None,
-            vertex_credentials=None,
-            stream=stream,
-            custom_llm_provider="gemini",
-            api_base=self.provider.api_base,
-        )
+        auth, url = gemini_auth_and_url(self._vertex, self.provider, self.model, stream=stream)
         headers = self.config.validate_environment(
             api_key=auth,
             headers=dict(self.provider.headers) or None,
@@ -398,7 +385,7 @@ class _Gemini(_Dialect):
         )
         return url, headers, data
 
-    def parser(self, call: _Call, headers: Mapping[str, str]) -> _Parser:
+    def parser(self, call: Call, headers: Mapping[str, str]) -> Parser:
         iterator = self._iterator(
             streaming_response=None, sync_stream=False, logging_obj=call.log, response_headers=headers
         )
@@ -411,15 +398,15 @@ class _Gemini(_Dialect):
         return self.base + "/models", headers
 
 
-class _GeminiParser(_Parser):
+class _GeminiParser(Parser):
     """Gemini `streamGenerateContent?alt=sse` events (an `error` object included);
     the answer is complete once a candidate carries a finish reason."""
 
-    def feed(self, data: bytes) -> _Piece | None:
-        piece = _piece_of(self.iterator.chunk_parser(chunk=_event(data)))
+    def feed(self, data: bytes) -> Piece | None:
+        piece = piece_of(self.iterator.chunk_parser(chunk=read_event(data)))
         if piece is not None and piece.finish_reason:
             self.complete = True
         return piece
 
 
-_DIALECTS: Final[dict[str, type[_Dialect]]] = {"anthropic": _Anthropic, "ollama_chat": _Ollama, "gemini": _Gemini}
+DIALECTS: Final[dict[str, type[Dialect]]] = {"anthropic": Anthropic, "ollama_chat": Ollama, "gemini": Gemini}

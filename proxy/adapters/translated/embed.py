@@ -19,6 +19,7 @@ from typing import Any, Final
 import orjson
 
 from proxy.adapters.base import Embeddings, Usage
+from proxy.adapters.translated.wire import gemini_auth_and_url
 from proxy.config import ProviderConfig
 
 # What the client's body may carry for Ollama's `/api/embed` besides `input` and `dimensions`.
@@ -125,18 +126,7 @@ class GeminiEmbedder(Embedder):
         self._process: Any = transformation.process_response
 
     def request(self, body: dict[str, Any]) -> tuple[str, dict[str, str], bytes]:
-        auth, url = self._vertex._get_token_and_url(
-            model=self.model,
-            auth_header=None,
-            gemini_api_key=self.provider.api_key,
-            vertex_project=None,
-            vertex_location=None,
-            vertex_credentials=None,
-            stream=None,
-            custom_llm_provider="gemini",
-            api_base=self.provider.api_base,
-            mode="batch_embedding",
-        )
+        auth, url = gemini_auth_and_url(self._vertex, self.provider, self.model, stream=None, mode="batch_embedding")
         params = {"dimensions": body["dimensions"]} if body.get("dimensions") is not None else {}
         data = self._transform(input=texts_of(body), model=self.model, optional_params=params)
         headers = {"content-type": "application/json", **(auth if isinstance(auth, dict) else {})}

@@ -13,18 +13,19 @@ import httpx
 import orjson
 
 from proxy.adapters import classify
-from proxy.adapters.base import Chunk, Limits, Usage
+from proxy.adapters.base import AttemptLimits, Chunk, Usage
 from proxy.adapters.http import TRANSPORT_ERRORS
+from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 
 # Failures of the connection itself: aiohttp's (the dialects), httpx's (the
 # `acompletion` fallback), and a reset socket can surface as a bare OSError.
-_TRANSPORT_ERRORS: Final = (*TRANSPORT_ERRORS, httpx.HTTPError)
+TRANSLATED_TRANSPORT_ERRORS: Final = (*TRANSPORT_ERRORS, httpx.HTTPError)
 
 # The OpenAI parameters litellm's `completion()` hands to `get_optional_params`
 # by name; any other body key is a provider-specific extra, unless litellm
 # reserves it (api_key, api_base, metadata, ...): those are never forwarded.
-_OPENAI_ARGS: Final = frozenset(
+OPENAI_ARGS: Final = frozenset(
     {
         "functions",
         "function_call",
@@ -61,12 +62,12 @@ _OPENAI_ARGS: Final = frozenset(
         "prompt_cache_key",
     }
 )
-_PARAMS_CACHE_SIZE: Final = 256
-_GEMINI_BASE: Final = "https://generativelanguage.googleapis.com/v1beta"
-_ANTHROPIC_BASE: Final = "https://api.anthropic.com"
+PARAMS_CACHE_SIZE: Final = 256
+GEMINI_BASE: Final = "https://generativelanguage.googleapis.com/v1beta"
+ANTHROPIC_BASE: Final = "https://api.anthropic.com"
 
 
-def _translation_errors(litellm: Any) -> tuple[type[BaseException], ...]:
+def translation_errors(litellm: Any) -> tuple[type[BaseException], ...]:
     """What litellm's translation code raises on input it cannot handle: its own
     exceptions (the openai family and the per-provider `BaseLLMException`s) and
     the plain errors of dict-walking code."""
@@ -75,22 +76,41 @@ def _translation_errors(litellm: Any) -> tuple[type[BaseException], ...]:
     return (base.BaseLLMException, openai.OpenAIError, ValueError, TypeError, LookupError, AttributeError)
 
 
-def _timeout(limits: Limits) -> httpx.Timeout:
+def httpx_timeout(limits: AttemptLimits) -> httpx.Timeout:
     return httpx.Timeout(connect=limits.connect, read=limits.read, write=limits.connect, pool=limits.connect)
 
 
-def _json_default(value: Any) -> Any:
+def gemini_auth_and_url(
+    vertex: Any, provider: ProviderConfig, model: str, *, stream: bool | None, mode: str = "chat"
+) -> tuple[Any, str]:
+    """litellm's Google AI Studio auth and URL for one call to `model` (`vertex`: its `VertexLLM`)."""
+    auth, url = vertex._get_token_and_url(
+        model=model,
+        auth_header=None,
+        gemini_api_key=provider.api_key,
+        vertex_project=None,
+        vertex_location=None,
+        vertex_credentials=None,
+        stream=stream,
+        custom_llm_provider="gemini",
+        api_base=provider.api_base,
+        mode=mode,
+    )
+    return auth, url
+
+
+def json_default(value: Any) -> Any:
     dump = getattr(value, "model_dump", None)
     if dump is None:
         raise TypeError(f"cannot encode {type(value).__name__}")
     return dump()
 
 
-def _malformed(what: str, data: bytes) -> ProviderError:
+def malformed(what: str, data: bytes) -> ProviderError:
     return ProviderError(FailureClass.SERVER_ERROR, f"malformed {what}: {data[:120]!r}")
 
 
-class _Log:
+class LitellmLog:
     """The slice of litellm's logging object that its transformations touch."""
 
     __slots__ = ("model_call_details", "optional_params")
@@ -107,7 +127,7 @@ class _Log:
 
 
 @dataclass(slots=True)
-class _Call:
+class Call:
     """One translated upstream request and the state its answer's translation needs."""
 
     url: str
@@ -119,11 +139,11 @@ class _Call:
     data: dict[str, Any]
     json_mode: bool
     include_usage: bool
-    log: _Log
+    log: LitellmLog
 
 
 @dataclass(slots=True)
-class _Piece:
+class Piece:
     """What one upstream stream event adds to the answer."""
 
     content: str | None = None
@@ -134,11 +154,11 @@ class _Piece:
     model: str | None = None
 
 
-def _piece_of(parsed: Any) -> _Piece | None:
+def piece_of(parsed: Any) -> Piece | None:
     """Read a litellm `ModelResponseStream` (None: nothing to say)."""
     if parsed is None:
         return None
-    piece = _Piece(usage=getattr(parsed, "usage", None), model=parsed.model or None)
+    piece = Piece(usage=getattr(parsed, "usage", None), model=parsed.model or None)
     if parsed.choices:
         choice = parsed.choices[0]
         delta = choice.delta
@@ -160,7 +180,7 @@ def _usage_dict(usage: Any) -> dict[str, Any] | None:
     return dumped
 
 
-class _Parser:
+class Parser:
     """Turns one upstream stream's payloads into pieces, with litellm's chunk
     parser for the provider (`iterator`). `complete` says the upstream ended
     its answer properly."""
@@ -169,7 +189,7 @@ class _Parser:
         self.iterator = iterator
         self.complete = False
 
-    def feed(self, data: bytes) -> _Piece | None:
+    def feed(self, data: bytes) -> Piece | None:
         raise NotImplementedError
 
 
@@ -177,7 +197,7 @@ class MalformedEvent(Exception):
     """A stream payload that is not a JSON object: skipped, the stream goes on."""
 
 
-def _event(data: bytes) -> dict[str, Any]:
+def read_event(data: bytes) -> dict[str, Any]:
     """One stream payload as a JSON object; an in-band error raises classified,
     an unreadable one `MalformedEvent`."""
     try:
@@ -192,7 +212,7 @@ def _event(data: bytes) -> dict[str, Any]:
 
 
 @dataclass(slots=True)
-class _Writer:
+class ChunkWriter:
     """Assembles OpenAI `chat.completion.chunk`s: one id, created and model per stream,
     the role on the first chunk, the finish (and usage) once the upstream is done."""
 
@@ -206,7 +226,7 @@ class _Writer:
     finish_reason: str | None = None
     usage: Any = None
 
-    def chunk(self, piece: _Piece) -> Chunk | None:
+    def chunk(self, piece: Piece) -> Chunk | None:
         if piece.model:
             self.model = piece.model
         if piece.usage is not None:

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from proxy.app import create_app
-from proxy.protocol import H11OpenAIErrors, HttpToolsOpenAIErrors
+from proxy.http_protocol import H11OpenAIErrors, HttpToolsOpenAIErrors
 from tests.conftest import build_config
 
 BAD_REQUESTS = [
