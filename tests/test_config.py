@@ -225,8 +225,8 @@ def test_minimal_config_has_defaults(tmp_path: Path) -> None:
     provider = config.providers["a"]
     assert (provider.retries, provider.probe, dict(provider.headers)) == (0, True, {})
     assert (provider.stream_upstream, provider.continue_with) == (True, "instruction")
-    # Not declared: what litellm's model map knows of the model.
-    assert provider.capabilities == {"vision", "tools", "json_schema"}
+    # Not declared, and litellm's model map knows of nothing it lacks: no restriction.
+    assert provider.capabilities is None
 
 
 def test_setting_only_total_caps_the_other_timeouts(tmp_path: Path) -> None:
@@ -713,6 +713,31 @@ def test_the_prefix_list_is_litellms() -> None:
     from proxy.litellm_import import load_litellm
 
     assert {provider.value for provider in load_litellm().LlmProviders} == LITELLM_PROVIDERS
+
+
+def test_the_model_limits_are_litellms_model_map() -> None:
+    """`model_limits.LACKING` is what the installed litellm's map says models lack."""
+    import importlib.util
+    import os
+
+    import orjson
+
+    from proxy.config.model_info import CAPABILITY_FLAGS
+    from proxy.config.model_limits import LACKING
+
+    spec = importlib.util.find_spec("litellm")
+    assert spec is not None and spec.origin is not None
+    path = os.path.join(os.path.dirname(spec.origin), "model_prices_and_context_window_backup.json")
+    with open(path, "rb") as file:
+        models = orjson.loads(file.read())
+    expected = {}
+    for name, info in sorted(models.items()):
+        if isinstance(info, dict):
+            lacking = tuple(sorted(c for c, flag in CAPABILITY_FLAGS.items() if info.get(flag) is False))
+            if lacking:
+                expected[name] = lacking
+    table = "\n".join(f"    {name!r}: {lacking!r}," for name, lacking in expected.items())
+    assert dict(LACKING) == expected, f"litellm's map changed; the new table:\n{table}"
 
 
 def test_capabilities_declared_win_over_the_model_map(tmp_path: Path) -> None:
