@@ -29,8 +29,8 @@ from proxy.state import ReplayStats, StoreUnavailable
 from proxy.status import HEADERS, REALM, ProviderView, QuotaToday, StatusView, Usage, refresh_seconds, render
 
 if TYPE_CHECKING:
-    from proxy.app import Service
     from proxy.runtime import Runtime
+    from proxy.service import Service
 
 
 def _json(body: object, status: int = 200) -> Response:

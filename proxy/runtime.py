@@ -24,7 +24,8 @@ from proxy.errors import ProviderError
 from proxy.health import HealthBoard
 from proxy.intake import key_digest
 from proxy.limits import ClientLimits, stream_lease_seconds
-from proxy.observe import Metrics, OperatorEvents, event
+from proxy.metrics import Metrics
+from proxy.observe import OperatorEvents, event
 from proxy.quota import QuotaGate
 from proxy.state import StateStore
 

@@ -1,6 +1,6 @@
 """OpenTelemetry traces: one SERVER span per request, one CLIENT span per provider call.
 
-Imported only when traces are on (`proxy.app.start_tracing`): with them off no
+Imported only when traces are on (`proxy.service.start_tracing`): with them off no
 OpenTelemetry module is loaded and the core's hooks (`RequestHooks`,
 `StreamHooks` in `proxy.observe`) cost a None check each.
 

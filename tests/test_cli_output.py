@@ -27,14 +27,8 @@ from proxy import cli
 from proxy.adapters import Usage
 from proxy.fakes import FakeOpenAI
 from proxy.logtext import TextLogHandler
-from proxy.observe import (
-    JsonLogHandler,
-    Metrics,
-    Observer,
-    RequestRecord,
-    configure_logging,
-    event,
-)
+from proxy.metrics import Metrics
+from proxy.observe import JsonLogHandler, Observer, RequestRecord, configure_logging, event
 from tests.conftest import openai_provider
 from tests.redis_server import free_port
 

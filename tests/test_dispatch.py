@@ -15,13 +15,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.adapters import HttpClients, make_adapter
-from proxy.app import create_app, open_session
+from proxy.app import create_app
 from proxy.config import Config, parse_config
 from proxy.dispatch import Dispatcher, backoff
 from proxy.errors import AllProvidersFailed, FailureClass, UpstreamClientError
 from proxy.health import HealthBoard
-from proxy.observe import Metrics, OperatorEvents, RequestRecord
+from proxy.metrics import Metrics
+from proxy.observe import OperatorEvents, RequestRecord
 from proxy.quota import QuotaGate
+from proxy.service import open_session
 from proxy.shaping import Needs
 from proxy.state import MemoryStore
 

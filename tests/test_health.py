@@ -24,7 +24,8 @@ from proxy.health import (
     excused,
     probe_verdict,
 )
-from proxy.observe import Metrics, OperatorEvents
+from proxy.metrics import Metrics
+from proxy.observe import OperatorEvents
 from proxy.state import MemoryStore, RedisStore
 
 from .redis_server import free_port

@@ -11,14 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.adapters import Usage
-from proxy.observe import (
-    JsonLogHandler,
-    Metrics,
-    Observer,
-    OperatorEvents,
-    RequestRecord,
-    request_log,
-)
+from proxy.metrics import Metrics
+from proxy.observe import JsonLogHandler, Observer, OperatorEvents, RequestRecord, request_log
 from proxy.state import Admission
 
 from .conftest import build_config, openai_provider

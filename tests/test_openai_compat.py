@@ -18,10 +18,10 @@ from aiohttp import web
 
 from proxy.adapters import AttemptLimits, Chunk, classify
 from proxy.adapters.openai_compat import OpenAICompatAdapter
-from proxy.app import open_session
 from proxy.config import parse_config
 from proxy.errors import FailureClass, ProviderError
 from proxy.fakes import Blackhole, FakeOpenAI
+from proxy.service import open_session
 
 BODY: dict[str, Any] = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
 LIMITS = AttemptLimits(connect=2, read=5)

@@ -200,7 +200,8 @@ async def test_a_settle_applies_once_and_only_for_an_admission_that_counted() ->
 async def test_an_uncertain_call_stays_counted_and_is_counted_as_uncertain(caplog: pytest.LogCaptureFixture) -> None:
     from prometheus_client import CollectorRegistry
 
-    from proxy.observe import Metrics, OperatorEvents
+    from proxy.metrics import Metrics
+    from proxy.observe import OperatorEvents
 
     store, registry = MemoryStore(), CollectorRegistry()
     gate = QuotaGate(store, "UTC", OperatorEvents(Metrics(registry)))
@@ -262,7 +263,8 @@ def _provider(**quota: int) -> Any:
 async def test_a_settle_that_meets_a_dead_redis_is_reported_and_waits_for_replay() -> None:
     from prometheus_client import CollectorRegistry
 
-    from proxy.observe import Metrics, OperatorEvents
+    from proxy.metrics import Metrics
+    from proxy.observe import OperatorEvents
     from proxy.state import RedisStore
 
     from .redis_server import RedisServer

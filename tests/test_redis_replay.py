@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 from proxy.config import LimitSettings
 from proxy.errors import ClientRateLimited
 from proxy.limits import ClientLimits
-from proxy.observe import Metrics, OperatorEvents
+from proxy.metrics import Metrics
+from proxy.observe import OperatorEvents
 from proxy.quota import QuotaGate
 from proxy.state import Lease, RedisStore, ReplayStats, StoreUnavailable
 from tests.redis_server import REDIS_SERVER

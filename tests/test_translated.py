@@ -24,11 +24,11 @@ from aiohttp import web
 from proxy.adapters import AttemptLimits, Chunk, HttpClients
 from proxy.adapters.translated import TranslatedAdapter
 from proxy.adapters.translated.acompletion import Acompletion
-from proxy.app import open_session
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.fakes import FakeAnthropic, FakeOllama
 from proxy.litellm_import import load_litellm
+from proxy.service import open_session
 
 pytestmark = [
     pytest.mark.litellm,

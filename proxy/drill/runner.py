@@ -157,8 +157,8 @@ async def drill_in_process(config: Config, plan: Plan) -> Report:
     """Serve the real app for `config` on 127.0.0.1, switch providers off in it, and drill."""
     from starlette.applications import Starlette
 
-    from proxy.app import Service
     from proxy.server import bound_port, build_server
+    from proxy.service import Service
 
     _check_names(plan.disabled, config.providers, "provider")
     _check_names(plan.routes, {**config.routes, **config.providers}, "route")

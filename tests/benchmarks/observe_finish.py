@@ -19,7 +19,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 
 from proxy.adapters import Usage
-from proxy.observe import Metrics, Observer, RequestRecord, configure_logging
+from proxy.metrics import Metrics
+from proxy.observe import Observer, RequestRecord, configure_logging
 
 CALLS = 20_000
 
