@@ -85,9 +85,11 @@ async def first_token(
     empty end); any failure before that is the provider's and stays invisible."""
     loop = asyncio.get_running_loop()
     first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
+    # No read limit for the adapter: the first-token deadline below and then
+    # `LiveStream.next_chunk` bound every read; a second timer per read would be work done twice.
     limits = AttemptLimits(
         connect=min(provider.timeout.connect, first_deadline - loop.time()),
-        read=provider.timeout.idle,
+        read=None,
         max_bytes=max_bytes,
     )
     stream = adapter.stream(body, limits)
