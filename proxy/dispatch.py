@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from proxy.adapters.base import Adapter, AttemptLimits, Completion, Embeddings, Usage
+from proxy.adapters.base import Adapter, AttemptLimits, Chunk, Completion, Embeddings, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
 from proxy.errors import AllProvidersFailed, FailureClass, ProviderError, UpstreamClientError
@@ -461,10 +461,11 @@ async def _collect(
     live = await first_token(adapter, provider, _for_stream(provider, asked, usage=True), deadline, max_bytes)
     assembler = Assembler()
     try:
-        for chunk in live.take_head():
-            assembler.add(chunk)
-        while (chunk_or_end := await live.next_chunk()) is not None:
-            assembler.add(chunk_or_end)
+        read: list[Chunk] | None = live.take_head()
+        while read is not None:
+            for chunk in read:
+                assembler.add(chunk)
+            read = await live.next_read()
     finally:
         await live.close()
     return assembler.completion()

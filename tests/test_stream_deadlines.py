@@ -63,8 +63,8 @@ def start_of(upstream: Upstream, idle: float, total: float = 60) -> LiveStream:
 
 async def read_all(start: LiveStream) -> list[str]:
     texts = []
-    while (next_chunk := await start.next_chunk()) is not None:
-        texts.append(next_chunk.text)
+    while (read := await start.next_read()) is not None:
+        texts += [chunk.text for chunk in read]
     return texts
 
 
@@ -104,11 +104,11 @@ async def test_the_total_deadline_ends_a_stream_that_never_stalls() -> None:
 
 async def test_time_spent_between_reads_does_not_count_against_the_idle_timeout() -> None:
     start = start_of(Upstream([0, 0, 0]), idle=0.1)
-    assert (await start.next_chunk()) is not None
+    assert (await start.next_read()) is not None
     await asyncio.sleep(0.3)  # the client is slow to take it: not the provider's stall
-    assert (await start.next_chunk()) is not None
-    assert (await start.next_chunk()) is not None
-    assert (await start.next_chunk()) is None
+    assert (await start.next_read()) is not None
+    assert (await start.next_read()) is not None
+    assert (await start.next_read()) is None
     await start.close()
 
 
@@ -192,8 +192,10 @@ async def test_a_failure_in_the_rest_of_a_read_is_the_providers() -> None:
     start = LiveStream(
         head=[], rest=OneRead(["a", "b"], fail=True).stream(), provider=provider(idle=1), deadline=loop.time() + 60
     )
+    read = await start.next_read()
+    assert read is not None and [chunk.text for chunk in read] == ["a", "b"]  # what came before it goes out first
     with pytest.raises(ProviderError) as caught:
-        await read_all(start)
+        await start.next_read()
     assert caught.value.failure is FailureClass.SERVER_ERROR and caught.value.provider == "p"
     await start.close()
 
@@ -204,9 +206,10 @@ async def test_the_read_after_a_reads_last_chunk_is_guarded_again() -> None:
         head=[], rest=OneRead(["a", "b", "c"], stall=5).stream(), provider=provider(idle=0.2), deadline=loop.time() + 60
     )
     began = loop.time()
-    assert [(await start.next_chunk()) is not None for _ in range(3)] == [True, True, True]
+    read = await start.next_read()
+    assert read is not None and [chunk.text for chunk in read] == ["a", "b", "c"]  # one read, handed over whole
     with pytest.raises(ProviderError) as caught:
-        await start.next_chunk()
+        await start.next_read()
     assert caught.value.failure is FailureClass.TIMEOUT and loop.time() - began < 1.0
     await start.close()
 

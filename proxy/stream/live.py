@@ -3,8 +3,9 @@ chunk by chunk under the idle and total deadlines.
 
 `first_token` opens a stream and holds its chunks until the first one that
 carries content (or a clean empty end), so any failure before it is the
-provider's and invisible to the client. `LiveStream.next_chunk` bounds every
-later read; one `Deadline` timer serves every read of the stream.
+provider's and invisible to the client. `LiveStream.next_read` bounds every
+later read (and hands over all the chunks that read brought); one `Deadline`
+timer serves every read of the stream.
 """
 
 from __future__ import annotations
@@ -33,33 +34,29 @@ class LiveStream:
     hide_usage: bool = False  # usage was asked for the quota, not by the client
     trace: StreamHooks | None = None  # the attempt's span, when traces are on: it ends with the stream
     _reads: Deadline | None = field(default=None, repr=False)  # one timer for every read's deadline
-    _more: bool = field(default=False, repr=False)  # the last chunk had more of its upstream read behind it
+    _failure: ProviderError | None = field(default=None, repr=False)  # raised by the rest of a read, for the next
 
     def take_head(self) -> list[Chunk]:
         """The chunks held back until the first token (once)."""
         head, self.head = self.head, []
         return head
 
-    async def next_chunk(self) -> Chunk | None:
-        """The next chunk within the idle and total deadlines; None at the end."""
-        if self._more:  # the rest of an upstream read: no wait on the network, nothing to guard
-            try:
-                chunk = await self.rest.__anext__()
-            except StopAsyncIteration:
-                return None
-            except ProviderError as exc:
-                exc.provider = self.provider.name
-                raise
-            self._more = chunk.more
-            return chunk
+    async def next_read(self) -> list[Chunk] | None:
+        """The chunks of the next upstream read (at least one), within the idle
+        and total deadlines; None at the end. Only the wait for the read's first
+        chunk is guarded: the rest of the read (`Chunk.more`) is already here."""
+        failure = self._failure
+        if failure is not None:  # raised by the rest of the last read: its chunks went first
+            self._failure = None
+            raise failure
         reads = self._reads
         if reads is None:
             reads = self._reads = Deadline()
         reads.enter(min(reads.now() + self.provider.timeout.idle, self.deadline))
         try:
-            chunk_or_end = await anext(self.rest, None)
-            self._more = chunk_or_end is not None and chunk_or_end.more
-            return chunk_or_end
+            chunk = await self.rest.__anext__()
+        except StopAsyncIteration:
+            return None
         except asyncio.CancelledError:
             if not reads.expired():
                 raise
@@ -71,6 +68,26 @@ class LiveStream:
             raise
         finally:
             reads.leave()
+        chunks = [chunk]
+        if chunk.more:
+            await self._rest_of_read(chunks)
+        return chunks
+
+    async def _rest_of_read(self, chunks: list[Chunk]) -> None:
+        """Append the chunks that follow in the same upstream read (no wait on the
+        network, so no deadline guards them); a failure among them is kept for
+        the next read, after these chunks have gone out."""
+        rest = self.rest
+        chunk = chunks[-1]
+        try:
+            while chunk.more:
+                chunk = await rest.__anext__()
+                chunks.append(chunk)
+        except StopAsyncIteration:
+            return
+        except ProviderError as exc:
+            exc.provider = self.provider.name
+            self._failure = exc
 
     async def close(self) -> None:
         if self._reads is not None:
@@ -86,7 +103,7 @@ async def first_token(
     loop = asyncio.get_running_loop()
     first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
     # No read limit for the adapter: the first-token deadline below and then
-    # `LiveStream.next_chunk` bound every read; a second timer per read would be work done twice.
+    # `LiveStream.next_read` bound every read; a second timer per read would be work done twice.
     limits = AttemptLimits(
         connect=min(provider.timeout.connect, first_deadline - loop.time()),
         read=None,
@@ -111,8 +128,10 @@ async def first_token(
         first.close()
         if not started:  # failed, timed out or cancelled: close the upstream now
             await close_stream(stream)
-    more = bool(head) and head[-1].more
-    return LiveStream(head=head, rest=stream, provider=provider, deadline=deadline, _more=more)
+    live = LiveStream(head=head, rest=stream, provider=provider, deadline=deadline)
+    if head and head[-1].more:  # the first token's read goes on: the rest of it belongs to the head
+        await live._rest_of_read(head)
+    return live
 
 
 async def close_stream(stream: AsyncIterator[Chunk]) -> None:

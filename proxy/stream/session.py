@@ -97,7 +97,7 @@ class StreamSession:
         away) closes the upstream; `on_end` is called once with the outcome ("ok",
         "stream_interrupted", or, when the stream is cut short, what `cut_by`
         says) and the first failure after the first token. The held chunks go out
-        as one write, and so do the chunks of one upstream read (`Chunk.more`)."""
+        as one write, and so do the chunks of one upstream read."""
         record, live, sent = self.record, self.live, _Sent()
         splice: Splice | None = None
         outcome: str | None = None
@@ -120,16 +120,17 @@ class StreamSession:
                 batch.append(opening)
             while outcome is None:
                 try:
-                    head = live.take_head()
-                    emit(head if splice is None else [out for chunk in head for out in splice.feed(chunk)])
-                    if batch and not (head and head[-1].more):
-                        yield b"".join(batch)
-                        batch.clear()
-                    while (chunk := await live.next_chunk()) is not None:
-                        emit([chunk] if splice is None else splice.feed(chunk))
-                        if batch and not chunk.more:
+                    read: list[Chunk] | None = live.take_head()
+                    while read is not None:
+                        if splice is None:
+                            emit(read)
+                        else:
+                            for chunk in read:
+                                emit(splice.feed(chunk))
+                        if batch:
                             yield batch[0] if len(batch) == 1 else b"".join(batch)
                             batch.clear()
+                        read = await live.next_read()
                     if splice is not None:
                         emit(splice.end())
                     outcome = "ok"

@@ -142,14 +142,16 @@ class TranslatedAdapter:
                     size += len(block)
                     if size > max_bytes:
                         raise too_large(max_bytes)
-                    for data in payloads.feed(block):
-                        piece = self._piece(parser, data)
-                        if piece is not None and (out := writer.chunk(piece)) is not None:
-                            yield out
-                for data in payloads.flush():
-                    piece = self._piece(parser, data)
-                    if piece is not None and (out := writer.chunk(piece)) is not None:
-                        yield out
+                    chunks, failure = self._chunks(parser, writer, payloads.feed(block))
+                    for chunk in chunks:
+                        yield chunk
+                    if failure is not None:
+                        raise failure
+                chunks, failure = self._chunks(parser, writer, payloads.flush())
+                for chunk in chunks:
+                    yield chunk
+                if failure is not None:
+                    raise failure
             except TRANSLATED_TRANSPORT_ERRORS:
                 # After the upstream's own end of answer, a broken tail loses nothing.
                 if not parser.complete:
@@ -213,6 +215,25 @@ class TranslatedAdapter:
         return (await fetch(self._session, method, url, headers=headers, data=data, limits=limits)).content
 
     # -- translation ---------------------------------------------------------------------------
+
+    def _chunks(
+        self, parser: Parser, writer: ChunkWriter, payloads: list[bytes]
+    ) -> tuple[list[Chunk], ProviderError | None]:
+        """The chunks of one upstream read, each but the last marked `more` (they
+        go to the client as one write), and a failure that came after them
+        (raised once they are out)."""
+        chunks: list[Chunk] = []
+        failure: ProviderError | None = None
+        try:
+            for data in payloads:
+                piece = self._piece(parser, data)
+                if piece is not None and (out := writer.chunk(piece)) is not None:
+                    chunks.append(out)
+        except ProviderError as exc:
+            failure = exc
+        for chunk in chunks[:-1]:
+            chunk.more = True
+        return chunks, failure
 
     def _piece(self, parser: Parser, data: bytes) -> Piece | None:
         """One payload's piece of the answer; an unreadable payload is skipped (and told)."""
