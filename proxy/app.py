@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ from proxy.errors import (
 from proxy.intake import (
     authenticate,
     check_headers,
+    header,
     parse_chat_request,
     parse_embeddings_request,
     parse_json_object,
@@ -187,7 +188,7 @@ async def _shed(send: Send, limit: int) -> None:
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", uuid.uuid4().hex.encode()),
+        (b"x-request-id", os.urandom(16).hex().encode()),
         *((name.encode(), value.encode()) for name, value in refused.headers().items()),
     ]
     await send({"type": "http.response.start", "status": refused.status_code, "headers": headers})
@@ -262,7 +263,7 @@ class Handlers:
             body = await read_body(request, config.server.max_body_bytes)
             payload = parse_chat_request(body, config.limits.max_messages)
             ticket = await runtime.limits.enter(
-                client_id(request.headers.get("authorization")), payload.get("stream") is True
+                client_id(header(request, b"authorization")), payload.get("stream") is True
             )
             model = payload["model"]
             route = config.route_for(model)
@@ -270,7 +271,7 @@ class Handlers:
                 raise ModelNotFound(model, list(config.routes), list(config.providers))
             record.route = route.name
             record.stream = payload.get("stream") is True
-            needs = needs_of(payload, request.headers.get("x-proxy-local-only"))
+            needs = needs_of(payload, header(request, b"x-proxy-local-only"))
             if record.stream:
                 session = StreamSession(runtime.dispatcher, route, payload, needs, record)
                 await session.open()
@@ -323,9 +324,9 @@ class Handlers:
         ticket: Ticket | None = None
         try:
             payload = parse_embeddings_request(await self._admitted_body(request, runtime))
-            ticket = await runtime.limits.enter(client_id(request.headers.get("authorization")), False)
+            ticket = await runtime.limits.enter(client_id(header(request, b"authorization")), False)
             route = _route(runtime, payload["model"], record)
-            needs = embedding_needs(runtime.config, route, payload, request.headers.get("x-proxy-local-only"))
+            needs = embedding_needs(runtime.config, route, payload, header(request, b"x-proxy-local-only"))
             try:
                 answer = await runtime.dispatcher.embed(route, payload, needs, record)
             except AllProvidersFailed as exc:
@@ -351,9 +352,9 @@ class Handlers:
             payload = parse_json_object(await self._admitted_body(request, runtime), "Responses request")
             chat, echo = translate(payload)
             record.stream = payload.get("stream") is True
-            ticket = await runtime.limits.enter(client_id(request.headers.get("authorization")), record.stream)
+            ticket = await runtime.limits.enter(client_id(header(request, b"authorization")), record.stream)
             route = _route(runtime, payload["model"], record)
-            needs = needs_of(chat, request.headers.get("x-proxy-local-only"))
+            needs = needs_of(chat, header(request, b"x-proxy-local-only"))
             if record.stream:
                 chat["stream"] = True
                 chat["stream_options"] = {"include_usage": True}
@@ -492,7 +493,7 @@ def _model_entry(name: str, kind: str) -> dict[str, Any]:
 
 
 def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
+    given = header(request, b"x-request-id")
     if given and len(given) <= 128 and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as opaque as a uuid4's hex, without building a UUID

@@ -150,7 +150,19 @@ def after_success(
     reason = f"time to first token {smoothed:.1f}s" if slow and smoothed is not None else ""
     if health.breaker is Breaker.CLOSED and health.failures == 0 and health.state is state:
         # Nothing to tell the other replicas.
-        return health if smoothed == health.ttft else replace(health, ttft=smoothed)
+        if smoothed == health.ttft:
+            return health
+        # `dataclasses.replace`, without its introspection: this runs on every answer.
+        return ProviderHealth(
+            health.state,
+            health.breaker,
+            health.failures,
+            health.retry_at,
+            smoothed,
+            health.reason,
+            health.updated,
+            health.disabled,
+        )
     return ProviderHealth(state=state, ttft=smoothed, reason=reason, updated=now)
 
 

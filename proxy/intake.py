@@ -37,7 +37,7 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit`."""
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(limit)
     try:
@@ -54,6 +54,17 @@ async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
         if size > limit:
             raise PayloadTooLarge(limit)
         yield part
+
+
+def header(request: Request, name: bytes) -> str | None:
+    """The value of the request's first header called `name` (lower case, as
+    ASGI gives names), or None: one pass over the raw headers, where a missing
+    name costs Starlette's `Headers.get` a raised and caught KeyError."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            value_text: str = value.decode("latin-1")
+            return value_text
+    return None
 
 
 def check_headers(request: Request, limit: int) -> None:
@@ -204,7 +215,7 @@ def authenticate(request: Request, digests: tuple[bytes, ...], *, admin: bool = 
     constant time whichever key it is; no keys configured means open."""
     if not digests:
         return
-    scheme, token = credentials(request.headers.get("authorization"))
+    scheme, token = credentials(header(request, b"authorization"))
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed("Missing bearer key: send 'Authorization: Bearer <key>'.")
     candidate = hashlib.sha256(token.encode()).digest()
