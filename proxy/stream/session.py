@@ -127,7 +127,7 @@ class StreamSession:
                         else:
                             for chunk in read:
                                 emit(splice.feed(chunk))
-                        if batch:
+                        if batch and not (read and read[-1].more):  # `more` on the last: the end is here too
                             yield batch[0] if len(batch) == 1 else b"".join(batch)
                             batch.clear()
                         read = await live.next_read()

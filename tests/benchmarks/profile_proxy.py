@@ -76,7 +76,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.benchmarks.profile_proxy", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--kind", choices=["openai", "anthropic"], default="openai")
+    parser.add_argument("--kind", choices=["openai", "openai-plain", "anthropic"], default="openai")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
