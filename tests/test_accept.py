@@ -258,6 +258,24 @@ def test_a_protocol_that_connects_after_close_hears_its_connection_is_lost(loop:
     loop.run_until_complete(scenario())
 
 
+def test_a_connection_its_protocol_cannot_take_is_logged_and_closed(
+    loop: BatchAcceptLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> asyncio.Protocol:
+        raise RuntimeError("no protocol today")
+
+    async def scenario() -> None:
+        server = await loop.create_server(broken, "127.0.0.1", 0)
+        (listening,) = server.sockets
+        assert await greeting(listening.getsockname()) == b""  # closed, not left hanging
+        server.close()
+        await server.wait_closed()
+
+    with caplog.at_level(logging.ERROR, logger="fallback_proxy"):
+        loop.run_until_complete(scenario())
+    assert "a new connection could not be served: RuntimeError('no protocol today')" in caplog.text
+
+
 class RunsOutOfFiles(socket.socket):
     """A listening socket whose first accept() fails as when the process has no file descriptor left."""
 
