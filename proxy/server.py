@@ -39,6 +39,9 @@ from proxy.http_protocol import HttpToolsOpenAIErrors
 log = logging.getLogger("fallback_proxy")
 
 METRICS_DIR_VARIABLE: Final = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own name for it
+# uvloop, with a listener that accepts connections in batches (proxy/accept.py); asyncio's own
+# listener already does.
+EVENT_LOOP: Final = "proxy.accept:new_event_loop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 def raise_open_files_limit() -> tuple[int, int]:
@@ -76,7 +79,7 @@ def _uvicorn_config(app: Any, config: Config, *, host: str | None, port: int | N
         app,
         host=host or config.server.host,
         port=config.server.port if port is None else port,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        loop=EVENT_LOOP,
         http=HttpToolsOpenAIErrors,  # malformed HTTP gets an OpenAI error body, not plain text
         ws="none",
         lifespan="on",
