@@ -55,8 +55,10 @@ class FailureClass(enum.StrEnum):
     UNSUPPORTED = "unsupported"
     POLICY = "policy"
     # The proxy's own limit, not the provider's failure: every one of the provider's
-    # connection slots (`max_connections`) stayed busy for its pool wait. Nothing was
-    # sent; it never counts against the provider's health; the walk goes on.
+    # connection slots (`max_connections`) stayed busy for its pool wait (nothing was
+    # sent), or a deadline expired while this worker's event loop lagged (the answer
+    # may have been waiting, unread). It never counts against the provider's health;
+    # the walk goes on.
     PROXY_SATURATED = "proxy_saturated"
     # Not fallback-worthy: returned to the client at once.
     CLIENT_ERROR = "client_error"
@@ -279,7 +281,7 @@ class AllProvidersFailed(ProxyError):
         saturated = FailureClass.PROXY_SATURATED.value
         self.saturated = bool(attempts) and all(a.outcome == saturated for a in attempts)
         if self.saturated:
-            # No provider failed: this proxy had no free connection to any of them.
+            # No provider failed: this proxy was too busy (no free connection, or its loop lagged).
             self.code = ServerOverloaded.code
 
     def headers(self) -> dict[str, str]:

@@ -322,14 +322,18 @@ class HealthBoard:
         self._answered[provider] = now
         self._set(provider, after_success(self._health[provider], self.settings, now, ttft))
 
-    def failure(self, provider: str, failure: FailureClass, retry_after: float | None = None) -> None:
+    def failure(self, provider: str, failure: FailureClass, retry_after: float | None = None) -> float | None:
+        """Count a failed call against `provider`; or, for a timeout that expired
+        while this process's loop lagged, excuse it: returns that lag then (None
+        when the failure was counted)."""
         if self.loop_lag is not None and failure is FailureClass.TIMEOUT:
             lag = self.loop_lag()
             if excused(failure, lag, self.settings):
                 self.events.excused(provider, failure.value, lag)
-                return
+                return lag
         health = self._health[provider]
         self._set(provider, after_failure(health, self.settings, self.clock(), failure, retry_after))
+        return None
 
     def _set(self, provider: str, new: ProviderHealth, *, publish: bool = True) -> None:
         old = self._health[provider]

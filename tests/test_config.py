@@ -798,7 +798,7 @@ def test_redis_pool_settings(tmp_path: Path) -> None:
 
 def test_load_settings_and_their_defaults(tmp_path: Path) -> None:
     config = load(tmp_path, PROVIDERS)
-    assert (config.server.max_in_flight, config.limits.upstream_max_connections) == (1500, 0)
+    assert (config.server.max_in_flight, config.limits.upstream_max_connections) == (4000, 0)
     assert config.health.loop_lag_seconds == 0.25
     assert all(p.max_connections == 0 and p.timeout.pool == 1.0 for p in config.providers.values())
     text = """

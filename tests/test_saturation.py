@@ -190,7 +190,7 @@ def test_a_first_token_deadline_that_fires_while_the_loop_lags_is_not_the_provid
 
     text, headers = answer.result(timeout=30)
     assert (text, headers["x-proxy-provider"]) == ("Hello from backup.", "backup")  # the client still falls back
-    assert headers["x-proxy-fallbacks"] == "cloud=timeout"
+    assert headers["x-proxy-fallbacks"] == "cloud=proxy_saturated"  # the proxy's lateness, named as such
     health = provider_health(proxy, "cloud")
     assert (health["state"], health["breaker"]) == ("healthy", "closed"), health
     excused = 'fallback_proxy_health_excused_total{failure="timeout",provider="cloud",reason="event_loop_lag"}'
@@ -199,6 +199,30 @@ def test_a_first_token_deadline_that_fires_while_the_loop_lags_is_not_the_provid
     assert metric(proxy, 'fallback_proxy_event_loop_lag_seconds_bucket{le="1.0"}') < metric(
         proxy, "fallback_proxy_event_loop_lag_seconds_count"
     ), "the stall was not measured"
+
+
+def test_when_the_only_provider_timed_out_while_the_loop_lagged_the_client_gets_server_overloaded(
+    serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, pool: ThreadPoolExecutor
+) -> None:
+    proxy, handle = lagging_proxy(serve_asgi, cloud, backup)
+    cloud.set_fault("slow", first_token_delay=0.2, times=1)
+
+    def ask() -> None:
+        with sdk(proxy) as client:
+            client.chat.completions.create(model="cloud", messages=MESSAGES, stream=True)
+
+    answer = pool.submit(ask)
+    wait_for(lambda: cloud.request_count >= 1, "the stream to reach the cloud")
+    handle.stall(1.5)  # the token arrives in time but waits, unread, past the 0.8 s deadline
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        answer.result(timeout=30)
+    error = refused.value
+    assert error.status_code == 503 and error.response.headers["retry-after"] == "1"
+    body = error.response.json()["error"]
+    assert body["code"] == "server_overloaded" and "event loop ran" in body["message"], body
+    health = provider_health(proxy, "cloud")
+    assert (health["state"], health["breaker"]) == ("healthy", "closed"), health
 
 
 def test_the_same_deadline_without_lag_counts_against_the_provider(
