@@ -183,7 +183,7 @@ def test_a_first_token_deadline_that_fires_while_the_loop_lags_is_not_the_provid
     serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, pool: ThreadPoolExecutor
 ) -> None:
     proxy, handle = lagging_proxy(serve_asgi, cloud, backup)
-    cloud.set_fault("slow", first_token_delay=0.2, times=1)  # well within its 0.8 s deadline
+    cloud.set_fault("slow", first_token_delay=0.6, times=1)  # within its 0.8 s deadline, after the stall begins
     answer = pool.submit(streamed_text, proxy, "default")
     wait_for(lambda: cloud.request_count >= 1, "the stream to reach the cloud")
     handle.stall(1.5)  # the proxy's loop is stuck past the deadline: the token waits, unread
@@ -205,7 +205,7 @@ def test_when_the_only_provider_timed_out_while_the_loop_lagged_the_client_gets_
     serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, pool: ThreadPoolExecutor
 ) -> None:
     proxy, handle = lagging_proxy(serve_asgi, cloud, backup)
-    cloud.set_fault("slow", first_token_delay=0.2, times=1)
+    cloud.set_fault("slow", first_token_delay=0.6, times=1)  # after the stall begins
 
     def ask() -> None:
         with sdk(proxy) as client:
