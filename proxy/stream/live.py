@@ -110,7 +110,8 @@ async def first_token(
         max_bytes=max_bytes,
     )
     stream = adapter.stream(body, limits)
-    head: list[Chunk] = []
+    live = LiveStream(head=[], rest=stream, provider=provider, deadline=deadline)
+    head = live.head
     started = False
     first = Deadline()  # as `asyncio.timeout_at`, for a fraction of its cost
     try:
@@ -119,6 +120,8 @@ async def first_token(
             head.append(chunk)
             if chunk.has_content or chunk.finish_reason is not None:
                 break
+        if head and head[-1].more:  # the first token's read goes on: the rest of it belongs to the head
+            await live._rest_of_read(head)
         started = True
     except asyncio.CancelledError:
         if not first.expired():
@@ -128,9 +131,6 @@ async def first_token(
         first.close()
         if not started:  # failed, timed out or cancelled: close the upstream now
             await close_stream(stream)
-    live = LiveStream(head=head, rest=stream, provider=provider, deadline=deadline)
-    if head and head[-1].more:  # the first token's read goes on: the rest of it belongs to the head
-        await live._rest_of_read(head)
     return live
 
 
