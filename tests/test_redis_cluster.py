@@ -211,7 +211,16 @@ def test_replicas_share_a_breaker_through_the_shard_channel(
 ) -> None:
     """One replica sees the provider fail and opens its breaker; the other hears it
     on the shard channel and skips the provider without calling it."""
-    config = cluster_config(redis_cluster, f"t{uuid.uuid4().hex[:8]}", cloud, backup, quota={"requests_per_day": 1000})
+    config = cluster_config(
+        redis_cluster,
+        f"t{uuid.uuid4().hex[:8]}",
+        cloud,
+        backup,
+        quota={"requests_per_day": 1000},
+        # A generous timeout: this test is about the shard channel, not about a slow Redis
+        # (on a busy box a quota call past the default fails closed and skips the cloud).
+        redis={"timeout_ms": 2000},
+    )
     config["health"] = {"failure_threshold": 1, "cooldown_seconds": 600}
     one, two = serve(config), serve(config)
     cloud.set_fault("status", status=503)
