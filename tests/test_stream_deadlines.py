@@ -247,3 +247,20 @@ async def test_a_cancelled_wait_for_the_first_token_stays_a_cancellation() -> No
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert silent.closed
+
+
+async def test_an_adapter_that_marks_more_and_then_waits_is_still_bounded_by_the_idle_timeout() -> None:
+    async def broken_promise() -> AsyncIterator[Chunk]:
+        promised = chunk("a")
+        promised.more = True  # "the rest of this read is here" ...
+        yield promised
+        await asyncio.sleep(5)  # ... and then it waits on the network
+        yield chunk("b")
+
+    loop = asyncio.get_running_loop()
+    start = LiveStream(head=[], rest=broken_promise(), provider=provider(idle=0.2), deadline=loop.time() + 60)
+    began = loop.time()
+    with pytest.raises(ProviderError) as caught:
+        await start.next_read()
+    assert caught.value.failure is FailureClass.TIMEOUT and loop.time() - began < 1.0
+    await start.close()

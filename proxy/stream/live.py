@@ -42,9 +42,9 @@ class LiveStream:
         return head
 
     async def next_read(self) -> list[Chunk] | None:
-        """The chunks of the next upstream read (at least one), within the idle
-        and total deadlines; None at the end. Only the wait for the read's first
-        chunk is guarded: the rest of the read (`Chunk.more`) is already here."""
+        """The chunks of the next upstream read (at least one, the rest of the
+        read marked `Chunk.more` by the adapter), within the idle and total
+        deadlines; None at the end."""
         failure = self._failure
         if failure is not None:  # raised by the rest of the last read: its chunks went first
             self._failure = None
@@ -54,7 +54,9 @@ class LiveStream:
             reads = self._reads = Deadline()
         reads.enter(min(reads.now() + self.provider.timeout.idle, self.deadline))
         try:
-            chunk = await self.rest.__anext__()
+            chunks = [await self.rest.__anext__()]
+            if chunks[0].more:  # guarded too: an adapter that marks `more` and then waits is still bounded
+                await self._rest_of_read(chunks)
         except StopAsyncIteration:
             return None
         except asyncio.CancelledError:
@@ -68,15 +70,12 @@ class LiveStream:
             raise
         finally:
             reads.leave()
-        chunks = [chunk]
-        if chunk.more:
-            await self._rest_of_read(chunks)
         return chunks
 
     async def _rest_of_read(self, chunks: list[Chunk]) -> None:
-        """Append the chunks that follow in the same upstream read (no wait on the
-        network, so no deadline guards them); a failure among them is kept for
-        the next read, after these chunks have gone out."""
+        """Append the chunks that follow in the same upstream read (already here:
+        no wait on the network); a failure among them is kept for the next read,
+        after these chunks have gone out."""
         rest = self.rest
         chunk = chunks[-1]
         try:
