@@ -77,6 +77,20 @@ def test_a_continuing_model_finishes_the_answer_exactly(
     assert asked[-1]["role"] == "user" and "Continue" in asked[-1]["content"]
 
 
+LONG_REPLY = " ".join(f"token-{i}" for i in range(150)) + "."
+
+
+def test_a_long_answer_cut_late_is_continued_and_deduplicated_exactly(serve: Callable[..., ServedApp]) -> None:
+    """The text sent so far is kept compactly (joined as it grows): after 100
+    chunks, a model that starts over is still cut at exactly the right place."""
+    with FakeOpenAI("first", reply=LONG_REPLY) as first, FakeOpenAI("second", reply=LONG_REPLY) as second:
+        first.set_fault("die_midstream", after_chunks=100)
+        second.continuation = "restart"
+        proxy = proxy_for(serve, first, openai_provider(second.url, timeout=FAST))
+        text, _ = stream_text(proxy)
+    assert text == LONG_REPLY  # 150 tokens once, not 250
+
+
 @pytest.mark.parametrize("fault", ["die_midstream", "stall"])
 def test_a_model_that_starts_over_with_the_same_text_is_not_repeated(
     serve: Callable[..., ServedApp], first: FakeOpenAI, second: FakeOpenAI, fault: str

@@ -34,6 +34,11 @@ INTERNAL_ERROR = "internal_error"  # a bug ended the stream: its traceback is lo
 OnEnd = Callable[[str, ProviderError | None], None]
 
 
+# The text sent so far is joined into one string every this many pieces: a long
+# answer is then one string, not thousands of small ones (~50 bytes of overhead each).
+_JOIN_EVERY = 32
+
+
 class _Sent:
     """What the client has been sent: the answer's text so far (to continue
     it), whether it holds tool calls (which are never continued), and how many
@@ -48,7 +53,10 @@ class _Sent:
 
     def note(self, chunk: Chunk) -> None:
         if chunk.text:
-            self.parts.append(chunk.text)
+            parts = self.parts
+            parts.append(chunk.text)
+            if len(parts) >= _JOIN_EVERY:
+                parts[:] = ["".join(parts)]
             self.chunks += 1
         if chunk.tool_calls:
             self.tool_calls = True
