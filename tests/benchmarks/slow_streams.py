@@ -80,6 +80,7 @@ class Settings:
     settle: float  # seconds after the ramp before the window opens
     max_in_flight: int | None  # None: the proxy's default
     systems: tuple[str, ...]
+    chunks: int = CHUNKS  # per stream, INTERVAL_MS apart
 
     def ramp_for(self, level: int) -> float:
         return self.ramp if self.ramp is not None else max(3.0, level / 1000)
@@ -509,7 +510,7 @@ def report(results: Sequence[LevelResult], settings: Settings, command: str) -> 
         f"Command: `{command}`",
         f"Machine: {machine()}; RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)}; "
         f"load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
-        f"Load: streams of {CHUNKS} chunks {INTERVAL_MS:g} ms apart; clients ramp up ({ramps}), hold {settings.hold:g} s "
+        f"Load: streams of {settings.chunks} chunks {INTERVAL_MS:g} ms apart; clients ramp up ({ramps}), hold {settings.hold:g} s "
         f"more; measured from {settings.settle:g} s after the ramp to the end of the hold; system under test on core "
         f"{SUT_CORE}, upstream + generators ({USERS_PER_GENERATOR:,} clients each) on core {LOAD_CORE}; "
         f"proxy server.max_in_flight: {settings.max_in_flight if settings.max_in_flight is not None else 'default'}.",
@@ -583,6 +584,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-in-flight", type=int, default=None, help="the proxy's server.max_in_flight (default: its own)"
     )
     group.add_argument("--systems", default="aiohttp,fallback-proxy", help="which systems, in this order")
+    group.add_argument(
+        "--chunks",
+        type=int,
+        default=CHUNKS,
+        help=f"chunks per stream (default {CHUNKS}); two runs with different counts give the cost per chunk",
+    )
 
 
 def main(args: argparse.Namespace, command: str) -> int:
@@ -590,9 +597,10 @@ def main(args: argparse.Namespace, command: str) -> int:
         levels=tuple(int(x) for x in args.levels.split(",")),
         ramp=args.ramp,
         hold=args.hold,
-        settle=CHUNKS * INTERVAL_MS / 1000,
+        settle=args.chunks * INTERVAL_MS / 1000,
         max_in_flight=args.max_in_flight,
         systems=tuple(args.systems.split(",")),
+        chunks=args.chunks,
     )
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every process started here
@@ -612,7 +620,7 @@ def main(args: argparse.Namespace, command: str) -> int:
             "--port",
             str(upstream_port),
             "--stream-chunks",
-            str(CHUNKS),
+            str(settings.chunks),
             "--chunk-interval-ms",
             str(INTERVAL_MS),
         ],
