@@ -23,6 +23,10 @@ from proxy.observe import event
 # the gap keeps a replica from flapping in and out of its Service at the edge.
 HIGH_WATER: Final = 0.9
 LOW_WATER: Final = 0.7
+# File descriptors a request in flight holds (the client's socket, the provider's), and
+# those kept aside for the rest (listening sockets, Redis, logs, probes, idle clients).
+FDS_PER_REQUEST: Final = 2
+FDS_SPARE: Final = 256
 LAG_INTERVAL: Final = 0.05  # seconds between two lag samples (a timer that measures its own delay)
 LAG_WINDOW: Final = 2.0  # `LoopLag.recent()` is the worst lag of the last one to two windows
 
@@ -91,6 +95,27 @@ class LoopLag:
         if self._loop is not None and self._handle is not None:
             overdue = max(0.0, self._loop.time() - self._due)
         return max(self._worst, self._worst_before, overdue)
+
+
+def open_files_limit() -> int:
+    """This process's soft RLIMIT_NOFILE; -1 where there is none to read."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return -1 if soft == resource.RLIM_INFINITY else soft
+
+
+def ceiling_within(limit: int, open_files: int) -> int:
+    """`server.max_in_flight` (0: none), lowered to what `open_files` file
+    descriptors can carry, two per request: past them a new connection to a
+    provider would fail for want of a descriptor and count as the provider's
+    failure. -1 (no limit known) leaves it as it is."""
+    if open_files < 0:
+        return limit
+    room = max(1, (open_files - FDS_SPARE) // FDS_PER_REQUEST)
+    return room if limit == 0 or limit > room else limit
 
 
 class InFlight:

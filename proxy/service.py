@@ -25,7 +25,7 @@ from proxy.background import Background
 from proxy.config import Config, ConfigError, RedisSettings, TelemetrySettings, load_config
 from proxy.metrics import AlertCounters, Metrics
 from proxy.observe import Observer, OperatorEvents, event
-from proxy.overload import InFlight, LoopLag
+from proxy.overload import InFlight, LoopLag, ceiling_within, open_files_limit
 from proxy.runtime import Runtime, build_in_thread, restart_needed
 from proxy.state import MemoryStore, RedisStore, StateStore
 
@@ -118,7 +118,7 @@ class Service:
         # One process: the gauge reads the count when scraped, nothing per request. Several
         # workers: each adds its own to the shared files as it goes.
         counted = self.metrics.in_flight if self.metrics.multiprocess else None
-        self.in_flight = InFlight(config.server.max_in_flight, counted, self.metrics.shed)
+        self.in_flight = InFlight(_ceiling(config), counted, self.metrics.shed)
         if counted is None:
             self.metrics.in_flight.set_function(lambda: self.in_flight.count)
 
@@ -174,7 +174,7 @@ class Service:
         new.health.adopt(old.health.snapshot())
         await new.start(warm_up=True)
         self.runtime, self.config_hash, self.rejected_hash = new, digest, ""  # an edit since: seen next check
-        self.in_flight.configure(config.server.max_in_flight)
+        self.in_flight.configure(_ceiling(config))
         self.loops.spawn(old.retire())
         self.metrics.reloads.labels("ok").inc()
         restart = restart_needed(old.config, config)
@@ -276,3 +276,20 @@ def listen_for_sighup(service: Service) -> bool:
         return False
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.on_sighup)
     return True
+
+
+def _ceiling(config: Config) -> int:
+    """`server.max_in_flight`, within what this process's open-files limit carries (said when lowered)."""
+    configured = config.server.max_in_flight
+    open_files = open_files_limit()
+    ceiling = ceiling_within(configured, open_files)
+    if ceiling != configured:
+        event(
+            "max_in_flight_lowered",
+            logging.WARNING,
+            configured=configured or None,
+            open_files_limit=open_files,
+            max_in_flight=ceiling,
+            fix="raise the open-files limit (ulimit -n, systemd LimitNOFILE=) or lower server.max_in_flight",
+        )
+    return ceiling

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy.config import ServerConfig
 from proxy.fakes import FakeOpenAI
-from proxy.overload import InFlight, LoopLag
+from proxy.overload import InFlight, LoopLag, ceiling_within, open_files_limit
 
 from .conftest import ServedApp, openai_provider
 from .test_saturation import MESSAGES, metric, sdk, streamed_text, wait_for
@@ -167,6 +167,30 @@ def test_readyz_reports_the_load_when_ready(serve: Callable[..., ServedApp], clo
     ready = httpx.get(proxy.url + "/readyz", timeout=10)
     load: dict[str, Any] = ready.json()["load"]
     assert ready.status_code == 200 and "reason" not in ready.json()
-    assert load["in_flight"] == 0 and load["max_in_flight"] == ServerConfig().max_in_flight > 0
+    expected = ceiling_within(ServerConfig().max_in_flight, open_files_limit())
+    assert load["in_flight"] == 0 and load["max_in_flight"] == expected > 0
     assert load["overloaded"] is False
     assert 0 <= load["event_loop_lag_seconds"] < 5
+
+
+def test_the_ceiling_fits_the_open_files_limit() -> None:
+    assert ceiling_within(4000, 20_000) == 4000
+    assert ceiling_within(4000, 1024) == 384  # (1,024 - 256 spare) / 2 per request
+    assert ceiling_within(0, 1024) == 384  # no ceiling of its own: the descriptors still bound it
+    assert ceiling_within(1500, -1) == 1500  # no limit known
+
+
+def test_a_ceiling_the_open_files_limit_cannot_carry_is_lowered_and_said(
+    serve: Callable[..., ServedApp],
+    cloud: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past its open-files limit a worker could not open a provider's connection, and
+    that would count as the provider's failure: it refuses the request instead."""
+    monkeypatch.setattr("proxy.service.open_files_limit", lambda: 1024)
+    proxy = serve({"providers": {"cloud": openai_provider(cloud.url)}, "routes": {"default": ["cloud"]}})
+    load = httpx.get(proxy.url + "/readyz", timeout=10).json()["load"]
+    assert load["max_in_flight"] == 384
+    lowered = [r.getMessage() for r in caplog.records if "max_in_flight_lowered" in r.getMessage()]
+    assert lowered and '"open_files_limit":1024' in lowered[0] and '"configured":4000' in lowered[0], lowered
