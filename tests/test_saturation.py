@@ -168,7 +168,7 @@ def lagging_proxy(
     config = build_config(
         {
             "providers": {
-                "cloud": openai_provider(cloud.url, timeout={"first_token": 2.0}),
+                "cloud": openai_provider(cloud.url, timeout={"first_token": 5.0}),
                 "backup": openai_provider(backup.url),
             },
             "routes": {"default": ["cloud", "backup"]},
@@ -183,10 +183,10 @@ def test_a_first_token_deadline_that_fires_while_the_loop_lags_is_not_the_provid
     serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, pool: ThreadPoolExecutor
 ) -> None:
     proxy, handle = lagging_proxy(serve_asgi, cloud, backup)
-    cloud.set_fault("slow", first_token_delay=1.5, times=1)  # within its 2 s deadline; the stall begins before it
+    cloud.set_fault("slow", first_token_delay=4.0, times=1)  # within its 5 s deadline; the stall begins before it
     answer = pool.submit(streamed_text, proxy, "default")
     wait_for(lambda: cloud.request_count >= 1, "the stream to reach the cloud")
-    handle.stall(3.0)  # the proxy's loop is stuck past the deadline: the token waits, unread
+    handle.stall(6.0)  # the proxy's loop is stuck past the deadline: the token waits, unread
 
     text, headers = answer.result(timeout=30)
     assert (text, headers["x-proxy-provider"]) == ("Hello from backup.", "backup")  # the client still falls back
@@ -205,7 +205,7 @@ def test_when_the_only_provider_timed_out_while_the_loop_lagged_the_client_gets_
     serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, pool: ThreadPoolExecutor
 ) -> None:
     proxy, handle = lagging_proxy(serve_asgi, cloud, backup)
-    cloud.set_fault("slow", first_token_delay=1.5, times=1)  # the stall begins before it
+    cloud.set_fault("slow", first_token_delay=4.0, times=1)  # the stall begins before it
 
     def ask() -> None:
         with sdk(proxy) as client:
@@ -213,7 +213,7 @@ def test_when_the_only_provider_timed_out_while_the_loop_lagged_the_client_gets_
 
     answer = pool.submit(ask)
     wait_for(lambda: cloud.request_count >= 1, "the stream to reach the cloud")
-    handle.stall(3.0)  # the token arrives in time but waits, unread, past the 2 s deadline
+    handle.stall(6.0)  # the token arrives in time but waits, unread, past the 5 s deadline
 
     with pytest.raises(openai.APIStatusError) as refused:
         answer.result(timeout=30)
@@ -229,7 +229,7 @@ def test_the_same_deadline_without_lag_counts_against_the_provider(
     serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
 ) -> None:
     proxy, _ = lagging_proxy(serve_asgi, cloud, backup)
-    cloud.set_fault("slow", first_token_delay=4.0, times=1)  # the provider really is late
+    cloud.set_fault("slow", first_token_delay=7.0, times=1)  # the provider really is late
     text, headers = streamed_text(proxy, "default")
     assert (text, headers["x-proxy-fallbacks"]) == ("Hello from backup.", "cloud=timeout")
     health = provider_health(proxy, "cloud")
