@@ -183,10 +183,10 @@ def test_a_first_token_deadline_that_fires_while_the_loop_lags_is_not_the_provid
     serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, pool: ThreadPoolExecutor
 ) -> None:
     proxy, handle = lagging_proxy(serve_asgi, cloud, backup)
-    cloud.set_fault("slow", first_token_delay=4.0, times=1)  # within its 5 s deadline; the stall begins before it
+    cloud.set_fault("slow", first_token_delay=8.0, times=1)  # no data is waiting when the stall ends
     answer = pool.submit(streamed_text, proxy, "default")
     wait_for(lambda: cloud.request_count >= 1, "the stream to reach the cloud")
-    handle.stall(6.0)  # the proxy's loop is stuck past the deadline: the token waits, unread
+    handle.stall(6.0)  # the proxy's loop is stuck past its 5 s deadline: it cannot tell whose lateness that was
 
     text, headers = answer.result(timeout=30)
     assert (text, headers["x-proxy-provider"]) == ("Hello from backup.", "backup")  # the client still falls back
@@ -205,7 +205,7 @@ def test_when_the_only_provider_timed_out_while_the_loop_lagged_the_client_gets_
     serve_asgi: Callable[[ASGIApp], ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, pool: ThreadPoolExecutor
 ) -> None:
     proxy, handle = lagging_proxy(serve_asgi, cloud, backup)
-    cloud.set_fault("slow", first_token_delay=4.0, times=1)  # the stall begins before it
+    cloud.set_fault("slow", first_token_delay=8.0, times=1)  # no data is waiting when the stall ends
 
     def ask() -> None:
         with sdk(proxy) as client:
@@ -213,7 +213,7 @@ def test_when_the_only_provider_timed_out_while_the_loop_lagged_the_client_gets_
 
     answer = pool.submit(ask)
     wait_for(lambda: cloud.request_count >= 1, "the stream to reach the cloud")
-    handle.stall(6.0)  # the token arrives in time but waits, unread, past the 5 s deadline
+    handle.stall(6.0)  # the proxy's loop is stuck past its 5 s deadline
 
     with pytest.raises(openai.APIStatusError) as refused:
         answer.result(timeout=30)
