@@ -22,6 +22,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from proxy.adapters import classify
 from proxy.adapters.base import Adapter, AttemptLimits, Chunk, Completion, Embeddings, Usage
 from proxy.background import Background
 from proxy.config import Config, ProviderConfig, Route
@@ -363,7 +364,7 @@ class Dispatcher:
                 raise
             lag = self.health.failure(provider.name, exc.failure, exc.retry_after)
             if lag is not None:
-                raise _late(exc, lag) from exc
+                raise classify.lagged(exc, lag) from exc
             raise
         return Answered(result, provider, reservation, shaped.trimmed)
 
@@ -415,21 +416,6 @@ class Dispatcher:
 
     async def aclose(self) -> None:
         await self.background.drain(timeout=2.0)
-
-
-def _late(timeout: ProviderError, lag: float) -> ProviderError:
-    """A timeout that expired while this worker's event loop ran `lag` seconds
-    late: the proxy's saturation (`proxy_saturated`), not the provider's failure.
-    The walk goes on; when every attempt was so, the client gets 503
-    `server_overloaded` with Retry-After, never `all_providers_failed`."""
-    return ProviderError(
-        FailureClass.PROXY_SATURATED,
-        f"{timeout.message}, while this proxy's event loop ran {lag:.1f}s late (the proxy's overload)",
-        provider=timeout.provider,
-        sent=timeout.sent,
-        unanswered=timeout.unanswered,
-        cause=timeout.cause,
-    )
 
 
 def _retryable(error: ProviderError) -> bool:

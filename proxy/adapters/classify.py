@@ -280,6 +280,21 @@ def no_connection_slot(limit: int, waited: float) -> ProviderError:
     )
 
 
+def lagged(timeout: ProviderError, lag: float) -> ProviderError:
+    """A timeout that expired while this worker's event loop ran `lag` seconds
+    late: the proxy's saturation (`proxy_saturated`), not the provider's failure.
+    The walk goes on; when every attempt was so, the client gets 503
+    `server_overloaded` with Retry-After, never `all_providers_failed`."""
+    return ProviderError(
+        FailureClass.PROXY_SATURATED,
+        f"{timeout.message}, while this proxy's event loop ran {lag:.1f}s late (the proxy's overload)",
+        provider=timeout.provider,
+        sent=timeout.sent,
+        unanswered=timeout.unanswered,
+        cause=timeout.cause,
+    )
+
+
 def from_stream_error(error: Any) -> ProviderError:
     """An error event inside a 200 stream: the provider failed."""
     message = message_of(error) or "error event inside the stream"
