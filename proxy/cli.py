@@ -8,6 +8,7 @@ subcommand (``serve``, ``demo``, ``drill``) is one more entry there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -315,7 +316,10 @@ def run_serve(args: argparse.Namespace) -> int:
             log_format=args.log_format,
         )
         return EXIT_OK if started else EXIT_WORKERS
-    build_server(config, host=args.host, port=args.port).run()
+    # Ctrl-C: uvicorn shuts down gracefully, then raises the signal again for
+    # asyncio's runner, which reports it so (`uvicorn.run` swallows it the same way).
+    with contextlib.suppress(KeyboardInterrupt):
+        build_server(config, host=args.host, port=args.port).run()
     return EXIT_OK
 
 

@@ -206,3 +206,43 @@ def test_serve_at_a_terminal_logs_text(tmp_path: Path, cloud: FakeOpenAI) -> Non
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         os.close(leader)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_serve_cleanly_without_a_traceback(tmp_path: Path, workers: int) -> None:
+    """Ctrl-C in a terminal (SIGINT) is how a user stops `serve`: it shuts down
+    as SIGTERM does, exit status 0, and says nothing about a KeyboardInterrupt."""
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    data = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "providers": {"cloud": openai_provider("http://127.0.0.1:9/v1")},
+        "routes": {"default": ["cloud"]},
+        "health": {"probe_interval_seconds": 0},
+    }
+    config.write_text(yaml.safe_dump(data))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--workers", str(workers)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("serve did not become ready")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert process.returncode == 0, err
