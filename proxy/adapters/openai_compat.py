@@ -149,9 +149,12 @@ class OpenAICompatAdapter:
                 if size > max_bytes:
                     raise too_large(max_bytes)
                 chunks, done, failed = self._chunks(decoder.feed(data))
+                del data
                 for chunk in chunks:
                     finished = finished or chunk.finish_reason is not None
                     yield chunk
+                    del chunk  # nothing sent is held while the next read waits (memory per open stream)
+                del chunks
                 if failed is not None:
                     raise failed
                 if done:

@@ -60,6 +60,7 @@ class SSEResponse(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             started = True
+            self.raw_headers = []  # sent: not kept for the stream's life (memory per open stream)
             async for data in self.chunks:
                 last = final is not None and data.endswith(final)
                 writes.enter(now() + write_timeout)
@@ -67,6 +68,7 @@ class SSEResponse(Response):
                 writes.leave()
                 if last:
                     return
+                del data  # not held while the next chunk is awaited (memory per open stream)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             self.cut_reason = CLIENT_DISCONNECTED  # the client went away while we were sending

@@ -34,36 +34,30 @@ INTERNAL_ERROR = "internal_error"  # a bug ended the stream: its traceback is lo
 OnEnd = Callable[[str, ProviderError | None], None]
 
 
-# The text sent so far is joined into one string every this many pieces: a long
-# answer is then one string, not thousands of small ones (~50 bytes of overhead each).
-_JOIN_EVERY = 32
-
-
 class _Sent:
     """What the client has been sent: the answer's text so far (to continue
     it), whether it holds tool calls (which are never continued), and how many
-    content chunks (about one token each) it took."""
+    content chunks (about one token each) it took. The text is kept as UTF-8 in
+    one growing buffer: no object per piece (~50 bytes of overhead each), no
+    copy of what came before when a piece is added."""
 
-    __slots__ = ("chunks", "parts", "tool_calls")
+    __slots__ = ("_text", "chunks", "tool_calls")
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
+        self._text = bytearray()
         self.tool_calls = False
         self.chunks = 0
 
     def note(self, chunk: Chunk) -> None:
         if chunk.text:
-            parts = self.parts
-            parts.append(chunk.text)
-            if len(parts) >= _JOIN_EVERY:
-                parts[:] = ["".join(parts)]
+            self._text += chunk.text.encode()
             self.chunks += 1
         if chunk.tool_calls:
             self.tool_calls = True
 
     @property
     def text(self) -> str:
-        return "".join(self.parts)
+        return self._text.decode()
 
 
 def continuable(body: dict[str, Any]) -> bool:
@@ -135,9 +129,11 @@ class StreamSession:
                         else:
                             for chunk in read:
                                 emit(splice.feed(chunk))
+                                del chunk
                         if batch and not (read and read[-1].more):  # `more` on the last: the end is here too
                             yield batch[0] if len(batch) == 1 else b"".join(batch)
                             batch.clear()
+                        read = None  # what was sent is not held while the next read waits (memory per open stream)
                         read = await live.next_read()
                     if splice is not None:
                         emit(splice.end())

@@ -143,8 +143,11 @@ class TranslatedAdapter:
                     if size > max_bytes:
                         raise too_large(max_bytes)
                     chunks, failure = self._chunks(parser, writer, payloads.feed(block))
+                    del block
                     for chunk in chunks:
                         yield chunk
+                        del chunk  # nothing sent is held while the next read waits
+                    del chunks
                     if failure is not None:
                         raise failure
                 chunks, failure = self._chunks(parser, writer, payloads.flush())
