@@ -34,7 +34,7 @@ from proxy.quota import QuotaGate, Reservation, maybe_received, never_sent
 from proxy.routing import Walk, next_node
 from proxy.shaping import Needs, Shaper, eligibility
 from proxy.stream.assemble import Assembler
-from proxy.stream.live import LiveStream, first_token
+from proxy.stream.live import LiveStream, collect, first_token
 from proxy.stream.splice import INSTRUCTION, continuation_body
 
 T = TypeVar("T")
@@ -462,6 +462,15 @@ async def _collect(
 ) -> Completion:
     """A provider's whole answer, streamed under its first-token, idle and total deadlines."""
     asked = {key: value for key, value in body.items() if key != "stream_options"}
+    parsed_reads = getattr(adapter, "parsed_reads", None)  # an OpenAI-format upstream: no `Chunk` per event
+    if parsed_reads is not None:
+        loop = asyncio.get_running_loop()
+        limits = AttemptLimits(
+            connect=min(provider.timeout.connect, deadline - loop.time(), provider.timeout.first_token),
+            read=None,  # `collect` bounds every read
+            max_bytes=max_bytes,
+        )
+        return await collect(parsed_reads(_for_stream(provider, asked, usage=True), limits), provider, deadline)
     live = await first_token(adapter, provider, _for_stream(provider, asked, usage=True), deadline, max_bytes)
     assembler = Assembler()
     try:

@@ -352,7 +352,14 @@ def test_a_bug_is_one_logged_500_and_the_connection_stays_usable(
         raise RuntimeError("a bug in the transport")
         yield  # an async generator, as the adapter's stream is
 
+    async def broken_reads(
+        self: OpenAICompatAdapter, body: dict[str, Any], limits: AttemptLimits
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        raise RuntimeError("a bug in the transport")
+        yield  # as the adapter's parsed reads are
+
     monkeypatch.setattr(OpenAICompatAdapter, "stream", broken)
+    monkeypatch.setattr(OpenAICompatAdapter, "parsed_reads", broken_reads)  # what a non-stream request reads
     proxy = serve({"providers": {"p": openai_provider("http://upstream.invalid")}, "routes": {"default": ["p"]}})
     with httpx.Client(base_url=proxy.url) as http_client:
         response = http_client.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES})

@@ -251,14 +251,14 @@ async def test_redis_counters_expire_ttl_after_creation_only(redis_replicas: Rep
     replicas, store = redis_replicas, redis_replicas.make()
     key = RedisKeys(replicas.prefix).quota("p", DAY)
     await admit(store, ttl=100)
-    assert 98 <= await raw_ttl(replicas, key) <= 100
+    assert 80 <= await raw_ttl(replicas, key) <= 100  # not refreshed (~5000); a busy box may take seconds
     await admit(store, ttl=5000)  # refreshing would keep a day's counter alive forever
     await store.settle("p", DAY, requests_delta=0, tokens_delta=5, ttl_seconds=5000)
-    assert 98 <= await raw_ttl(replicas, key) <= 100
+    assert 80 <= await raw_ttl(replicas, key) <= 100  # not refreshed (~5000); a busy box may take seconds
     async with replicas.admin() as admin:
         await admin.persist(key)  # a counter that lost its expiry gets one back
     await admit(store, ttl=100)
-    assert 98 <= await raw_ttl(replicas, key) <= 100
+    assert 80 <= await raw_ttl(replicas, key) <= 100  # not refreshed (~5000); a busy box may take seconds
 
 
 @pytest.mark.asyncio

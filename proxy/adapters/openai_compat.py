@@ -39,7 +39,7 @@ from proxy.adapters.http import (
 )
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
-from proxy.sse import Event, SSEDecoder
+from proxy.sse import Event, SSEDecoder, SSEPayloads
 
 # How long and how much to read after `[DONE]` to reach the end of the body.
 _DRAIN_SECONDS: Final = 1.0
@@ -124,14 +124,9 @@ class OpenAICompatAdapter:
         )
         done = False
         try:
-            if response.status >= 400:
-                raise await stream_error(response, limits, silence)
-            content_type = response.headers.get("content-type", "")
-            if not content_type.startswith("text/event-stream"):
-                # Some servers ignore `stream: true` and answer one JSON body.
-                async with silence.head():
-                    whole = await read_capped(response, limits.max_bytes)
-                for chunk in _chunks_of_answer(whole, content_type):
+            whole = await self._whole_answer(response, limits, silence)
+            if whole is not None:
+                for chunk in whole:
                     yield chunk
                 return
             decoder = SSEDecoder()
@@ -170,13 +165,106 @@ class OpenAICompatAdapter:
         except TRANSPORT_ERRORS as exc:
             raise classify.from_exception(exc) from exc
         finally:
-            silence.close()
-            if done and not response.content.at_eof():
-                self._finish_later(response)
-            else:
-                done_with(response)
-            if self._slots is not None:
-                self._slots.give()
+            self._release(response, silence, done)
+
+    async def parsed_reads(self, body: dict[str, Any], limits: AttemptLimits) -> AsyncIterator[list[dict[str, Any]]]:
+        """The answer's chunks as parsed dicts, read by read: what a non-stream
+        request assembles (no `Chunk` per event, no event names: a third of the
+        work of `stream` for a short answer). The wire is handled as `stream`
+        handles it; an in-band error raises at once (nothing of the answer has
+        been sent), and an end with neither a finish nor `[DONE]` is `incomplete`."""
+        silence = Silence(limits.read)
+        response = await open_stream(
+            self._session,
+            self._url,
+            headers=with_trace(self._stream_headers),
+            data=self._encode(body, True),
+            limits=limits,
+            silence=silence,
+            slots=self._slots,
+        )
+        done = False
+        try:
+            whole = await self._whole_answer(response, limits, silence)
+            if whole is not None:
+                yield [chunk.parsed() for chunk in whole]
+                return
+            payloads = SSEPayloads()
+            content = response.content
+            max_bytes = limits.max_bytes
+            size = 0
+            finished = False
+            while True:
+                silence.expect(content)
+                data = await content.readany()
+                silence.got()
+                if not data:
+                    break
+                size += len(data)
+                if size > max_bytes:
+                    raise too_large(max_bytes)
+                read, done, ends = self._parsed(payloads.feed(data))
+                finished = finished or ends
+                if read:
+                    yield read
+                if done:
+                    return
+            read, done, ends = self._parsed(payloads.flush())
+            if read:
+                yield read
+            if not (finished or ends or done):
+                raise classify.incomplete_stream()
+        except TRANSPORT_ERRORS as exc:
+            raise classify.from_exception(exc) from exc
+        finally:
+            self._release(response, silence, done)
+
+    async def _whole_answer(
+        self, response: aiohttp.ClientResponse, limits: AttemptLimits, silence: Silence
+    ) -> list[Chunk] | None:
+        """The head of a streamed answer: an error status raises (classified);
+        a server that ignored `stream: true` and answered one JSON body gives
+        that answer as the chunks of a stream; None: an SSE stream follows."""
+        if response.status >= 400:
+            raise await stream_error(response, limits, silence)
+        content_type = response.headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
+            return None
+        async with silence.head():
+            whole = await read_capped(response, limits.max_bytes)
+        return _chunks_of_answer(whole, content_type)
+
+    def _release(self, response: aiohttp.ClientResponse, silence: Silence, done: bool) -> None:
+        """The end of a streamed answer, however it ended: its connection back to
+        the pool when read to its end (after `[DONE]`, its end is waited for in
+        the background), else closed; its connection slot given back."""
+        silence.close()
+        if done and not response.content.at_eof():
+            self._finish_later(response)
+        else:
+            done_with(response)
+        if self._slots is not None:
+            self._slots.give()
+
+    def _parsed(self, payloads: list[bytes]) -> tuple[list[dict[str, Any]], bool, bool]:
+        """The chunks of one upstream read, parsed; whether `[DONE]` was among
+        them; whether one carried a finish reason. A payload that cannot be read
+        is skipped (and counted); an in-band error raises."""
+        read: list[dict[str, Any]] = []
+        finished = False
+        for payload in payloads:
+            if payload == b"[DONE]":
+                return read, True, finished
+            parsed = _parse(payload)
+            if parsed is None:
+                self._hooks.malformed(self.provider.name, payload)
+                continue
+            read.append(parsed)
+            if not finished:
+                for choice in parsed.get("choices") or ():
+                    if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                        finished = True
+        return read, False, finished
 
     def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, ProviderError | None]:
         """The chunks of one upstream read, each but the last marked `more` (they go
@@ -250,6 +338,12 @@ def _mark_more(chunks: list[Chunk], *, last: bool = False) -> None:
 
 def _chunk(payload: bytes) -> Chunk | None:
     """One event's chunk; None when it cannot be read (skipped); an in-band error raises."""
+    parsed = _parse(payload)
+    return None if parsed is None else describe(payload, parsed)
+
+
+def _parse(payload: bytes) -> dict[str, Any] | None:
+    """One event's chunk as a dict; None when it cannot be read (skipped); an in-band error raises."""
     try:
         parsed = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -258,7 +352,7 @@ def _chunk(payload: bytes) -> Chunk | None:
         return None
     if "error" in parsed:
         raise classify.from_stream_error(parsed)
-    return describe(payload, parsed)
+    return parsed
 
 
 def _chunks_of_answer(content: bytes, content_type: str) -> list[Chunk]:

@@ -114,7 +114,21 @@ class _Choice:
 
 
 _ENVELOPE_KEYS: Final = ("model", "system_fingerprint", "service_tier")
-_PLAIN_DELTA: Final = frozenset({"role", "content"})
+_PLAIN_DELTA: Final = frozenset({"role", "content", "refusal"})
+
+
+def _a_token(choice: dict[str, Any]) -> bool:
+    """Whether a choice of a chunk carries a real token or a finish (as `describe` says of a `Chunk`)."""
+    if isinstance(choice.get("finish_reason"), str):
+        return True
+    delta = choice.get("delta")
+    return isinstance(delta, dict) and bool(
+        delta.get("content")
+        or delta.get("tool_calls")
+        or delta.get("function_call")
+        or delta.get("refusal")
+        or delta.get("reasoning_content")
+    )
 
 
 class Assembler:
@@ -129,7 +143,11 @@ class Assembler:
         self.model = ""
 
     def add(self, chunk: Chunk) -> None:
-        data = chunk.parsed()
+        self.add_data(chunk.parsed())
+
+    def add_data(self, data: dict[str, Any]) -> bool:
+        """Add one parsed chunk; True when it carries a real token (content, tool
+        calls, a refusal, reasoning) or a finish: what ends the wait for the first token."""
         envelope = self._envelope
         if not envelope:
             envelope.update(id=data.get("id"), created=data.get("created"))
@@ -142,26 +160,32 @@ class Assembler:
             self._usage = usage
         choices = data.get("choices")
         if not choices:
-            return
-        if len(choices) == 1 and self._plain_text(choices[0]):
-            return
+            return False
+        if len(choices) == 1:
+            plain = self._plain_text(choices[0])
+            if plain is not None:
+                return plain
+        token = False
         for choice in choices:
             if isinstance(choice, dict):
                 index = choice.get("index")
                 slot = index if isinstance(index, int) else 0
                 self._choices.setdefault(slot, _Choice(slot)).add(choice)
+                token = token or _a_token(choice)
+        return token
 
-    def _plain_text(self, choice: object) -> bool:
+    def _plain_text(self, choice: object) -> bool | None:
         """The common chunk, taken in fewer steps: one choice, index 0, a delta of
-        nothing but a role and content, no logprobs. False: not that shape."""
+        nothing but a role and content (and OpenAI's `refusal: null`), no
+        logprobs. Whether it carried a token or a finish; None: not that shape."""
         if not isinstance(choice, dict) or choice.get("index", 0) != 0 or choice.get("logprobs") is not None:
-            return False
+            return None
         delta = choice.get("delta")
-        if not isinstance(delta, dict) or not delta.keys() <= _PLAIN_DELTA:
-            return False
+        if not isinstance(delta, dict) or not delta.keys() <= _PLAIN_DELTA or delta.get("refusal") is not None:
+            return None
         content = delta.get("content")
         if content is not None and not isinstance(content, str):
-            return False
+            return None
         joined = self._choices.get(0)
         if joined is None:
             joined = self._choices[0] = _Choice(0)
@@ -171,7 +195,8 @@ class Assembler:
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
             joined.finish_reason = reason
-        return True
+            return True
+        return bool(content)
 
     def completion(self) -> Completion:
         envelope = self._envelope

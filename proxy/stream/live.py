@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from proxy.adapters.base import Adapter, AttemptLimits, Chunk
+from proxy.adapters.base import Adapter, AttemptLimits, Chunk, Completion
 from proxy.config import ProviderConfig
 from proxy.deadline import Deadline
 from proxy.errors import FailureClass, ProviderError
 from proxy.observe import StreamHooks
 from proxy.quota import Reservation
+from proxy.stream.assemble import Assembler
 
 
 @dataclass(slots=True)
@@ -133,7 +135,44 @@ async def first_token(
     return live
 
 
-async def close_stream(stream: AsyncIterator[Chunk]) -> None:
+async def collect(reads: AsyncIterator[list[dict[str, Any]]], provider: ProviderConfig, deadline: float) -> Completion:
+    """A whole answer for a non-stream request, from a provider's parsed reads
+    (`OpenAICompatAdapter.parsed_reads`, opened by the first read), under the
+    deadlines of a stream: `first_token` until a chunk carries a token or a
+    finish, then `idle` for each read, `deadline` for all. One timer for every
+    read; the upstream is closed however this ends."""
+    timer = Deadline()
+    first = min(timer.now() + provider.timeout.first_token, deadline)
+    idle = provider.timeout.idle
+    assembler = Assembler()
+    started = False
+    try:
+        while True:
+            timer.enter(min(timer.now() + idle, deadline) if started else first)
+            read = await anext(reads, None)
+            timer.leave()
+            if read is None:
+                break
+            for data in read:
+                if assembler.add_data(data):
+                    started = True
+    except asyncio.CancelledError:
+        if not timer.expired():
+            raise
+        if not started:
+            raise ProviderError(
+                FailureClass.TIMEOUT, f"no first token within {provider.timeout.first_token:g}s"
+            ) from None
+        raise ProviderError(
+            FailureClass.TIMEOUT, "the stream stalled past the idle or total timeout", provider=provider.name
+        ) from None
+    finally:
+        timer.close()
+        await close_stream(reads)
+    return assembler.completion()
+
+
+async def close_stream(stream: AsyncIterator[object]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
