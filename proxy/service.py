@@ -244,13 +244,17 @@ def _file_signature(path: str) -> tuple[int, int, int, int] | None:
 
 
 def _file_hash(path: str | None) -> str:
+    """The digest of a config file's content; "" when there is none to judge: no
+    file, or an empty one (a file being written: truncated, not yet filled in, as
+    a plain `echo >` or an editor's save leaves it for a moment)."""
     if path is None:
         return ""
     try:
         with open(path, "rb") as file:
-            return hashlib.sha256(file.read()).hexdigest()
+            content = file.read()
     except OSError:
         return ""
+    return hashlib.sha256(content).hexdigest() if content else ""
 
 
 def _alerter(config: Config, client: httpx.AsyncClient, metrics: Metrics) -> Alerter | None:

@@ -156,6 +156,29 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
         time.sleep(0.02)
 
 
+def test_a_file_caught_half_written_is_no_bad_edit(
+    serve: Callable[..., ServedApp],
+    cloud: FakeOpenAI,
+    backup: FakeOpenAI,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file truncated and not yet filled in (what a non-atomic write shows a
+    reader for a moment) is not judged: no rejection, no log line, no alert; the
+    content that follows is."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_data(cloud, backup)))  # checked every 0.1 s
+    proxy = serve(load_config(path, environ={}))
+    path.write_text("")  # caught between the truncate and the write
+    time.sleep(1.0)  # ten checks
+    assert _rejected(proxy) == 0
+    assert not [r for r in caplog.records if "config_reload_failed" in r.getMessage()]
+    assert answer(proxy).headers["x-proxy-provider"] == "cloud"  # the config in force is untouched
+    path.write_text(yaml.safe_dump(config_data(cloud, backup, routes={"default": ["backup"]})))
+    _wait_for(lambda: answer(proxy).headers["x-proxy-provider"] == "backup")
+    assert _rejected(proxy) == 0
+
+
 def test_an_invalid_file_left_in_place_is_rejected_once_per_change(
     serve: Callable[..., ServedApp],
     cloud: FakeOpenAI,

@@ -78,7 +78,8 @@ def test_a_request_that_finds_every_slot_busy_falls_through_without_marking_the_
             "health": {"failure_threshold": 1},
         }
     )
-    cloud.set_fault("slow", first_token_delay=2.0, times=1)
+    # Long enough for the three requests below (0.3 s each on a quiet box) on a busy CI box too.
+    cloud.set_fault("slow", first_token_delay=6.0, times=1)
     first: Future[tuple[str, dict[str, str]]] = pool.submit(streamed_text, proxy, "default")
     wait_for(lambda: cloud.request_count >= 1, "the first stream to reach the cloud")
 

@@ -337,7 +337,7 @@ async def test_put_health_replaces_the_record_and_get_health_reads_many(store: S
 
 
 async def first_update(
-    subscriber: StateStore, publish: Callable[[], Awaitable[None]], timeout: float = 3.0
+    subscriber: StateStore, publish: Callable[[], Awaitable[None]], timeout: float = 10.0
 ) -> tuple[str, dict[str, str]]:
     """Publish again and again until the subscriber (subscribing meanwhile) hears one."""
     updates = subscriber.health_updates()
@@ -883,7 +883,7 @@ async def test_half_open_lets_one_trial_through_and_a_cancelled_trial_frees_the_
 ) -> None:
     clock = FakeClock()
     # A timeout long enough that the trial is still stalled when it is cancelled, on a busy box too.
-    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1, timeout=0.5)
+    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1, timeout=2.0)
     try:
         await store.ping()
         own_server.pause()
