@@ -214,12 +214,16 @@ async def test_the_body_is_what_the_chunk_path_assembles(events: list[bytes], sp
 
 
 @pytest.mark.asyncio
-async def test_a_malformed_chunk_is_skipped_and_counted() -> None:
+@pytest.mark.parametrize(
+    "malformed", [b"{not json", b"[1, 2]", b'{"id": "x", "choices": 5}', b'{"id": "x", "choices": {"0": {}}}']
+)
+async def test_a_malformed_chunk_is_skipped_and_counted(malformed: bytes) -> None:
+    """Not JSON, not an object, `choices` that is no list: skipped, never a bug's 500."""
     hooks = Hooks()
-    events = [*PLAIN[:2], b"data: {not json\n\n", *PLAIN[2:]]
+    events = [*PLAIN[:2], b"data: " + malformed + b"\n\n", *PLAIN[2:]]
     body = await collected(sse(events), hooks=hooks)
     assert body["choices"][0]["message"]["content"] == "Hello"
-    assert hooks.malformed_payloads == [b"{not json"]
+    assert hooks.malformed_payloads == [malformed]
 
 
 @pytest.mark.asyncio

@@ -343,7 +343,8 @@ def _chunk(payload: bytes) -> Chunk | None:
 
 
 def _parse(payload: bytes) -> dict[str, Any] | None:
-    """One event's chunk as a dict; None when it cannot be read (skipped); an in-band error raises."""
+    """One event's chunk as a dict; None when it cannot be read (skipped): not
+    JSON, not an object, `choices` not a list; an in-band error raises."""
     try:
         parsed = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -352,6 +353,9 @@ def _parse(payload: bytes) -> dict[str, Any] | None:
         return None
     if "error" in parsed:
         raise classify.from_stream_error(parsed)
+    choices = parsed.get("choices")
+    if choices is not None and type(choices) is not list:
+        return None
     return parsed
 
 
