@@ -883,7 +883,7 @@ async def test_half_open_lets_one_trial_through_and_a_cancelled_trial_frees_the_
 ) -> None:
     clock = FakeClock()
     # A timeout long enough that the trial is still stalled when it is cancelled, on a busy box too.
-    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1, timeout=2.0)
+    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1, timeout=5.0)
     try:
         await store.ping()
         own_server.pause()
