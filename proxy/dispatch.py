@@ -464,13 +464,7 @@ async def _collect(
     asked = {key: value for key, value in body.items() if key != "stream_options"}
     parsed_reads = getattr(adapter, "parsed_reads", None)  # an OpenAI-format upstream: no `Chunk` per event
     if parsed_reads is not None:
-        loop = asyncio.get_running_loop()
-        limits = AttemptLimits(
-            connect=min(provider.timeout.connect, deadline - loop.time(), provider.timeout.first_token),
-            read=None,  # `collect` bounds every read
-            max_bytes=max_bytes,
-        )
-        return await collect(parsed_reads(_for_stream(provider, asked, usage=True), limits), provider, deadline)
+        return await collect(parsed_reads, provider, _for_stream(provider, asked, usage=True), deadline, max_bytes)
     live = await first_token(adapter, provider, _for_stream(provider, asked, usage=True), deadline, max_bytes)
     assembler = Assembler()
     try:

@@ -25,6 +25,7 @@ from proxy.stream.live import collect
 from tests.test_openai_compat import BODY, completion_bytes, upstream
 
 LIMITS = AttemptLimits(connect=2, read=None)
+MAX_BYTES = LIMITS.max_bytes
 
 
 class Hooks(AdapterHooks):
@@ -167,7 +168,7 @@ async def collected(
         config = provider(url, first_token, idle)
         adapter = OpenAICompatAdapter(config, session, hooks)
         deadline = asyncio.get_running_loop().time() + 30
-        completion = await collect(adapter.parsed_reads(BODY, LIMITS), config, deadline)
+        completion = await collect(adapter.parsed_reads, config, BODY, deadline, MAX_BYTES)
     parsed: dict[str, Any] = orjson.loads(completion.body)
     return parsed
 
@@ -263,11 +264,9 @@ async def test_a_server_that_ignores_stream_true_gives_its_whole_answer() -> Non
 async def test_an_answer_over_the_size_cap_is_a_failure() -> None:
     async with upstream(sse(PLAIN)) as url, open_session() as session:
         config = provider(url)
-        reads = OpenAICompatAdapter(config, session).parsed_reads(
-            BODY, AttemptLimits(connect=2, read=None, max_bytes=300)
-        )
+        reads = OpenAICompatAdapter(config, session).parsed_reads
         with pytest.raises(ProviderError) as caught:
-            await collect(reads, config, asyncio.get_running_loop().time() + 30)
+            await collect(reads, config, BODY, asyncio.get_running_loop().time() + 30, 300)
     assert caught.value.failure is FailureClass.SERVER_ERROR
     assert "max_upstream_bytes (300)" in caught.value.message
 
@@ -341,6 +340,6 @@ async def test_the_connection_goes_back_to_the_pool_after_a_whole_answer() -> No
         config = provider(url)
         adapter = OpenAICompatAdapter(config, session)
         for _ in range(3):
-            await collect(adapter.parsed_reads(BODY, LIMITS), config, asyncio.get_running_loop().time() + 30)
+            await collect(adapter.parsed_reads, config, BODY, asyncio.get_running_loop().time() + 30, MAX_BYTES)
             await asyncio.sleep(0.05)
     assert len(peers) == 1

@@ -11,7 +11,7 @@ timer serves every read of the stream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,9 @@ from proxy.errors import FailureClass, ProviderError
 from proxy.observe import StreamHooks
 from proxy.quota import Reservation
 from proxy.stream.assemble import Assembler
+
+# An adapter's `parsed_reads` (`OpenAICompatAdapter`): the answer's chunks as parsed dicts, read by read.
+ParsedReads = Callable[[dict[str, object], AttemptLimits], AsyncIterator[list[dict[str, Any]]]]
 
 
 @dataclass(slots=True)
@@ -101,16 +104,8 @@ async def first_token(
 ) -> LiveStream:
     """Open a stream and hold its chunks until the first real token (or a clean
     empty end); any failure before that is the provider's and stays invisible."""
-    loop = asyncio.get_running_loop()
-    first_deadline = min(loop.time() + provider.timeout.first_token, deadline)
-    # No read limit for the adapter: the first-token deadline below and then
-    # `LiveStream.next_read` bound every read; a second timer per read would be work done twice.
-    limits = AttemptLimits(
-        connect=min(provider.timeout.connect, first_deadline - loop.time()),
-        read=None,
-        max_bytes=max_bytes,
-    )
-    stream = adapter.stream(body, limits)
+    first_deadline = min(asyncio.get_running_loop().time() + provider.timeout.first_token, deadline)
+    stream = adapter.stream(body, _first_token_limits(provider, first_deadline, max_bytes))
     live = LiveStream(head=[], rest=stream, provider=provider, deadline=deadline)
     head = live.head
     started = False
@@ -135,7 +130,9 @@ async def first_token(
     return live
 
 
-async def collect(reads: AsyncIterator[list[dict[str, Any]]], provider: ProviderConfig, deadline: float) -> Completion:
+async def collect(
+    parsed_reads: ParsedReads, provider: ProviderConfig, body: dict[str, object], deadline: float, max_bytes: int
+) -> Completion:
     """A whole answer for a non-stream request, from a provider's parsed reads
     (`OpenAICompatAdapter.parsed_reads`, opened by the first read), under the
     deadlines of a stream: `first_token` until a chunk carries a token or a
@@ -143,6 +140,7 @@ async def collect(reads: AsyncIterator[list[dict[str, Any]]], provider: Provider
     read; the upstream is closed however this ends."""
     timer = Deadline()
     first = min(timer.now() + provider.timeout.first_token, deadline)
+    reads = parsed_reads(body, _first_token_limits(provider, first, max_bytes))
     idle = provider.timeout.idle
     assembler = Assembler()
     started = False
@@ -170,6 +168,17 @@ async def collect(reads: AsyncIterator[list[dict[str, Any]]], provider: Provider
         timer.close()
         await close_stream(reads)
     return assembler.completion()
+
+
+def _first_token_limits(provider: ProviderConfig, first_deadline: float, max_bytes: int) -> AttemptLimits:
+    """An attempt's network limits until its first token. No read limit for the
+    adapter: the first-token deadline and then each read's bound every read; a
+    second timer per read would be work done twice."""
+    return AttemptLimits(
+        connect=min(provider.timeout.connect, first_deadline - asyncio.get_running_loop().time()),
+        read=None,
+        max_bytes=max_bytes,
+    )
 
 
 async def close_stream(stream: AsyncIterator[object]) -> None:
