@@ -255,15 +255,26 @@ class OpenAICompatAdapter:
         for payload in payloads:
             if payload == b"[DONE]":
                 return read, True, finished
-            parsed = _parse(payload)
-            if parsed is None:
+            # `_parse`, inline: this runs for every chunk of every non-stream answer
+            try:
+                parsed = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if type(parsed) is not dict:
                 self._hooks.malformed(self.provider.name, payload)
                 continue
+            if "error" in parsed:
+                raise classify.from_stream_error(parsed)
+            choices = parsed.get("choices")
+            if choices is not None:
+                if type(choices) is not list:
+                    self._hooks.malformed(self.provider.name, payload)
+                    continue
+                if not finished:
+                    for choice in choices:
+                        if type(choice) is dict and type(choice.get("finish_reason")) is str:
+                            finished = True
             read.append(parsed)
-            if not finished:
-                for choice in parsed.get("choices") or ():
-                    if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
-                        finished = True
         return read, False, finished
 
     def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, ProviderError | None]:
@@ -277,14 +288,14 @@ class OpenAICompatAdapter:
                 _mark_more(chunks, last=True)
                 return chunks, True, None
             try:
-                chunk = _chunk(payload)
+                parsed = _parse(payload)
             except ProviderError as exc:
                 _mark_more(chunks)
                 return chunks, False, exc
-            if chunk is None:
+            if parsed is None:
                 self._hooks.malformed(self.provider.name, payload)
             else:
-                chunks.append(chunk)
+                chunks.append(describe(payload, parsed))
         _mark_more(chunks)
         return chunks, False, None
 
@@ -334,12 +345,6 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
 def _mark_more(chunks: list[Chunk], *, last: bool = False) -> None:
     for chunk in chunks if last else chunks[:-1]:
         chunk.more = True
-
-
-def _chunk(payload: bytes) -> Chunk | None:
-    """One event's chunk; None when it cannot be read (skipped); an in-band error raises."""
-    parsed = _parse(payload)
-    return None if parsed is None else describe(payload, parsed)
 
 
 def _parse(payload: bytes) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ parsed chunks in order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -148,55 +149,58 @@ class Assembler:
     def add_data(self, data: dict[str, Any]) -> bool:
         """Add one parsed chunk; True when it carries a real token (content, tool
         calls, a refusal, reasoning) or a finish: what ends the wait for the first token."""
-        envelope = self._envelope
-        if not envelope:
-            envelope.update(id=data.get("id"), created=data.get("created"))
-        for key in _ENVELOPE_KEYS:
-            value = data.get(key)
-            if value is not None:
-                envelope[key] = value
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            self._usage = usage
-        choices = data.get("choices")
-        if not choices:
-            return False
-        if len(choices) == 1:
-            plain = self._plain_text(choices[0])
-            if plain is not None:
-                return plain
-        token = False
-        for choice in choices:
-            if isinstance(choice, dict):
-                index = choice.get("index")
-                slot = index if isinstance(index, int) else 0
-                self._choices.setdefault(slot, _Choice(slot)).add(choice)
-                token = token or _a_token(choice)
-        return token
+        return self.add_read((data,))
 
-    def _plain_text(self, choice: object) -> bool | None:
-        """The common chunk, taken in fewer steps: one choice, index 0, a delta of
-        nothing but a role and content (and OpenAI's `refusal: null`), no
-        logprobs. Whether it carried a token or a finish; None: not that shape."""
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0 or choice.get("logprobs") is not None:
-            return None
-        delta = choice.get("delta")
-        if not isinstance(delta, dict) or not delta.keys() <= _PLAIN_DELTA or delta.get("refusal") is not None:
-            return None
-        content = delta.get("content")
-        if content is not None and not isinstance(content, str):
-            return None
-        joined = self._choices.get(0)
-        if joined is None:
-            joined = self._choices[0] = _Choice(0)
-        if content is not None:
-            joined.content.append(content)
-            joined.seen_content = True
-        reason = choice.get("finish_reason")
-        if isinstance(reason, str):
-            joined.finish_reason = reason
-            return True
-        return bool(content)
+    def add_read(self, read: Sequence[dict[str, Any]]) -> bool:
+        """Add the parsed chunks of one upstream read, in order; True when one of
+        them carries a real token or a finish. The common chunk (one choice,
+        index 0, a delta of nothing but a role and content (and OpenAI's
+        `refusal: null`), no logprobs) is taken inline: this loop runs for
+        every chunk of every non-stream answer."""
+        envelope = self._envelope
+        token = False
+        for data in read:
+            if not envelope:
+                envelope.update(id=data.get("id"), created=data.get("created"))
+            if (value := data.get("model")) is not None:
+                envelope["model"] = value
+            if (value := data.get("system_fingerprint")) is not None:
+                envelope["system_fingerprint"] = value
+            if (value := data.get("service_tier")) is not None:
+                envelope["service_tier"] = value
+            usage = data.get("usage")
+            if isinstance(usage, dict):
+                self._usage = usage
+            choices = data.get("choices")
+            if not choices:
+                continue
+            if len(choices) == 1:
+                choice = choices[0]
+                if type(choice) is dict and choice.get("index", 0) == 0 and choice.get("logprobs") is None:
+                    delta = choice.get("delta")
+                    if type(delta) is dict and delta.keys() <= _PLAIN_DELTA and delta.get("refusal") is None:
+                        content = delta.get("content")
+                        if content is None or type(content) is str:
+                            joined = self._choices.get(0)
+                            if joined is None:
+                                joined = self._choices[0] = _Choice(0)
+                            if content is not None:
+                                joined.content.append(content)
+                                joined.seen_content = True
+                                if content:
+                                    token = True
+                            reason = choice.get("finish_reason")
+                            if isinstance(reason, str):
+                                joined.finish_reason = reason
+                                token = True
+                            continue
+            for choice in choices:
+                if isinstance(choice, dict):
+                    index = choice.get("index")
+                    slot = index if isinstance(index, int) else 0
+                    self._choices.setdefault(slot, _Choice(slot)).add(choice)
+                    token = token or _a_token(choice)
+        return token
 
     def completion(self) -> Completion:
         envelope = self._envelope

@@ -74,7 +74,7 @@ class ChatEncoder:
             first = chunk.parsed()
             self._identity = (first.get("id"), first.get("created"))
         if not continuing:
-            return format_event(chunk.payload)
+            return b"data: " + chunk.payload + b"\n\n"  # `format_event`, inline: once per chunk of every stream
         data = dict(chunk.parsed())
         data["id"], data["created"] = self._identity
         return format_event(orjson.dumps(data))

@@ -151,9 +151,8 @@ async def collect(
             timer.leave()
             if read is None:
                 break
-            for data in read:
-                if assembler.add_data(data):
-                    started = True
+            if assembler.add_read(read):
+                started = True
     except asyncio.CancelledError:
         if not timer.expired():
             raise

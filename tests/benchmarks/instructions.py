@@ -4,6 +4,7 @@
     python -m tests.benchmarks.instructions --stream
     python -m tests.benchmarks.instructions --plain-upstream  # the provider with `stream_upstream: false`
     python -m tests.benchmarks.instructions --anthropic       # the translated path
+    python -m tests.benchmarks.instructions --system passthrough [--assemble]  # the floors
 
 Requests per second move with whatever else the machine is doing; instructions do
 not: the same code, inputs and build count the same on a loaded box (within ~0.1%).
@@ -11,7 +12,10 @@ So this is the number to compare before and after a change to the hot path when 
 machine is shared. The proxy runs under `valgrind --tool=callgrind` twice, answering
 N1 then N2 sequential requests (one keep-alive connection) from the fast fake
 upstream (`tests.benchmarks.upstream`); the difference over N2 - N1 is the cost of
-one request, without start-up. Needs valgrind (`apt-get install -y valgrind`); takes
+one request, without start-up. `--system passthrough` counts the aiohttp
+pass-through instead (`tests.benchmarks.passthrough`; `--assemble`: non-stream
+requests streamed upstream and assembled, the floor of the default design), so a
+ratio to the floor can be had on a shared machine too. Needs valgrind (`apt-get install -y valgrind`); takes
 a few minutes (Python runs ~50x slower under valgrind).
 """
 
@@ -32,12 +36,12 @@ from pathlib import Path
 from tests.benchmarks.run import free_port
 
 
-def _ready(port: int, timeout: float) -> None:
+def _ready(port: int, timeout: float, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/readyz")
+            connection.request("GET", path)
             answer = connection.getresponse()
             answer.read()
             if answer.status == 200:
@@ -65,16 +69,24 @@ def _config(path: Path, port: int, upstream: int, args: argparse.Namespace) -> N
 def count(requests: int, upstream: int, args: argparse.Namespace, workdir: Path) -> int:
     """Instructions of one `serve` run (start-up, `requests` requests, shutdown)."""
     port = free_port()
-    config = workdir / f"proxy-{requests}.yaml"
-    _config(config, port, upstream, args)
     out = workdir / f"callgrind-{requests}.out"
-    proxy = str(Path(sys.executable).parent / "fallback-proxy")
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", proxy, "serve", "--config", str(config)]
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    if args.system == "passthrough":
+        command += [sys.executable, "-m", "tests.benchmarks.passthrough", "--upstream", f"http://127.0.0.1:{upstream}"]
+        command += ["--port", str(port), *(["--assemble"] if args.assemble else [])]
+        ready_path = "/v1/models"
+    else:
+        config = workdir / f"proxy-{requests}.yaml"
+        _config(config, port, upstream, args)
+        proxy = str(Path(sys.executable).parent / "fallback-proxy")
+        command += [proxy, "serve", "--config", str(config), "--log-level", "warning"]
+        ready_path = "/readyz"
     with open(workdir / f"proxy-{requests}.log", "w") as log:
-        process = subprocess.Popen([*command, "--log-level", "warning"], stdout=log, stderr=log)
+        process = subprocess.Popen(command, stdout=log, stderr=log)
     try:
-        _ready(port, timeout=600)
-        body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}], "stream": args.stream})
+        _ready(port, timeout=600, path=ready_path)
+        model = "default" if args.system == "proxy" else "bench"
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": args.stream})
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         for _ in range(requests):
             connection.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
@@ -97,6 +109,8 @@ def main() -> int:
     parser.add_argument("--stream", action="store_true", help="streamed requests (default: non-stream)")
     parser.add_argument("--plain-upstream", action="store_true", help="the provider keeps plain calls")
     parser.add_argument("--anthropic", action="store_true", help="an Anthropic-format provider (translated)")
+    parser.add_argument("--system", choices=["proxy", "passthrough"], default="proxy", help="what runs under callgrind")
+    parser.add_argument("--assemble", action="store_true", help="passthrough: non-stream requests streamed upstream")
     parser.add_argument("--requests", default="30,130", help="N1,N2: requests in the two runs (default 30,130)")
     args = parser.parse_args()
     first, second = (int(n) for n in args.requests.split(","))
@@ -116,6 +130,8 @@ def main() -> int:
         upstream.kill()
     kind = ("stream" if args.stream else "non-stream") + (", stream_upstream: false" if args.plain_upstream else "")
     kind += ", Anthropic" if args.anthropic else ", OpenAI"
+    if args.system == "passthrough":
+        kind = "aiohttp pass-through" + (", streamed upstream and assembled" if args.assemble else "") + ", " + kind
     print(
         f"{kind}: {(high - low) / (second - first):,.0f} instructions per request ({low:,} at {first}, {high:,} at {second})"
     )

@@ -2,6 +2,13 @@
 aiohttp ClientSession, bytes in and bytes out, no parsing, no policy.
 
     python -m tests.benchmarks.passthrough --upstream http://127.0.0.1:9100 --port 9200
+    python -m tests.benchmarks.passthrough --upstream ... --assemble
+
+`--assemble` is the floor of fallback-proxy's default non-stream design (issue 11:
+a non-stream request is sent upstream as a stream, so that first-token and idle
+deadlines bound it, and the chunks are assembled into one `chat.completion`): the
+same exchange with nothing else, no deadlines, no checks, no continuation. Streams
+are relayed as bytes either way.
 
 The same server stack as fallback-proxy (uvicorn, one worker, uvloop,
 httptools, Starlette), so the gap between the two is what the proxy itself
@@ -15,6 +22,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,8 +30,54 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 
-def build_app(upstream: str, limit: int = 1000) -> Starlette:
-    """`limit`: aiohttp's pool size (0: none; the slow-streams scenario holds thousands open)."""
+def assembled(events: bytes) -> bytes:
+    """An SSE stream of `chat.completion.chunk`s as the one `chat.completion` it
+    amounts to (each choice's text and finish reason, the usage): the least a
+    proxy that streams non-stream requests upstream must do with the answer."""
+    texts: dict[int, list[str]] = {}
+    finishes: dict[int, str | None] = {}
+    head: dict[str, object] = {}
+    usage = None
+    for line in events.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            break
+        chunk = orjson.loads(payload)
+        head = chunk
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            index = choice.get("index", 0)
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                texts.setdefault(index, []).append(content)
+            if choice.get("finish_reason"):
+                finishes[index] = choice["finish_reason"]
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": "".join(texts.get(index, ())), "refusal": None},
+            "logprobs": None,
+            "finish_reason": finishes.get(index),
+        }
+        for index in sorted(texts.keys() | finishes.keys())
+    ]
+    answer = {
+        "id": head.get("id"),
+        "object": "chat.completion",
+        "created": head.get("created"),
+        "model": head.get("model"),
+        "choices": choices,
+        "usage": usage,
+    }
+    return orjson.dumps(answer)
+
+
+def build_app(upstream: str, limit: int = 1000, assemble: bool = False) -> Starlette:
+    """`limit`: aiohttp's pool size (0: none; the slow-streams scenario holds thousands open).
+    `assemble`: non-stream requests are streamed upstream and assembled."""
     session: aiohttp.ClientSession | None = None
     base = upstream.rstrip("/")
 
@@ -40,12 +94,23 @@ def build_app(upstream: str, limit: int = 1000) -> Starlette:
     async def relay(request: Request) -> Response:
         assert session is not None
         body = await request.body()
+        streamed_upstream = False
+        if assemble and body:
+            request_body = orjson.loads(body)
+            if not request_body.get("stream"):
+                request_body["stream"] = streamed_upstream = True
+                request_body["stream_options"] = {"include_usage": True}
+                body = orjson.dumps(request_body)
         upstream = await session.request(
             request.method,
             base + request.url.path,
             data=body if body else None,
             headers={"content-type": "application/json"},
         )
+        if streamed_upstream and upstream.status == 200:
+            events = await upstream.read()
+            upstream.release()
+            return Response(assembled(events), media_type="application/json")
         content_type = upstream.headers.get("content-type", "application/json")
         if content_type.startswith("text/event-stream"):
 
@@ -74,9 +139,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9200)
     parser.add_argument("--limit", type=int, default=1000, help="aiohttp's connection pool size; 0: no limit")
+    parser.add_argument("--assemble", action="store_true", help="non-stream requests streamed upstream and assembled")
     args = parser.parse_args()
     uvicorn.run(
-        build_app(args.upstream, args.limit),
+        build_app(args.upstream, args.limit, args.assemble),
         host=args.host,
         port=args.port,
         loop="uvloop",

@@ -208,6 +208,23 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
             ],
             ready_repeats=settings.ready_repeats,
         ),
+        System(
+            "aiohttp-assemble",
+            "aiohttp pass-through, non-stream streamed upstream and assembled (floor of the default design)",
+            "openai",
+            OPENAI_MODEL,
+            command=[
+                python,
+                "-m",
+                "tests.benchmarks.passthrough",
+                "--upstream",
+                f"http://127.0.0.1:{upstream}",
+                "--port",
+                "{port}",
+                "--assemble",
+            ],
+            ready_repeats=1,
+        ),
     ]
     kinds = [
         ("openai", "fallback-proxy (OpenAI path)"),
@@ -953,6 +970,43 @@ def targets(results: Sequence[Result]) -> list[Target]:
             "throughput vs aiohttp pass-through, non-stream", ratio("fp-openai", "aiohttp", "plain"), 0.5, True, "×"
         ),
         Target("throughput vs aiohttp pass-through, stream", ratio("fp-openai", "aiohttp", "streams"), 0.6, True, "×"),
+        # issue 13's floor: 0.75x the pass-through, like for like (a non-stream request streamed
+        # upstream, the default, against the pass-through that does the same exchange)
+        Target(
+            "throughput vs aiohttp pass-through, non-stream, stream_upstream: false (both plain calls)",
+            ratio("fp-openai-plain", "aiohttp", "plain"),
+            0.75,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs aiohttp pass-through, non-stream streamed upstream (both: the default design)",
+            ratio("fp-openai", "aiohttp-assemble", "plain"),
+            0.75,
+            True,
+            "×",
+        ),
+        Target(
+            "throughput vs aiohttp pass-through, stream (issue 13's floor)",
+            ratio("fp-openai", "aiohttp", "streams"),
+            0.75,
+            True,
+            "×",
+        ),
+        Target(
+            "translated (Anthropic) path vs OpenAI path, non-stream",
+            ratio("fp-anthropic", "fp-openai", "plain"),
+            0.5,
+            True,
+            "×",
+        ),
+        Target(
+            "translated (Anthropic) path vs OpenAI path, stream",
+            ratio("fp-anthropic", "fp-openai", "streams"),
+            0.5,
+            True,
+            "×",
+        ),
         Target(
             "CPU per non-stream request (OpenAI path)",
             attr("fp-openai", lambda r: r.plain.cpu_ms_per_request),
@@ -1140,7 +1194,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated system keys (direct, direct-anthropic, aiohttp, fp-openai, fp-openai-plain, fp-openai-otel, "
+        help="comma-separated system keys (direct, direct-anthropic, aiohttp, aiohttp-assemble, fp-openai, fp-openai-plain, fp-openai-otel, "
         "fp-openai-2w, fp-chain, fp-anthropic, fp-responses, litellm-openai, litellm-fallback, litellm-anthropic)",
     )
     parser.add_argument("--output", default=None, help="also write the markdown report to this file")
