@@ -343,3 +343,129 @@ async def test_the_connection_goes_back_to_the_pool_after_a_whole_answer() -> No
             await collect(adapter.parsed_reads, config, BODY, asyncio.get_running_loop().time() + 30, MAX_BYTES)
             await asyncio.sleep(0.05)
     assert len(peers) == 1
+
+
+# --- polled reads: once the first token is here, a non-stream answer is read when
+# its body ends or fails, or every `_POLL_SECONDS`, not token by token
+
+
+def paced(events: list[bytes], interval: float, *, end: str = "close") -> Any:
+    """A token-by-token upstream: one write every `interval`. `end`: "close" (the
+    body's end follows the last event), "hold" (the body stays open 5 s after
+    it), "drop" (the connection is cut after the events, the body unfinished)."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for data in events:
+            await response.write(data)
+            await asyncio.sleep(interval)
+        if end == "hold":
+            await asyncio.sleep(5)
+        elif end == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+        return response
+
+    return handler
+
+
+async def collected_reads(handler: Any, *, idle: float = 5) -> tuple[dict[str, Any], int, float]:
+    """The answer, how many reads the adapter handed over, and how long it took."""
+    reads = 0
+    async with upstream(handler) as url, open_session() as session:
+        config = provider(url, first_token=5, idle=idle)
+        adapter = OpenAICompatAdapter(config, session)
+
+        async def counted(body: dict[str, object], limits: AttemptLimits) -> Any:
+            nonlocal reads
+            generator = adapter.parsed_reads(body, limits)
+            sent = None
+            try:
+                while True:
+                    read = await generator.asend(sent)
+                    reads += 1
+                    sent = yield read
+            except StopAsyncIteration:
+                return
+            finally:
+                await generator.aclose()
+
+        started = time.monotonic()
+        completion = await collect(counted, config, BODY, asyncio.get_running_loop().time() + 30, MAX_BYTES)
+    return orjson.loads(completion.body), reads, time.monotonic() - started
+
+
+TOKENS = [PLAIN[0]] + [event({"content": f"t{i} "}) for i in range(60)] + PLAIN[3:]
+TOKENS_TEXT = "".join(f"t{i} " for i in range(60))
+
+
+@pytest.mark.asyncio
+async def test_a_token_by_token_answer_is_read_in_polls_not_token_by_token() -> None:
+    """60 tokens 10 ms apart: the whole answer, handed over in a few polls of
+    many tokens each (token by token it was 60+ reads: one wakeup per token)."""
+    body, reads, _ = await collected_reads(paced(TOKENS, 0.01))
+    assert body["choices"][0]["message"]["content"] == TOKENS_TEXT
+    assert body["usage"] == USAGE
+    assert reads <= 20, f"{reads} reads for 60 tokens"
+
+
+@pytest.mark.asyncio
+async def test_a_polled_answer_ends_with_its_body_not_at_the_next_poll() -> None:
+    """The end of the body wakes the reader: a finished answer is not held for a poll."""
+    events = [PLAIN[0], PLAIN[1], PLAIN[2], *PLAIN[3:]]
+    for _ in range(3):  # the one-poll delay would show as ≥ 0.1 s on each of these
+        body, _, took = await collected_reads(paced(events, 0.0))
+        assert body["choices"][0]["message"]["content"] == "Hello"
+    assert took < 2
+
+
+@pytest.mark.asyncio
+async def test_done_with_the_body_still_open_ends_a_polled_answer() -> None:
+    """`[DONE]` whose body's end does not follow (the server holds it 5 s):
+    the answer is whole at the next poll, not when the server lets go."""
+    body, _, took = await collected_reads(paced(TOKENS, 0.005, end="hold"))
+    assert body["choices"][0]["message"]["content"] == TOKENS_TEXT
+    assert took < 4
+
+
+@pytest.mark.asyncio
+async def test_a_connection_cut_mid_answer_is_a_failure_when_polled() -> None:
+    """Cut after 30 of 60 tokens (the body unfinished): a classified failure of
+    the provider (to fall back on), never the 30 tokens as a whole answer."""
+    with pytest.raises(ProviderError) as caught:
+        await collected_reads(paced(TOKENS[:31], 0.005, end="drop"))
+    assert caught.value.failure in (FailureClass.CONNECTION_ERROR, FailureClass.SERVER_ERROR)
+
+
+@pytest.mark.asyncio
+async def test_a_stall_after_tokens_is_left_at_the_idle_deadline_when_polled() -> None:
+    events = TOKENS[:20]
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for data in events:
+            await response.write(data)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(10)
+        return response
+
+    started = time.monotonic()
+    with pytest.raises(ProviderError) as caught:
+        await collected_reads(stalls, idle=0.5)
+    assert caught.value.failure is FailureClass.TIMEOUT
+    assert "stalled past the idle" in caught.value.message
+    assert time.monotonic() - started < 4
+
+
+@pytest.mark.asyncio
+async def test_an_answer_larger_than_the_client_buffer_is_whole_when_polled() -> None:
+    """~600 KB after the first token (aiohttp pauses the socket at 128 KiB
+    unread): a poll that brought a lot reads again at once, so the answer is
+    whole and quick, not 128 KiB per poll."""
+    big = [event({"content": "x" * 2000}) for _ in range(300)]
+    events = [PLAIN[0], PLAIN[1], *big, *PLAIN[3:]]
+    body, _, took = await collected_reads(paced(events, 0.0))
+    assert body["choices"][0]["message"]["content"] == "Hel" + "x" * 600_000
+    assert took < 3

@@ -15,7 +15,7 @@ stream goes from socket bytes to `Chunk`s in one generator.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
 
 import aiohttp
@@ -44,6 +44,11 @@ from proxy.sse import Event, SSEDecoder, SSEPayloads
 # How long and how much to read after `[DONE]` to reach the end of the body.
 _DRAIN_SECONDS: Final = 1.0
 _DRAIN_BYTES: Final = 65536
+# A non-stream answer, after its first read, is read when its body ends (or fails)
+# or this often, whichever comes first: one wakeup for many tokens, not one per token.
+_POLL_SECONDS: Final = 0.1
+# A poll that brought this much reads again at once (the client's buffer pauses the socket at 128 KiB).
+_POLL_AGAIN_BYTES: Final = 65536
 
 
 class OpenAICompatAdapter:
@@ -167,12 +172,23 @@ class OpenAICompatAdapter:
         finally:
             self._release(response, silence, done)
 
-    async def parsed_reads(self, body: dict[str, Any], limits: AttemptLimits) -> AsyncIterator[list[dict[str, Any]]]:
+    async def parsed_reads(
+        self, body: dict[str, Any], limits: AttemptLimits
+    ) -> AsyncGenerator[list[dict[str, Any]], bool | None]:
         """The answer's chunks as parsed dicts, read by read: what a non-stream
         request assembles (no `Chunk` per event, no event names: a third of the
         work of `stream` for a short answer). The wire is handled as `stream`
         handles it; an in-band error raises at once (nothing of the answer has
-        been sent), and an end with neither a finish nor `[DONE]` is `incomplete`."""
+        been sent), and an end with neither a finish nor `[DONE]` is `incomplete`.
+
+        Nobody sees a non-stream answer before its end, so once the caller has
+        its first token (it sends True for a read that brought one) what comes
+        is read when the body ends or fails, or every `_POLL_SECONDS`
+        (`_polled`): a token-by-token upstream costs one wakeup per poll
+        instead of one per token. Until then every read is taken as it comes:
+        the first-token deadline is never missed by a poll. Only reads that
+        brought something are yielded, so the caller's idle deadline still
+        sees a stalled upstream (at most one poll late)."""
         silence = Silence(limits.read)
         response = await open_stream(
             self._session,
@@ -194,21 +210,25 @@ class OpenAICompatAdapter:
             max_bytes = limits.max_bytes
             size = 0
             finished = False
+            started = polled = False
             while True:
                 silence.expect(content)
-                data = await content.readany()
+                data = await _polled(content) if polled else await content.readany()
                 silence.got()
                 if not data:
-                    break
+                    if content.at_eof():
+                        break
+                    continue  # nothing came in this poll
                 size += len(data)
                 if size > max_bytes:
                     raise too_large(max_bytes)
                 read, done, ends = self._parsed(payloads.feed(data))
                 finished = finished or ends
                 if read:
-                    yield read
+                    started = bool((yield read)) or started
                 if done:
                     return
+                polled = started and len(data) < _POLL_AGAIN_BYTES
             read, done, ends = self._parsed(payloads.flush())
             if read:
                 yield read
@@ -325,6 +345,18 @@ class OpenAICompatAdapter:
     async def _call(self, method: str, url: URL, data: bytes | None, limits: AttemptLimits) -> None:
         """A small request whose answer matters only by its status."""
         await fetch(self._session, method, url, headers=self._headers, data=data, limits=limits)
+
+
+async def _polled(content: aiohttp.StreamReader) -> bytes:
+    """What has come of a body, once it ended or failed or `_POLL_SECONDS` passed
+    (b"": nothing yet, or the end). A failure of the connection is raised at once."""
+    if not content.is_eof():
+        try:
+            async with asyncio.timeout(_POLL_SECONDS):
+                await content.wait_eof()
+        except TimeoutError:
+            pass
+    return content.read_nowait()
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

@@ -11,7 +11,7 @@ timer serves every read of the stream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,9 @@ from proxy.observe import StreamHooks
 from proxy.quota import Reservation
 from proxy.stream.assemble import Assembler
 
-# An adapter's `parsed_reads` (`OpenAICompatAdapter`): the answer's chunks as parsed dicts, read by read.
-ParsedReads = Callable[[dict[str, object], AttemptLimits], AsyncIterator[list[dict[str, Any]]]]
+# An adapter's `parsed_reads` (`OpenAICompatAdapter`): the answer's chunks as parsed dicts, read by read;
+# it is sent True once the caller has had a token (the reads may then be polled).
+ParsedReads = Callable[[dict[str, object], AttemptLimits], AsyncGenerator[list[dict[str, Any]], bool | None]]
 
 
 @dataclass(slots=True)
@@ -147,10 +148,12 @@ async def collect(
     try:
         while True:
             timer.enter(min(timer.now() + idle, deadline) if started else first)
-            read = await anext(reads, None)
-            timer.leave()
-            if read is None:
+            try:
+                read = await reads.asend(started or None)  # True once a token came: the reads may then be polled
+            except StopAsyncIteration:
                 break
+            finally:
+                timer.leave()
             if assembler.add_read(read):
                 started = True
     except asyncio.CancelledError:

@@ -5,6 +5,7 @@
     python -m tests.benchmarks.instructions --plain-upstream  # the provider with `stream_upstream: false`
     python -m tests.benchmarks.instructions --anthropic       # the translated path
     python -m tests.benchmarks.instructions --system passthrough [--assemble]  # the floors
+    python -m tests.benchmarks.instructions --chunk-interval-ms 10 --requests 10,40  # a paced upstream
 
 Requests per second move with whatever else the machine is doing; instructions do
 not: the same code, inputs and build count the same on a loaded box (within ~0.1%).
@@ -111,14 +112,21 @@ def main() -> int:
     parser.add_argument("--anthropic", action="store_true", help="an Anthropic-format provider (translated)")
     parser.add_argument("--system", choices=["proxy", "passthrough"], default="proxy", help="what runs under callgrind")
     parser.add_argument("--assemble", action="store_true", help="passthrough: non-stream requests streamed upstream")
+    parser.add_argument(
+        "--chunk-interval-ms",
+        type=int,
+        default=0,
+        help="a paced upstream: its streams send one content chunk every M ms (30 chunks; 0: as fast as it can)",
+    )
     parser.add_argument("--requests", default="30,130", help="N1,N2: requests in the two runs (default 30,130)")
     args = parser.parse_args()
     first, second = (int(n) for n in args.requests.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="fp-instructions-"))
+    pacing = ["--chunk-interval-ms", str(args.chunk_interval_ms), "--stream-chunks", "30"] if args.chunk_interval_ms else []
     upstream_port = free_port()
     with open(workdir / "upstream.log", "w") as log:
         upstream = subprocess.Popen(
-            [sys.executable, "-m", "tests.benchmarks.upstream", "--port", str(upstream_port)],
+            [sys.executable, "-m", "tests.benchmarks.upstream", "--port", str(upstream_port), *pacing],
             stdout=log,
             stderr=log,
             cwd=os.getcwd(),
@@ -130,6 +138,8 @@ def main() -> int:
         upstream.kill()
     kind = ("stream" if args.stream else "non-stream") + (", stream_upstream: false" if args.plain_upstream else "")
     kind += ", Anthropic" if args.anthropic else ", OpenAI"
+    if args.chunk_interval_ms:
+        kind += f", upstream paced (30 chunks {args.chunk_interval_ms} ms apart)"
     if args.system == "passthrough":
         kind = "aiohttp pass-through" + (", streamed upstream and assembled" if args.assemble else "") + ", " + kind
     print(
