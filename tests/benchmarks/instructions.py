@@ -122,7 +122,9 @@ def main() -> int:
     args = parser.parse_args()
     first, second = (int(n) for n in args.requests.split(","))
     workdir = Path(tempfile.mkdtemp(prefix="fp-instructions-"))
-    pacing = ["--chunk-interval-ms", str(args.chunk_interval_ms), "--stream-chunks", "30"] if args.chunk_interval_ms else []
+    pacing = (
+        ["--chunk-interval-ms", str(args.chunk_interval_ms), "--stream-chunks", "30"] if args.chunk_interval_ms else []
+    )
     upstream_port = free_port()
     with open(workdir / "upstream.log", "w") as log:
         upstream = subprocess.Popen(
