@@ -337,7 +337,7 @@ async def test_put_health_replaces_the_record_and_get_health_reads_many(store: S
 
 
 async def first_update(
-    subscriber: StateStore, publish: Callable[[], Awaitable[None]], timeout: float = 10.0
+    subscriber: StateStore, publish: Callable[[], Awaitable[None]], timeout: float = 30.0
 ) -> tuple[str, dict[str, str]]:
     """Publish again and again until the subscriber (subscribing meanwhile) hears one."""
     updates = subscriber.health_updates()

@@ -350,7 +350,7 @@ class OpenAICompatAdapter:
 async def _polled(content: aiohttp.StreamReader) -> bytes:
     """What has come of a body, once it ended or failed or `_POLL_SECONDS` passed
     (b"": nothing yet, or the end). A failure of the connection is raised at once."""
-    if not content.is_eof():
+    if not content.is_eof() and content.exception() is None:
         try:
             async with asyncio.timeout(_POLL_SECONDS):
                 await content.wait_eof()

@@ -114,7 +114,6 @@ class _Choice:
         }
 
 
-_ENVELOPE_KEYS: Final = ("model", "system_fingerprint", "service_tier")
 _PLAIN_DELTA: Final = frozenset({"role", "content", "refusal"})
 
 
