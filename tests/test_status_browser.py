@@ -4,6 +4,8 @@ that keeps failing shows OFFLINE after a reload, a provider's markup-looking
 error is shown as text and never runs, and a screenshot of the page is kept
 under `tests/artifacts/` (or `$FALLBACK_PROXY_TEST_ARTIFACTS`), its path printed.
 
+A web page of another origin calls the API from the same browser (CORS).
+
 Skipped, saying why, only where Chromium or chromedriver is not installed
 (`.ci/run` installs both: `apt-get install -y chromium chromium-driver`)."""
 
@@ -181,3 +183,66 @@ def test_without_the_right_key_the_browser_shows_nothing_of_the_page(
     assert browser.title != "fallback-proxy status"
     browser.get(f"http://ops:{ADMIN_KEY}@127.0.0.1:{proxy.port}/status")
     assert browser.find_elements(By.ID, "providers") != []  # the same browser, the right key: the page
+
+
+CALLER_PAGE = """<!doctype html><html><head><title>caller</title></head><body><pre id="out">running</pre>
+<script>
+const query = new URLSearchParams(location.search);
+const proxy = query.get("proxy");
+const headers = {"authorization": "Bearer " + query.get("key"), "content-type": "application/json",
+                 "x-stainless-lang": "js"};
+const body = {model: "default", messages: [{role: "user", content: "hi"}]};
+(async () => {
+  const out = {};
+  try {
+    const plain = await fetch(proxy + "/v1/chat/completions", {method: "POST", headers, body: JSON.stringify(body)});
+    out.plain = (await plain.json()).choices[0].message.content;
+    out.provider = plain.headers.get("x-proxy-provider");
+    const streamed = await fetch(proxy + "/v1/chat/completions",
+                                 {method: "POST", headers, body: JSON.stringify({...body, stream: true})});
+    const reader = streamed.body.getReader();
+    const decoder = new TextDecoder();
+    let text = "";
+    for (;;) {
+      const {done, value} = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, {stream: true});
+    }
+    out.streamed = text.split("\\n").filter(l => l.startsWith("data: {"))
+      .map(l => JSON.parse(l.slice(6))).map(c => (c.choices[0] && c.choices[0].delta.content) || "").join("");
+    out.done = text.trimEnd().endsWith("data: [DONE]");
+  } catch (error) {
+    out.error = String(error);
+  }
+  document.getElementById("out").textContent = JSON.stringify(out);
+})();
+</script></body></html>"""
+
+
+def test_a_page_of_another_origin_calls_the_proxy_from_chromium(
+    browser: Any, serve: Callable[..., ServedApp], serve_asgi: Callable[..., ServedApp], cloud: FakeOpenAI
+) -> None:
+    """A web app on another origin calls the proxy with `fetch` (a key, the
+    JSON content type, an SDK header: a preflight), as a browser build of the
+    openai SDK would: it reads the answer, the stream and `x-proxy-provider`."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    proxy = serve(
+        {
+            "auth": {"keys": ["team-key"]},
+            "providers": {"cloud": openai_provider(cloud.url)},
+            "routes": {"default": ["cloud"]},
+        }
+    )
+
+    async def page(request: Request) -> Response:
+        return Response(CALLER_PAGE, media_type="text/html")
+
+    site = serve_asgi(Starlette(routes=[Route("/", page)]))
+    browser.get(f"http://127.0.0.1:{site.port}/?key=team-key&proxy=http://localhost:{proxy.port}")  # another origin
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "out").text != "running")
+    out = json.loads(browser.find_element(By.ID, "out").text)
+    assert out == {"plain": "Hello from cloud.", "provider": "cloud", "streamed": "Hello from cloud.", "done": True}

@@ -130,6 +130,11 @@ class ServerConfig:
     # streams of 10 chunks a second, slowly: first tokens wait seconds); past it
     # deadlines start to expire for the proxy's own lateness. docs/scaling.md.
     max_in_flight: int = 4000
+    # Origins whose web pages may call the proxy from a browser (CORS): "*" or
+    # scheme://host[:port] each. None: every origin when `auth.keys` are set (a
+    # page must hold a key, as with OpenAI's API), none when the proxy is keyless
+    # (any page the user opens could otherwise spend its providers' quotas).
+    cors_origins: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

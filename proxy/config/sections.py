@@ -25,6 +25,7 @@ from proxy.config.values import (
     http_url,
     int_between,
     integer,
+    kind_of,
     number,
     opt,
     positive_int,
@@ -51,9 +52,11 @@ _SERVER_KEYS: Final = frozenset(
         "reload_check_seconds",
         "workers",
         "max_in_flight",
+        "cors_origins",
     }
 )
 _DEFAULT_SERVER: Final = ServerConfig()
+_ORIGIN: Final = re.compile(r"https?://[^/\s?#]+")
 
 
 _REDIS_KEYS: Final = (
@@ -303,7 +306,26 @@ def parse_server(node: object, ctx: Context) -> ServerConfig:
         ),
         workers=get(section, "workers", "server", ctx, int_between(1, 512), default.workers),
         max_in_flight=get(section, "max_in_flight", "server", ctx, _non_negative_int, default.max_in_flight),
+        cors_origins=opt(section, "cors_origins", "server", ctx, _origins),
     )
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    """`"*"`, or a list of origins as a browser sends them (`https://app.example.com`,
+    `http://localhost:3000`: no path, no trailing slash); an empty list: none."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise BadValue(f'expected "*" or a list of origins, got {kind_of(value)}')
+    origins = []
+    for item in items:
+        if not isinstance(item, str):
+            raise BadValue(f"expected an origin (a string), got {kind_of(item)}")
+        origin = item.strip()
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            hint = " (no trailing slash: a browser sends none)" if origin.endswith("/") else ""
+            raise BadValue(f'expected "*" or scheme://host[:port], got {item!r}{hint}')
+        origins.append(origin)
+    return tuple(origins)
 
 
 def warn_if_open(auth_keys: tuple[str, ...], server: ServerConfig, ctx: Context) -> None:
