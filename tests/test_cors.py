@@ -9,12 +9,14 @@ uvicorn, a fake provider."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
-from proxy.config import ConfigError, parse_config
+from proxy.config import ConfigError, load_config, parse_config
 from proxy.fakes import FakeOpenAI
 
 from .conftest import ServedApp, openai_provider
@@ -161,3 +163,24 @@ def test_a_star_alone_is_every_origin() -> None:
         environ={},
     )
     assert config.server.cors_origins == ("*",)
+
+
+def test_the_allowed_origins_follow_a_reload(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, http: httpx.Client, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.yaml"
+    data: dict[str, Any] = {
+        "server": {"admin_key": "admin-secret", "reload_check_seconds": 0},
+        "providers": {"cloud": openai_provider(cloud.url)},
+        "routes": {"default": ["cloud"]},
+        "health": {"probe_interval_seconds": 0},
+    }
+    path.write_text(yaml.safe_dump(data))
+    proxy = serve(load_config(path, environ={}))
+    assert "access-control-allow-origin" not in preflight(http, proxy).headers  # keyless: none
+
+    data["server"]["cors_origins"] = [PAGE]
+    path.write_text(yaml.safe_dump(data))
+    reloaded = http.post(proxy.url + "/admin/reload", headers={"authorization": "Bearer admin-secret"})
+    assert reloaded.status_code == 200
+    assert preflight(http, proxy).headers["access-control-allow-origin"] == PAGE
