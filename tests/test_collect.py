@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.adapters import AttemptLimits
+from proxy.adapters import AttemptLimits, openai_compat
 from proxy.adapters.base import AdapterHooks
 from proxy.adapters.openai_compat import OpenAICompatAdapter
 from proxy.config import ProviderConfig, parse_config
@@ -411,13 +411,14 @@ async def test_a_token_by_token_answer_is_read_in_polls_not_token_by_token() -> 
 
 
 @pytest.mark.asyncio
-async def test_a_polled_answer_ends_with_its_body_not_at_the_next_poll() -> None:
-    """The end of the body wakes the reader: a finished answer is not held for a poll."""
-    events = [PLAIN[0], PLAIN[1], PLAIN[2], *PLAIN[3:]]
-    for _ in range(3):  # the one-poll delay would show as ≥ 0.1 s on each of these
-        body, _, took = await collected_reads(paced(events, 0.0))
-        assert body["choices"][0]["message"]["content"] == "Hello"
-    assert took < 2
+async def test_a_polled_answer_ends_with_its_body_not_at_the_next_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end of the body wakes the reader: a finished answer is not held for
+    a poll (made 30 s long here, so that waiting for it would show)."""
+    monkeypatch.setattr(openai_compat, "_POLL_SECONDS", 30.0)
+    body, reads, took = await collected_reads(paced(TOKENS, 0.01))
+    assert body["choices"][0]["message"]["content"] == TOKENS_TEXT
+    assert reads <= 3  # the first token's read, then one at the end of the body
+    assert took < 10
 
 
 @pytest.mark.asyncio
@@ -430,12 +431,16 @@ async def test_done_with_the_body_still_open_ends_a_polled_answer() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_connection_cut_mid_answer_is_a_failure_when_polled() -> None:
+async def test_a_connection_cut_mid_answer_is_a_failure_when_polled(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cut after 30 of 60 tokens (the body unfinished): a classified failure of
-    the provider (to fall back on), never the 30 tokens as a whole answer."""
+    the provider (to fall back on), never the 30 tokens as a whole answer, and
+    at once, not at the next poll (made 30 s long here)."""
+    monkeypatch.setattr(openai_compat, "_POLL_SECONDS", 30.0)
+    started = time.monotonic()
     with pytest.raises(ProviderError) as caught:
         await collected_reads(paced(TOKENS[:31], 0.005, end="drop"))
     assert caught.value.failure in (FailureClass.CONNECTION_ERROR, FailureClass.SERVER_ERROR)
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.asyncio
@@ -460,12 +465,15 @@ async def test_a_stall_after_tokens_is_left_at_the_idle_deadline_when_polled() -
 
 
 @pytest.mark.asyncio
-async def test_an_answer_larger_than_the_client_buffer_is_whole_when_polled() -> None:
-    """~600 KB after the first token (aiohttp pauses the socket at 128 KiB
-    unread): a poll that brought a lot reads again at once, so the answer is
-    whole and quick, not 128 KiB per poll."""
-    big = [event({"content": "x" * 2000}) for _ in range(300)]
+async def test_an_answer_larger_than_the_client_buffer_is_whole_when_polled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 MB as fast as the server can write it, after the first token: aiohttp
+    pauses the socket at 128 KiB unread, so the body's end cannot come to wake
+    the reader before the poll; a poll that brought a lot reads again at once,
+    so the answer costs about two polls (made 2 s long here), not one per
+    128 KiB it could take (~6 polls, 12 s)."""
+    monkeypatch.setattr(openai_compat, "_POLL_SECONDS", 2.0)
+    big = [event({"content": "x" * 2000}) for _ in range(1500)]
     events = [PLAIN[0], PLAIN[1], *big, *PLAIN[3:]]
     body, _, took = await collected_reads(paced(events, 0.0))
-    assert body["choices"][0]["message"]["content"] == "Hel" + "x" * 600_000
-    assert took < 3
+    assert body["choices"][0]["message"]["content"] == "Hel" + "x" * 3_000_000
+    assert took < 8
