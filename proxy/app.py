@@ -16,7 +16,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HttpRoute
@@ -24,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy.admin import AdminHandlers
 from proxy.config import Config, Route
+from proxy.cors import BrowserOrigins, from_a_browser
 from proxy.embeddings import answer_body, embedding_needs, in_space
 from proxy.errors import (
     AllProvidersFailed,
@@ -149,40 +149,22 @@ class ProxyApp(Starlette):
     in flight for exactly as long as its response lasts, a stream to its last
     byte; when the worker is full (`server.max_in_flight`) a new one is refused
     at once with 503 `server_overloaded` and `Retry-After`, before its body is
-    read, and those in flight go on unaffected."""
+    read, and those in flight go on unaffected. A browser's request (one with
+    an `Origin` header) meets the CORS layer first (`proxy.cors`)."""
 
     def __init__(self, chat: ASGIApp, in_flight: InFlight, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chat = chat
         self.in_flight = in_flight
-        self._cors: tuple[tuple[str, ...], CORSMiddleware] | None = None
+        self.browsers = BrowserOrigins(self._serve, lambda: self.state.service.config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _has_origin(scope):  # a browser's request: CORS
-            cors = self._cors_middleware()
+        if scope["type"] == "http" and from_a_browser(scope):
+            cors = self.browsers.middleware()
             if cors is not None:
                 await cors(scope, receive, send)
                 return
         await self._serve(scope, receive, send)
-
-    def _cors_middleware(self) -> CORSMiddleware | None:
-        """Starlette's CORS handling for the origins the current config allows
-        (rebuilt when a reload changes them); None: no origin is allowed."""
-        service: Service = self.state.service
-        origins = cors_origins(service.config)
-        if not origins:
-            return None
-        if self._cors is None or self._cors[0] != origins:
-            middleware = CORSMiddleware(
-                self._serve,
-                allow_origins=origins,
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["*"],  # the SDKs send their own (`x-stainless-*`, `openai-beta`): echoed
-                expose_headers=EXPOSED_HEADERS,
-                max_age=600,
-            )
-            self._cors = (origins, middleware)
-        return self._cors[1]
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = _route_path(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -201,36 +183,6 @@ class ProxyApp(Starlette):
                 await super().__call__(scope, receive, send)
         finally:
             in_flight.leave()
-
-
-# What a page's script may read of an answer (a browser hides other headers of a cross-origin answer).
-EXPOSED_HEADERS = (
-    "x-request-id",
-    "x-proxy-provider",
-    "x-proxy-route",
-    "x-proxy-attempts",
-    "x-proxy-skips",
-    "x-proxy-fallbacks",
-    "x-proxy-trimmed",
-    "x-proxy-last-resort",
-    "retry-after",
-)
-
-
-def cors_origins(config: Config) -> tuple[str, ...]:
-    """The origins whose pages may call the proxy: `server.cors_origins`, else
-    every origin when `auth.keys` are set and none when the proxy is keyless."""
-    if config.server.cors_origins is not None:
-        return config.server.cors_origins
-    return ("*",) if config.auth_keys else ()
-
-
-def _has_origin(scope: Scope) -> bool:
-    # A loop, not `any(...)`: this runs on every request, and a generator costs more than the scan.
-    for name, _ in scope["headers"]:  # noqa: SIM110
-        if name == b"origin":
-            return True
-    return False
 
 
 def _route_path(scope: Scope) -> str:

@@ -175,20 +175,13 @@ class OpenAICompatAdapter:
     async def parsed_reads(
         self, body: dict[str, Any], limits: AttemptLimits
     ) -> AsyncGenerator[list[dict[str, Any]], bool | None]:
-        """The answer's chunks as parsed dicts, read by read: what a non-stream
-        request assembles (no `Chunk` per event, no event names: a third of the
-        work of `stream` for a short answer). The wire is handled as `stream`
-        handles it; an in-band error raises at once (nothing of the answer has
-        been sent), and an end with neither a finish nor `[DONE]` is `incomplete`.
-
-        Nobody sees a non-stream answer before its end, so once the caller has
-        its first token (it sends True for a read that brought one) what comes
-        is read when the body ends or fails, or every `_POLL_SECONDS`
-        (`_polled`): a token-by-token upstream costs one wakeup per poll
-        instead of one per token. Until then every read is taken as it comes:
-        the first-token deadline is never missed by a poll. Only reads that
-        brought something are yielded, so the caller's idle deadline still
-        sees a stalled upstream (at most one poll late)."""
+        """The answer's chunks as parsed dicts, read by read, for a non-stream
+        request (no `Chunk` per event). The wire is handled as `stream` handles
+        it; an in-band error raises at once, an end with neither a finish nor
+        `[DONE]` is `incomplete`. Once the caller has its first token (it sends
+        True) the body is read when it ends or fails or every `_POLL_SECONDS`
+        (`_polled`), not token by token; only reads that brought something are
+        yielded, so the caller's idle deadline still sees a stall (a poll late)."""
         silence = Silence(limits.read)
         response = await open_stream(
             self._session,
