@@ -117,16 +117,7 @@ class OpenAICompatAdapter:
         early closes the upstream connection (never pooled mid-body). The stream
         holds one of the provider's connection slots (if it has a limit) to its end;
         each read waits at most `limits.read` (`Silence`)."""
-        silence = Silence(limits.read)
-        response = await open_stream(
-            self._session,
-            self._url,
-            headers=with_trace(self._stream_headers),
-            data=self._encode(body, True),
-            limits=limits,
-            silence=silence,
-            slots=self._slots,
-        )
+        response, silence = await self._open(body, limits)
         done = False
         try:
             whole = await self._whole_answer(response, limits, silence)
@@ -182,16 +173,7 @@ class OpenAICompatAdapter:
         True) the body is read when it ends or fails or every `_POLL_SECONDS`
         (`_polled`), not token by token; only reads that brought something are
         yielded, so the caller's idle deadline still sees a stall (a poll late)."""
-        silence = Silence(limits.read)
-        response = await open_stream(
-            self._session,
-            self._url,
-            headers=with_trace(self._stream_headers),
-            data=self._encode(body, True),
-            limits=limits,
-            silence=silence,
-            slots=self._slots,
-        )
+        response, silence = await self._open(body, limits)
         done = False
         try:
             whole = await self._whole_answer(response, limits, silence)
@@ -231,6 +213,20 @@ class OpenAICompatAdapter:
             raise classify.from_exception(exc) from exc
         finally:
             self._release(response, silence, done)
+
+    async def _open(self, body: dict[str, Any], limits: AttemptLimits) -> tuple[aiohttp.ClientResponse, Silence]:
+        """The request sent as a stream and its answer's head (a connection slot taken)."""
+        silence = Silence(limits.read)
+        response = await open_stream(
+            self._session,
+            self._url,
+            headers=with_trace(self._stream_headers),
+            data=self._encode(body, True),
+            limits=limits,
+            silence=silence,
+            slots=self._slots,
+        )
+        return response, silence
 
     async def _whole_answer(
         self, response: aiohttp.ClientResponse, limits: AttemptLimits, silence: Silence
