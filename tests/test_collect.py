@@ -445,20 +445,10 @@ async def test_a_connection_cut_mid_answer_is_a_failure_when_polled(monkeypatch:
 
 @pytest.mark.asyncio
 async def test_a_stall_after_tokens_is_left_at_the_idle_deadline_when_polled() -> None:
-    events = TOKENS[:20]
-
-    async def stalls(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await response.prepare(request)
-        for data in events:
-            await response.write(data)
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(10)
-        return response
-
+    """20 tokens, then the body held open 5 s: left at `idle` (0.5 s), a poll late at most."""
     started = time.monotonic()
     with pytest.raises(ProviderError) as caught:
-        await collected_reads(stalls, idle=0.5)
+        await collected_reads(paced(TOKENS[:20], 0.01, end="hold"), idle=0.5)
     assert caught.value.failure is FailureClass.TIMEOUT
     assert "stalled past the idle" in caught.value.message
     assert time.monotonic() - started < 4
