@@ -885,12 +885,17 @@ async def test_half_open_lets_one_trial_through_and_a_cancelled_trial_frees_the_
     own_server: RedisServer,
 ) -> None:
     clock = FakeClock()
-    # A timeout long enough that the trial is still stalled when it is cancelled, on a busy box too.
-    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1, timeout=5.0)
+    # A timeout long enough that the trial is still stalled when it is cancelled, on a busy box too
+    # (5 s was not: a CI box busy with the container tests let the trial time out first). The
+    # breaker is opened by a refused connection, which fails at once, not by a timeout.
+    store = RedisStore.from_url(own_server.url, clock=clock, breaker_seconds=2.0, breaker_timeouts=1, timeout=60.0)
     try:
         await store.ping()
-        own_server.pause()
+        own_server.kill()
         await timed_failure(store.ping())
+        assert store.breaker_open
+        own_server.start(same_port=True)
+        own_server.pause()
         clock.now += 2.0
         trial = asyncio.create_task(store.ping())  # stalls on the stopped server
         await asyncio.sleep(0.01)
