@@ -189,6 +189,8 @@ def litellm_config(upstream: int, kind: str) -> str:
 def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[System]:
     python = sys.executable
     proxy = str(Path(python).parent / "fallback-proxy")
+    passthrough = [python, "-m", "tests.benchmarks.passthrough", "--upstream", f"http://127.0.0.1:{upstream}"]
+    passthrough += ["--port", "{port}"]
     systems = [
         System("direct", "direct to upstream (OpenAI)", "openai", OPENAI_MODEL),
         System("direct-anthropic", "direct to upstream (Anthropic)", "anthropic", ANTHROPIC_MODEL, path="/v1/messages"),
@@ -197,15 +199,7 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
             "aiohttp pass-through (floor)",
             "openai",
             OPENAI_MODEL,
-            command=[
-                python,
-                "-m",
-                "tests.benchmarks.passthrough",
-                "--upstream",
-                f"http://127.0.0.1:{upstream}",
-                "--port",
-                "{port}",
-            ],
+            command=passthrough,
             ready_repeats=settings.ready_repeats,
         ),
         System(
@@ -213,17 +207,7 @@ def build_systems(settings: Settings, workdir: Path, upstream: int) -> list[Syst
             "aiohttp pass-through, non-stream streamed upstream and assembled (floor of the default design)",
             "openai",
             OPENAI_MODEL,
-            command=[
-                python,
-                "-m",
-                "tests.benchmarks.passthrough",
-                "--upstream",
-                f"http://127.0.0.1:{upstream}",
-                "--port",
-                "{port}",
-                "--assemble",
-            ],
-            ready_repeats=1,
+            command=[*passthrough, "--assemble"],
         ),
     ]
     kinds = [
