@@ -92,16 +92,20 @@ def closed_port() -> int:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_a_whole_answer_over_the_cap_is_a_server_error(chunked: bool) -> None:
+@pytest.mark.parametrize("sent", ["content-length", "chunked", "in-one-read-before-its-end"])
+async def test_a_whole_answer_over_the_cap_is_a_server_error(sent: str) -> None:
     async def big(request: web.Request) -> web.StreamResponse:
-        if not chunked:
+        if sent == "content-length":
             return web.Response(body=b"x" * 5000, content_type="application/json")
         response = web.StreamResponse(headers={"content-type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
-        for _ in range(50):
-            await response.write(b"x" * 100)
+        if sent == "chunked":
+            for _ in range(50):
+                await response.write(b"x" * 100)
+        else:  # the first read brings more than the cap, and the body's end comes later
+            await response.write(b"x" * 5000)
+            await asyncio.sleep(0.2)
         return response
 
     async with upstream(big) as url, open_session() as session:

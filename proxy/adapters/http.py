@@ -244,12 +244,12 @@ async def read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes
         raise too_large(max_bytes)
     content = response.content
     first = await content.readany()
+    size = len(first)
+    if size > max_bytes:
+        raise too_large(max_bytes)
     if not first or content.at_eof():
-        if len(first) > max_bytes:
-            raise too_large(max_bytes)
         return first
     parts = [first]
-    size = len(first)
     while part := await content.readany():
         size += len(part)
         if size > max_bytes:
