@@ -20,6 +20,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from proxy.adapters import HttpClients
+from proxy.adapters.http import PooledConnector
 from proxy.alerts import Alerter, Webhook
 from proxy.background import Background
 from proxy.config import Config, ConfigError, RedisSettings, TelemetrySettings, load_config
@@ -56,7 +57,7 @@ def open_session() -> aiohttp.ClientSession:
     limit of its own: a wait in it would look like the provider's connect
     timeout. A provider's `max_connections` is counted by its adapter, and the
     process's total by `server.max_in_flight`."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
+    connector = PooledConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),

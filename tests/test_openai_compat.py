@@ -524,3 +524,90 @@ async def test_an_embeddings_answer_of_the_wrong_shape_is_a_provider_failure(
             await adapter(url, session).embed({"model": "x", "input": "hi"}, LIMITS)
     assert failure is None or caught.value.failure is failure
     assert words in caught.value.message
+
+
+class ClosesKeptAliveConnections:
+    """A raw HTTP/1.1 upstream that answers the first request on each connection
+    (kept alive) and closes the connection, unanswered, when a next request comes
+    on it: what a client meets when the server's keep-alive timeout closes a
+    pooled connection as the request goes out. `answering`: how many requests it
+    answers in all (then it closes every one unanswered, a server that fails)."""
+
+    def __init__(self, answering: int | None = None) -> None:
+        self.answering = answering
+        self.requests: list[tuple[int, bool]] = []  # (connection, answered), in turn
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()  # the session was closed first: no connection is left open
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = 1 + len({number for number, _ in self.requests})
+        served = 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line[:15] == b"content-length:")
+                body = orjson.loads(await reader.readexactly(length))
+                answered = sum(done for _, done in self.requests)
+                if served or (self.answering is not None and answered >= self.answering):
+                    self.requests.append((connection, False))
+                    return  # the request was read; the connection closes with no answer
+                self.requests.append((connection, True))
+                served += 1
+                if body.get("stream"):
+                    content, kind = chunk_bytes("hi", "stop") + b"data: [DONE]\n\n", b"text/event-stream"
+                else:
+                    content, kind = completion_bytes("hi"), b"application/json"
+                size = str(len(content)).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %s\r\n\r\n" % (kind, size))
+                writer.write(content)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def ask_twice(url: str, stream: bool) -> list[str | ProviderError]:
+    """Two calls in turn through one adapter on one pooled session: the second
+    goes out on the connection the first was answered on."""
+    answers: list[str | ProviderError] = []
+    async with open_session() as session:
+        chat = adapter(url, session)
+        for _ in range(2):
+            if stream:
+                chunks, failed = await collect(chat.stream(BODY, LIMITS))
+                answers.append(failed or "".join(chunk.text for chunk in chunks))
+            else:
+                try:
+                    answers.append(
+                        orjson.loads((await chat.complete(BODY, LIMITS)).body)["choices"][0]["message"]["content"]
+                    )
+                except ProviderError as exc:
+                    answers.append(exc)
+    return answers
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_pooled_connection_the_server_closed_is_no_failure(stream: bool) -> None:
+    server = ClosesKeptAliveConnections()
+    async with server as url:
+        assert await ask_twice(url, stream) == ["hi", "hi"]
+    assert server.requests == [(1, True), (1, False), (2, True)]  # sent again once, on a new connection
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_call_closed_unanswered_on_a_new_connection_too_is_the_providers_failure(stream: bool) -> None:
+    server = ClosesKeptAliveConnections(answering=1)
+    async with server as url:
+        first, second = await ask_twice(url, stream)
+    assert first == "hi"
+    assert isinstance(second, ProviderError) and second.failure is FailureClass.CONNECTION_ERROR
+    assert server.requests == [(1, True), (1, False), (2, False)]  # sent again once, never more

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -27,9 +29,62 @@ from proxy.adapters.base import AttemptLimits
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 
+if TYPE_CHECKING:
+    from aiohttp.client_proto import ResponseHandler
+
 # What a failed connection or exchange raises (a reset socket can surface as a bare OSError).
 TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
 USER_AGENT: Final = "fallback-proxy"
+
+
+# A request that fails this way before its answer's head, on a connection taken
+# from the pool, met a connection the server had just closed (its keep-alive
+# timeout, e.g. uvicorn's and vLLM's 5 s against our 30 s); `ClientConnectorError`
+# (a new connection that could not be made) is not one of them.
+_STALE_ERRORS: Final = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# Whether the request the current task sent last went out on a pooled connection.
+_REUSED: ContextVar[bool] = ContextVar("fallback_proxy_reused_connection", default=False)
+
+
+class PooledConnector(aiohttp.TCPConnector):
+    """aiohttp's TCP pool, noting for each request whether its connection was
+    kept alive from an earlier one (`sent_on_pooled_connection`)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._served: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+
+    async def connect(self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout) -> Any:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        served = self._served
+        _REUSED.set(protocol in served)
+        if protocol is not None:
+            served.add(protocol)
+        return connection
+
+
+def sent_on_pooled_connection() -> bool:
+    """Whether this task's last request went out on a kept-alive connection
+    (only `PooledConnector` tells; another connector: False)."""
+    return _REUSED.get()
+
+
+async def _send(session: aiohttp.ClientSession, method: str, url: str | URL, **request: Any) -> aiohttp.ClientResponse:
+    """`session.request`, sent once more when a pooled connection turned out to
+    be closed by the server before any answer (the race with its keep-alive
+    timeout): not the provider's failure, so it is not one (no fallback, no
+    breaker, no retry of the provider's spent). The second send goes out on
+    another connection; its failure is the provider's. Such a call may have
+    reached a server that then crashed without answering: sent again, as the
+    openai SDK and OkHttp do with a connection that failed."""
+    _REUSED.set(False)
+    try:
+        return await session.request(method, url, **request)
+    except _STALE_ERRORS as exc:
+        if isinstance(exc, aiohttp.ClientConnectorError) or not _REUSED.get():
+            raise
+    return await session.request(method, url, **request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +165,7 @@ async def fetch(
     if slots is not None:
         await slots.take(limits)
     try:
-        response = await session.request(method, url, data=data, headers=headers, timeout=attempt_timeout(limits))
+        response = await _send(session, method, url, data=data, headers=headers, timeout=attempt_timeout(limits))
         try:
             content = await read_capped(response, limits.max_bytes)
         finally:
@@ -143,7 +198,7 @@ async def open_stream(
         await slots.take(limits)
     try:
         async with silence.head():
-            return await session.post(url, data=data, headers=headers, timeout=stream_timeout(limits))
+            return await _send(session, "POST", url, data=data, headers=headers, timeout=stream_timeout(limits))
     except BaseException as exc:
         if slots is not None:
             slots.give()
