@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -28,9 +27,6 @@ from proxy.adapters import classify
 from proxy.adapters.base import AttemptLimits
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
-
-if TYPE_CHECKING:
-    from aiohttp.client_proto import ResponseHandler
 
 # What a failed connection or exchange raises (a reset socket can surface as a bare OSError).
 TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
@@ -44,23 +40,21 @@ USER_AGENT: Final = "fallback-proxy"
 _STALE_ERRORS: Final = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 # Whether the request the current task sent last went out on a pooled connection.
 _REUSED: ContextVar[bool] = ContextVar("fallback_proxy_reused_connection", default=False)
+_SERVED: Final = "_fallback_proxy_served"  # set on a connection's protocol once it carried a request
 
 
 class PooledConnector(aiohttp.TCPConnector):
     """aiohttp's TCP pool, noting for each request whether its connection was
-    kept alive from an earlier one (`sent_on_pooled_connection`)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._served: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+    kept alive from an earlier one (`sent_on_pooled_connection`): a connection's
+    protocol object is marked when it is first handed out."""
 
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout) -> Any:
         connection = await super().connect(req, traces, timeout)
         protocol = connection.protocol
-        served = self._served
-        _REUSED.set(protocol in served)
-        if protocol is not None:
-            served.add(protocol)
+        reused = getattr(protocol, _SERVED, False)
+        _REUSED.set(reused)
+        if not reused:
+            setattr(protocol, _SERVED, True)
         return connection
 
 
