@@ -5,6 +5,8 @@ under Starlette's routing (errors, headers, 405s, the internal-error guarantee).
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -83,6 +85,36 @@ def test_other_methods_get_the_same_405_as_any_route(http: httpx.Client, method:
         error = error_of(response)
         assert error["type"] == "invalid_request_error"
         assert error["message"] == f"{method} /v1/chat/completions: Method Not Allowed"
+
+
+def test_a_body_sent_in_chunks_is_read_whole_and_held_to_the_limit(http: httpx.Client) -> None:
+    """No Content-Length (chunked framing): the parts are joined, and the limit
+    is kept as they come, not by the declared length."""
+    body = json.dumps({"model": "default", "messages": MESSAGES}).encode()
+    parts = [body[i : i + 7] for i in range(0, len(body), 7)]
+    answer = http.post("/v1/chat/completions", content=iter(parts), headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "Hello from cloud."
+    too_big = http.post(
+        "/v1/chat/completions", content=iter([b"{", b" " * 3000, b" " * 3000, b"}"]), headers={"x-request-id": "big"}
+    )
+    assert too_big.status_code == 413 and error_of(too_big)["code"] == "request_too_large"
+    assert too_big.headers["x-request-id"] == "big"
+
+
+def test_a_client_gone_before_its_whole_body_costs_nothing(
+    proxy: ServedApp, http: httpx.Client, cloud: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+            + KEY.encode()
+            + b'\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"model": "default"'
+        )
+    answer = http.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES})
+    assert answer.status_code == 200
+    assert cloud.request_count == 1  # the request cut short never reached a provider
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_a_wrong_key_is_an_openai_401(http: httpx.Client) -> None:
@@ -189,5 +221,5 @@ def test_chat_sends_go_straight_to_the_server_and_other_routes_through_starlette
         assert client.post("/chat/completions", json={**body, "stream": False}).status_code == 200
         assert client.get("/healthz").status_code == 200
     assert senders["/v1/chat/completions"] == {"SSEResponse.__call__"}
-    assert senders["/chat/completions"] == {"Response.__call__"}
-    assert senders["/healthz"] != {"Response.__call__"}  # Starlette's middleware wraps the rest
+    assert senders["/chat/completions"] == {"JSONBody.__call__"}
+    assert senders["/healthz"] != {"JSONBody.__call__"}  # Starlette's middleware wraps the rest
