@@ -8,10 +8,18 @@ supervisor) and `/metrics` sums them, so any worker answers for all of them.
 
 from __future__ import annotations
 
-from typing import Generic, Literal, TypeVar
+import bisect
+import time
+from collections.abc import Iterable, Iterator
+from typing import Generic, Literal, Protocol, TypeVar
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LAG_BUCKETS = (
@@ -44,23 +52,26 @@ class Metrics:
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         own: CollectorRegistry | None = None if self.multiprocess else registry
         gauge_mode: GaugeMode = "livemostrecent"
-        self.requests = Counter(
+        # What every request counts: tallies (plain numbers, exposed when scraped), or in
+        # multi-process mode prometheus_client's metrics on the shared files.
+        tallies = RequestTallies() if own is not None else None
+        self.requests = _counter(
+            tallies,
             "fallback_proxy_requests",
             "Requests answered, by route, answering provider and outcome.",
-            ["route", "provider", "outcome"],
-            registry=own,
+            ("route", "provider", "outcome"),
         )
-        self.attempts = Counter(
+        self.attempts = _counter(
+            tallies,
             "fallback_proxy_attempts",
             "Provider attempts and skips, by provider and outcome class.",
-            ["provider", "outcome"],
-            registry=own,
+            ("provider", "outcome"),
         )
-        self.fallbacks = Counter(
+        self.fallbacks = _counter(
+            tallies,
             "fallback_proxy_fallbacks",
             "Fallbacks from one provider to the next, with the reason.",
-            ["route", "from_provider", "to_provider", "reason"],
-            registry=own,
+            ("route", "from_provider", "to_provider", "reason"),
         )
         self.continuations = Counter(
             "fallback_proxy_continuations",
@@ -68,41 +79,32 @@ class Metrics:
             ["route", "from_provider", "to_provider", "reason"],
             registry=own,
         )
-        self.latency = Histogram(
-            "fallback_proxy_request_duration_seconds",
-            "Whole request time as seen by the proxy.",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=own,
+        self.latency = _histogram(
+            tallies, "fallback_proxy_request_duration_seconds", "Whole request time as seen by the proxy.", ("route",)
         )
         # By endpoint (chat, responses, embeddings): families of their own, so that the
         # label sets of `requests` and `request_duration_seconds` stay what dashboards use.
-        self.endpoint_requests = Counter(
+        self.endpoint_requests = _counter(
+            tallies,
             "fallback_proxy_endpoint_requests",
             "Requests answered, by endpoint (chat, responses, embeddings), route and outcome.",
-            ["endpoint", "route", "outcome"],
-            registry=own,
+            ("endpoint", "route", "outcome"),
         )
-        self.endpoint_latency = Histogram(
+        self.endpoint_latency = _histogram(
+            tallies,
             "fallback_proxy_endpoint_request_duration_seconds",
             "Whole request time as seen by the proxy, by endpoint.",
-            ["endpoint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=own,
+            ("endpoint",),
         )
-        self.ttft = Histogram(
+        self.ttft = _histogram(
+            tallies,
             "fallback_proxy_time_to_first_token_seconds",
             "Time to the first token of streamed answers.",
-            ["provider"],
-            buckets=_LATENCY_BUCKETS,
-            registry=own,
+            ("provider",),
         )
-        self.tokens = Counter(
-            "fallback_proxy_tokens",
-            "Tokens reported by providers.",
-            ["provider", "kind"],
-            registry=own,
-        )
+        self.tokens = _counter(tallies, "fallback_proxy_tokens", "Tokens reported by providers.", ("provider", "kind"))
+        if tallies is not None:
+            registry.register(tallies)
         self.health = Gauge(
             "fallback_proxy_provider_health",
             "Provider health: 0 healthy, 1 slow, 2 degraded, 3 offline.",
@@ -265,3 +267,157 @@ class Children(Generic[Metric]):
         if child is None:
             child = self._children[labels] = self._metric.labels(*labels)
         return child
+
+
+# --- what every request counts ------------------------------------------------------------
+
+Labels = tuple[str, ...]
+
+
+class CountsBy(Protocol):
+    """A counter family by label values (in order of the family's label names)."""
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None: ...
+
+
+class ObservesBy(Protocol):
+    """A histogram family by label values."""
+
+    def observe(self, labels: Labels, value: float) -> None: ...
+
+
+def _created_series() -> bool:
+    """Whether `_created` samples are exposed (prometheus_client's
+    `disable_created_metrics()` turns them off for its own metrics: the same here)."""
+    return bool(getattr(prometheus_client.metrics, "_use_created", True))
+
+
+class Tally:
+    """A counter family kept as plain numbers, one per label values, and
+    exposed when scraped, exactly as prometheus_client's `Counter` exposes it
+    (`_total` and `_created`). A count is one dict update: a `Counter`'s
+    `labels(...).inc()` is a dozen Python calls and a lock, which every request
+    paid several times over."""
+
+    __slots__ = ("_created", "_values", "documentation", "labelnames", "name")
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._values: dict[Labels, float] = {}
+        self._created: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        values = self._values
+        if labels in values:
+            values[labels] += amount
+        else:
+            values[labels] = amount
+            self._created[labels] = time.time()
+
+    def collect(self) -> Family:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        created = self._created if _created_series() else None
+        for labels, value in list(self._values.items()):
+            family.add_metric(labels, value, created=None if created is None else created[labels])
+        return family
+
+
+class TallyHistogram:
+    """A histogram family kept as plain numbers (per label values: a count per
+    bucket and the sum), exposed when scraped as prometheus_client's
+    `Histogram` exposes it. An observation is a bisection and two updates."""
+
+    __slots__ = ("_bounds", "_created", "_les", "_rows", "_sums", "documentation", "labelnames", "name")
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels, buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._bounds = (*sorted(float(bound) for bound in buckets), float("inf"))
+        self._les: tuple[str, ...] = tuple(floatToGoString(bound) for bound in self._bounds)  # type: ignore[no-untyped-call]
+        self._rows: dict[Labels, list[int]] = {}
+        self._sums: dict[Labels, float] = {}
+        self._created: dict[Labels, float] = {}
+
+    def observe(self, labels: Labels, value: float) -> None:
+        row = self._rows.get(labels)
+        if row is None:
+            row = self._rows[labels] = [0] * len(self._bounds)
+            self._sums[labels] = 0.0
+            self._created[labels] = time.time()
+        row[bisect.bisect_left(self._bounds, value)] += 1
+        self._sums[labels] += value
+
+    def collect(self) -> Family:
+        family = Family(self.name, self.documentation, "histogram")
+        names = self.labelnames
+        bounds = self._les
+        created = _created_series()
+        for labels, row in list(self._rows.items()):
+            named = dict(zip(names, labels, strict=True))
+            total = 0
+            for bound, count in zip(bounds, row, strict=True):
+                total += count
+                family.add_sample(self.name + "_bucket", {**named, "le": bound}, float(total))
+            family.add_sample(self.name + "_count", named, float(total))
+            family.add_sample(self.name + "_sum", named, self._sums[labels])
+            if created:
+                family.add_sample(self.name + "_created", named, self._created[labels])
+        return family
+
+
+class RequestTallies(Collector):
+    """The tallies of one registry, scraped with it (registered once they are all made)."""
+
+    def __init__(self) -> None:
+        self.families: list[Tally | TallyHistogram] = []
+
+    def describe(self) -> Iterator[Family]:
+        for family in self.families:
+            yield Family(family.name, family.documentation, "counter" if isinstance(family, Tally) else "histogram")
+
+    def collect(self) -> Iterator[Family]:
+        for family in self.families:
+            yield family.collect()
+
+
+class _SharedCounter:
+    """A counter family on prometheus_client's shared files (several workers)."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels) -> None:
+        self._children = Children(Counter(name, documentation, labelnames, registry=None))
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        self._children(*labels).inc(amount)
+
+
+class _SharedHistogram:
+    """A histogram family on prometheus_client's shared files (several workers)."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels, buckets: Iterable[float]) -> None:
+        self._children = Children(Histogram(name, documentation, labelnames, buckets=tuple(buckets), registry=None))
+
+    def observe(self, labels: Labels, value: float) -> None:
+        self._children(*labels).observe(value)
+
+
+def _counter(tallies: RequestTallies | None, name: str, documentation: str, labelnames: Labels) -> CountsBy:
+    if tallies is None:
+        return _SharedCounter(name, documentation, labelnames)
+    family = Tally(name, documentation, labelnames)
+    tallies.families.append(family)
+    return family
+
+
+def _histogram(tallies: RequestTallies | None, name: str, documentation: str, labelnames: Labels) -> ObservesBy:
+    if tallies is None:
+        return _SharedHistogram(name, documentation, labelnames, _LATENCY_BUCKETS)
+    family = TallyHistogram(name, documentation, labelnames, _LATENCY_BUCKETS)
+    tallies.families.append(family)
+    return family

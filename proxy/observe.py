@@ -246,28 +246,21 @@ class Observer:
         self.metrics = metrics
         self.alerts: Alerter | None = None
         self.recent = RecentFailovers()
-        self._requests = Children(metrics.requests)
-        self._latency = Children(metrics.latency)
-        self._attempts = Children(metrics.attempts)
-        self._fallbacks = Children(metrics.fallbacks)
-        self._ttft = Children(metrics.ttft)
-        self._tokens = Children(metrics.tokens)
-        self._endpoint_requests = Children(metrics.endpoint_requests)
-        self._endpoint_latency = Children(metrics.endpoint_latency)
 
     def finish(self, record: RequestRecord) -> None:
         total_ms = record.elapsed_ms()
         route, provider = record.route, record.provider
-        self._requests(route, provider or "none", record.outcome).inc()
-        self._latency(route).observe(total_ms / 1000)
-        self._endpoint_requests(record.endpoint, route, record.outcome).inc()
-        self._endpoint_latency(record.endpoint).observe(total_ms / 1000)
+        metrics = self.metrics
+        metrics.requests.inc((route, provider or "none", record.outcome))
+        metrics.latency.observe((route,), total_ms / 1000)
+        metrics.endpoint_requests.inc((record.endpoint, route, record.outcome))
+        metrics.endpoint_latency.observe((record.endpoint,), total_ms / 1000)
         first_fallback: Attempt | None = None
         previous: Attempt | None = None
         for attempt in record.attempts:
-            self._attempts(attempt.provider, attempt.outcome).inc()
+            metrics.attempts.inc((attempt.provider, attempt.outcome))
             if previous is not None and previous.outcome != "ok":  # "ok" then another: a continuation
-                self._fallbacks(route, previous.provider, attempt.provider, previous.outcome).inc()
+                metrics.fallbacks.inc((route, previous.provider, attempt.provider, previous.outcome))
             # A policy skip (private work, a provider disabled for want of its key) is the
             # route working as configured: no failover to show or alert on.
             if first_fallback is None and attempt.outcome not in ("ok", FailureClass.POLICY.value):
@@ -275,10 +268,10 @@ class Observer:
             previous = attempt
         if provider:
             if record.ttft_ms is not None:
-                self._ttft(provider).observe(record.ttft_ms / 1000)
+                metrics.ttft.observe((provider,), record.ttft_ms / 1000)
             if record.usage is not None:
-                self._tokens(provider, "prompt").inc(record.usage.prompt_tokens)
-                self._tokens(provider, "completion").inc(record.usage.completion_tokens)
+                metrics.tokens.inc((provider, "prompt"), record.usage.prompt_tokens)
+                metrics.tokens.inc((provider, "completion"), record.usage.completion_tokens)
         if first_fallback is not None or record.interruption is not None:
             self.recent.add(record, time.time())
         if record.trace is not None:  # telemetry hook: the request span ends

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from proxy.adapters import Usage
 from proxy.metrics import Metrics
@@ -119,6 +119,48 @@ def test_metrics_count_every_request_with_cached_children() -> None:
     assert 'fallback_proxy_tokens_total{kind="completion",provider="backup"} 60.0' in text
     assert 'fallback_proxy_time_to_first_token_seconds_count{provider="backup"} 3.0' in text
     assert 'fallback_proxy_request_duration_seconds_count{route="default"} 3.0' in text
+
+
+def without_created(text: str) -> str:
+    """The exposition without its `_created` samples' values (times of day)."""
+    return "\n".join(line.rsplit(" ", 1)[0] if "_created{" in line else line for line in text.splitlines())
+
+
+def test_the_request_tallies_are_scraped_as_prometheus_clients_own_metrics_would_be() -> None:
+    """What a scrape shows of the tallied families is what prometheus_client's
+    `Counter` and `Histogram` show for the same counts: names, HELP and TYPE,
+    labels, cumulative buckets (a value on a bound counts in that bucket),
+    `_count`, `_sum`, `_created`."""
+    tallied = CollectorRegistry()
+    metrics = Metrics(tallied)
+    plain = CollectorRegistry()
+    requests = Counter(
+        "fallback_proxy_requests",
+        "Requests answered, by route, answering provider and outcome.",
+        ["route", "provider", "outcome"],
+        registry=plain,
+    )
+    latency = Histogram(
+        "fallback_proxy_request_duration_seconds",
+        "Whole request time as seen by the proxy.",
+        ["route"],
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        registry=plain,
+    )
+    for route, provider, outcome, amount in [("a", "x", "ok", 1), ("b", "none", "timeout", 1), ("a", "x", "ok", 2)]:
+        metrics.requests.inc((route, provider, outcome), amount)
+        requests.labels(route, provider, outcome).inc(amount)
+    for route, seconds in [("a", 0.0), ("a", 0.005), ("a", 0.0051), ("b", 7.0), ("b", 1000.0), ("a", 0.3)]:
+        metrics.latency.observe((route,), seconds)
+        latency.labels(route).observe(seconds)
+    ours = generate_latest(tallied).decode()
+    theirs = without_created(generate_latest(plain).decode())
+    for family in ("fallback_proxy_requests", "fallback_proxy_request_duration_seconds"):
+        block = "\n".join(
+            line for line in without_created(ours).splitlines() if family + "_" in line or f" {family} " in line
+        )
+        expected = "\n".join(line for line in theirs.splitlines() if family + "_" in line or f" {family} " in line)
+        assert block == expected and block
 
 
 def test_quota_remaining_follows_each_admitted_call() -> None:
