@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -71,7 +72,7 @@ def header(request: Request, name: bytes) -> str | None:
 
 def check_headers(request: Request, limit: int) -> None:
     """Refuse requests whose headers add up to more than `limit` bytes (431)."""
-    if sum(len(name) + len(value) for name, value in request.scope["headers"]) > limit:
+    if sum(map(len, chain.from_iterable(request.scope["headers"]))) > limit:
         raise HeadersTooLarge(limit)
 
 

@@ -90,6 +90,8 @@ def _uvicorn_config(app: Any, config: Config, *, host: str | None, port: int | N
         # Longer than clients' own keep-alive (httpx and the OpenAI SDK: 5 s), so a
         # client never sends on a connection the server is closing.
         timeout_keep_alive=75,
+        # The proxy never reads the client's address or scheme: no X-Forwarded-* rewriting per request.
+        proxy_headers=False,
         **extra,
     )
 
