@@ -44,8 +44,8 @@ _SERVED: Final = "_fallback_proxy_served"  # set on a connection's protocol once
 
 
 class PooledConnector(aiohttp.TCPConnector):
-    """aiohttp's TCP pool, noting for each request whether its connection was
-    kept alive from an earlier one (`sent_on_pooled_connection`): a connection's
+    """aiohttp's TCP pool, noting for each request (in `_REUSED`, for `_send`)
+    whether its connection was kept alive from an earlier one: a connection's
     protocol object is marked when it is first handed out."""
 
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout) -> Any:
@@ -58,27 +58,24 @@ class PooledConnector(aiohttp.TCPConnector):
         return connection
 
 
-def sent_on_pooled_connection() -> bool:
-    """Whether this task's last request went out on a kept-alive connection
-    (only `PooledConnector` tells; another connector: False)."""
-    return _REUSED.get()
-
-
 async def _send(session: aiohttp.ClientSession, method: str, url: str | URL, **request: Any) -> aiohttp.ClientResponse:
     """`session.request`, sent once more when a pooled connection turned out to
     be closed by the server before any answer (the race with its keep-alive
-    timeout): not the provider's failure, so it is not one (no fallback, no
-    breaker, no retry of the provider's spent). The second send goes out on
-    another connection; its failure is the provider's. Such a call may have
-    reached a server that then crashed without answering: sent again, as the
-    openai SDK and OkHttp do with a connection that failed."""
-    _REUSED.set(False)
+    timeout): that is not the provider's failure, so nothing sees one (no
+    fallback, no breaker, none of the provider's `retries` spent). The second
+    send goes out on another connection (the closed one has left the pool), and
+    its failure is the provider's. A server that read the call and then crashed
+    without answering gets it twice, as it would from the openai SDK or OkHttp."""
+    reused = _REUSED.set(False)
     try:
+        try:
+            return await session.request(method, url, **request)
+        except _STALE_ERRORS as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) or not _REUSED.get():
+                raise
         return await session.request(method, url, **request)
-    except _STALE_ERRORS as exc:
-        if isinstance(exc, aiohttp.ClientConnectorError) or not _REUSED.get():
-            raise
-    return await session.request(method, url, **request)
+    finally:
+        _REUSED.reset(reused)  # the task's context as it was: nothing of this held by a long stream
 
 
 @dataclass(frozen=True, slots=True)
