@@ -8,6 +8,7 @@ import orjson
 from openai.types.chat import ChatCompletion
 
 from proxy.adapters import Chunk
+from proxy.adapters.shape import ContentShape
 from proxy.stream import Assembler
 
 ENVELOPE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "gpt-x"}
@@ -106,3 +107,32 @@ def test_a_legacy_function_call_is_joined_and_odd_pieces_are_skipped() -> None:
         "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
     }
     assert choice["finish_reason"] == "function_call"
+
+
+def test_texts_of_a_learnt_shape_assemble_as_their_chunks_would() -> None:
+    """A non-stream answer's plain content chunks reach the assembler as their
+    text (`ContentShape`): the body is the one the whole chunks make."""
+    payloads = [
+        orjson.dumps({**ENVELOPE, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+        *(
+            orjson.dumps({**ENVELOPE, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            for piece in ("Hel", "lo", "", ' "world"')
+        ),
+        orjson.dumps({**ENVELOPE, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        orjson.dumps({**ENVELOPE, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 4}}),
+    ]
+    whole, shaped = Assembler(), Assembler()
+    shape = ContentShape()
+    texts = 0
+    for data in payloads:
+        whole.add_data(orjson.loads(data))
+        text = shape.text(data)
+        if text is None:
+            shaped.add_data(orjson.loads(data))
+            shape.learn(data, orjson.loads(data))
+        else:
+            assert shaped.add_read([text]) is bool(text)
+            texts += 1
+    assert texts == 3  # "lo", "" and ' "world"': the first content chunk taught the shape
+    assert shaped.completion().body == whole.completion().body
+    assert orjson.loads(shaped.completion().body)["choices"][0]["message"]["content"] == 'Hello "world"'

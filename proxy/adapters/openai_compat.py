@@ -37,6 +37,7 @@ from proxy.adapters.http import (
     stream_error,
     too_large,
 )
+from proxy.adapters.shape import ContentShape
 from proxy.config import ProviderConfig
 from proxy.errors import FailureClass, ProviderError
 from proxy.sse import Event, SSEDecoder, SSEPayloads
@@ -126,6 +127,7 @@ class OpenAICompatAdapter:
                     yield chunk
                 return
             decoder = SSEDecoder()
+            shape = ContentShape()
             content = response.content
             max_bytes = limits.max_bytes
             size = 0
@@ -139,7 +141,7 @@ class OpenAICompatAdapter:
                 size += len(data)
                 if size > max_bytes:
                     raise too_large(max_bytes)
-                chunks, done, failed = self._chunks(decoder.feed(data))
+                chunks, done, failed = self._chunks(decoder.feed(data), shape)
                 del data
                 for chunk in chunks:
                     finished = finished or chunk.finish_reason is not None
@@ -150,7 +152,7 @@ class OpenAICompatAdapter:
                     raise failed
                 if done:
                     return
-            chunks, done, failed = self._chunks(decoder.flush())
+            chunks, done, failed = self._chunks(decoder.flush(), shape)
             for chunk in chunks:
                 finished = finished or chunk.finish_reason is not None
                 yield chunk
@@ -165,11 +167,12 @@ class OpenAICompatAdapter:
 
     async def parsed_reads(
         self, body: dict[str, Any], limits: AttemptLimits
-    ) -> AsyncGenerator[list[dict[str, Any]], bool | None]:
+    ) -> AsyncGenerator[list[dict[str, Any] | str], bool | None]:
         """The answer's chunks as parsed dicts, read by read, for a non-stream
-        request (no `Chunk` per event). The wire is handled as `stream` handles
-        it; an in-band error raises at once, an end with neither a finish nor
-        `[DONE]` is `incomplete`. Once the caller has its first token (it sends
+        request (no `Chunk` per event; a chunk of the stream's learnt shape is
+        given as its text, `ContentShape`). The wire is handled as `stream`
+        handles it; an in-band error raises at once, an end with neither a
+        finish nor `[DONE]` is `incomplete`. Once the caller has its first token (it sends
         True) the body is read when it ends or fails or every `_POLL_SECONDS`
         (`_polled`), not token by token; only reads that brought something are
         yielded, so the caller's idle deadline still sees a stall (a poll late)."""
@@ -181,6 +184,7 @@ class OpenAICompatAdapter:
                 yield [chunk.parsed() for chunk in whole]
                 return
             payloads = SSEPayloads()
+            shape = ContentShape()
             content = response.content
             max_bytes = limits.max_bytes
             size = 0
@@ -197,14 +201,14 @@ class OpenAICompatAdapter:
                 size += len(data)
                 if size > max_bytes:
                     raise too_large(max_bytes)
-                read, done, ends = self._parsed(payloads.feed(data))
+                read, done, ends = self._parsed(payloads.feed(data), shape)
                 finished = finished or ends
                 if read:
                     started = bool((yield read)) or started
                 if done:
                     return
                 polled = started and len(data) < _POLL_AGAIN_BYTES
-            read, done, ends = self._parsed(payloads.flush())
+            read, done, ends = self._parsed(payloads.flush(), shape)
             if read:
                 yield read
             if not (finished or ends or done):
@@ -255,15 +259,20 @@ class OpenAICompatAdapter:
         if self._slots is not None:
             self._slots.give()
 
-    def _parsed(self, payloads: list[bytes]) -> tuple[list[dict[str, Any]], bool, bool]:
-        """The chunks of one upstream read, parsed; whether `[DONE]` was among
-        them; whether one carried a finish reason. A payload that cannot be read
-        is skipped (and counted); an in-band error raises."""
-        read: list[dict[str, Any]] = []
+    def _parsed(self, payloads: list[bytes], shape: ContentShape) -> tuple[list[dict[str, Any] | str], bool, bool]:
+        """The chunks of one upstream read, parsed (a chunk of the learnt `shape`:
+        its text); whether `[DONE]` was among them; whether one carried a finish
+        reason. A payload that cannot be read is skipped (and counted); an
+        in-band error raises."""
+        read: list[dict[str, Any] | str] = []
         finished = False
         for payload in payloads:
             if payload == b"[DONE]":
                 return read, True, finished
+            text = shape.text(payload)
+            if text is not None:
+                read.append(text)
+                continue
             # `_parse`, inline: this runs for every chunk of every non-stream answer
             try:
                 parsed = orjson.loads(payload)
@@ -284,18 +293,24 @@ class OpenAICompatAdapter:
                         if type(choice) is dict and type(choice.get("finish_reason")) is str:
                             finished = True
             read.append(parsed)
+            shape.learn(payload, parsed)
         return read, False, finished
 
-    def _chunks(self, events: list[Event]) -> tuple[list[Chunk], bool, ProviderError | None]:
+    def _chunks(self, events: list[Event], shape: ContentShape) -> tuple[list[Chunk], bool, ProviderError | None]:
         """The chunks of one upstream read, each but the last marked `more` (they go
         to the client as one write; the last too when `[DONE]` follows it in the
         same read); whether `[DONE]` was among them; and an in-band error that
-        came after them (raised once they are out)."""
+        came after them (raised once they are out). A chunk of the stream's
+        learnt `shape` is read without parsing it whole."""
         chunks: list[Chunk] = []
         for _event, payload in events:
             if payload == b"[DONE]":
                 _mark_more(chunks, last=True)
                 return chunks, True, None
+            chunk = shape.read(payload)
+            if chunk is not None:
+                chunks.append(chunk)
+                continue
             try:
                 parsed = _parse(payload)
             except ProviderError as exc:
@@ -305,6 +320,7 @@ class OpenAICompatAdapter:
                 self._hooks.malformed(self.provider.name, payload)
             else:
                 chunks.append(describe(payload, parsed))
+                shape.learn(payload, parsed)
         _mark_more(chunks)
         return chunks, False, None
 

@@ -150,15 +150,24 @@ class Assembler:
         calls, a refusal, reasoning) or a finish: what ends the wait for the first token."""
         return self.add_read((data,))
 
-    def add_read(self, read: Sequence[dict[str, Any]]) -> bool:
+    def add_read(self, read: Sequence[dict[str, Any] | str]) -> bool:
         """Add the parsed chunks of one upstream read, in order; True when one of
-        them carries a real token or a finish. The common chunk (one choice,
-        index 0, a delta of nothing but a role and content (and OpenAI's
-        `refusal: null`), no logprobs) is taken inline: this loop runs for
-        every chunk of every non-stream answer."""
+        them carries a real token or a finish. A text stands for a plain content
+        chunk of the first choice, with nothing else new (`ContentShape`). The
+        common chunk (one choice, index 0, a delta of nothing but a role and
+        content (and OpenAI's `refusal: null`), no logprobs) is taken inline:
+        this loop runs for every chunk of every non-stream answer."""
         envelope = self._envelope
         token = False
         for data in read:
+            if isinstance(data, str):
+                joined = self._choices.get(0)
+                if joined is None:
+                    joined = self._choices[0] = _Choice(0)
+                joined.content.append(data)
+                joined.seen_content = True
+                token = token or bool(data)
+                continue
             if not envelope:
                 envelope.update(id=data.get("id"), created=data.get("created"))
             if (value := data.get("model")) is not None:

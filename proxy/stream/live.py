@@ -23,9 +23,10 @@ from proxy.observe import StreamHooks
 from proxy.quota import Reservation
 from proxy.stream.assemble import Assembler
 
-# An adapter's `parsed_reads` (`OpenAICompatAdapter`): the answer's chunks as parsed dicts, read by read;
-# it is sent True once the caller has had a token (the reads may then be polled).
-ParsedReads = Callable[[dict[str, object], AttemptLimits], AsyncGenerator[list[dict[str, Any]], bool | None]]
+# An adapter's `parsed_reads` (`OpenAICompatAdapter`): the answer's chunks as parsed dicts (or, for a
+# plain content chunk, its text), read by read; it is sent True once the caller has had a token (the
+# reads may then be polled).
+ParsedReads = Callable[[dict[str, object], AttemptLimits], AsyncGenerator[list[dict[str, Any] | str], bool | None]]
 
 
 @dataclass(slots=True)
