@@ -288,6 +288,30 @@ async def test_a_finished_stream_ends_at_done_and_its_connection_is_reused_once_
 
 
 @pytest.mark.asyncio
+async def test_the_wait_for_a_finished_streams_end_ends_quietly_when_the_session_closes() -> None:
+    """At shutdown the session closes while the body's end after `[DONE]` is still
+    awaited in the background: that wait ends without an error (no "Task
+    exception was never retrieved" traceback in the log)."""
+
+    async def done_then_linger(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk_bytes("all", "stop") + b"data: [DONE]\n\n")
+        await asyncio.sleep(10)
+        return response
+
+    async with upstream(done_then_linger) as url:
+        async with open_session() as session:
+            provider = adapter(url, session)
+            chunks, error = await collect(provider.stream(BODY, LIMITS))
+            assert error is None and [c.text for c in chunks] == ["all"]
+            draining = set(provider._draining)
+            assert draining  # the body's end is being waited for
+        results = await asyncio.wait_for(asyncio.gather(*draining, return_exceptions=True), 5)
+    assert results == [None]
+
+
+@pytest.mark.asyncio
 async def test_connection_refused_is_a_connection_error() -> None:
     async with open_session() as session:
         provider = adapter(f"http://127.0.0.1:{closed_port()}", session)

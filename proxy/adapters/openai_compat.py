@@ -373,7 +373,7 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
             size = 0
             while size <= _DRAIN_BYTES and (data := await content.readany()):
                 size += len(data)
-    except TRANSPORT_ERRORS:
+    except (*TRANSPORT_ERRORS, RuntimeError):  # RuntimeError: aiohttp's "Connection closed." (the session closed)
         pass  # the answer was already complete: closing the connection (below) is all there is to do
     finally:
         done_with(response)
