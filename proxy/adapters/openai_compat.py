@@ -2,8 +2,9 @@
 
 OpenAI, Together, Groq, vLLM, Ollama's `/v1`, LM Studio and friends. The
 request is re-encoded only to put the upstream model name in; answers are
-passed through as the upstream's bytes, parsed once with orjson to learn
-what the stream needs (content seen, finish, usage) and never re-encoded. A
+passed through as the upstream's bytes, read once to learn what the stream
+needs (content seen, finish, usage: most content chunks by their learnt
+shape, `shape.py`, the others parsed with orjson) and never re-encoded. A
 stream event that cannot be read is skipped (and counted), not a failure; a
 server that ignores `stream: true` and answers one JSON body is read as a
 stream of that one answer.
