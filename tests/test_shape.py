@@ -120,9 +120,9 @@ def test_a_shape_whose_content_key_is_not_the_deltas_is_refused() -> None:
 
 
 def test_a_stream_whose_chunks_all_differ_stops_learning(monkeypatch: pytest.MonkeyPatch) -> None:
-    """OpenAI pads each chunk with a random `obfuscation`: no two chunks share a
-    shape, so after a few futile shapes the stream is parsed as it always was,
-    without a probe per chunk."""
+    """A server whose every chunk differs outside its text (here a `created`
+    that moves) shares no shape between chunks: after a few futile shapes the
+    stream is parsed as it always was, without a probe per chunk."""
     probes: list[bytes] = []
     real = shape_module._only_the_text_varies
 
@@ -133,7 +133,34 @@ def test_a_stream_whose_chunks_all_differ_stops_learning(monkeypatch: pytest.Mon
     monkeypatch.setattr(shape_module, "_only_the_text_varies", counted)
     shape = ContentShape()
     for i in range(50):
-        data = payload(f"t{i}", tail=f',"obfuscation":"{"x" * (i % 7)}{i}"')
+        data = payload(f"t{i}").replace(b'"created":1', b'"created":%d' % (1000 + i))
         assert shape.read(data) is None
         shape.learn(data, orjson.loads(data))
     assert len(probes) <= 3
+
+
+def padded(content: str, padding: str) -> bytes:
+    """A chunk as OpenAI writes it: a random `obfuscation` string as its last key."""
+    return payload(content, tail=f',"obfuscation":{json.dumps(padding)}')
+
+
+@given(st.text(), st.text())
+def test_openai_chunks_padded_at_random_are_read_by_their_shape(text: str, padding: str) -> None:
+    shape = taught(padded("Hello", "Zx3"))
+    data = padded(text, padding)
+    same(shape.read(data), data)  # the payload kept as it came, padding included
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        padded("x", "p")[:-1] + b',"more":1}',  # the padding not the last key
+        payload("x", tail=',"obfuscation":7'),  # not a string
+        payload("x", tail=',"obfuscation":"p","obfuscation":"q"'),  # a string and more after the key
+        payload("x", tail=',"meta":{"obfuscation":"p"}'),  # someone else's key
+        payload("x", finish="stop", tail=',"obfuscation":"p"'),
+        payload("x"),  # no padding: another shape
+    ],
+)
+def test_padding_is_cut_only_where_it_is_the_chunks_last_key(other: bytes) -> None:
+    assert taught(padded("Hello", "Zx3")).read(other) is None
