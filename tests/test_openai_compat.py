@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,7 @@ from proxy.config import parse_config
 from proxy.errors import FailureClass, ProviderError
 from proxy.fakes import Blackhole, FakeOpenAI
 from proxy.service import open_session
+from proxy.stream import live
 
 BODY: dict[str, Any] = {"model": "x", "messages": [{"role": "user", "content": "hi"}]}
 LIMITS = AttemptLimits(connect=2, read=5)
@@ -635,3 +637,47 @@ async def test_a_call_closed_unanswered_on_a_new_connection_too_is_the_providers
     assert first == "hi"
     assert isinstance(second, ProviderError) and second.failure is FailureClass.CONNECTION_ERROR
     assert server.requests == [(1, True), (1, False), (2, False)]  # sent again once, never more
+
+
+def padded_chunk(text: str, padding: str, finish: str | None = None) -> bytes:
+    """A chunk as OpenAI writes it, ending with a random `obfuscation` string."""
+    chunk = {
+        "id": "chatcmpl-p",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "service_tier": "default",
+        "system_fingerprint": "fp_1",
+        "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}],
+        "obfuscation": padding,
+    }
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+PIECES = ["Hel", "lo", ", ", '"wo', 'rld"', " \u00e9\u4e2d", "\\n", "!"]
+
+
+@pytest.mark.asyncio
+async def test_openai_padded_chunks_reach_the_client_as_they_came_and_read_right() -> None:
+    """OpenAI pads each chunk with a random `obfuscation`: the stream's chunks go
+    on byte for byte, their text read right (most by the learnt shape), and a
+    non-stream answer assembles the same text."""
+    events = [padded_chunk(piece, "x" * (i % 5) + "Zq") for i, piece in enumerate(PIECES)]
+    events += [padded_chunk("", "end", finish="stop"), b"data: [DONE]\n\n"]
+
+    async def padded(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        return response
+
+    async with upstream(padded) as url, open_session() as session:
+        provider = adapter(url, session)
+        chunks, error = await collect(provider.stream(BODY, LIMITS))
+        assembled = await live.collect(provider.parsed_reads, provider.provider, BODY, math.inf, 1 << 20)
+    assert error is None
+    assert [b"data: " + c.payload + b"\n\n" for c in chunks] == events[:-1]
+    assert [c.text for c in chunks] == [*PIECES, ""]
+    assert [c.finish_reason for c in chunks] == [None] * len(PIECES) + ["stop"]
+    assert orjson.loads(assembled.body)["choices"][0]["message"]["content"] == "".join(PIECES)
