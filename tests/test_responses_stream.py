@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -18,7 +19,10 @@ from starlette.responses import Response as HttpResponse
 from starlette.routing import Route
 
 from proxy.adapters import Usage
+from proxy.adapters.base import describe
+from proxy.adapters.shape import ContentShape
 from proxy.responses import ResponsesStream, translate
+from proxy.responses.encoder import ResponsesEncoder
 
 from .conftest import ServedApp
 
@@ -206,3 +210,27 @@ def test_opening_echoes_the_request() -> None:
     assert response.status == "in_progress" and response.output == [] and response.usage is None
     assert response.id == "resp_0" and response.created_at == 1700000000 and response.metadata == {"a": "b"}
     assert json.loads(Response.model_validate(response.model_dump(mode="json")).model_dump_json())["store"] is False
+
+
+def test_chunks_read_by_their_shape_make_the_events_their_whole_parse_makes() -> None:
+    """A content chunk read by its learnt shape reaches the Responses encoder as
+    its text alone (not parsed whole): the events are byte for byte the same."""
+    payloads = [orjson.dumps(c) for c in [*TEXT, chunk({"content": ' "quoted"'}), chunk({}, "stop"), USAGE]]
+    whole, shaped = ResponsesEncoder(encoder()), ResponsesEncoder(encoder())
+    shape = ContentShape()
+    read_by_shape = 0
+    out_whole, out_shaped = [whole.opening()], [shaped.opening()]
+    for data in payloads:
+        out_whole.append(whole.chunk(describe(data, orjson.loads(data)), False))
+        by_shape = shape.read(data)
+        if by_shape is None:
+            out_shaped.append(shaped.chunk(describe(data, orjson.loads(data)), False))
+            shape.learn(data, orjson.loads(data))
+        else:
+            out_shaped.append(shaped.chunk(by_shape, False))
+            read_by_shape += 1
+    out_whole.append(whole.finished(None, ["p"]))
+    out_shaped.append(shaped.finished(None, ["p"]))
+    assert read_by_shape == 3  # "lo ", "there." and ' "quoted"': "Hel" taught the shape
+    assert b"".join(out_shaped) == b"".join(out_whole)
+    events_of(b"".join(out_shaped))

@@ -26,6 +26,9 @@ class ResponsesEncoder:
         return self.events.opening()
 
     def chunk(self, chunk: Chunk, continuing: bool) -> bytes:
+        if chunk.data is None and not chunk.tool_calls and chunk.finish_reason is None and chunk.usage is None:
+            # read by its shape (`ContentShape`): its text is all it carries, no need to parse it whole
+            return self.events.text(chunk.text, chunk.model)
         return self.events.feed(chunk.parsed())
 
     def finished(self, usage: Usage | None, providers: list[str]) -> bytes:

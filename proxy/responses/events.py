@@ -141,6 +141,18 @@ class ResponsesStream:
                 self._finish = choice["finish_reason"]
         return b"".join(out)
 
+    def text(self, content: str, model: str | None) -> bytes:
+        """The events of a chat chunk that carries nothing but text (as `feed`
+        makes them from the whole chunk): a content chunk read by its shape."""
+        if self.ended:
+            return b""
+        out = [self.opening()]
+        if model:
+            self.model = model
+        if content:
+            self._text(out, "message", "output_text", content)
+        return b"".join(out)
+
     def completed(self, usage: Usage | None = None) -> bytes:
         """Close what is open, then `response.completed` (or `response.incomplete`).
         The usage the chunks carried wins over `usage` (it has the details)."""
