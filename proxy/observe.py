@@ -250,11 +250,11 @@ class Observer:
     def finish(self, record: RequestRecord) -> None:
         total_ms = record.elapsed_ms()
         route, provider = record.route, record.provider
-        metrics = self.metrics
+        metrics, seconds = self.metrics, total_ms / 1000
         metrics.requests.inc((route, provider or "none", record.outcome))
-        metrics.latency.observe((route,), total_ms / 1000)
+        metrics.latency.observe((route,), seconds)
         metrics.endpoint_requests.inc((record.endpoint, route, record.outcome))
-        metrics.endpoint_latency.observe((record.endpoint,), total_ms / 1000)
+        metrics.endpoint_latency.observe((record.endpoint,), seconds)
         first_fallback: Attempt | None = None
         previous: Attempt | None = None
         for attempt in record.attempts:
