@@ -737,21 +737,44 @@ def fail(running: Running, exc: Exception, say: Callable[[str], None]) -> None:
 
 
 def measure_round(
-    running: Running, settings: Settings, workdir: Path, upstream: Process, say: Callable[[str], None]
+    running: Sequence[Running], settings: Settings, workdir: Path, upstream: Process, say: Callable[[str], None]
 ) -> None:
-    system, result, port = running.system, running.result, running.port
-    try:
-        measure_latency(system, port, False, settings.latency_seconds, result.latency_samples)
-        measure_latency(system, port, True, settings.latency_seconds, result.stream_samples)
-        measure_load(system, port, False, settings.load_seconds, workdir, running.process, upstream, result.plain)
-        measure_load(system, port, True, settings.load_seconds, workdir, running.process, upstream, result.streams)
-    except Exception as exc:
-        fail(running, exc, say)
-        return
-    say(
-        f"  {system.label}: {result.plain.rounds_rps[-1]:,.0f} req/s, {result.streams.rounds_rps[-1]:,.0f} "
-        f"streams/s; c=1 p50 {percentile(result.latency_samples.totals, 50):.3f} ms"
-    )
+    """One round, in phases: every system's concurrency-1 latency, then every system's
+    non-stream load, then every system's stream load. A ratio compares measurements
+    taken seconds apart, not a whole round apart: this kind of shared VM drifts by
+    ±20 % over tens of seconds (the pass-through alone: 3,300-5,000 req/s in 1 s
+    slices over 40 s), which a round-apart ratio takes in whole."""
+
+    def each(measure: Callable[[Running], None]) -> None:
+        for one in running:
+            if one.result.error is None:
+                try:
+                    measure(one)
+                except Exception as exc:
+                    fail(one, exc, say)
+
+    def latency(one: Running) -> None:
+        measure_latency(one.system, one.port, False, settings.latency_seconds, one.result.latency_samples)
+        measure_latency(one.system, one.port, True, settings.latency_seconds, one.result.stream_samples)
+
+    def load(stream: bool) -> Callable[[Running], None]:
+        def measure(one: Running) -> None:
+            into = one.result.streams if stream else one.result.plain
+            measure_load(one.system, one.port, stream, settings.load_seconds, workdir, one.process, upstream, into)
+
+        return measure
+
+    each(latency)
+    each(load(False))
+    each(load(True))
+    for one in running:
+        result = one.result
+        if result.error is None:
+            say(
+                f"  {one.system.label}: {result.plain.rounds_rps[-1]:,.0f} req/s, "
+                f"{result.streams.rounds_rps[-1]:,.0f} streams/s; c=1 p50 "
+                f"{percentile(result.latency_samples.totals, 50):.3f} ms"
+            )
 
 
 def finish(running: Running) -> Result:
@@ -950,8 +973,15 @@ def targets(results: Sequence[Result]) -> list[Target]:
             True,
             "×",
         ),
+        # issue 5's floor, set when a non-stream request was one plain call upstream: like for like,
+        # that is `stream_upstream: false` (the default design against the plain pass-through is in
+        # the context lines: its own floor, the assembling pass-through, is far below the plain one)
         Target(
-            "throughput vs aiohttp pass-through, non-stream", ratio("fp-openai", "aiohttp", "plain"), 0.5, True, "×"
+            "throughput vs aiohttp pass-through, non-stream (plain calls)",
+            ratio("fp-openai-plain", "aiohttp", "plain"),
+            0.5,
+            True,
+            "×",
         ),
         Target("throughput vs aiohttp pass-through, stream", ratio("fp-openai", "aiohttp", "streams"), 0.6, True, "×"),
         # issue 13's floor: 0.75x the pass-through, like for like (a non-stream request streamed
@@ -1062,6 +1092,30 @@ def info_lines(results: Sequence[Result]) -> list[str]:
             f"{_per_core(two.plain)} (the second worker shares core {LOAD_CORE} with the upstream and wrk, "
             "and with whatever else runs on the machine: see foreign CPU)"
         )
+    floors = found.get("aiohttp"), found.get("aiohttp-assemble")
+    default, plain = found.get("fp-openai"), found.get("fp-openai-plain")
+    if floors[0] and floors[1] and default:
+        lines.append(
+            "- the default design (non-stream requests streamed upstream and assembled) against the plain "
+            f"pass-through: {_fmt(_ratio(default.plain.rps, floors[0].plain.rps), 3)}× req/s; its own floor, the "
+            f"assembling pass-through, makes {_fmt(_ratio(floors[1].plain.rps, floors[0].plain.rps), 3)}× the plain "
+            "one's"
+        )
+    cpu_pairs = (
+        ("`stream_upstream: false` / pass-through", plain, floors[0], "plain"),
+        ("default / assembling pass-through", default, floors[1], "plain"),
+        ("stream / pass-through", default, floors[0], "streams"),
+    )
+    shown = [
+        f"{name} {_fmt(_ratio(getattr(a, kind).cpu_ms_per_request, getattr(b, kind).cpu_ms_per_request), 3)}×"
+        for name, a, b, kind in cpu_pairs
+        if a and b
+    ]
+    if shown:
+        lines.append(
+            "- CPU per request against the floor's (the same run; the floor's own cost moves 2× between "
+            f"machines, the ratio much less): {'; '.join(shown)}"
+        )
     fp_a = found.get("fp-anthropic")
     if fp_a and fp_a.plain and fp_a.streams:
         lines.append(
@@ -1093,6 +1147,10 @@ def info_lines(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -1112,7 +1170,7 @@ def report(results: Sequence[Result], settings: Settings, command: str, litellm_
         f"Machine: {machine()}",
         f"Load: wrk -t1 -c{CONNECTIONS}, {settings.rounds} round(s) of {settings.load_seconds:g} s per measurement "
         f"(after {settings.warmup_seconds:g} s warm-up); concurrency-1 latency {settings.rounds} round(s) of "
-        f"{settings.latency_seconds:g} s; systems measured in turn each round; system under test on core {SUT_CORE} "
+        f"{settings.latency_seconds:g} s; each round in phases (every system's latency, then every system's non-stream load, then every system's stream load); system under test on core {SUT_CORE} "
         f"(the 2-worker row: cores {BOTH_CORES}, its second worker sharing core {LOAD_CORE} with the load), "
         f"upstream + load generator + this script on core {LOAD_CORE}.",
         f"LiteLLM proxy: {litellm_version or 'not installed (rows skipped)'}",
@@ -1155,10 +1213,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="~1.5 minutes: one short round, no warm-up, no fallback rows"
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="measure every system this many times, in turn, and sum (default 2)"
+        "--rounds",
+        type=int,
+        default=4,
+        help="measure every system this many times, in phases (see measure_round), and sum (default 4)",
     )
     parser.add_argument(
-        "--duration", type=float, default=4.0, help="seconds per wrk measurement per round (whole seconds; default 4)"
+        "--duration", type=float, default=2.0, help="seconds per wrk measurement per round (whole seconds; default 2)"
     )
     parser.add_argument(
         "--latency-duration",
@@ -1246,9 +1307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             running.append(launch(system, settings, workdir, upstream.port, say))
         for round_ in range(settings.rounds):
             say(f"round {round_ + 1} of {settings.rounds}")
-            for each in running:
-                if each.result.error is None:
-                    measure_round(each, settings, workdir, upstream.process, say)
+            measure_round(running, settings, workdir, upstream.process, say)
     finally:
         results = [finish(each) for each in running]
         upstream.process.stop()
