@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Generic, Literal, Protocol, TypeVar
 
 import prometheus_client.metrics
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector, values
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric as Family
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -50,6 +50,9 @@ class Metrics:
         self.multiprocess = shared_between_processes()
         if self.multiprocess:
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:  # the process's own figures: CPU, memory, descriptors, garbage collections (one process only)
+            ProcessCollector(registry=registry)
+            GCCollector(registry=registry)
         own: CollectorRegistry | None = None if self.multiprocess else registry
         gauge_mode: GaugeMode = "livemostrecent"
         # What every request counts: tallies (plain numbers, exposed when scraped), or in
