@@ -1248,6 +1248,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from tests.benchmarks import slow_streams
 
     slow_streams.add_arguments(parser)
+    from tests.benchmarks import pairs
+
+    pairs.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -1285,6 +1288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         command = "python -m tests.benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
         return slow_streams.main(args, command)
+    if args.pairs:
+        from tests.benchmarks import pairs
+
+        preflight()
+        command = "python -m tests.benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+        return pairs.main(args, command)
     preflight()
     settings = Settings.from_args(args)
     os.sched_setaffinity(0, {LOAD_CORE})
