@@ -18,13 +18,11 @@ import itertools
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import openai
@@ -33,76 +31,15 @@ import yaml
 
 from proxy.fakes import FakeOpenAI
 
+from .proxy_process import ProxyProcess
 from .redis_server import REDIS_SERVER, RedisServer, free_port
 
 REPLY = " ".join(f"word{i}" for i in range(25))  # 25 content chunks: ~5 s at 0.2 s a token
 SHORT_REPLY = " ".join(f"tok{i}" for i in range(20))  # ~2 s at 0.1 s a token
 REQUEST = {"model": "default", "stream": True, "messages": [{"role": "user", "content": "Say hello."}]}
-START_TIMEOUT = 20.0
 # uvicorn re-raises the captured SIGTERM after a clean shutdown, so the process
 # ends "killed by SIGTERM" (-15; 143 in a shell) rather than with status 0.
 CLEAN_EXIT = (0, -signal.SIGTERM)
-
-
-class ProxyProcess:
-    """`python -m proxy.cli serve` on 127.0.0.1:`port`, its stderr in a file."""
-
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.port = port
-        self.log = log
-        self._stderr: IO[bytes] = log.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "proxy.cli",
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-                "--log-level",
-                "info",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._stderr,
-        )
-        self.sigterm_at: float | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the proxy exited with {self.process.returncode}:\n{self.stderr()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"the proxy was not ready within {timeout}s:\n{self.stderr()}")
-
-    def terminate(self) -> None:
-        self.sigterm_at = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> int:
-        return self.process.wait(timeout=timeout)
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.log.read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
-        self._stderr.close()
 
 
 @pytest.fixture

@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import yaml
 from proxy.fakes import FakeOpenAI
 
 from .conftest import openai_provider
+from .proxy_process import ProxyProcess
 from .redis_server import free_port
 
 IN_FLIGHT = 16
@@ -45,31 +43,12 @@ def proxy(tmp_path: Path, cloud: FakeOpenAI) -> Iterator[str]:
             }
         )
     )
-    port = free_port()
-    log = (tmp_path / "proxy.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process = ProxyProcess(config, free_port(), tmp_path / "proxy.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, (tmp_path / "proxy.log").read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not ready in 30 s"
-            time.sleep(0.05)
-        yield url
+        process.wait_ready()
+        yield process.url
     finally:
-        process.kill()
-        process.wait(timeout=10)
-        log.close()
+        process.close()
 
 
 def collections(url: str) -> dict[str, float]:
