@@ -5,6 +5,7 @@ a wire format cannot carry."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -146,6 +147,36 @@ def test_the_last_resort_before_a_dead_end(
         assert answer.headers["x-proxy-last-resort"] == "cloud"
     health = httpx.get(proxy.url + "/readyz").json()["health"]["cloud"]
     assert health["breaker"] == "closed"  # the trial answered: the cloud is back
+
+
+def test_a_last_resort_stream_that_dies_mid_answer_ends_with_an_honest_error(
+    serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI
+) -> None:
+    """The walk ran out (the backup is down, the cloud's breaker open), the cloud
+    answered as the last resort, then its connection broke after the first
+    chunks: no one is left to continue, so the stream ends with the in-band
+    error and `[DONE]`, not a cut connection (found by the soak: a continuation
+    after a last resort walked on from an exhausted walk and raised)."""
+    config = chain(cloud, backup)
+    config["health"] = {"failure_threshold": 1, "cooldown_seconds": 300}
+    proxy = serve(config)
+    cloud.set_fault("status", status=500, times=1)
+    with sdk(proxy) as client:
+        client.chat.completions.create(model="default", messages=MESSAGES)  # opens the cloud's breaker
+    backup.stop()
+    cloud.set_fault("die_midstream", after_chunks=2)
+    with httpx.stream(
+        "POST", proxy.url + "/v1/chat/completions", json={"model": "default", "messages": MESSAGES, "stream": True}
+    ) as answer:
+        assert answer.headers["x-proxy-last-resort"] == "cloud"
+        events = [line[6:] for line in answer.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "stream_interrupted", error
+    texts = "".join(
+        choice["delta"].get("content") or "" for event in events[:-2] for choice in json.loads(event)["choices"]
+    )
+    assert texts and "Hello from cloud.".startswith(texts), texts
 
 
 def test_a_provider_switched_off_by_an_operator_is_no_last_resort(

@@ -175,6 +175,8 @@ class StreamSession:
         if not self.route.continuation or sent.tool_calls or not sent.text or not continuable(self.body):
             return None
         failed = self.providers[-1]
+        if self.walk.current is None:  # the walk had run out: a last resort answered, and no one is left
+            return None
         self.walk.follow(failure.failure.value)
         if self.record.trace is not None:
             self.record.trace.on_continuation(failed, failure)
