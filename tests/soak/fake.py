@@ -27,10 +27,18 @@ class CountingFake(FakeOpenAI):
     async def _stats(self, request: Request) -> Response:
         chats = [r for r in self.requests if r.method == "POST" and r.path == CHAT_PATH]
         # The usage each answer reports (prompt words + reply words), had it been completed.
-        tokens = sum(
+        each = [
             prompt_words(r.body.get("messages")) + count_words(self.reply) for r in chats if isinstance(r.body, dict)
+        ]
+        return JSONResponse(
+            {
+                "name": self.name,
+                "chat": len(chats),
+                "tokens": sum(each),
+                "most_tokens": max(each, default=0),  # of one call: bounds what a call not answered could be worth
+                "all": self.request_count,
+            }
         )
-        return JSONResponse({"name": self.name, "chat": len(chats), "tokens": tokens, "all": self.request_count})
 
 
 def main() -> None:

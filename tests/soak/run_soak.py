@@ -276,6 +276,10 @@ def read_log(run: Run) -> dict[str, Any]:
     # with no answer): the quota counts them; the fake's count may be lower by as many.
     uncertain = Counter(json.loads(line)["provider"] for line in lines if line.startswith('{"event":"quota_uncertain"'))
     outcomes = {}
+    # Answers each provider gave (an "ok" attempt), and the tokens of the answers it gave last
+    # (a stream it continued included): what its token quota should hold.
+    answered: Counter[str] = Counter()
+    answered_tokens: Counter[str] = Counter()
     for line in lines:
         if line.startswith('{"event":"request"'):
             record = json.loads(line)
@@ -283,6 +287,10 @@ def read_log(run: Run) -> dict[str, Any]:
                 record["ts"] - record["total_ms"] / 1000,
                 f"{record['status']} {record['outcome']} after {record['total_ms']:.0f} ms",
             )
+            answered.update(a["provider"] for a in record["attempts"] if a["outcome"] == "ok")
+            last = (record["continued_by"] or [record["provider"]])[-1]
+            if last is not None and record["tokens"]:
+                answered_tokens[last] += record["tokens"]["prompt"] + record["tokens"]["completion"]
     return {
         "requests": events.pop("request", 0),
         "outcomes": outcomes,
@@ -290,6 +298,8 @@ def read_log(run: Run) -> dict[str, Any]:
         "errors": errors,
         "events": events,
         "uncertain": uncertain,
+        "answered": answered,
+        "answered_tokens": answered_tokens,
     }
 
 
