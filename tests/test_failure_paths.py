@@ -128,20 +128,27 @@ def test_a_route_may_fall_back_on_a_content_filter(
     assert answer.headers["x-proxy-provider"] == "backup"
 
 
+def behind_an_open_breaker(serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI) -> ServedApp:
+    """A proxy over the cloud-then-backup chain whose cloud's breaker one failure opened (for 300 s)."""
+    config = chain(cloud, backup)
+    config["health"] = {"failure_threshold": 1, "cooldown_seconds": 300}
+    proxy = serve(config)
+    cloud.set_fault("status", status=500, times=1)
+    with sdk(proxy) as client:
+        client.chat.completions.create(model="default", messages=MESSAGES)
+    return proxy
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_last_resort_before_a_dead_end(
     serve: Callable[..., ServedApp], cloud: FakeOpenAI, backup: FakeOpenAI, stream: bool
 ) -> None:
     """The cloud recovered a moment ago but its breaker is still open; then the
     local model stops. Rather than 503 until the next probe, the cloud is tried."""
-    config = chain(cloud, backup)
-    config["health"] = {"failure_threshold": 1, "cooldown_seconds": 300}
-    proxy = serve(config)
-    cloud.set_fault("status", status=500, times=1)
+    proxy = behind_an_open_breaker(serve, cloud, backup)
+    assert httpx.get(proxy.url + "/readyz").json()["health"]["cloud"]["breaker"] == "open"
+    backup.stop()
     with sdk(proxy) as client:
-        client.chat.completions.create(model="default", messages=MESSAGES)  # opens the cloud's breaker
-        assert httpx.get(proxy.url + "/readyz").json()["health"]["cloud"]["breaker"] == "open"
-        backup.stop()
         answer = client.chat.completions.with_raw_response.create(model="default", messages=MESSAGES, stream=stream)
         assert answer.headers["x-proxy-provider"] == "cloud"
         assert answer.headers["x-proxy-last-resort"] == "cloud"
@@ -157,12 +164,7 @@ def test_a_last_resort_stream_that_dies_mid_answer_ends_with_an_honest_error(
     chunks: no one is left to continue, so the stream ends with the in-band
     error and `[DONE]`, not a cut connection (found by the soak: a continuation
     after a last resort walked on from an exhausted walk and raised)."""
-    config = chain(cloud, backup)
-    config["health"] = {"failure_threshold": 1, "cooldown_seconds": 300}
-    proxy = serve(config)
-    cloud.set_fault("status", status=500, times=1)
-    with sdk(proxy) as client:
-        client.chat.completions.create(model="default", messages=MESSAGES)  # opens the cloud's breaker
+    proxy = behind_an_open_breaker(serve, cloud, backup)
     backup.stop()
     cloud.set_fault("die_midstream", after_chunks=2)
     with httpx.stream(
