@@ -319,6 +319,7 @@ class Handlers:
             shutdown=encoder.shutting_down,
             final=encoder.final,
             write_timeout=runtime.config.limits.client_write_timeout_seconds,
+            broken=encoder.broken,
         )
         return response
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from proxy.adapters import AttemptLimits, Chunk
 from proxy.adapters.openai_compat import OpenAICompatAdapter
 from proxy.fakes import FakeOpenAI
+from proxy.stream.encoders import ChatEncoder
 
 from .conftest import ServedApp, openai_provider, request_log
 
@@ -368,3 +370,40 @@ def test_a_bug_is_one_logged_500_and_the_connection_stays_usable(
         assert http_client.get("/healthz").status_code == 200  # same keep-alive connection
     tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
     assert tracebacks == ["unexpected error on POST /v1/chat/completions"]  # logged once, by the proxy
+
+
+def test_a_bug_mid_stream_ends_the_stream_with_an_error_the_sdk_raises(
+    serve: Callable[..., ServedApp],
+    cloud: FakeOpenAI,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug after the first chunks went out: the client gets an in-band
+    `internal_error` and the stream's end (the SDK raises it as an API error,
+    not a broken connection); the proxy logs the bug once, with its traceback."""
+    sent = 0
+    chunk = ChatEncoder.chunk
+
+    def buggy(self: ChatEncoder, piece: Chunk, continuing: bool) -> bytes:
+        nonlocal sent
+        sent += 1
+        if sent > 2:
+            raise RuntimeError("a bug in the encoder")
+        return chunk(self, piece, continuing)
+
+    monkeypatch.setattr(ChatEncoder, "chunk", buggy)
+    proxy = serve({"providers": {"cloud": openai_provider(cloud.url)}, "routes": {"default": ["cloud"]}})
+    texts = []
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        stream = client.chat.completions.create(model="default", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError) as caught:
+            for event in stream:
+                texts.extend(choice.delta.content or "" for choice in event.choices)
+    assert "internal error" in caught.value.message and "a bug in the encoder" not in caught.value.message
+    assert not isinstance(caught.value, openai.APIConnectionError)
+    assert "Hello from cloud.".startswith("".join(texts))
+    assert [line["outcome"] for line in request_log(caplog)] == ["internal_error"]
+    deadline = time.monotonic() + 5  # the server logs the bug as the response task ends, after the client's last read
+    while not (tracebacks := [r for r in caplog.records if r.exc_info]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [str(r.exc_info[1]) for r in tracebacks if r.exc_info] == ["a bug in the encoder"]

@@ -186,6 +186,18 @@ def test_failure_after_the_first_event_is_response_failed(replay: Callable[[byte
             sdk_stream.get_final_response()
 
 
+def test_a_bug_mid_stream_ends_it_with_response_failed() -> None:
+    """What the stream's response sends when a bug cuts it (`Encoder.broken`): the
+    Responses API's own end of a failed stream, saying the answer is incomplete."""
+    responses = ResponsesEncoder(encoder())
+    data = responses.opening() + b"".join(responses.chunk(describe(orjson.dumps(c), c), False) for c in TEXT[:2])
+    events = events_of(data + responses.broken())
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.error.code == "server_error"
+    assert "internal error" in failed.response.error.message
+    assert failed.response.output[0].status == "incomplete" and failed.response.output[0].content[0].text == "Hel"
+
+
 def test_refusal_and_reasoning_parts() -> None:
     chunks = [
         chunk({"role": "assistant", "reasoning_content": "Thinking"}),

@@ -60,7 +60,14 @@ class Source:
 
 def sse_response(chunks: AsyncGenerator[bytes, None], write_timeout: float = 30.0) -> SSEResponse:
     encoder = ChatEncoder()
-    return SSEResponse(chunks, {}, shutdown=encoder.shutting_down, final=encoder.final, write_timeout=write_timeout)
+    return SSEResponse(
+        chunks,
+        {},
+        shutdown=encoder.shutting_down,
+        final=encoder.final,
+        write_timeout=write_timeout,
+        broken=encoder.broken,
+    )
 
 
 async def started(response: SSEResponse, client: Client) -> asyncio.Task[None]:
@@ -141,6 +148,25 @@ async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
         await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
     assert response.cut_reason == "internal_error"
     assert all(b"server_shutting_down" not in body for body, _ in client.bodies)
+
+
+async def test_a_bug_in_the_stream_ends_it_in_band_and_is_raised_all_the_same() -> None:
+    """The client gets an error event and the end of the stream, not a broken
+    connection; the bug still reaches the app, to be logged with its traceback."""
+
+    async def buggy() -> AsyncGenerator[bytes, None]:
+        yield b'data: {"n":1}\n\n'
+        raise KeyError("a bug")
+
+    client = Client()
+    response = sse_response(buggy())
+    with pytest.raises(KeyError):
+        await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
+    (first, more), (last, more_after) = client.bodies
+    assert first == b'data: {"n":1}\n\n' and more and not more_after
+    error_event, done = last.split(b"\n\n", 1)
+    assert json.loads(error_event.removeprefix(b"data: "))["error"]["code"] == "internal_error"
+    assert done == DONE
 
 
 class ScriptedClient(Client):

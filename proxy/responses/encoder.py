@@ -7,7 +7,7 @@ from __future__ import annotations
 from proxy.adapters.base import Chunk, Usage
 from proxy.errors import FailureClass, ProviderError
 from proxy.responses.events import ResponsesStream
-from proxy.stream.encoders import SHUTDOWN_MESSAGE, interrupted_message
+from proxy.stream.encoders import BROKEN_MESSAGE, SHUTDOWN_MESSAGE, interrupted_message
 
 
 class ResponsesEncoder:
@@ -40,3 +40,6 @@ class ResponsesEncoder:
 
     def shutting_down(self) -> bytes:
         return self.events.failed("server_error", SHUTDOWN_MESSAGE)
+
+    def broken(self) -> bytes:
+        return self.events.failed("server_error", BROKEN_MESSAGE)

@@ -44,6 +44,10 @@ class Encoder(Protocol):
         """The end of a stream the server cut at the end of its shutdown grace period."""
         ...
 
+    def broken(self) -> bytes:
+        """The end of a stream a bug of the proxy's cut (logged with its traceback)."""
+        ...
+
 
 def interrupted_message(failure: ProviderError) -> str:
     return (
@@ -53,6 +57,7 @@ def interrupted_message(failure: ProviderError) -> str:
 
 
 SHUTDOWN_MESSAGE = "The proxy is shutting down and cut this stream before its end; send the request again."
+BROKEN_MESSAGE = "The proxy hit an internal error and cut this stream before its end; the answer above is incomplete."
 
 
 class ChatEncoder:
@@ -88,6 +93,9 @@ class ChatEncoder:
 
     def shutting_down(self) -> bytes:
         return format_event(error_body(SHUTDOWN_MESSAGE, "server_error", "server_shutting_down")) + DONE
+
+    def broken(self) -> bytes:
+        return format_event(error_body(BROKEN_MESSAGE, "server_error", "internal_error")) + DONE
 
 
 def _continued_comment(providers: list[str]) -> bytes:

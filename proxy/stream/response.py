@@ -4,6 +4,7 @@ and the in-band end of a stream the server cuts at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -24,7 +25,9 @@ class SSEResponse(Response):
     A client reading slower than `write_timeout` (a send still blocked after
     it) pins buffers: it is dropped. When the server cancels the response (its
     shutdown grace period is over), the client is sent what `shutdown()` makes
-    (an in-band error and the stream's end) before the stream ends. A write ending with
+    (an in-band error and the stream's end) before the stream ends; so is what
+    `broken()` makes when a bug cuts it (the bug is raised all the same, to be
+    logged with its traceback). A write ending with
     `final` is the last (one send saved); otherwise an empty write ends the
     body. `cut_reason` says why the stream was cut short, for its log line.
     """
@@ -39,10 +42,12 @@ class SSEResponse(Response):
         shutdown: Callable[[], bytes],
         final: bytes | None,
         write_timeout: float = 30.0,
+        broken: Callable[[], bytes] | None = None,
     ) -> None:
         self.chunks = chunks
         self.write_timeout = write_timeout
         self.shutdown = shutdown
+        self.broken = broken
         self.final = final
         self.status_code = 200
         self.background = None
@@ -74,6 +79,8 @@ class SSEResponse(Response):
             self.cut_reason = CLIENT_DISCONNECTED  # the client went away while we were sending
         except Exception:
             self.cut_reason = INTERNAL_ERROR  # logged with its traceback by the app
+            if started and (broken := self.broken) is not None:
+                await self._after_a_bug(send, writes, broken)
             raise
         except asyncio.CancelledError:
             if writes.expired():
@@ -90,12 +97,24 @@ class SSEResponse(Response):
             writes.close()
             await self.chunks.aclose()
 
+    async def _after_a_bug(self, send: Send, writes: Deadline, broken: Callable[[], bytes]) -> None:
+        """A bug cut the stream: end it in-band, so the client sees an error
+        rather than a broken connection. Best effort: the bug may be in what
+        would write it, and the bug that matters is the one being raised."""
+        writes.leave()  # a bug raised between enter and leave leaves the write deadline set
+        with contextlib.suppress(Exception):
+            await self._end_in_band(send, writes, broken)
+
     async def _shutting_down(self, send: Send, writes: Deadline) -> None:
         """The server cancelled this response: end the stream in-band, so the
         client sees why it stopped (bounded: the server is on its way out)."""
+        await self._end_in_band(send, writes, self.shutdown)
+
+    async def _end_in_band(self, send: Send, writes: Deadline, end: Callable[[], bytes]) -> None:
+        """Send `end()` as the last write (bounded: the stream is over either way)."""
         writes.enter(writes.now() + min(self.write_timeout, SHUTDOWN_WRITE_SECONDS))
         try:
-            await send({"type": "http.response.body", "body": self.shutdown(), "more_body": False})
+            await send({"type": "http.response.body", "body": end(), "more_body": False})
         except OSError:
             pass  # the client went away meanwhile
         except asyncio.CancelledError:
