@@ -137,7 +137,9 @@ async def test_a_stream_that_ends_sends_done_as_the_end_of_its_last_write() -> N
     assert client.bodies == [(b'data: {"n":1}\n\n', True), (DONE, False)]
 
 
-async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
+async def cut_by_a_bug() -> tuple[SSEResponse, Client]:
+    """A stream whose source raises (a bug) after its first event; the bug must reach the caller."""
+
     async def buggy() -> AsyncGenerator[bytes, None]:
         yield b'data: {"n":1}\n\n'
         raise KeyError("a bug")
@@ -146,6 +148,11 @@ async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
     response = sse_response(buggy())
     with pytest.raises(KeyError):
         await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
+    return response, client
+
+
+async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
+    response, client = await cut_by_a_bug()
     assert response.cut_reason == "internal_error"
     assert all(b"server_shutting_down" not in body for body, _ in client.bodies)
 
@@ -153,15 +160,7 @@ async def test_a_bug_in_the_stream_is_not_reported_as_a_shutdown() -> None:
 async def test_a_bug_in_the_stream_ends_it_in_band_and_is_raised_all_the_same() -> None:
     """The client gets an error event and the end of the stream, not a broken
     connection; the bug still reaches the app, to be logged with its traceback."""
-
-    async def buggy() -> AsyncGenerator[bytes, None]:
-        yield b'data: {"n":1}\n\n'
-        raise KeyError("a bug")
-
-    client = Client()
-    response = sse_response(buggy())
-    with pytest.raises(KeyError):
-        await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
+    _, client = await cut_by_a_bug()
     (first, more), (last, more_after) = client.bodies
     assert first == b'data: {"n":1}\n\n' and more and not more_after
     error_event, done = last.split(b"\n\n", 1)
