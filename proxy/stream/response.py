@@ -1,5 +1,5 @@
 """The ASGI response of a stream: client writes, a client gone or too slow,
-and the in-band end of a stream the server cuts at shutdown."""
+and the in-band end of a stream the server cuts at shutdown or a bug cuts."""
 
 from __future__ import annotations
 
